@@ -1,0 +1,27 @@
+// Build and run-time information of the qgoft ops library (exported for the Python module and for
+// C++ programs).
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace qgoft {
+
+struct BuildInfo {
+  std::string version;                     // qgoft version
+  std::string torch_version;               // torch the library was built against
+  std::vector<std::string> cpu_isas_compiled;
+  std::string cpu_isa_selected;            // chosen at run time (QGOFT_CPU_ISA overrides)
+  std::vector<std::string> cpu_isas_supported;  // by this CPU, among the compiled ones
+  bool cuda_compiled = false;
+  std::string compiler;
+  int num_threads = 1;                     // at::get_num_threads()
+  int cpu_tile_rows = 0;                   // rows per tile of the selected CPU kernel
+};
+
+BuildInfo build_info();
+// Selects the CPU kernel variant by name ("generic", "avx2", "avx512"); false if unavailable.
+bool set_cpu_isa(const std::string& name);
+
+}  // namespace qgoft

@@ -1,0 +1,312 @@
+// ATen glue of the CPU backend: argument checks, layout validation, dtype dispatch, threading and
+// the deterministic reduction of the parameter gradients. The kernels (chain_kernel_*.cpp) see raw
+// pointers only.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+#include <vector>
+
+#include "chain_kernel.h"
+
+namespace qgoft {
+namespace {
+
+using at::Tensor;
+
+// Deterministic chunking of the rows for the parameter-gradient reduction: it depends only on the
+// problem size and the kernel's tile height, never on the number of threads.
+constexpr int64_t kMinTilesPerChunk = 8;
+constexpr int64_t kMaxChunks = 64;
+// Rough amount of elements a forward task should touch before it is worth a thread.
+constexpr int64_t kForwardGrainElements = 1 << 15;
+
+cpu::DType kernel_dtype(at::ScalarType t, const char* op) {
+  switch (t) {
+    case at::kFloat: return cpu::DType::Float32;
+    case at::kDouble: return cpu::DType::Float64;
+    case at::kBFloat16: return cpu::DType::BFloat16;
+    case at::kHalf: return cpu::DType::Float16;
+    default:
+      TORCH_CHECK(false, op, ": x must be float32, float64, bfloat16 or float16, got ", t);
+  }
+}
+
+void check_cpu(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU like x, got ", t.device());
+}
+
+void check_float_param(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating point tensor, got ", t.scalar_type());
+}
+
+// Validates pairs / layer_offsets against d (DESIGN.md Sec. 3): int32 (P, 2) and (L + 1,),
+// offsets from 0 to P, 0 <= i < j < d, pairs of one layer disjoint. Returns contiguous pairs.
+Tensor checked_pairs(const Tensor& pairs, const Tensor& offsets, int64_t d, const char* op) {
+  check_cpu(pairs, op, "pairs");
+  check_cpu(offsets, op, "layer_offsets");
+  TORCH_CHECK(pairs.scalar_type() == at::kInt && pairs.dim() == 2 && pairs.size(1) == 2, op,
+              ": pairs must be an int32 tensor of shape (P, 2), got ", pairs.scalar_type(), " ",
+              pairs.sizes());
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.numel() >= 1, op,
+              ": layer_offsets must be an int32 tensor of shape (L + 1,), got ",
+              offsets.scalar_type(), " ", offsets.sizes());
+  Tensor pc = pairs.contiguous();
+  const Tensor oc = offsets.contiguous();
+  const int32_t* pp = pc.const_data_ptr<int32_t>();
+  const int32_t* off = oc.const_data_ptr<int32_t>();
+  const int64_t num_pairs = pc.size(0), num_layers = oc.numel() - 1;
+  TORCH_CHECK(off[0] == 0 && off[num_layers] == num_pairs, op,
+              ": layer_offsets must start at 0 and end at P = ", num_pairs, ", got ", off[0],
+              " and ", off[num_layers]);
+  std::vector<int64_t> layer_of(std::max<int64_t>(d, 0), -1);
+  for (int64_t l = 0; l < num_layers; ++l) {
+    TORCH_CHECK(off[l] <= off[l + 1], op, ": layer_offsets must be non-decreasing, got ", off[l],
+                " > ", off[l + 1], " at layer ", l);
+    for (int64_t p = off[l]; p < off[l + 1]; ++p) {
+      const int64_t i = pp[2 * p], j = pp[2 * p + 1];
+      TORCH_CHECK(0 <= i && i < j && j < d, op, ": pair ", p, " = (", i, ", ", j,
+                  ") must satisfy 0 <= i < j < d = ", d);
+      TORCH_CHECK(layer_of[i] != l && layer_of[j] != l, op, ": pair ", p, " = (", i, ", ", j,
+                  ") overlaps another pair of layer ", l);
+      layer_of[i] = layer_of[j] = l;
+    }
+  }
+  return pc;
+}
+
+// x viewed as rows (rows, d) with unit stride along d (copies only if it must).
+Tensor rows_view(const Tensor& x, int64_t d) {
+  Tensor x2 = x.reshape({-1, d});
+  if (d > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  if (d == 1 && !x2.is_contiguous()) x2 = x2.contiguous();
+  return x2;
+}
+
+// Everything a kernel call needs, validated.
+struct Operands {
+  Tensor x2;      // (rows, d)
+  Tensor pairs;   // (P, 2) int32 contiguous
+  Tensor blocks;  // (P, 4) accumulation type
+  Tensor scale;   // (d,) accumulation type, or undefined
+  at::ScalarType acc = at::kFloat;
+  cpu::ChainParams params;
+  int64_t rows() const { return x2.size(0); }
+};
+
+// blocks_flat: (P, 4) in any float dtype (g00, g01, g10, g11).
+Operands prepare(const Tensor& x, const Tensor& blocks_flat, const Tensor& pairs,
+                 const Tensor& offsets, const std::optional<Tensor>& scale, const char* op) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (..., d)");
+  Operands o;
+  const int64_t d = x.size(-1);
+  o.params.dtype = kernel_dtype(x.scalar_type(), op);
+  o.acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  o.pairs = checked_pairs(pairs, offsets, d, op);
+  o.x2 = rows_view(x, d);
+  o.blocks = blocks_flat.to(o.acc).contiguous();
+  if (scale.has_value()) {
+    check_cpu(*scale, op, "scale");
+    check_float_param(*scale, op, "scale");
+    TORCH_CHECK(scale->dim() == 1 && scale->size(0) == d, op, ": scale must have shape (d,) = (",
+                d, ",), got ", scale->sizes());
+    o.scale = scale->to(o.acc).contiguous();
+  }
+  o.params.d = d;
+  o.params.num_pairs = o.pairs.size(0);
+  o.params.pairs = o.pairs.const_data_ptr<int32_t>();
+  o.params.blocks = o.blocks.const_data_ptr();
+  o.params.scale = o.scale.defined() ? o.scale.const_data_ptr() : nullptr;
+  return o;
+}
+
+Tensor forward(const Operands& o, const Tensor& x) {
+  const int64_t rows = o.rows(), d = o.params.d;
+  Tensor y = at::empty({rows, d}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (rows > 0 && d > 0) {
+    const int64_t tile = cpu::tile_rows();
+    const int64_t tiles = (rows + tile - 1) / tile;
+    const int64_t grain = std::max<int64_t>(1, kForwardGrainElements / (tile * d));
+    const void* xp = o.x2.const_data_ptr();
+    void* yp = y.mutable_data_ptr();
+    const int64_t ld = o.x2.stride(0);
+    at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
+      cpu::chain_forward(o.params, xp, ld, yp, b * tile, std::min(e * tile, rows));
+    });
+  }
+  return y.view(x.sizes());
+}
+
+// Returns (grad_x, grad_blocks (P, 4) acc, grad_scale (d,) acc); undefined where not requested.
+std::tuple<Tensor, Tensor, Tensor> backward(const Operands& o, const Tensor& grad_out,
+                                            const Tensor& x, bool want_x, bool want_blocks,
+                                            bool want_scale, const char* op) {
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have the shape of x ",
+              x.sizes(), ", got ", grad_out.sizes());
+  check_cpu(grad_out, op, "grad_out");
+  const int64_t rows = o.rows(), d = o.params.d, num_pairs = o.params.num_pairs;
+  want_scale = want_scale && o.scale.defined();
+  const Tensor g2 = rows_view(grad_out.scalar_type() == x.scalar_type()
+                                  ? grad_out : grad_out.to(x.scalar_type()), d);
+  const int64_t g_ld = g2.stride(0);
+  Tensor grad_x;
+  if (want_x) grad_x = at::empty({rows, d}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  void* gxp = want_x ? grad_x.mutable_data_ptr() : nullptr;
+  const int64_t tile = cpu::tile_rows();
+  const int64_t tiles = (rows + tile - 1) / tile;
+
+  Tensor grad_blocks, grad_scale;
+  if (!want_blocks && !want_scale) {
+    if (want_x && rows > 0 && d > 0) {  // adjoint only: x is not read
+      const int64_t grain = std::max<int64_t>(1, kForwardGrainElements / (tile * d));
+      at::parallel_for(0, tiles, grain, [&](int64_t b, int64_t e) {
+        cpu::chain_backward(o.params, g2.const_data_ptr(), g_ld, nullptr, 0, gxp, b * tile,
+                            std::min(e * tile, rows), nullptr, nullptr);
+      });
+    }
+  } else {
+    // Fixed chunks of rows, each reduced by the kernel into its own partial sums, then summed in
+    // chunk order: bitwise reproducible for any thread count.
+    const int64_t tiles_per_chunk =
+        std::max(kMinTilesPerChunk, (tiles + kMaxChunks - 1) / kMaxChunks);
+    const int64_t chunks = std::max<int64_t>(1, (tiles + tiles_per_chunk - 1) / tiles_per_chunk);
+    const int64_t width = 4 * num_pairs + d;
+    Tensor partial = at::zeros({chunks, width}, x.options().dtype(o.acc));
+    const Tensor x2 = o.x2;
+    const int64_t x_ld = x2.stride(0);
+    if (rows > 0 && d > 0) {
+      at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t c = b; c < e; ++c) {
+          const int64_t r0 = c * tiles_per_chunk * tile;
+          const int64_t r1 = std::min(rows, r0 + tiles_per_chunk * tile);
+          char* base = static_cast<char*>(partial.mutable_data_ptr()) +
+                       c * width * partial.element_size();
+          void* pb = want_blocks ? base : nullptr;
+          void* ps = want_scale ? base + 4 * num_pairs * partial.element_size() : nullptr;
+          cpu::chain_backward(o.params, g2.const_data_ptr(), g_ld, x2.const_data_ptr(), x_ld,
+                              gxp, r0, r1, pb, ps);
+        }
+      });
+    }
+    Tensor total = at::empty({width}, partial.options());
+    AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "qgoft_reduce_chunks", [&] {
+      const scalar_t* src = partial.const_data_ptr<scalar_t>();
+      scalar_t* dst = total.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, width, 4096, [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; ++k) {
+          scalar_t s = src[k];
+          for (int64_t c = 1; c < chunks; ++c) s += src[c * width + k];
+          dst[k] = s;
+        }
+      });
+    });
+    if (want_blocks) grad_blocks = total.narrow(0, 0, 4 * num_pairs).view({num_pairs, 4});
+    if (want_scale) grad_scale = total.narrow(0, 4 * num_pairs, d);
+  }
+  if (want_x) grad_x = grad_x.view(x.sizes());
+  return {grad_x, grad_blocks, grad_scale};
+}
+
+Tensor empty_like_flat(const Tensor& t) { return at::empty({0}, t.options()); }
+
+// ------------------------------------------------------------------------------------------------
+// Strict Givens rotations: blocks [[c, -s], [s, c]] from the angles.
+// ------------------------------------------------------------------------------------------------
+void check_angles(const Tensor& angles, const Tensor& pairs, const char* op) {
+  check_cpu(angles, op, "angles");
+  check_float_param(angles, op, "angles");
+  TORCH_CHECK(angles.dim() == 1 && angles.size(0) == pairs.size(0), op,
+              ": angles must have shape (P,) = (", pairs.size(0), ",), got ", angles.sizes());
+}
+
+Tensor rotation_blocks(const Tensor& angles, at::ScalarType acc) {
+  const Tensor a = angles.to(acc);
+  const Tensor c = a.cos(), s = a.sin();
+  return at::stack({c, -s, s, c}, 1);
+}
+
+Tensor givens_chain_cpu(const Tensor& x, const Tensor& angles, const Tensor& pairs,
+                        const Tensor& layer_offsets, const std::optional<Tensor>& scale) {
+  constexpr const char* op = "qgoft::givens_chain";
+  check_angles(angles, pairs, op);
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Operands o = prepare(x, rotation_blocks(angles, acc), pairs, layer_offsets, scale, op);
+  return forward(o, x);
+}
+
+std::tuple<Tensor, Tensor, Tensor> givens_chain_backward_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& angles, const Tensor& pairs,
+    const Tensor& layer_offsets, const std::optional<Tensor>& scale,
+    std::array<bool, 3> output_mask) {
+  constexpr const char* op = "qgoft::givens_chain_backward";
+  check_angles(angles, pairs, op);
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor a = angles.to(acc);
+  const Tensor c = a.cos(), s = a.sin();
+  const Operands o = prepare(x, at::stack({c, -s, s, c}, 1), pairs, layer_offsets, scale, op);
+  auto [gx, gb, gs] =
+      backward(o, grad_out, x, output_mask[0], output_mask[1], output_mask[2], op);
+  Tensor g_angles;
+  if (gb.defined()) {
+    // d/dtheta of (c, -s, s, c) is (-s, -c, c, -s).
+    g_angles = (-s * gb.select(1, 0) - c * gb.select(1, 1) + c * gb.select(1, 2) -
+                s * gb.select(1, 3)).to(angles.scalar_type());
+  }
+  return {gx.defined() ? gx : empty_like_flat(x),
+          g_angles.defined() ? g_angles : empty_like_flat(angles),
+          gs.defined() ? gs.to(scale->scalar_type()) : empty_like_flat(angles)};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Quasi-Givens blocks (P, 2, 2).
+// ------------------------------------------------------------------------------------------------
+void check_blocks(const Tensor& blocks, const Tensor& pairs, const char* op) {
+  check_cpu(blocks, op, "blocks");
+  check_float_param(blocks, op, "blocks");
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(0) == pairs.size(0) && blocks.size(1) == 2 &&
+                  blocks.size(2) == 2,
+              op, ": blocks must have shape (P, 2, 2) = (", pairs.size(0), ", 2, 2), got ",
+              blocks.sizes());
+}
+
+Tensor quasi_givens_chain_cpu(const Tensor& x, const Tensor& blocks, const Tensor& pairs,
+                              const Tensor& layer_offsets, const std::optional<Tensor>& scale) {
+  constexpr const char* op = "qgoft::quasi_givens_chain";
+  check_blocks(blocks, pairs, op);
+  const Operands o =
+      prepare(x, blocks.reshape({blocks.size(0), 4}), pairs, layer_offsets, scale, op);
+  return forward(o, x);
+}
+
+std::tuple<Tensor, Tensor, Tensor> quasi_givens_chain_backward_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& blocks, const Tensor& pairs,
+    const Tensor& layer_offsets, const std::optional<Tensor>& scale,
+    std::array<bool, 3> output_mask) {
+  constexpr const char* op = "qgoft::quasi_givens_chain_backward";
+  check_blocks(blocks, pairs, op);
+  const Operands o =
+      prepare(x, blocks.reshape({blocks.size(0), 4}), pairs, layer_offsets, scale, op);
+  auto [gx, gb, gs] =
+      backward(o, grad_out, x, output_mask[0], output_mask[1], output_mask[2], op);
+  return {gx.defined() ? gx : empty_like_flat(x),
+          gb.defined() ? gb.view(blocks.sizes()).to(blocks.scalar_type()) : empty_like_flat(blocks),
+          gs.defined() ? gs.to(scale->scalar_type()) : empty_like_flat(blocks)};
+}
+
+}  // namespace
+}  // namespace qgoft
+
+TORCH_LIBRARY_IMPL(qgoft, CPU, m) {
+  m.impl("givens_chain", &qgoft::givens_chain_cpu);
+  m.impl("givens_chain_backward", &qgoft::givens_chain_backward_cpu);
+  m.impl("quasi_givens_chain", &qgoft::quasi_givens_chain_cpu);
+  m.impl("quasi_givens_chain_backward", &qgoft::quasi_givens_chain_backward_cpu);
+}

@@ -1,0 +1,4 @@
+// generic variant of the CPU Givens-chain kernels (compile flags set in CMakeLists.txt).
+#define QGOFT_ISA_NS generic
+#define QGOFT_LANES 8
+#include "chain_kernel_impl.h"

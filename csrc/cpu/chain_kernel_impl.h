@@ -1,0 +1,384 @@
+// Implementation of the CPU Givens-chain kernels, included by one translation unit per instruction
+// set (chain_kernel_<isa>.cpp), each compiled with its own target flags. Before including, define
+//   QGOFT_ISA_NS  the namespace of the variant (generic, avx2, avx512)
+//   QGOFT_LANES   SIMD lanes per vector of floats (rows processed together in one tile)
+//
+// Scheme: a tile of W = QGOFT_LANES rows is loaded transposed into a column-major buffer
+// (buf[c * W + lane] = x[row0 + lane][c]), so that every pair update, whatever the layout, is a
+// pair of contiguous W-lane vector operations. All layers run on the tile while it sits in cache;
+// the tile is transposed back once. Math is float32 for float32/bfloat16/float16 activations and
+// float64 for float64. The backward pass records the two inputs of every block on a tape during its
+// forward recomputation and accumulates the block gradients in per-lane accumulators, reduced in a
+// fixed lane order at the end of a row range (deterministic).
+//
+// GCC vector extensions keep one source for every ISA; the kernels are compiled with
+// -ffp-contract=off so that every variant rounds identically (results differ between ISAs only
+// through the lane count W, i.e. the grouping of rows in the gradient reductions).
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <type_traits>
+#include <utility>
+
+#include "chain_kernel.h"
+
+#ifndef QGOFT_ISA_NS
+#error "define QGOFT_ISA_NS before including chain_kernel_impl.h"
+#endif
+#ifndef QGOFT_LANES
+#error "define QGOFT_LANES before including chain_kernel_impl.h"
+#endif
+
+namespace qgoft::cpu::QGOFT_ISA_NS {
+namespace {
+
+constexpr int W = QGOFT_LANES;
+static_assert(W >= 2 && (W & (W - 1)) == 0, "lanes must be a power of two");
+
+template <class T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(W * sizeof(T))));
+};
+template <class T>
+using Vec = typename VecOf<T>::type;
+
+template <class T>
+struct SameSizeInt;
+template <>
+struct SameSizeInt<float> { using type = int32_t; };
+template <>
+struct SameSizeInt<double> { using type = int64_t; };
+
+// 16-bit storage types (bit patterns).
+struct BF16 { uint16_t bits; };
+struct F16 { uint16_t bits; };
+
+// ---------------------------------------------------------------------------------------------
+// Bit casts and 16-bit float conversions, written once for scalars and for vectors.
+// ---------------------------------------------------------------------------------------------
+inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline Vec<float> bits_to_float(Vec<uint32_t> u) { return (Vec<float>)u; }
+inline Vec<uint32_t> float_to_bits(Vec<float> f) { return (Vec<uint32_t>)f; }
+
+// IEEE half (bits in the low 16 bits of u) -> float, exact for all inputs.
+template <class U>
+inline auto half_bits_to_float(U h) {
+  const U w = h << 16;
+  const U sign = w & 0x80000000u;
+  const U two_w = w + w;
+  // Normal numbers, infinities and NaNs: move exponent and mantissa into place, then rescale the
+  // exponent bias (15 -> 127) with an exact multiplication by 2^-112.
+  const auto normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  // Subnormals: 0.5 + m * 2^-24 built in the mantissa of 0.5, minus 0.5.
+  const auto subnormal = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const U magnitude = (two_w < (1u << 27)) ? float_to_bits(subnormal) : float_to_bits(normalized);
+  return bits_to_float(sign | magnitude);
+}
+
+// float -> IEEE half bits (round to nearest even; overflow to infinity; NaN -> quiet NaN).
+template <class F>
+inline auto float_to_half_bits(F f) {
+  const auto w = float_to_bits(f);
+  using U = std::remove_cv_t<decltype(w)>;
+  // Exact scalings that push the value to the half range so that one float addition rounds the
+  // mantissa to 10 bits (or to the subnormal grid) with the current round-to-nearest-even mode.
+  F base = (bits_to_float(w & 0x7FFFFFFFu) * 0x1.0p+112f) * 0x1.0p-110f;
+  const U shl1_w = w + w;
+  const U sign = w & 0x80000000u;
+  U bias = shl1_w & 0xFF000000u;
+  bias = (bias < 0x71000000u) ? U(bias - bias + 0x71000000u) : bias;
+  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+  const U b = float_to_bits(base);
+  const U exp_bits = (b >> 13) & 0x00007C00u;
+  const U mantissa_bits = b & 0x00000FFFu;
+  const U nonsign = exp_bits + mantissa_bits;
+  return (sign >> 16) | ((shl1_w > 0xFF000000u) ? U(shl1_w - shl1_w + 0x7E00u) : nonsign);
+}
+
+// float -> bfloat16 bits (round to nearest even; NaN -> 0x7FC0 as in PyTorch).
+template <class F>
+inline auto float_to_bf16_bits(F f) {
+  const auto w = float_to_bits(f);
+  using U = std::remove_cv_t<decltype(w)>;
+  const U rounded = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
+  const U is_nan = (w & 0x7FFFFFFFu) > 0x7F800000u ? U(w - w + 1u) : U(w - w);
+  return is_nan != 0u ? U(w - w + 0x7FC0u) : rounded;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading / storing W consecutive elements of one row as a vector of the accumulation type.
+// ---------------------------------------------------------------------------------------------
+template <class S, class A>
+struct Io;
+
+template <class A>
+struct Io<A, A> {  // float -> float, double -> double
+  static Vec<A> load(const A* p) { Vec<A> v; std::memcpy(&v, p, sizeof(v)); return v; }
+  static void store(A* p, Vec<A> v) { std::memcpy(p, &v, sizeof(v)); }
+  static A load1(const A* p) { return *p; }
+  static void store1(A* p, A v) { *p = v; }
+};
+
+template <>
+struct Io<BF16, float> {
+  static Vec<float> load(const BF16* p) {
+    Vec<uint16_t> h;
+    std::memcpy(&h, p, sizeof(h));
+    return bits_to_float(__builtin_convertvector(h, Vec<uint32_t>) << 16);
+  }
+  static void store(BF16* p, Vec<float> v) {
+    const Vec<uint16_t> h = __builtin_convertvector(float_to_bf16_bits(v), Vec<uint16_t>);
+    std::memcpy(p, &h, sizeof(h));
+  }
+  static float load1(const BF16* p) { return bits_to_float(uint32_t(p->bits) << 16); }
+  static void store1(BF16* p, float v) { p->bits = uint16_t(float_to_bf16_bits(v)); }
+};
+
+template <>
+struct Io<F16, float> {
+  static Vec<float> load(const F16* p) {
+    Vec<uint16_t> h;
+    std::memcpy(&h, p, sizeof(h));
+    return half_bits_to_float(__builtin_convertvector(h, Vec<uint32_t>));
+  }
+  static void store(F16* p, Vec<float> v) {
+    const Vec<uint16_t> h = __builtin_convertvector(float_to_half_bits(v), Vec<uint16_t>);
+    std::memcpy(p, &h, sizeof(h));
+  }
+  static float load1(const F16* p) { return half_bits_to_float(uint32_t(p->bits)); }
+  static void store1(F16* p, float v) { p->bits = uint16_t(float_to_half_bits(v)); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// W x W transpose by log2(W) rounds of full-width interleaves:
+// new[2k] = interleave_low(v[k], v[k + W/2]), new[2k+1] = interleave_high(v[k], v[k + W/2]).
+// ---------------------------------------------------------------------------------------------
+template <class M, int... I>
+constexpr M interleave_mask(std::integer_sequence<int, I...>, int first) {
+  return M{((I % 2 == 0) ? (first + I / 2) : (W + first + I / 2))...};
+}
+
+template <class A>
+inline void transpose(Vec<A>* v) {
+  using M = Vec<typename SameSizeInt<A>::type>;
+  constexpr M lo = interleave_mask<M>(std::make_integer_sequence<int, W>{}, 0);
+  constexpr M hi = interleave_mask<M>(std::make_integer_sequence<int, W>{}, W / 2);
+  for (int round = 1; round < W; round *= 2) {
+    Vec<A> t[W];
+#pragma GCC unroll 16
+    for (int k = 0; k < W / 2; ++k) {
+      t[2 * k] = __builtin_shuffle(v[k], v[k + W / 2], lo);
+      t[2 * k + 1] = __builtin_shuffle(v[k], v[k + W / 2], hi);
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < W; ++k) v[k] = t[k];
+  }
+}
+
+// Tile buffers: column c of a tile is the vector buf[c] (lane = row inside the tile).
+template <class A>
+struct Buffer {
+  Vec<A>* data = nullptr;
+  explicit Buffer(int64_t vectors) {
+    if (vectors == 0) return;
+    data = static_cast<Vec<A>*>(std::aligned_alloc(64, size_t(vectors) * sizeof(Vec<A>)));
+    if (data == nullptr) throw std::bad_alloc();
+  }
+  ~Buffer() { std::free(data); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  void zero(int64_t vectors) { std::memset(static_cast<void*>(data), 0, size_t(vectors) * sizeof(Vec<A>)); }
+};
+
+// Rows [0, nr) of x (row stride ld) -> transposed tile; lanes >= nr are zero.
+template <class S, class A>
+void load_tile(const S* x, int64_t ld, int nr, int64_t d, Vec<A>* buf) {
+  int64_t c = 0;
+  for (; c + W <= d; c += W) {
+    Vec<A> v[W];
+    for (int r = 0; r < W; ++r) v[r] = r < nr ? Io<S, A>::load(x + r * ld + c) : Vec<A>{};
+    transpose<A>(v);
+    for (int k = 0; k < W; ++k) buf[c + k] = v[k];
+  }
+  for (; c < d; ++c) {
+    Vec<A> v{};
+    for (int r = 0; r < nr; ++r) v[r] = Io<S, A>::load1(x + r * ld + c);
+    buf[c] = v;
+  }
+}
+
+// Transposed tile -> rows [0, nr) of y (row stride ld).
+template <class S, class A>
+void store_tile(const Vec<A>* buf, int nr, int64_t d, S* y, int64_t ld) {
+  int64_t c = 0;
+  for (; c + W <= d; c += W) {
+    Vec<A> v[W];
+    for (int k = 0; k < W; ++k) v[k] = buf[c + k];
+    transpose<A>(v);
+    for (int r = 0; r < nr; ++r) Io<S, A>::store(y + r * ld + c, v[r]);
+  }
+  for (; c < d; ++c) {
+    const Vec<A> v = buf[c];
+    for (int r = 0; r < nr; ++r) Io<S, A>::store1(y + r * ld + c, v[r]);
+  }
+}
+
+// x <- chain(x) on a tile (G_p^T for p ascending). With a tape, the inputs of block p are recorded
+// in tape[2p], tape[2p+1].
+template <class A, bool kTape>
+inline void apply_chain(Vec<A>* buf, const int32_t* pairs, const A* blocks, int64_t num_pairs,
+                        Vec<A>* tape) {
+  for (int64_t p = 0; p < num_pairs; ++p) {
+    const int64_t i = pairs[2 * p], j = pairs[2 * p + 1];
+    const A g00 = blocks[4 * p], g01 = blocks[4 * p + 1], g10 = blocks[4 * p + 2],
+            g11 = blocks[4 * p + 3];
+    const Vec<A> xi = buf[i], xj = buf[j];
+    if constexpr (kTape) {
+      tape[2 * p] = xi;
+      tape[2 * p + 1] = xj;
+    }
+    buf[i] = g00 * xi + g10 * xj;
+    buf[j] = g01 * xi + g11 * xj;
+  }
+}
+
+// g <- chain^T(g) on a tile (G_p for p descending); with a tape, also accumulate
+// acc[4p + 2r + c] += u_r * g_c (the gradient of block p's entries).
+template <class A, bool kAccumulate>
+inline void apply_chain_transpose(Vec<A>* g, const int32_t* pairs, const A* blocks,
+                                  int64_t num_pairs, const Vec<A>* tape, Vec<A>* acc) {
+  for (int64_t p = num_pairs - 1; p >= 0; --p) {
+    const int64_t i = pairs[2 * p], j = pairs[2 * p + 1];
+    const A g00 = blocks[4 * p], g01 = blocks[4 * p + 1], g10 = blocks[4 * p + 2],
+            g11 = blocks[4 * p + 3];
+    const Vec<A> gi = g[i], gj = g[j];
+    if constexpr (kAccumulate) {
+      const Vec<A> ui = tape[2 * p], uj = tape[2 * p + 1];
+      acc[4 * p] += ui * gi;
+      acc[4 * p + 1] += ui * gj;
+      acc[4 * p + 2] += uj * gi;
+      acc[4 * p + 3] += uj * gj;
+    }
+    g[i] = g00 * gi + g01 * gj;
+    g[j] = g10 * gi + g11 * gj;
+  }
+}
+
+template <class A>
+inline void apply_scale(Vec<A>* buf, const A* scale, int64_t d) {
+  for (int64_t c = 0; c < d; ++c) buf[c] = scale[c] * buf[c];
+}
+
+// Sum the lanes of n accumulator vectors in lane order into out[0..n).
+template <class A>
+void reduce_lanes(const Vec<A>* acc, int64_t n, A* out) {
+  for (int64_t k = 0; k < n; ++k) {
+    A s = acc[k][0];
+    for (int l = 1; l < W; ++l) s += acc[k][l];
+    out[k] = s;
+  }
+}
+
+template <class S, class A>
+void forward_rows(const ChainParams& p, const S* x, int64_t x_ld, S* y, int64_t row_begin,
+                  int64_t row_end) {
+  const int64_t d = p.d;
+  const A* blocks = static_cast<const A*>(p.blocks);
+  const A* scale = static_cast<const A*>(p.scale);
+  Buffer<A> buf(d);
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
+    const int nr = int(row_end - r0 < W ? row_end - r0 : W);
+    load_tile<S, A>(x + r0 * x_ld, x_ld, nr, d, buf.data);
+    apply_chain<A, false>(buf.data, p.pairs, blocks, p.num_pairs, nullptr);
+    if (scale != nullptr) apply_scale<A>(buf.data, scale, d);
+    store_tile<S, A>(buf.data, nr, d, y + r0 * d, d);
+  }
+}
+
+template <class S, class A>
+void backward_rows(const ChainParams& p, const S* grad, int64_t grad_ld, const S* x, int64_t x_ld,
+                   S* grad_x, int64_t row_begin, int64_t row_end, A* partial_blocks,
+                   A* partial_scale) {
+  const int64_t d = p.d, P = p.num_pairs;
+  const A* blocks = static_cast<const A*>(p.blocks);
+  const A* scale = static_cast<const A*>(p.scale);
+  const bool want_blocks = partial_blocks != nullptr;
+  const bool want_scale = partial_scale != nullptr && scale != nullptr;
+  const bool need_forward = want_blocks || want_scale;
+
+  Buffer<A> g(d);
+  Buffer<A> z(need_forward ? d : 0);
+  Buffer<A> tape(want_blocks ? 2 * P : 0);
+  Buffer<A> acc(want_blocks ? 4 * P : 0);
+  Buffer<A> acc_scale(want_scale ? d : 0);
+  if (want_blocks) acc.zero(4 * P);
+  if (want_scale) acc_scale.zero(d);
+
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
+    const int nr = int(row_end - r0 < W ? row_end - r0 : W);
+    if (need_forward) {
+      load_tile<S, A>(x + r0 * x_ld, x_ld, nr, d, z.data);
+      if (want_blocks) {
+        apply_chain<A, true>(z.data, p.pairs, blocks, P, tape.data);
+      } else {
+        apply_chain<A, false>(z.data, p.pairs, blocks, P, nullptr);
+      }
+    }
+    load_tile<S, A>(grad + r0 * grad_ld, grad_ld, nr, d, g.data);
+    if (scale != nullptr) {
+      if (want_scale) {
+        for (int64_t c = 0; c < d; ++c) acc_scale.data[c] += g.data[c] * z.data[c];
+      }
+      apply_scale<A>(g.data, scale, d);
+    }
+    if (want_blocks) {
+      apply_chain_transpose<A, true>(g.data, p.pairs, blocks, P, tape.data, acc.data);
+    } else {
+      apply_chain_transpose<A, false>(g.data, p.pairs, blocks, P, nullptr, nullptr);
+    }
+    if (grad_x != nullptr) store_tile<S, A>(g.data, nr, d, grad_x + r0 * d, d);
+  }
+  if (want_blocks) reduce_lanes<A>(acc.data, 4 * P, partial_blocks);
+  if (want_scale) reduce_lanes<A>(acc_scale.data, d, partial_scale);
+}
+
+template <class F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float32: f(static_cast<float*>(nullptr), static_cast<float*>(nullptr)); break;
+    case DType::Float64: f(static_cast<double*>(nullptr), static_cast<double*>(nullptr)); break;
+    case DType::BFloat16: f(static_cast<BF16*>(nullptr), static_cast<float*>(nullptr)); break;
+    case DType::Float16: f(static_cast<F16*>(nullptr), static_cast<float*>(nullptr)); break;
+  }
+}
+
+}  // namespace
+
+int tile_rows() { return W; }
+
+void chain_forward(const ChainParams& p, const void* x, int64_t x_ld, void* y, int64_t row_begin,
+                   int64_t row_end) {
+  dispatch_dtype(p.dtype, [&](auto* s_tag, auto* a_tag) {
+    using S = std::remove_pointer_t<decltype(s_tag)>;
+    using A = std::remove_pointer_t<decltype(a_tag)>;
+    forward_rows<S, A>(p, static_cast<const S*>(x), x_ld, static_cast<S*>(y), row_begin, row_end);
+  });
+}
+
+void chain_backward(const ChainParams& p, const void* grad, int64_t grad_ld, const void* x,
+                    int64_t x_ld, void* grad_x, int64_t row_begin, int64_t row_end,
+                    void* partial_blocks, void* partial_scale) {
+  dispatch_dtype(p.dtype, [&](auto* s_tag, auto* a_tag) {
+    using S = std::remove_pointer_t<decltype(s_tag)>;
+    using A = std::remove_pointer_t<decltype(a_tag)>;
+    backward_rows<S, A>(p, static_cast<const S*>(grad), grad_ld, static_cast<const S*>(x), x_ld,
+                        static_cast<S*>(grad_x), row_begin, row_end,
+                        static_cast<A*>(partial_blocks), static_cast<A*>(partial_scale));
+  });
+}
+
+}  // namespace qgoft::cpu::QGOFT_ISA_NS

@@ -1,0 +1,17 @@
+// The operator schemas of qgoft, in one place. Backends register kernels with
+// TORCH_LIBRARY_IMPL(qgoft, <backend>, m); autograd and fake (meta) kernels are registered from
+// Python (qgoft/ops.py). Conventions: docs/CONTRACT.md and DESIGN.md Sec. 2.
+#include <torch/library.h>
+
+TORCH_LIBRARY(qgoft, m) {
+  // x (..., d) -> s * (R^T x) per row, R = P_1 ... P_L of strict Givens rotations G(angles[p]).
+  m.def("givens_chain(Tensor x, Tensor angles, Tensor pairs, Tensor layer_offsets, Tensor? scale)"
+        " -> Tensor");
+  m.def("givens_chain_backward(Tensor grad_out, Tensor x, Tensor angles, Tensor pairs, "
+        "Tensor layer_offsets, Tensor? scale, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Same with free 2x2 quasi-Givens blocks (P, 2, 2) = [[alpha1, beta1], [alpha2, beta2]].
+  m.def("quasi_givens_chain(Tensor x, Tensor blocks, Tensor pairs, Tensor layer_offsets, "
+        "Tensor? scale) -> Tensor");
+  m.def("quasi_givens_chain_backward(Tensor grad_out, Tensor x, Tensor blocks, Tensor pairs, "
+        "Tensor layer_offsets, Tensor? scale, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
