@@ -28,6 +28,9 @@
 #ifndef QGOFT_ISA_NS
 #error "define QGOFT_ISA_NS before including chain_kernel_impl.h"
 #endif
+#ifndef QGOFT_VECS
+#define QGOFT_VECS 1
+#endif
 #ifndef QGOFT_LANES
 #error "define QGOFT_LANES before including chain_kernel_impl.h"
 #endif
@@ -179,7 +182,11 @@ inline void transpose(Vec<A>* v) {
   }
 }
 
-// Tile buffers: column c of a tile is the vector buf[c] (lane = row inside the tile).
+// Tile buffers: a tile holds T = V * W rows; column c of a tile is the V vectors buf[c * V + v]
+// (lane l of vector v is row v * W + l of the tile).
+constexpr int V = QGOFT_VECS;
+constexpr int T = V * W;
+
 template <class A>
 struct Buffer {
   Vec<A>* data = nullptr;
@@ -194,83 +201,114 @@ struct Buffer {
   void zero(int64_t vectors) { std::memset(static_cast<void*>(data), 0, size_t(vectors) * sizeof(Vec<A>)); }
 };
 
-// Rows [0, nr) of x (row stride ld) -> transposed tile; lanes >= nr are zero.
+// Rows [0, nr) of x (row stride ld), nr <= T -> transposed tile; rows >= nr are zero.
 template <class S, class A>
 void load_tile(const S* x, int64_t ld, int nr, int64_t d, Vec<A>* buf) {
-  int64_t c = 0;
-  for (; c + W <= d; c += W) {
-    Vec<A> v[W];
-    for (int r = 0; r < W; ++r) v[r] = r < nr ? Io<S, A>::load(x + r * ld + c) : Vec<A>{};
-    transpose<A>(v);
-    for (int k = 0; k < W; ++k) buf[c + k] = v[k];
-  }
-  for (; c < d; ++c) {
-    Vec<A> v{};
-    for (int r = 0; r < nr; ++r) v[r] = Io<S, A>::load1(x + r * ld + c);
-    buf[c] = v;
+  for (int v = 0; v < V; ++v) {
+    const int vr = nr - v * W;  // rows of this vector slot
+    const S* xv = x + int64_t(v) * W * ld;
+    int64_t c = 0;
+    if (vr <= 0) {
+      for (; c < d; ++c) buf[c * V + v] = Vec<A>{};
+      continue;
+    }
+    for (; c + W <= d; c += W) {
+      Vec<A> t[W];
+      for (int r = 0; r < W; ++r) t[r] = r < vr ? Io<S, A>::load(xv + r * ld + c) : Vec<A>{};
+      transpose<A>(t);
+      for (int k = 0; k < W; ++k) buf[(c + k) * V + v] = t[k];
+    }
+    for (; c < d; ++c) {
+      Vec<A> t{};
+      for (int r = 0; r < vr && r < W; ++r) t[r] = Io<S, A>::load1(xv + r * ld + c);
+      buf[c * V + v] = t;
+    }
   }
 }
 
 // Transposed tile -> rows [0, nr) of y (row stride ld).
 template <class S, class A>
 void store_tile(const Vec<A>* buf, int nr, int64_t d, S* y, int64_t ld) {
-  int64_t c = 0;
-  for (; c + W <= d; c += W) {
-    Vec<A> v[W];
-    for (int k = 0; k < W; ++k) v[k] = buf[c + k];
-    transpose<A>(v);
-    for (int r = 0; r < nr; ++r) Io<S, A>::store(y + r * ld + c, v[r]);
-  }
-  for (; c < d; ++c) {
-    const Vec<A> v = buf[c];
-    for (int r = 0; r < nr; ++r) Io<S, A>::store1(y + r * ld + c, v[r]);
+  for (int v = 0; v < V; ++v) {
+    const int vr = nr - v * W < W ? nr - v * W : W;
+    if (vr <= 0) break;
+    S* yv = y + int64_t(v) * W * ld;
+    int64_t c = 0;
+    for (; c + W <= d; c += W) {
+      Vec<A> t[W];
+      for (int k = 0; k < W; ++k) t[k] = buf[(c + k) * V + v];
+      transpose<A>(t);
+      for (int r = 0; r < vr; ++r) Io<S, A>::store(yv + r * ld + c, t[r]);
+    }
+    for (; c < d; ++c) {
+      const Vec<A> t = buf[c * V + v];
+      for (int r = 0; r < vr; ++r) Io<S, A>::store1(yv + r * ld + c, t[r]);
+    }
   }
 }
 
 // x <- chain(x) on a tile (G_p^T for p ascending). With a tape, the inputs of block p are recorded
-// in tape[2p], tape[2p+1].
+// in tape[(2p) * V + v], tape[(2p + 1) * V + v].
 template <class A, bool kTape>
 inline void apply_chain(Vec<A>* buf, const int32_t* pairs, const A* blocks, int64_t num_pairs,
                         Vec<A>* tape) {
   for (int64_t p = 0; p < num_pairs; ++p) {
-    const int64_t i = pairs[2 * p], j = pairs[2 * p + 1];
+    Vec<A>* bi = buf + int64_t(pairs[2 * p]) * V;
+    Vec<A>* bj = buf + int64_t(pairs[2 * p + 1]) * V;
     const A g00 = blocks[4 * p], g01 = blocks[4 * p + 1], g10 = blocks[4 * p + 2],
             g11 = blocks[4 * p + 3];
-    const Vec<A> xi = buf[i], xj = buf[j];
-    if constexpr (kTape) {
-      tape[2 * p] = xi;
-      tape[2 * p + 1] = xj;
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      const Vec<A> xi = bi[v], xj = bj[v];
+      if constexpr (kTape) {
+        tape[2 * p * V + v] = xi;
+        tape[(2 * p + 1) * V + v] = xj;
+      }
+      bi[v] = g00 * xi + g10 * xj;
+      bj[v] = g01 * xi + g11 * xj;
     }
-    buf[i] = g00 * xi + g10 * xj;
-    buf[j] = g01 * xi + g11 * xj;
   }
 }
 
 // g <- chain^T(g) on a tile (G_p for p descending); with a tape, also accumulate
-// acc[4p + 2r + c] += u_r * g_c (the gradient of block p's entries).
+// acc[4p + 2r + c] += sum_v u_r g_c (the gradient of block p's entries, per lane).
 template <class A, bool kAccumulate>
 inline void apply_chain_transpose(Vec<A>* g, const int32_t* pairs, const A* blocks,
                                   int64_t num_pairs, const Vec<A>* tape, Vec<A>* acc) {
   for (int64_t p = num_pairs - 1; p >= 0; --p) {
-    const int64_t i = pairs[2 * p], j = pairs[2 * p + 1];
+    Vec<A>* gi_ = g + int64_t(pairs[2 * p]) * V;
+    Vec<A>* gj_ = g + int64_t(pairs[2 * p + 1]) * V;
     const A g00 = blocks[4 * p], g01 = blocks[4 * p + 1], g10 = blocks[4 * p + 2],
             g11 = blocks[4 * p + 3];
-    const Vec<A> gi = g[i], gj = g[j];
-    if constexpr (kAccumulate) {
-      const Vec<A> ui = tape[2 * p], uj = tape[2 * p + 1];
-      acc[4 * p] += ui * gi;
-      acc[4 * p + 1] += ui * gj;
-      acc[4 * p + 2] += uj * gi;
-      acc[4 * p + 3] += uj * gj;
+    Vec<A> a00{}, a01{}, a10{}, a11{};
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      const Vec<A> gi = gi_[v], gj = gj_[v];
+      if constexpr (kAccumulate) {
+        const Vec<A> ui = tape[2 * p * V + v], uj = tape[(2 * p + 1) * V + v];
+        a00 += ui * gi;
+        a01 += ui * gj;
+        a10 += uj * gi;
+        a11 += uj * gj;
+      }
+      gi_[v] = g00 * gi + g01 * gj;
+      gj_[v] = g10 * gi + g11 * gj;
     }
-    g[i] = g00 * gi + g01 * gj;
-    g[j] = g10 * gi + g11 * gj;
+    if constexpr (kAccumulate) {
+      acc[4 * p] += a00;
+      acc[4 * p + 1] += a01;
+      acc[4 * p + 2] += a10;
+      acc[4 * p + 3] += a11;
+    }
   }
 }
 
 template <class A>
 inline void apply_scale(Vec<A>* buf, const A* scale, int64_t d) {
-  for (int64_t c = 0; c < d; ++c) buf[c] = scale[c] * buf[c];
+  for (int64_t c = 0; c < d; ++c) {
+    const A s = scale[c];
+    for (int v = 0; v < V; ++v) buf[c * V + v] = s * buf[c * V + v];
+  }
 }
 
 // Sum the lanes of n accumulator vectors in lane order into out[0..n).
@@ -289,9 +327,9 @@ void forward_rows(const ChainParams& p, const S* x, int64_t x_ld, S* y, int64_t 
   const int64_t d = p.d;
   const A* blocks = static_cast<const A*>(p.blocks);
   const A* scale = static_cast<const A*>(p.scale);
-  Buffer<A> buf(d);
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
-    const int nr = int(row_end - r0 < W ? row_end - r0 : W);
+  Buffer<A> buf(d * V);
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += T) {
+    const int nr = int(row_end - r0 < T ? row_end - r0 : T);
     load_tile<S, A>(x + r0 * x_ld, x_ld, nr, d, buf.data);
     apply_chain<A, false>(buf.data, p.pairs, blocks, p.num_pairs, nullptr);
     if (scale != nullptr) apply_scale<A>(buf.data, scale, d);
@@ -310,16 +348,16 @@ void backward_rows(const ChainParams& p, const S* grad, int64_t grad_ld, const S
   const bool want_scale = partial_scale != nullptr && scale != nullptr;
   const bool need_forward = want_blocks || want_scale;
 
-  Buffer<A> g(d);
-  Buffer<A> z(need_forward ? d : 0);
-  Buffer<A> tape(want_blocks ? 2 * P : 0);
+  Buffer<A> g(d * V);
+  Buffer<A> z(need_forward ? d * V : 0);
+  Buffer<A> tape(want_blocks ? 2 * P * V : 0);
   Buffer<A> acc(want_blocks ? 4 * P : 0);
   Buffer<A> acc_scale(want_scale ? d : 0);
   if (want_blocks) acc.zero(4 * P);
   if (want_scale) acc_scale.zero(d);
 
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += W) {
-    const int nr = int(row_end - r0 < W ? row_end - r0 : W);
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += T) {
+    const int nr = int(row_end - r0 < T ? row_end - r0 : T);
     if (need_forward) {
       load_tile<S, A>(x + r0 * x_ld, x_ld, nr, d, z.data);
       if (want_blocks) {
@@ -331,7 +369,11 @@ void backward_rows(const ChainParams& p, const S* grad, int64_t grad_ld, const S
     load_tile<S, A>(grad + r0 * grad_ld, grad_ld, nr, d, g.data);
     if (scale != nullptr) {
       if (want_scale) {
-        for (int64_t c = 0; c < d; ++c) acc_scale.data[c] += g.data[c] * z.data[c];
+        for (int64_t c = 0; c < d; ++c) {
+          Vec<A> s = g.data[c * V] * z.data[c * V];
+          for (int v = 1; v < V; ++v) s += g.data[c * V + v] * z.data[c * V + v];
+          acc_scale.data[c] += s;
+        }
       }
       apply_scale<A>(g.data, scale, d);
     }
@@ -358,7 +400,7 @@ void dispatch_dtype(DType dtype, F&& f) {
 
 }  // namespace
 
-int tile_rows() { return W; }
+int tile_rows() { return T; }
 
 void chain_forward(const ChainParams& p, const void* x, int64_t x_ld, void* y, int64_t row_begin,
                    int64_t row_end) {

@@ -1,0 +1,294 @@
+"""``qgoft.nn.Linear``: a frozen ``torch.nn.Linear`` adapted by a (quasi-)Givens chain.
+
+Conventions (DESIGN.md Sec. 2): the base weight ``W_lin`` has shape ``(n, d)`` (``d = in_features``). The
+adapted layer computes ``y = W_lin (s * (R^T x)) + b`` input-centrically: the chain runs on the input rows
+(``x' = x R S``) and the frozen linear on ``x'``. Merged, the base weight holds ``W_lin S R^T``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, Iterator, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import layouts as _layouts
+from .. import ops as _ops
+from ..reference import orthogonality_penalty_reference
+
+__all__ = ["Linear", "METHODS"]
+
+METHODS = ("goft", "goft_scaled", "qgoft")
+_ADAPTER_DTYPES = (torch.float32, torch.float64)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_ADAPTER_PARAMETER_NAMES = ("givens_angles", "givens_scale", "givens_blocks")
+
+
+class Linear(torch.nn.Linear):
+    """A ``torch.nn.Linear`` with a frozen base and a trainable (quasi-)Givens adapter.
+
+    Methods (DESIGN.md Sec. 4), with ``P = layout.num_pairs`` (``d - 1`` for parallel/sequential):
+
+    * ``"goft"``: strict rotations, ``givens_angles`` ``(P,)``.
+    * ``"goft_scaled"`` (the paper's GOFT*): ``givens_angles`` ``(P,)`` and a per-feature ``givens_scale`` ``(d,)``.
+    * ``"qgoft"``: free quasi-Givens blocks ``givens_blocks`` ``(P, 2, 2)`` = ``[[alpha1, beta1], [alpha2, beta2]]``.
+
+    Parameters are identity-initialized (angles 0, scale 1, blocks I), stored in the canonical order of the
+    layout, in ``adapter_dtype`` (float32 by default, whatever the base dtype) on the base weight's device.
+    Module-wide casts to float16/bfloat16 (``.half()``, ``.to(torch.bfloat16)``) leave adapter parameters
+    in their dtype; casts to other dtypes (e.g. float64) and device moves apply to them as usual.
+
+    The base ``weight``/``bias`` are frozen (``requires_grad=False``). ``givens_pairs`` (int32 ``(P, 2)``) and
+    ``givens_layer_offsets`` (int32 ``(L + 1,)``) are non-persistent buffers; ``self.layout`` is the Layout.
+    """
+
+    givens_angles: Optional[torch.nn.Parameter]
+    givens_scale: Optional[torch.nn.Parameter]
+    givens_blocks: Optional[torch.nn.Parameter]
+    givens_pairs: Tensor
+    givens_layer_offsets: Tensor
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: Optional[Union[torch.device, str]] = None, dtype: Optional[torch.dtype] = None, *,
+                 method: str = "goft", layout: _layouts.LayoutSpec = "parallel", stack: int = 1,
+                 adapter_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._freeze_base()
+        self._init_adapter(method, layout, stack, adapter_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, *, method: str = "goft",
+                    layout: _layouts.LayoutSpec = "parallel", stack: int = 1,
+                    adapter_dtype: torch.dtype = torch.float32) -> "Linear":
+        """Wrap ``linear``, sharing (not copying) its ``weight`` and ``bias`` parameters, which get frozen.
+
+        The adapter parameters are created on ``linear.weight``'s device. The training mode is copied.
+        """
+        if isinstance(linear, Linear):
+            raise TypeError("from_linear() got a qgoft.nn.Linear; it is already adapted")
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"from_linear() expects a torch.nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        # Build the nn.Linear skeleton on the meta device (no second weight is allocated), then share.
+        torch.nn.Linear.__init__(self, linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                 device="meta", dtype=linear.weight.dtype)
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._freeze_base()
+        self._init_adapter(method, layout, stack, adapter_dtype)
+        self.train(linear.training)
+        return self
+
+    # ------------------------------------------------------------------------------------------------
+    # Construction helpers.
+    # ------------------------------------------------------------------------------------------------
+
+    def _freeze_base(self) -> None:
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def _init_adapter(self, method: str, layout: _layouts.LayoutSpec, stack: int,
+                      adapter_dtype: torch.dtype) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        if adapter_dtype not in _ADAPTER_DTYPES:
+            raise ValueError(f"adapter_dtype must be torch.float32 or torch.float64, got {adapter_dtype}")
+        self.method = method
+        self.layout = _layouts.get_layout(layout, self.in_features, stack)
+        self._merged = False
+        self._adapters_enabled = True
+        device = self.weight.device
+        num_pairs = self.layout.num_pairs
+        self.register_buffer("givens_pairs", self.layout.pairs_tensor().to(device, copy=True),
+                             persistent=False)
+        self.register_buffer("givens_layer_offsets", self.layout.layer_offsets_tensor().to(device, copy=True),
+                             persistent=False)
+        # Copy of the original base weight while merged (None otherwise).
+        self.register_buffer("_unmerged_weight", None, persistent=False)
+        for name in _ADAPTER_PARAMETER_NAMES:
+            self.register_parameter(name, None)
+        factory = dict(device=device, dtype=adapter_dtype)
+        if method in ("goft", "goft_scaled"):
+            self.givens_angles = torch.nn.Parameter(torch.empty(num_pairs, **factory))
+        if method == "goft_scaled":
+            self.givens_scale = torch.nn.Parameter(torch.empty(self.in_features, **factory))
+        if method == "qgoft":
+            self.givens_blocks = torch.nn.Parameter(torch.empty(num_pairs, 2, 2, **factory))
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        """Identity initialization: angles 0, scale 1, blocks I (paper App. B)."""
+        with torch.no_grad():
+            if self.givens_angles is not None:
+                self.givens_angles.zero_()
+            if self.givens_scale is not None:
+                self.givens_scale.fill_(1.0)
+            if self.givens_blocks is not None:
+                self.givens_blocks.zero_()
+                self.givens_blocks[:, 0, 0] = 1.0
+                self.givens_blocks[:, 1, 1] = 1.0
+
+    # ------------------------------------------------------------------------------------------------
+    # Adapter state.
+    # ------------------------------------------------------------------------------------------------
+
+    def adapter_parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The trainable adapter parameters (angles, scale, blocks; those the method uses)."""
+        for name in _ADAPTER_PARAMETER_NAMES:
+            param = getattr(self, name)
+            if param is not None:
+                yield param
+
+    @property
+    def num_adapter_parameters(self) -> int:
+        """Number of adapter scalars: ``P`` (goft), ``P + d`` (goft_scaled), ``4 P`` (qgoft)."""
+        return sum(p.numel() for p in self.adapter_parameters())
+
+    @property
+    def merged(self) -> bool:
+        """Whether the base weight currently holds the merged weight ``W_lin S R^T``."""
+        return self._merged
+
+    @property
+    def adapters_enabled(self) -> bool:
+        """Whether forward applies the adapter (see :meth:`disable_adapters`)."""
+        return self._adapters_enabled
+
+    def enable_adapters(self) -> None:
+        """Apply the adapter in forward (the default)."""
+        self._adapters_enabled = True
+
+    def disable_adapters(self) -> None:
+        """Make forward compute the base layer only (uses the kept original weight when merged)."""
+        self._adapters_enabled = False
+
+    # ------------------------------------------------------------------------------------------------
+    # Math.
+    # ------------------------------------------------------------------------------------------------
+
+    def _chain_params(self, dtype: torch.dtype) -> Tuple[Tensor, Optional[Tensor]]:
+        """(angles or blocks, scale or None), in float64 only when ``dtype`` is float64 (kernel contract:
+        parameters are float32, or float64 with float64 activations)."""
+        params = self.givens_blocks if self.method == "qgoft" else self.givens_angles
+        scale = self.givens_scale
+        if dtype != torch.float64 and params.dtype == torch.float64:
+            params = params.float()
+            scale = scale.float() if scale is not None else None
+        return params, scale
+
+    def _chain(self, x: Tensor, *, with_scale: bool = True) -> Tensor:
+        params, scale = self._chain_params(x.dtype)
+        if not with_scale:
+            scale = None
+        pairs, offsets = self.givens_pairs, self.givens_layer_offsets
+        if self.method == "qgoft":
+            return _ops.quasi_givens_chain(x, params, pairs, offsets, scale)
+        return _ops.givens_chain(x, params, pairs, offsets, scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``y = W_lin (s * (R^T x)) + b`` for ``x`` of shape ``(..., in_features)``; base output if merged
+        (the weight then already holds the adapter) or with adapters disabled."""
+        if self._merged:
+            weight = self._unmerged_weight if not self._adapters_enabled else self.weight
+            return F.linear(x, weight, self.bias)
+        if not self._adapters_enabled:
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(self._chain(x), self.weight, self.bias)
+
+    def _merge_compute_dtype(self) -> torch.dtype:
+        wide = self.weight.dtype == torch.float64 or any(
+            p.dtype == torch.float64 for p in self.adapter_parameters())
+        return torch.float64 if wide else torch.float32
+
+    @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """``W_lin S R^T`` of shape ``(out_features, in_features)`` from the original (unmerged) weight.
+
+        Computed and returned in float32 (float64 when the weight or the adapter is float64); not
+        differentiable. The adjoint chain runs on the rows of ``W_lin``.
+        """
+        base = self._unmerged_weight if self._merged else self.weight
+        dtype = self._merge_compute_dtype()
+        params, scale = self._chain_params(dtype)
+        pairs, offsets = self.givens_pairs, self.givens_layer_offsets
+        rows = base.detach().to(dtype)
+        if self.method == "qgoft":
+            return _ops.quasi_givens_chain_adjoint(rows, params.detach(), pairs, offsets,
+                                                   None if scale is None else scale.detach())
+        return _ops.givens_chain_adjoint(rows, params.detach(), pairs, offsets,
+                                         None if scale is None else scale.detach())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Write ``merged_weight()`` (cast to the weight dtype) into the base weight in place, keeping a copy
+        of the original for :meth:`unmerge`. Warns and does nothing when already merged."""
+        if self._merged:
+            warnings.warn("qgoft.nn.Linear.merge(): already merged; nothing to do", UserWarning, stacklevel=2)
+            return
+        merged = self.merged_weight()
+        self._unmerged_weight = self.weight.detach().clone()
+        self.weight.data.copy_(merged.to(self.weight.dtype))
+        self._merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the original base weight bitwise. Warns and does nothing when not merged."""
+        if not self._merged:
+            warnings.warn("qgoft.nn.Linear.unmerge(): not merged; nothing to do", UserWarning, stacklevel=2)
+            return
+        self.weight.data.copy_(self._unmerged_weight)
+        self._unmerged_weight = None
+        self._merged = False
+
+    def rotation_matrix(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The dense ``R = P_1 ... P_L`` of DESIGN.md, ``(d, d)``, without the scale (chain applied to the
+        identity's rows). ``dtype`` defaults to the adapter dtype. Differentiable; for inspection only."""
+        dtype = dtype or self._adapter_dtype()
+        eye = torch.eye(self.in_features, dtype=dtype, device=self.givens_pairs.device)
+        return self._chain(eye, with_scale=False)
+
+    def orthogonality_penalty(self) -> Tensor:
+        """The qGOFT regularizer ``sum_p <alpha_p, beta_p>^2`` of this layer (differentiable scalar).
+
+        Zero for ``"goft"``/``"goft_scaled"`` (their blocks are exactly orthogonal)."""
+        if self.givens_blocks is None:
+            return torch.zeros((), dtype=self._adapter_dtype(), device=self.givens_pairs.device)
+        return orthogonality_penalty_reference(self.givens_blocks)
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return next(self.adapter_parameters()).dtype
+
+    # ------------------------------------------------------------------------------------------------
+    # Module plumbing.
+    # ------------------------------------------------------------------------------------------------
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Linear":
+        """Like nn.Module._apply, but a float16/bfloat16 cast does not reach the adapter parameters (or their
+        gradients): they keep their dtype and only follow the device (DESIGN.md Sec. 4-5)."""
+        protected: Dict[int, torch.dtype] = {}
+        for param in self.adapter_parameters():
+            protected[id(param)] = param.dtype
+            if param.grad is not None:
+                protected[id(param.grad)] = param.grad.dtype
+
+        def keep_adapter_dtype(tensor: Tensor) -> Tensor:
+            applied = fn(tensor)
+            if (id(tensor) in protected and isinstance(applied, Tensor)
+                    and applied.dtype in _LOW_PRECISION and protected[id(tensor)] not in _LOW_PRECISION):
+                applied = tensor.detach().to(device=applied.device)
+            return applied
+
+        return super()._apply(keep_adapter_dtype, recurse)
+
+    def extra_repr(self) -> str:
+        text = (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, method={self.method!r}, layout={self.layout.name!r}, "
+                f"adapter_parameters={self.num_adapter_parameters}")
+        if self._merged:
+            text += ", merged=True"
+        if not self._adapters_enabled:
+            text += ", adapters_enabled=False"
+        return text
