@@ -157,28 +157,69 @@ struct Io<F16, float> {
 };
 
 // ---------------------------------------------------------------------------------------------
-// W x W transpose by log2(W) rounds of full-width interleaves:
-// new[2k] = interleave_low(v[k], v[k + W/2]), new[2k+1] = interleave_high(v[k], v[k + W/2]).
+// W x W transpose (W = 4, 8, 16) in the classic in-register form, written with shuffles whose
+// masks each map to one instruction on x86 (unpcklps/unpckhps, shufps, vperm2f128, vshuff32x4):
+//  1. interleave pairs of rows inside each 128-bit lane,
+//  2. combine 64-bit halves: every 128-bit lane now holds a transposed 4 x 4 block,
+//  3. (W >= 8) move the 128-bit blocks across vectors (a 2 x 2 or 4 x 4 transpose of blocks).
 // ---------------------------------------------------------------------------------------------
-template <class M, int... I>
-constexpr M interleave_mask(std::integer_sequence<int, I...>, int first) {
-  return M{((I % 2 == 0) ? (first + I / 2) : (W + first + I / 2))...};
+template <class M, class F, int... I>
+constexpr M make_mask(F f, std::integer_sequence<int, I...>) {
+  return M{static_cast<typename std::remove_reference_t<decltype(M{}[0])>>(f(I))...};
 }
 
 template <class A>
 inline void transpose(Vec<A>* v) {
+  static_assert(W == 4 || W == 8 || W == 16, "transpose supports 4, 8 or 16 lanes");
   using M = Vec<typename SameSizeInt<A>::type>;
-  constexpr M lo = interleave_mask<M>(std::make_integer_sequence<int, W>{}, 0);
-  constexpr M hi = interleave_mask<M>(std::make_integer_sequence<int, W>{}, W / 2);
-  for (int round = 1; round < W; round *= 2) {
-    Vec<A> t[W];
+  constexpr auto seq = std::make_integer_sequence<int, W>{};
+  // i = 4 * lane + t
+  constexpr M unpack_lo = make_mask<M>([](int i) { return 4 * (i / 4) + (i % 4) / 2 + (i % 2) * W; }, seq);
+  constexpr M unpack_hi = make_mask<M>([](int i) { return 4 * (i / 4) + 2 + (i % 4) / 2 + (i % 2) * W; }, seq);
+  constexpr M half_lo = make_mask<M>([](int i) { return 4 * (i / 4) + (i % 2) + ((i % 4) / 2) * W; }, seq);
+  constexpr M half_hi = make_mask<M>([](int i) { return 4 * (i / 4) + 2 + (i % 2) + ((i % 4) / 2) * W; }, seq);
+  Vec<A> t[W];
 #pragma GCC unroll 16
-    for (int k = 0; k < W / 2; ++k) {
-      t[2 * k] = __builtin_shuffle(v[k], v[k + W / 2], lo);
-      t[2 * k + 1] = __builtin_shuffle(v[k], v[k + W / 2], hi);
+  for (int k = 0; k < W / 2; ++k) {
+    t[2 * k] = __builtin_shuffle(v[2 * k], v[2 * k + 1], unpack_lo);
+    t[2 * k + 1] = __builtin_shuffle(v[2 * k], v[2 * k + 1], unpack_hi);
+  }
+  // u[4g + c] holds, in 128-bit lane L, column 4L + c of rows 4g .. 4g + 3.
+  Vec<A> u[W];
+#pragma GCC unroll 16
+  for (int g = 0; g < W / 4; ++g) {
+    u[4 * g] = __builtin_shuffle(t[4 * g], t[4 * g + 2], half_lo);
+    u[4 * g + 1] = __builtin_shuffle(t[4 * g], t[4 * g + 2], half_hi);
+    u[4 * g + 2] = __builtin_shuffle(t[4 * g + 1], t[4 * g + 3], half_lo);
+    u[4 * g + 3] = __builtin_shuffle(t[4 * g + 1], t[4 * g + 3], half_hi);
+  }
+  if constexpr (W == 4) {
+    for (int k = 0; k < 4; ++k) v[k] = u[k];
+  } else if constexpr (W == 8) {
+    constexpr M block_lo = make_mask<M>([](int i) { return i < 4 ? i : W + i - 4; }, seq);
+    constexpr M block_hi = make_mask<M>([](int i) { return i < 4 ? 4 + i : W + i; }, seq);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      v[c] = __builtin_shuffle(u[c], u[4 + c], block_lo);
+      v[4 + c] = __builtin_shuffle(u[c], u[4 + c], block_hi);
     }
-#pragma GCC unroll 16
-    for (int k = 0; k < W; ++k) v[k] = t[k];
+  } else {
+    // Blocks (of 4 elements) [a0 a2 b0 b2] and [a1 a3 b1 b3] of two vectors a, b.
+    constexpr M even_blocks = make_mask<M>(
+        [](int i) { return (i / 4 < 2 ? 8 * (i / 4) : W + 8 * (i / 4 - 2)) + i % 4; }, seq);
+    constexpr M odd_blocks = make_mask<M>(
+        [](int i) { return (i / 4 < 2 ? 8 * (i / 4) : W + 8 * (i / 4 - 2)) + 4 + i % 4; }, seq);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const Vec<A> p0 = __builtin_shuffle(u[c], u[4 + c], even_blocks);
+      const Vec<A> p1 = __builtin_shuffle(u[c], u[4 + c], odd_blocks);
+      const Vec<A> p2 = __builtin_shuffle(u[8 + c], u[12 + c], even_blocks);
+      const Vec<A> p3 = __builtin_shuffle(u[8 + c], u[12 + c], odd_blocks);
+      v[c] = __builtin_shuffle(p0, p2, even_blocks);
+      v[8 + c] = __builtin_shuffle(p0, p2, odd_blocks);
+      v[4 + c] = __builtin_shuffle(p1, p3, even_blocks);
+      v[12 + c] = __builtin_shuffle(p1, p3, odd_blocks);
+    }
   }
 }
 

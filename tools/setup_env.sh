@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the virtual environment ./.venv with torch and the build tools, then builds and
+# installs qgoft from this checkout in editable mode. Used by tools/demo.sh and tools/test.sh.
+# Environment: QGOFT_VENV (default .venv), QGOFT_TORCH (default torch==2.13.0), PYTHON (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${QGOFT_VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${QGOFT_TORCH:-torch==2.13.0}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+export PATH="$PWD/$VENV/bin:$PATH"
+python -m pip install -q --upgrade pip >/dev/null
+python -m pip install -q "$TORCH_SPEC" numpy pytest "setuptools>=64" wheel "cmake>=3.18" ninja
+# --no-build-isolation: compile against the torch installed above (an isolated build would fetch another).
+python -m pip install -q --no-build-isolation -e .
+python -c "import qgoft, json; info = qgoft.build_info(); print(json.dumps(info, indent=1)); assert info['extension_loaded'], 'qgoft extension failed to load'"
