@@ -48,14 +48,21 @@ void check_float_param(const Tensor& t, const char* op, const char* name) {
               " must be a floating point tensor, got ", t.scalar_type());
 }
 
-// Validates pairs / layer_offsets against d (DESIGN.md Sec. 3): int32 (P, 2) and (L + 1,),
-// offsets from 0 to P, 0 <= i < j < d, pairs of one layer disjoint. Returns contiguous pairs.
-Tensor checked_pairs(const Tensor& pairs, const Tensor& offsets, int64_t d, const char* op) {
+// pairs must be an int32 (P, 2) tensor on the CPU; returns P.
+int64_t checked_num_pairs(const Tensor& pairs, const char* op) {
   check_cpu(pairs, op, "pairs");
-  check_cpu(offsets, op, "layer_offsets");
   TORCH_CHECK(pairs.scalar_type() == at::kInt && pairs.dim() == 2 && pairs.size(1) == 2, op,
               ": pairs must be an int32 tensor of shape (P, 2), got ", pairs.scalar_type(), " ",
               pairs.sizes());
+  return pairs.size(0);
+}
+
+// Validates pairs / layer_offsets against d (DESIGN.md Sec. 3): int32 (P, 2) and (L + 1,),
+// offsets non-decreasing from 0 to P (all checked before any pair is read), 0 <= i < j < d, pairs
+// of one layer disjoint. Returns contiguous pairs.
+Tensor checked_pairs(const Tensor& pairs, const Tensor& offsets, int64_t d, const char* op) {
+  const int64_t num_pairs = checked_num_pairs(pairs, op);
+  check_cpu(offsets, op, "layer_offsets");
   TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.numel() >= 1, op,
               ": layer_offsets must be an int32 tensor of shape (L + 1,), got ",
               offsets.scalar_type(), " ", offsets.sizes());
@@ -63,14 +70,16 @@ Tensor checked_pairs(const Tensor& pairs, const Tensor& offsets, int64_t d, cons
   const Tensor oc = offsets.contiguous();
   const int32_t* pp = pc.const_data_ptr<int32_t>();
   const int32_t* off = oc.const_data_ptr<int32_t>();
-  const int64_t num_pairs = pc.size(0), num_layers = oc.numel() - 1;
+  const int64_t num_layers = oc.numel() - 1;
   TORCH_CHECK(off[0] == 0 && off[num_layers] == num_pairs, op,
               ": layer_offsets must start at 0 and end at P = ", num_pairs, ", got ", off[0],
               " and ", off[num_layers]);
-  std::vector<int64_t> layer_of(std::max<int64_t>(d, 0), -1);
   for (int64_t l = 0; l < num_layers; ++l) {
     TORCH_CHECK(off[l] <= off[l + 1], op, ": layer_offsets must be non-decreasing, got ", off[l],
                 " > ", off[l + 1], " at layer ", l);
+  }
+  std::vector<int64_t> layer_of(std::max<int64_t>(d, 0), -1);
+  for (int64_t l = 0; l < num_layers; ++l) {
     for (int64_t p = off[l]; p < off[l + 1]; ++p) {
       const int64_t i = pp[2 * p], j = pp[2 * p + 1];
       TORCH_CHECK(0 <= i && i < j && j < d, op, ": pair ", p, " = (", i, ", ", j,
@@ -223,8 +232,9 @@ Tensor empty_like_flat(const Tensor& t) { return at::empty({0}, t.options()); }
 void check_angles(const Tensor& angles, const Tensor& pairs, const char* op) {
   check_cpu(angles, op, "angles");
   check_float_param(angles, op, "angles");
-  TORCH_CHECK(angles.dim() == 1 && angles.size(0) == pairs.size(0), op,
-              ": angles must have shape (P,) = (", pairs.size(0), ",), got ", angles.sizes());
+  const int64_t num_pairs = checked_num_pairs(pairs, op);
+  TORCH_CHECK(angles.dim() == 1 && angles.size(0) == num_pairs, op,
+              ": angles must have shape (P,) = (", num_pairs, ",), got ", angles.sizes());
 }
 
 Tensor rotation_blocks(const Tensor& angles, at::ScalarType acc) {
@@ -271,9 +281,10 @@ std::tuple<Tensor, Tensor, Tensor> givens_chain_backward_cpu(
 void check_blocks(const Tensor& blocks, const Tensor& pairs, const char* op) {
   check_cpu(blocks, op, "blocks");
   check_float_param(blocks, op, "blocks");
-  TORCH_CHECK(blocks.dim() == 3 && blocks.size(0) == pairs.size(0) && blocks.size(1) == 2 &&
+  const int64_t num_pairs = checked_num_pairs(pairs, op);
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(0) == num_pairs && blocks.size(1) == 2 &&
                   blocks.size(2) == 2,
-              op, ": blocks must have shape (P, 2, 2) = (", pairs.size(0), ", 2, 2), got ",
+              op, ": blocks must have shape (P, 2, 2) = (", num_pairs, ", 2, 2), got ",
               blocks.sizes());
 }
 
