@@ -5,8 +5,8 @@ adapted layer computes ``y = W_lin (s * (R^T x)) + b`` input-centrically: the ch
 (``x' = x R S``) and the frozen linear on ``x'``. Merged, the base weight holds ``W_lin S R^T``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: TorchScript reads the class-level attribute annotations
+# below as objects (it cannot resolve them from strings).
 import warnings
 from typing import Callable, Dict, Iterator, Optional, Tuple, Union
 
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _extension
 from .. import layouts as _layouts
 from .. import ops as _ops
 from ..reference import orthogonality_penalty_reference
@@ -42,13 +43,24 @@ class Linear(torch.nn.Linear):
 
     The base ``weight``/``bias`` are frozen (``requires_grad=False``). ``givens_pairs`` (int32 ``(P, 2)``) and
     ``givens_layer_offsets`` (int32 ``(L + 1,)``) are non-persistent buffers; ``self.layout`` is the Layout.
+
+    Deployment (see :mod:`qgoft.export`): ``torch.jit.script`` (needs the compiled ops: the scripted forward
+    calls ``torch.ops.qgoft.*``), ``torch.jit.trace``, ``torch.compile(fullgraph=True)``, ``torch.export`` and
+    AOTInductor all work on unmerged and merged layers.
     """
 
-    givens_angles: Optional[torch.nn.Parameter]
-    givens_scale: Optional[torch.nn.Parameter]
-    givens_blocks: Optional[torch.nn.Parameter]
+    # Typed for TorchScript (an unused parameter is None; ``_unmerged_weight`` is None unless merged).
+    givens_angles: Optional[Tensor]
+    givens_scale: Optional[Tensor]
+    givens_blocks: Optional[Tensor]
     givens_pairs: Tensor
     givens_layer_offsets: Tensor
+    _unmerged_weight: Optional[Tensor]
+    method: str
+    _merged: bool
+    _adapters_enabled: bool
+    # Properties TorchScript must not compile (Python-only helpers).
+    __jit_unused_properties__ = ["num_adapter_parameters"]
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device: Optional[Union[torch.device, str]] = None, dtype: Optional[torch.dtype] = None, *,
@@ -173,17 +185,26 @@ class Linear(torch.nn.Linear):
         """(angles or blocks, scale or None), in float64 only when ``dtype`` is float64 (kernel contract:
         parameters are float32, or float64 with float64 activations)."""
         params = self.givens_blocks if self.method == "qgoft" else self.givens_angles
+        assert params is not None, "qgoft.nn.Linear: the method's adapter parameter is missing"
         scale = self.givens_scale
         if dtype != torch.float64 and params.dtype == torch.float64:
             params = params.float()
             scale = scale.float() if scale is not None else None
         return params, scale
 
-    def _chain(self, x: Tensor, *, with_scale: bool = True) -> Tensor:
+    def _chain(self, x: Tensor, with_scale: bool = True) -> Tensor:
+        """Rows of ``x`` -> ``s * (R^T x)`` (without ``s`` if not ``with_scale``)."""
         params, scale = self._chain_params(x.dtype)
         if not with_scale:
             scale = None
         pairs, offsets = self.givens_pairs, self.givens_layer_offsets
+        if torch.jit.is_scripting():
+            # TorchScript: the compiled ops are TorchScript custom ops (no Python, so no reference fallback;
+            # see __prepare_scriptable__). This static branch is the only one TorchScript compiles.
+            if self.method == "qgoft":
+                return torch.ops.qgoft.quasi_givens_chain(x, params, pairs, offsets, scale)
+            return torch.ops.qgoft.givens_chain(x, params, pairs, offsets, scale)
+        # Eager, tracing, torch.compile/export: the op layer picks the compiled op or the reference.
         if self.method == "qgoft":
             return _ops.quasi_givens_chain(x, params, pairs, offsets, scale)
         return _ops.givens_chain(x, params, pairs, offsets, scale)
@@ -192,11 +213,24 @@ class Linear(torch.nn.Linear):
         """``y = W_lin (s * (R^T x)) + b`` for ``x`` of shape ``(..., in_features)``; base output if merged
         (the weight then already holds the adapter) or with adapters disabled."""
         if self._merged:
-            weight = self._unmerged_weight if not self._adapters_enabled else self.weight
+            weight = self.weight
+            if not self._adapters_enabled:
+                original = self._unmerged_weight
+                assert original is not None, "qgoft.nn.Linear: merged without a kept original weight"
+                weight = original
             return F.linear(x, weight, self.bias)
         if not self._adapters_enabled:
             return F.linear(x, self.weight, self.bias)
         return F.linear(self._chain(x), self.weight, self.bias)
+
+    def __prepare_scriptable__(self) -> "Linear":
+        """Called by ``torch.jit.script``: scripted forward needs the compiled ``torch.ops.qgoft`` ops."""
+        if not _extension.extension_loaded():
+            raise RuntimeError(
+                "torch.jit.script of a qgoft.nn.Linear needs the compiled qgoft ops, which are not loaded "
+                f"({_extension.extension_error()}); build qgoft, or use torch.jit.trace (which records the "
+                "pure-PyTorch reference's ops instead)")
+        return self
 
     def _merge_compute_dtype(self) -> torch.dtype:
         wide = self.weight.dtype == torch.float64 or any(
