@@ -94,7 +94,9 @@ Tensor checked_pairs(const Tensor& pairs, const Tensor& offsets, int64_t d, cons
 
 // x viewed as rows (rows, d) with unit stride along d (copies only if it must).
 Tensor rows_view(const Tensor& x, int64_t d) {
-  Tensor x2 = x.reshape({-1, d});
+  int64_t rows = 1;
+  for (int64_t k = 0; k + 1 < x.dim(); ++k) rows *= x.size(k);
+  Tensor x2 = x.reshape({rows, d});
   if (d > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
   if (d == 1 && !x2.is_contiguous()) x2 = x2.contiguous();
   return x2;
@@ -217,8 +219,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Operands& o, const Tensor& gra
         }
       });
     });
-    if (want_blocks) grad_blocks = total.narrow(0, 0, 4 * num_pairs).view({num_pairs, 4});
-    if (want_scale) grad_scale = total.narrow(0, 4 * num_pairs, d);
+    // Separate tensors: the op's schema promises outputs that alias nothing.
+    if (want_blocks) grad_blocks = total.narrow(0, 0, 4 * num_pairs).view({num_pairs, 4}).clone();
+    if (want_scale) grad_scale = total.narrow(0, 4 * num_pairs, d).clone();
   }
   if (want_x) grad_x = grad_x.view(x.sizes());
   return {grad_x, grad_blocks, grad_scale};

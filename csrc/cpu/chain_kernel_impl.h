@@ -233,7 +233,9 @@ struct Buffer {
   Vec<A>* data = nullptr;
   explicit Buffer(int64_t vectors) {
     if (vectors == 0) return;
-    data = static_cast<Vec<A>*>(std::aligned_alloc(64, size_t(vectors) * sizeof(Vec<A>)));
+    // aligned_alloc wants a size that is a multiple of the alignment.
+    const size_t bytes = (size_t(vectors) * sizeof(Vec<A>) + 63) / 64 * 64;
+    data = static_cast<Vec<A>*>(std::aligned_alloc(64, bytes));
     if (data == nullptr) throw std::bad_alloc();
   }
   ~Buffer() { std::free(data); }

@@ -1,0 +1,310 @@
+"""The compiled part of qgoft: build information, op registration and schemas, the ops library as a
+standalone (C++-usable) library, TorchScript, and the pure-PyTorch fallback when the extension is
+disabled, missing or built against another torch (each in a fresh interpreter)."""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import qgoft
+
+needs_extension = pytest.mark.skipif(not qgoft.extension_loaded(),
+                                     reason="compiled extension not loaded (QGOFT_ALLOW_FALLBACK=1)")
+
+SCHEMAS = {
+    "givens_chain": "qgoft::givens_chain(Tensor x, Tensor angles, Tensor pairs, Tensor layer_offsets, "
+                    "Tensor? scale) -> Tensor",
+    "givens_chain_backward": "qgoft::givens_chain_backward(Tensor grad_out, Tensor x, Tensor angles, "
+                             "Tensor pairs, Tensor layer_offsets, Tensor? scale, bool[3] output_mask) "
+                             "-> (Tensor, Tensor, Tensor)",
+    "quasi_givens_chain": "qgoft::quasi_givens_chain(Tensor x, Tensor blocks, Tensor pairs, "
+                          "Tensor layer_offsets, Tensor? scale) -> Tensor",
+    "quasi_givens_chain_backward": "qgoft::quasi_givens_chain_backward(Tensor grad_out, Tensor x, "
+                                   "Tensor blocks, Tensor pairs, Tensor layer_offsets, Tensor? scale, "
+                                   "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+}
+IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+def release(version: str) -> str:
+    return version.split("+")[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# build_info()
+# ------------------------------------------------------------------------------------------------
+
+@needs_extension
+def test_build_info_keys_and_values():
+    info = qgoft.build_info()
+    for key in ("qgoft_version", "torch_version_running", "extension_loaded", "version", "torch_version_built",
+                "cpu_isas_compiled", "cpu_isas_supported", "cpu_isa_selected", "cpu_tile_rows",
+                "cuda_compiled", "compiler", "num_threads", "ops_library"):
+        assert key in info, key
+    assert info["extension_loaded"] is True
+    assert info["version"] == info["qgoft_version"] == qgoft.__version__
+    assert info["torch_version_running"] == torch.__version__
+    assert release(info["torch_version_built"]) == release(torch.__version__)
+    compiled, supported = info["cpu_isas_compiled"], info["cpu_isas_supported"]
+    assert "generic" in compiled and "generic" in supported
+    assert set(compiled) <= {"generic", "avx2", "avx512"}
+    assert set(supported) <= set(compiled)
+    if IS_X86_64:
+        assert {"avx2", "avx512"} <= set(compiled)
+    assert info["cpu_isa_selected"] in supported
+    # the default is the best variant the CPU supports
+    best = [isa for isa in ("avx512", "avx2", "generic") if isa in supported][0]
+    if not os.environ.get("QGOFT_CPU_ISA"):
+        assert info["cpu_isa_selected"] == best
+    assert isinstance(info["cpu_tile_rows"], int) and info["cpu_tile_rows"] >= 1
+    if torch.version.cuda is None:  # a CPU-only torch cannot have CUDA kernels built against it
+        assert info["cuda_compiled"] is False
+    assert isinstance(info["cuda_compiled"], bool)
+    assert isinstance(info["compiler"], str) and info["compiler"]
+    assert info["num_threads"] == torch.get_num_threads()
+    assert Path(info["ops_library"]) == qgoft.ops_library_path() and qgoft.ops_library_path().is_file()
+    assert qgoft._extension.extension_error() is None
+
+
+@needs_extension
+def test_build_info_reports_thread_count(num_threads):
+    num_threads(1)
+    assert qgoft.build_info()["num_threads"] == 1
+    num_threads(2)
+    assert qgoft.build_info()["num_threads"] == 2
+
+
+@needs_extension
+def test_isa_selection(cpu_isa):
+    info = qgoft.build_info()
+    assert info["cpu_isa_selected"] == cpu_isa
+    assert info["cpu_tile_rows"] >= 1
+
+
+@needs_extension
+def test_set_cpu_isa_rejects_unknown_and_unsupported():
+    c_module = qgoft._extension._C
+    before = qgoft.build_info()["cpu_isa_selected"]
+    assert c_module.set_cpu_isa("sse9000") is False
+    assert c_module.set_cpu_isa("") is False
+    for isa in ("generic", "avx2", "avx512"):
+        if isa not in qgoft.build_info()["cpu_isas_supported"]:
+            assert c_module.set_cpu_isa(isa) is False
+    assert qgoft.build_info()["cpu_isa_selected"] == before
+
+
+# ------------------------------------------------------------------------------------------------
+# The ops
+# ------------------------------------------------------------------------------------------------
+
+@needs_extension
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_op_schemas(name):
+    packet = getattr(torch.ops.qgoft, name)
+    assert str(packet.default._schema) == SCHEMAS[name]
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qgoft::{name}", "CPU")
+
+
+@needs_extension
+def test_forward_ops_have_autograd_and_fake_registrations():
+    for name in ("givens_chain", "quasi_givens_chain"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qgoft::{name}", "Autograd")
+    pairs = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    offsets = torch.tensor([0, 2], dtype=torch.int32)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx = mode.from_tensor(torch.randn(3, 4, dtype=torch.bfloat16))
+        y = torch.ops.qgoft.givens_chain(fx, torch.zeros(2), pairs, offsets, None)
+        assert y.shape == (3, 4) and y.dtype == torch.bfloat16
+        gx, ga, gs = torch.ops.qgoft.givens_chain_backward(fx, fx, torch.zeros(2), pairs, offsets, None,
+                                                           [True, True, False])
+        assert gx.shape == (3, 4) and ga.shape == (2,) and gs.shape == (0,)
+
+
+@needs_extension
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+def test_ops_work_under_torchscript():
+    @torch.jit.script
+    def scripted(x: torch.Tensor, angles: torch.Tensor, pairs: torch.Tensor, offsets: torch.Tensor,
+                 scale: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qgoft.givens_chain(x, angles, pairs, offsets, scale)
+
+    x = torch.randn(5, 4, dtype=torch.float64)
+    angles = torch.tensor([0.3, -0.2, 1.1], dtype=torch.float64)
+    pairs = torch.tensor([[0, 1], [2, 3], [0, 2]], dtype=torch.int32)
+    offsets = torch.tensor([0, 2, 3], dtype=torch.int32)
+    scale = torch.tensor([1.0, 2.0, 0.5, -1.0], dtype=torch.float64)
+    torch.testing.assert_close(
+        scripted(x, angles, pairs, offsets, scale),
+        qgoft.reference.givens_chain_reference(x, angles, pairs, offsets, scale), rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fresh interpreters
+# ------------------------------------------------------------------------------------------------
+
+def run_python(code: str, cwd: Path, extra_env: dict | None = None, timeout: float = 240.0) -> str:
+    """Run ``code`` in a fresh interpreter (cwd: an empty directory, no qgoft variables inherited)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("QGOFT_") and k not in ("PYTHONPATH", "PYTHONSTARTUP")}
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra_env or {})
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=str(cwd), env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+@needs_extension
+def test_ops_library_loads_standalone_without_qgoft(tmp_path):
+    """libqgoft_ops.so registers and runs the ops with torch alone (what a C++ program would link)."""
+    out = run_python(f"""
+        import math, sys
+        import torch
+        torch.ops.load_library({str(qgoft.ops_library_path())!r})
+        assert not any(m == "qgoft" or m.startswith("qgoft.") for m in sys.modules), "qgoft was imported"
+        x = torch.tensor([[1.0, 2.0, 3.0], [-4.0, 5.0, 0.5]], dtype=torch.float64)
+        theta = 0.3
+        pairs = torch.tensor([[0, 2]], dtype=torch.int32)
+        offsets = torch.tensor([0, 1], dtype=torch.int32)
+        y = torch.ops.qgoft.givens_chain(x, torch.tensor([theta], dtype=torch.float64), pairs, offsets, None)
+        c, s = math.cos(theta), math.sin(theta)
+        # x_i <- c x_i + s x_j ; x_j <- -s x_i + c x_j  (rows times G(theta))
+        want = x.clone()
+        want[:, 0] = c * x[:, 0] + s * x[:, 2]
+        want[:, 2] = -s * x[:, 0] + c * x[:, 2]
+        assert torch.allclose(y, want, rtol=0, atol=1e-14), (y, want)
+        blocks = torch.tensor([[[2.0, 3.0], [5.0, 7.0]]])
+        z = torch.ops.qgoft.quasi_givens_chain(x.float(), blocks, pairs, offsets, torch.ones(3))
+        assert torch.equal(z[:, 0], (2 * x[:, 0] + 5 * x[:, 2]).float())
+        gx, ga, gs = torch.ops.qgoft.givens_chain_backward(torch.ones_like(x), x, torch.tensor([theta],
+            dtype=torch.float64), pairs, offsets, None, [True, True, False])
+        assert gx.shape == x.shape and ga.shape == (1,) and gs.shape == (0,)
+        assert not any(m == "qgoft" or m.startswith("qgoft.") for m in sys.modules)
+        print("STANDALONE-OK")
+    """, tmp_path)
+    assert "STANDALONE-OK" in out
+
+
+@needs_extension
+def test_ops_library_does_not_depend_on_python():
+    readelf = shutil.which("readelf")
+    if readelf is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs readelf on Linux")
+    dynamic = subprocess.run([readelf, "-d", str(qgoft.ops_library_path())], capture_output=True, text=True,
+                             check=True).stdout
+    needed = [line for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert any("libtorch" in line or "libc10" in line for line in needed)
+    assert not any("python" in line.lower() for line in needed), needed
+
+
+@needs_extension
+def test_isa_environment_variable(tmp_path):
+    out = run_python("""
+        import qgoft
+        print("ISA=" + qgoft.build_info()["cpu_isa_selected"])
+    """, tmp_path, {"QGOFT_CPU_ISA": "generic"})
+    assert "ISA=generic" in out
+
+
+FALLBACK_CHECK = """
+    import sys
+    import warnings
+    package_dir = {package_dir!r}
+    if package_dir is not None:
+        # An editable install adds a meta-path finder that would resolve qgoft.<missing module> of the copy
+        # to the checkout's file; the copy must behave like an installed package.
+        sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import qgoft
+    import torch
+    runtime = [w for w in caught if issubclass(w.category, RuntimeWarning) and "qgoft" in str(w.message)]
+    assert runtime, [str(w.message) for w in caught]
+    message = str(runtime[0].message)
+    assert "Falling back" in message and {expected!r} in message, message
+    assert qgoft.extension_loaded() is False
+    info = qgoft.build_info()
+    assert info["extension_loaded"] is False and {expected!r} in info["extension_error"]
+    assert not hasattr(torch.ops.qgoft, "givens_chain"), "compiled ops registered although disabled"
+    if package_dir is not None:
+        assert qgoft.__file__.startswith(package_dir), qgoft.__file__
+
+    # qgoft.nn.Linear works through the reference: identity at init, then the DESIGN.md math
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 5)
+    for method in ("goft", "goft_scaled", "qgoft"):
+        layer = qgoft.nn.Linear.from_linear(base, method=method)
+        x = torch.randn(7, 12, requires_grad=True)
+        assert not qgoft.ops.uses_compiled_kernel(x)
+        assert torch.allclose(layer(x), base(x), rtol=0, atol=1e-6)
+        with torch.no_grad():
+            for p in layer.adapter_parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        blocks = (layer.givens_blocks if method == "qgoft"
+                  else qgoft.reference.blocks_from_angles(layer.givens_angles))
+        R = qgoft.reference.dense_chain_matrix(blocks.double(), layer.givens_pairs, layer.givens_layer_offsets, 12)
+        xr = x.double() @ R
+        if method == "goft_scaled":
+            xr = xr * layer.givens_scale.double()
+        want = xr @ base.weight.double().T + base.bias.double()
+        y = layer(x)
+        assert torch.allclose(y.double(), want, rtol=1e-5, atol=1e-5)
+        y.square().sum().backward()
+        assert x.grad is not None and all(p.grad is not None for p in layer.adapter_parameters())
+    print("FALLBACK-OK")
+"""
+
+
+def test_fallback_when_disabled(tmp_path):
+    out = run_python(FALLBACK_CHECK.format(expected="QGOFT_DISABLE_EXTENSION", package_dir=None), tmp_path,
+                     {"QGOFT_DISABLE_EXTENSION": "1"})
+    assert "FALLBACK-OK" in out
+
+
+def _package_copy(tmp_path: Path) -> Path:
+    source = Path(qgoft.__file__).resolve().parent
+    root = tmp_path / "copy"
+    shutil.copytree(source, root / "qgoft", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_fallback_when_built_against_another_torch(tmp_path):
+    root = _package_copy(tmp_path)
+    meta = root / "qgoft" / "_build_meta.py"
+    if not meta.exists():
+        pytest.skip("qgoft was not built (no _build_meta.py)")
+    text = meta.read_text()
+    lines = [("TORCH_VERSION = '1.0.0+other'" if line.startswith("TORCH_VERSION") else line)
+             for line in text.splitlines()]
+    assert lines != text.splitlines(), "no TORCH_VERSION in _build_meta.py"
+    meta.write_text("\n".join(lines) + "\n")
+    out = run_python(FALLBACK_CHECK.format(expected="built against torch", package_dir=str(root)), root,
+                     {"PYTHONPATH": str(root)})
+    assert "FALLBACK-OK" in out
+
+
+def test_fallback_when_not_built(tmp_path):
+    root = _package_copy(tmp_path)
+    (root / "qgoft" / "_build_meta.py").unlink(missing_ok=True)
+    out = run_python(FALLBACK_CHECK.format(expected="not built", package_dir=str(root)), root,
+                     {"PYTHONPATH": str(root)})
+    assert "FALLBACK-OK" in out
+
+
+def test_fallback_when_ops_library_missing(tmp_path):
+    root = _package_copy(tmp_path)
+    if not (root / "qgoft" / "_build_meta.py").exists():
+        pytest.skip("qgoft was not built (no _build_meta.py)")
+    (root / "qgoft" / "libqgoft_ops.so").unlink(missing_ok=True)
+    out = run_python(FALLBACK_CHECK.format(expected="not found", package_dir=str(root)), root,
+                     {"PYTHONPATH": str(root)})
+    assert "FALLBACK-OK" in out
