@@ -2,8 +2,10 @@
 
     pip install --no-build-isolation .        # or -e . for development
 
-Environment: QGOFT_CUDA=0/1 forces the CUDA kernels off/on (default: auto-detect),
-QGOFT_BUILD_JOBS=N sets the parallel build jobs, QGOFT_BUILD_TYPE=Debug|Release.
+Environment: QGOFT_CUDA=0/1 forces the CUDA kernels off/on (default: auto-detect, i.e. on with a CUDA
+build of torch), TORCH_CUDA_ARCH_LIST selects the GPU architectures (default "8.0;9.0+PTX"),
+QGOFT_CUDA_PTXAS_VERBOSE=1 prints the kernels' register use, QGOFT_BUILD_JOBS=N sets the parallel build
+jobs, QGOFT_BUILD_TYPE=Debug|Release.
 """
 from __future__ import annotations
 
@@ -40,9 +42,14 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
         torch = _require_torch()
-        cmake = shutil.which("cmake")
+        # Prefer the cmake / ninja installed next to this Python (pip install cmake ninja): pip does not
+        # put the environment's bin directory on PATH, and the CUDA build with torch >= 2.14 needs
+        # CMake >= 3.26, newer than many system packages.
+        bin_dir = Path(sys.executable).parent
+        cmake = str(bin_dir / "cmake") if (bin_dir / "cmake").exists() else shutil.which("cmake")
         if cmake is None:
             sys.exit("qgoft: cmake not found; `pip install cmake` or install it with your OS")
+        ninja = str(bin_dir / "ninja") if (bin_dir / "ninja").exists() else shutil.which("ninja")
         ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         out_dir = ext_path.parent
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -60,8 +67,10 @@ class CMakeBuild(build_ext):
             f"-DQGOFT_CUDA={cuda}",
             f"-DPython3_EXECUTABLE={sys.executable}",
         ]
-        if shutil.which("ninja") and not (build_temp / "CMakeCache.txt").exists():
-            args.append("-GNinja")
+        if ninja and not (build_temp / "CMakeCache.txt").exists():
+            args += ["-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+        if os.environ.get("QGOFT_CUDA_PTXAS_VERBOSE", "0") == "1":
+            args.append("-DQGOFT_CUDA_PTXAS_VERBOSE=ON")
         jobs = os.environ.get("QGOFT_BUILD_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call([cmake, "-S", str(ROOT), "-B", str(build_temp), *args])
         subprocess.check_call([cmake, "--build", str(build_temp), "--parallel", jobs])

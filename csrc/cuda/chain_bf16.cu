@@ -1,0 +1,5 @@
+// Kernels of the CUDA Givens chain for __nv_bfloat16 activations (one translation unit per dtype, so that the
+// build compiles them in parallel). Everything is in chain_kernels.cuh.
+#include "chain_kernels.cuh"
+
+QGOFT_DEFINE_CHAIN_LAUNCHERS(__nv_bfloat16, bf16)

@@ -1,0 +1,625 @@
+// ATen glue of the CUDA backend: argument checks (same semantics and messages as the CPU glue,
+// csrc/cpu/chain_cpu.cpp), layout validation with a per-tensor cache, kernel selection and launch
+// configuration, buffers, and the deterministic reduction of the parameter gradients. The kernels
+// (chain_kernels.cuh) see raw pointers only. Design: docs/CUDA.md.
+//
+// Layout tensors (pairs, layer_offsets) live on the device like x (docs/CONTRACT.md). Validating them
+// and recognising the parallel layout needs their values on the host: the first call with given layout
+// tensors copies them to the host (a device synchronisation); the result is cached per tensor identity
+// (device, data pointer, shape, strides, version counter; the cache keeps a reference so the memory
+// cannot be reused while cached), so later calls never synchronise. In-place changes through PyTorch
+// bump the version counter and are seen; writes that bypass it (through .data or raw pointers) are not.
+// Inference tensors have no version counter: they are validated (synchronously) on every call.
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+
+#include "chain_cuda.h"
+#include "chain_plan.h"
+#include "chain_sizes.h"
+
+namespace qgoft {
+namespace {
+
+using at::Tensor;
+namespace qc = qgoft::cuda;
+
+// ------------------------------------------------------------------------------------------------
+// Debug knobs (testing): QGOFT_CUDA_PATH=auto|general|global forces the general kernels, or the general
+// kernels with their rows in global memory; QGOFT_CUDA_SEGMENT=<power of two in [256, 8192]> sets the
+// segment width of the parallel kernels; QGOFT_CUDA_VERBOSE=1 prints each launch plan to stderr.
+// ------------------------------------------------------------------------------------------------
+constexpr size_t kLayoutCacheCapacity = 4096;
+
+qc::Knobs knobs() {
+  qc::Knobs k;
+  const char* v = std::getenv("QGOFT_CUDA_PATH");
+  if (v != nullptr && *v != '\0' && std::strcmp(v, "auto") != 0) {
+    if (std::strcmp(v, "general") == 0) {
+      k.path = qc::ForcedPath::General;
+    } else if (std::strcmp(v, "global") == 0) {
+      k.path = qc::ForcedPath::Global;
+    } else {
+      TORCH_CHECK(false, "QGOFT_CUDA_PATH must be auto, general or global, got '", v, "'");
+    }
+  }
+  const char* seg = std::getenv("QGOFT_CUDA_SEGMENT");
+  if (seg != nullptr && *seg != '\0') {
+    const long w = std::strtol(seg, nullptr, 10);
+    TORCH_CHECK(w >= 256 && w <= 8192 && (w & (w - 1)) == 0,
+                "QGOFT_CUDA_SEGMENT must be a power of two in [256, 8192], got '", seg, "'");
+    k.segment = static_cast<int>(w);
+  }
+  return k;
+}
+
+bool verbose() {
+  const char* v = std::getenv("QGOFT_CUDA_VERBOSE");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Checks (messages as in the CPU glue).
+// ------------------------------------------------------------------------------------------------
+qc::DType kernel_dtype(at::ScalarType t, const char* op) {
+  switch (t) {
+    case at::kFloat: return qc::DType::Float32;
+    case at::kDouble: return qc::DType::Float64;
+    case at::kBFloat16: return qc::DType::BFloat16;
+    case at::kHalf: return qc::DType::Float16;
+    default:
+      TORCH_CHECK(false, op, ": x must be float32, float64, bfloat16 or float16, got ", t);
+  }
+}
+
+void check_device(const Tensor& t, const Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the same device as x (",
+              x.device(), "), got ", t.device());
+}
+
+void check_float_param(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating point tensor, got ", t.scalar_type());
+}
+
+// ------------------------------------------------------------------------------------------------
+// Layout validation and cache.
+// ------------------------------------------------------------------------------------------------
+struct Layout {
+  Tensor pairs_keep, offsets_keep;  // the caller's tensors (kept alive while cached)
+  Tensor pairs;                     // (P, 2) int32 contiguous, 8-byte aligned, on the device
+  Tensor offsets;                   // (L + 1,) int32 contiguous, on the device
+  int64_t d = 0, num_pairs = 0, num_layers = 0;
+  bool parallel = false;            // exactly layouts.parallel(d)
+};
+
+struct LayoutKey {
+  int device;
+  uintptr_t pairs_ptr, offsets_ptr;
+  int64_t pairs_rows, pairs_s0, pairs_s1, offsets_n, offsets_s;
+  int64_t pairs_version, offsets_version;
+  int64_t d;
+  bool operator==(const LayoutKey& o) const {
+    return device == o.device && pairs_ptr == o.pairs_ptr && offsets_ptr == o.offsets_ptr &&
+           pairs_rows == o.pairs_rows && pairs_s0 == o.pairs_s0 && pairs_s1 == o.pairs_s1 &&
+           offsets_n == o.offsets_n && offsets_s == o.offsets_s &&
+           pairs_version == o.pairs_version && offsets_version == o.offsets_version && d == o.d;
+  }
+};
+
+struct LayoutKeyHash {
+  size_t operator()(const LayoutKey& k) const {
+    size_t h = std::hash<uintptr_t>()(k.pairs_ptr);
+    auto mix = [&h](uint64_t v) { h ^= std::hash<uint64_t>()(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2); };
+    mix(k.offsets_ptr);
+    mix(static_cast<uint64_t>(k.device));
+    mix(static_cast<uint64_t>(k.pairs_rows));
+    mix(static_cast<uint64_t>(k.offsets_n));
+    mix(static_cast<uint64_t>(k.pairs_version));
+    mix(static_cast<uint64_t>(k.offsets_version));
+    mix(static_cast<uint64_t>(k.d));
+    return h;
+  }
+};
+
+class LayoutCache {
+ public:
+  std::shared_ptr<const Layout> find(const LayoutKey& key) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = map_.find(key);
+    if (it == map_.end()) return nullptr;
+    lru_.splice(lru_.begin(), lru_, it->second);
+    return it->second->second;
+  }
+  void insert(const LayoutKey& key, std::shared_ptr<const Layout> value) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (map_.count(key) != 0) return;
+    lru_.emplace_front(key, std::move(value));
+    map_[key] = lru_.begin();
+    while (lru_.size() > kLayoutCacheCapacity) {
+      map_.erase(lru_.back().first);
+      lru_.pop_back();
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::list<std::pair<LayoutKey, std::shared_ptr<const Layout>>> lru_;
+  std::unordered_map<LayoutKey, decltype(lru_)::iterator, LayoutKeyHash> map_;
+};
+
+LayoutCache& layout_cache() {
+  static auto* cache = new LayoutCache();  // leaked on purpose: no destruction-order issues at exit
+  return *cache;
+}
+
+bool is_parallel_layout(const int32_t* pp, const int32_t* off, int64_t num_pairs,
+                        int64_t num_layers, int64_t d) {
+  int64_t levels = 0;
+  while ((int64_t(1) << levels) < d) ++levels;
+  if (d < 1 || num_layers != levels || num_pairs != std::max<int64_t>(d - 1, 0)) return false;
+  int64_t p = 0;
+  for (int64_t r = 1; r <= num_layers; ++r) {
+    if (off[r - 1] != p) return false;
+    const int64_t h = int64_t(1) << (r - 1), step = int64_t(1) << r;
+    for (int64_t i = 0; i + h < d; i += step, ++p) {
+      if (pp[2 * p] != i || pp[2 * p + 1] != i + h) return false;
+    }
+    if (off[r] != p) return false;
+  }
+  return p == num_pairs;
+}
+
+// Validates pairs / layer_offsets against d (DESIGN.md Sec. 3) like the CPU glue: int32 (P, 2) and
+// (L + 1,), offsets from 0 to P and non-decreasing (checked before any pair is read), 0 <= i < j < d,
+// pairs of one layer disjoint.
+std::shared_ptr<const Layout> checked_layout(const Tensor& pairs, const Tensor& offsets,
+                                             const Tensor& x, int64_t d, const char* op) {
+  check_device(pairs, x, op, "pairs");
+  check_device(offsets, x, op, "layer_offsets");
+  TORCH_CHECK(pairs.scalar_type() == at::kInt && pairs.dim() == 2 && pairs.size(1) == 2, op,
+              ": pairs must be an int32 tensor of shape (P, 2), got ", pairs.scalar_type(), " ",
+              pairs.sizes());
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.numel() >= 1, op,
+              ": layer_offsets must be an int32 tensor of shape (L + 1,), got ",
+              offsets.scalar_type(), " ", offsets.sizes());
+  const bool cacheable = !pairs.is_inference() && !offsets.is_inference();
+  LayoutKey key{};
+  if (cacheable) {
+    key = LayoutKey{x.get_device(),
+                    reinterpret_cast<uintptr_t>(pairs.data_ptr()),
+                    reinterpret_cast<uintptr_t>(offsets.data_ptr()),
+                    pairs.size(0), pairs.stride(0), pairs.stride(1), offsets.numel(),
+                    offsets.stride(0), pairs._version(), offsets._version(), d};
+    if (auto hit = layout_cache().find(key)) return hit;
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone, op,
+              ": these pairs / layer_offsets tensors are used for the first time (or were modified) "
+              "during CUDA graph capture; validating them needs a device-to-host copy. Run the op "
+              "once with the same tensors before capturing.");
+
+  auto layout = std::make_shared<Layout>();
+  const Tensor ph = pairs.to(at::kCPU).contiguous();  // synchronises the current stream
+  const Tensor oh = offsets.to(at::kCPU).contiguous();
+  const int32_t* pp = ph.const_data_ptr<int32_t>();
+  const int32_t* off = oh.const_data_ptr<int32_t>();
+  const int64_t num_pairs = ph.size(0), num_layers = oh.numel() - 1;
+  TORCH_CHECK(off[0] == 0 && off[num_layers] == num_pairs, op,
+              ": layer_offsets must start at 0 and end at P = ", num_pairs, ", got ", off[0],
+              " and ", off[num_layers]);
+  for (int64_t l = 0; l < num_layers; ++l) {
+    TORCH_CHECK(off[l] <= off[l + 1], op, ": layer_offsets must be non-decreasing, got ", off[l],
+                " > ", off[l + 1], " at layer ", l);
+  }
+  std::vector<int64_t> layer_of(std::max<int64_t>(d, 0), -1);
+  for (int64_t l = 0; l < num_layers; ++l) {
+    for (int64_t p = off[l]; p < off[l + 1]; ++p) {
+      const int64_t i = pp[2 * p], j = pp[2 * p + 1];
+      TORCH_CHECK(0 <= i && i < j && j < d, op, ": pair ", p, " = (", i, ", ", j,
+                  ") must satisfy 0 <= i < j < d = ", d);
+      TORCH_CHECK(layer_of[i] != l && layer_of[j] != l, op, ": pair ", p, " = (", i, ", ", j,
+                  ") overlaps another pair of layer ", l);
+      layer_of[i] = layer_of[j] = l;
+    }
+  }
+  layout->d = d;
+  layout->num_pairs = num_pairs;
+  layout->num_layers = num_layers;
+  layout->parallel = is_parallel_layout(pp, off, num_pairs, num_layers, d);
+  layout->pairs = pairs.contiguous();
+  if (reinterpret_cast<uintptr_t>(layout->pairs.data_ptr()) % 8 != 0) {
+    layout->pairs = layout->pairs.clone(at::MemoryFormat::Contiguous);
+  }
+  layout->offsets = offsets.contiguous();
+  if (cacheable) {
+    layout->pairs_keep = pairs;
+    layout->offsets_keep = offsets;
+    layout_cache().insert(key, layout);
+  }
+  return layout;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Operands.
+// ------------------------------------------------------------------------------------------------
+
+// x viewed as rows (rows, d) with unit stride along d (copies only if it must).
+Tensor rows_view(const Tensor& x, int64_t d) {
+  Tensor x2 = x.reshape({-1, d});
+  if (d > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  if (d == 1 && !x2.is_contiguous()) x2 = x2.contiguous();
+  return x2;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+struct Operands {
+  qc::DType dtype = qc::DType::Float32;
+  at::ScalarType acc = at::kFloat;
+  int64_t d = 0, rows = 0;
+  std::shared_ptr<const Layout> layout;
+  Tensor blocks;  // (P, 4) acc, contiguous, 16-byte aligned
+  Tensor scale;   // (d,) acc contiguous, or undefined
+};
+
+// Common checks; blocks are made by the caller (from angles or blocks) once the layout is known.
+Operands prepare(const Tensor& x, const Tensor& pairs, const Tensor& offsets,
+                 const std::optional<Tensor>& scale, const char* op) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (..., d)");
+  Operands o;
+  o.d = x.size(-1);
+  o.dtype = kernel_dtype(x.scalar_type(), op);
+  if (scale.has_value()) check_device(*scale, x, op, "scale");
+  o.acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  o.layout = checked_layout(pairs, offsets, x, o.d, op);
+  o.rows = o.d > 0 ? x.numel() / o.d : 0;
+  if (scale.has_value()) {
+    check_device(*scale, x, op, "scale");
+    check_float_param(*scale, op, "scale");
+    TORCH_CHECK(scale->dim() == 1 && scale->size(0) == o.d, op, ": scale must have shape (d,) = (",
+                o.d, ",), got ", scale->sizes());
+    o.scale = scale->to(o.acc).contiguous();
+  }
+  // Every tensor is on x's device; the dispatcher only sends CUDA work here.
+  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  return o;
+}
+
+Tensor aligned_blocks(Tensor b) {
+  b = b.contiguous();
+  if (!aligned16(b.const_data_ptr())) b = b.clone(at::MemoryFormat::Contiguous);
+  return b;
+}
+
+Tensor rotation_blocks(const Tensor& angles, at::ScalarType acc, cudaStream_t stream) {
+  const int64_t num_pairs = angles.size(0);
+  Tensor blocks = at::empty({num_pairs, 4}, angles.options().dtype(acc));
+  if (num_pairs == 0) return blocks;
+  Tensor a = angles;
+  if ((a.scalar_type() != at::kFloat && a.scalar_type() != at::kDouble) || !a.is_contiguous()) {
+    a = a.to(acc).contiguous();
+  }
+  qc::GivensArgs args;
+  args.angles = a.const_data_ptr();
+  args.blocks = blocks.mutable_data_ptr();
+  args.num_pairs = num_pairs;
+  qc::givens_blocks(acc == at::kDouble, a.scalar_type() == at::kDouble, args, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return blocks;
+}
+
+// Of the current device, queried once per device (the glue needs no CUDA library beyond the runtime).
+qc::Limits device_limits() {
+  static std::mutex mutex;
+  static std::unordered_map<int, qc::Limits> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = known.find(device);
+  if (it != known.end()) return it->second;
+  int sms = 0, optin = 0, plain = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&plain, cudaDevAttrMaxSharedMemoryPerBlock, device));
+  qc::Limits lim;
+  lim.sm_count = std::max(sms, 1);
+  lim.smem_optin = std::max(optin, plain);
+  known.emplace(device, lim);
+  return lim;
+}
+
+int occupancy(qc::DType dtype, bool parallel, bool vec, bool grads, int threads, size_t smem) {
+  const int blocks = parallel ? qc::parallel_backward_occupancy(dtype, vec, grads, threads, smem)
+                              : qc::general_backward_occupancy(dtype, grads, threads, smem);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();  // surfaces a failed cudaFuncSetAttribute
+  return blocks;
+}
+
+void log_plan(const char* op, const char* what, const std::string& detail) {
+  if (verbose()) std::fprintf(stderr, "qgoft.cuda: %s %s %s\n", op, what, detail.c_str());
+}
+
+qc::Problem problem(const Operands& o) {
+  qc::Problem p;
+  p.dtype = o.dtype;
+  p.rows = o.rows;
+  p.d = o.d;
+  p.num_pairs = o.layout->num_pairs;
+  p.num_layers = o.layout->num_layers;
+  p.parallel_layout = o.layout->parallel;
+  return p;
+}
+
+void set_params(const Operands& o, qc::ParallelArgs& pa, qc::GeneralArgs& ga) {
+  pa.blocks = ga.blocks = o.blocks.const_data_ptr();
+  pa.scale = ga.scale = o.scale.defined() ? o.scale.const_data_ptr() : nullptr;
+  ga.pairs = o.layout->pairs.const_data_ptr<int32_t>();
+  ga.offsets = o.layout->offsets.const_data_ptr<int32_t>();
+}
+
+void check_smem(const qc::LaunchConfig& c, const qc::Limits& lim, const char* op) {
+  TORCH_CHECK(static_cast<int64_t>(c.smem) <= lim.smem_optin, op, ": internal error: a kernel needs ",
+              c.smem, " bytes of shared memory, the device allows ", lim.smem_optin);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward.
+// ------------------------------------------------------------------------------------------------
+void run_forward(const Operands& o, const Tensor& x2, Tensor& y, const char* op) {
+  const qc::Limits lim = device_limits();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  qc::Problem p = problem(o);
+  p.x = x2.const_data_ptr();
+  p.x_ld = x2.stride(0);
+  p.out = y.mutable_data_ptr();
+  qc::ForwardPlan plan = qc::plan_forward(p, lim, knobs());
+  log_plan(op, "forward", plan.describe);
+  set_params(o, plan.pa, plan.ga);
+  check_smem(plan.main, lim, op);
+  const auto acc_opts = x2.options().dtype(o.acc);
+  if (plan.parallel) {
+    Tensor top;
+    if (plan.top_pass) {
+      top = at::empty({plan.top_elems}, acc_opts);
+      plan.pa.top = top.mutable_data_ptr();
+    }
+    qc::parallel_forward(o.dtype, plan.vec, plan.pa, plan.main, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (plan.top_pass) {
+      qc::parallel_top_forward(o.dtype, plan.pa, plan.top, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return;
+  }
+  Tensor workspace;
+  if (plan.workspace_elems > 0) {
+    workspace = at::empty({plan.workspace_elems}, acc_opts);
+    plan.ga.workspace = workspace.mutable_data_ptr();
+  }
+  qc::general_forward(o.dtype, plan.ga, plan.main, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward. Returns grad_x (rows, d) and, in the accumulation type, the block gradients (P, 4) or the
+// angle gradients (P,) and the scale gradient (d,); undefined where not requested.
+// ------------------------------------------------------------------------------------------------
+struct BackwardResult {
+  Tensor grad_x, grad_params, grad_scale;
+};
+
+BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& grad_out,
+                            bool want_x, bool want_params, bool want_scale, bool givens,
+                            const char* op) {
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have the shape of x ", x.sizes(),
+              ", got ", grad_out.sizes());
+  check_device(grad_out, x, op, "grad_out");
+  BackwardResult res;
+  const int64_t rows = o.rows, d = o.d, num_pairs = o.layout->num_pairs;
+  want_scale = want_scale && o.scale.defined();
+  const bool grads = want_params || want_scale;
+  const auto acc_opts = x.options().dtype(o.acc);
+  if (want_x) res.grad_x = at::empty({rows, d}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (rows == 0 || d == 0) {
+    if (want_params) {
+      res.grad_params = givens ? at::zeros({num_pairs}, acc_opts) : at::zeros({num_pairs, 4}, acc_opts);
+    }
+    if (want_scale) res.grad_scale = at::zeros({d}, acc_opts);
+    return res;
+  }
+  if (!want_x && !grads) return res;
+
+  const qc::Limits lim = device_limits();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const Tensor g2 = rows_view(grad_out.scalar_type() == x.scalar_type() ? grad_out
+                                                                        : grad_out.to(x.scalar_type()), d);
+  Tensor x2;
+  if (grads) x2 = rows_view(x, d);  // the adjoint (grad_x only) never reads x
+  qc::Problem p = problem(o);
+  p.grad = g2.const_data_ptr();
+  p.grad_ld = g2.stride(0);
+  p.out = want_x ? res.grad_x.mutable_data_ptr() : nullptr;
+  if (grads) {
+    p.x = x2.const_data_ptr();
+    p.x_ld = x2.stride(0);
+  }
+  p.want_x = want_x;
+  p.want_blocks = want_params;
+  p.want_scale = want_scale;
+  const qc::DType dtype = o.dtype;
+  qc::BackwardPlan plan = qc::plan_backward(
+      p, lim, knobs(), [dtype](bool parallel, bool vec, bool g, int threads, size_t smem) {
+        return occupancy(dtype, parallel, vec, g, threads, smem);
+      });
+  log_plan(op, "backward", plan.describe);
+  set_params(o, plan.pa, plan.ga);
+  check_smem(plan.main, lim, op);
+
+  Tensor partial, top, workspace;
+  if (plan.grads) {
+    partial = at::empty({plan.slots, plan.partial_ld}, acc_opts);
+    plan.pa.partial = plan.ga.partial = partial.mutable_data_ptr();
+  }
+  if (plan.parallel) {
+    if (plan.top_pass) {
+      top = at::empty({plan.top_elems}, acc_opts);
+      plan.pa.top = top.mutable_data_ptr();
+      qc::ParallelArgs fa = plan.pa;  // the forward kernel recomputing the segment starts only
+      fa.store = 0;
+      fa.out = nullptr;
+      qc::parallel_forward(dtype, plan.vec, fa, plan.top, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    qc::parallel_backward(dtype, plan.vec, plan.grads, plan.pa, plan.main, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    if (plan.workspace_elems > 0) {
+      workspace = at::empty({plan.workspace_elems}, acc_opts);
+      plan.ga.workspace = workspace.mutable_data_ptr();
+    }
+    qc::general_backward(dtype, plan.grads, plan.ga, plan.main, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  if (plan.grads) {
+    if (want_params) {
+      res.grad_params = givens ? at::empty({num_pairs}, acc_opts) : at::empty({num_pairs, 4}, acc_opts);
+    }
+    if (want_scale) res.grad_scale = at::empty({d}, acc_opts);
+    qc::ReduceArgs r;
+    r.partial = partial.const_data_ptr();
+    r.partial_ld = plan.partial_ld;
+    r.slots = plan.slots;
+    r.num_pairs = num_pairs;
+    r.d = d;
+    r.blocks = o.blocks.const_data_ptr();
+    r.grad_params = want_params ? res.grad_params.mutable_data_ptr() : nullptr;
+    r.grad_scale = want_scale ? res.grad_scale.mutable_data_ptr() : nullptr;
+    qc::reduce_partials(o.acc == at::kDouble, givens, r, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return res;
+}
+
+Tensor empty_like_flat(const Tensor& t) { return at::empty({0}, t.options()); }
+
+// ------------------------------------------------------------------------------------------------
+// Strict Givens rotations.
+// ------------------------------------------------------------------------------------------------
+void check_angles(const Tensor& angles, const Tensor& pairs, const Tensor& x, const char* op) {
+  check_device(angles, x, op, "angles");
+  check_float_param(angles, op, "angles");
+  TORCH_CHECK(angles.dim() == 1 && angles.size(0) == pairs.size(0), op,
+              ": angles must have shape (P,) = (", pairs.size(0), ",), got ", angles.sizes());
+}
+
+Tensor givens_chain_cuda(const Tensor& x, const Tensor& angles, const Tensor& pairs,
+                         const Tensor& layer_offsets, const std::optional<Tensor>& scale) {
+  constexpr const char* op = "qgoft::givens_chain";
+  c10::cuda::OptionalCUDAGuard guard;
+  if (x.is_cuda()) guard.set_device(x.device());
+  check_angles(angles, pairs, x, op);
+  Operands o = prepare(x, pairs, layer_offsets, scale, op);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  o.blocks = rotation_blocks(angles, o.acc, stream);
+  const Tensor x2 = rows_view(x, o.d);
+  Tensor y = at::empty({o.rows, o.d}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (o.rows > 0 && o.d > 0) run_forward(o, x2, y, op);
+  return y.view(x.sizes());
+}
+
+std::tuple<Tensor, Tensor, Tensor> givens_chain_backward_cuda(
+    const Tensor& grad_out, const Tensor& x, const Tensor& angles, const Tensor& pairs,
+    const Tensor& layer_offsets, const std::optional<Tensor>& scale,
+    std::array<bool, 3> output_mask) {
+  constexpr const char* op = "qgoft::givens_chain_backward";
+  check_device(grad_out, x, op, "grad_out");
+  c10::cuda::OptionalCUDAGuard guard;
+  if (x.is_cuda()) guard.set_device(x.device());
+  check_angles(angles, pairs, x, op);
+  Operands o = prepare(x, pairs, layer_offsets, scale, op);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  o.blocks = rotation_blocks(angles, o.acc, stream);
+  BackwardResult r = run_backward(o, x, grad_out, output_mask[0], output_mask[1], output_mask[2],
+                                  /*givens=*/true, op);
+  return {r.grad_x.defined() ? r.grad_x.view(x.sizes()) : empty_like_flat(x),
+          r.grad_params.defined() ? r.grad_params.to(angles.scalar_type()) : empty_like_flat(angles),
+          r.grad_scale.defined() ? r.grad_scale.to(scale->scalar_type()) : empty_like_flat(angles)};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Quasi-Givens blocks (P, 2, 2).
+// ------------------------------------------------------------------------------------------------
+void check_blocks(const Tensor& blocks, const Tensor& pairs, const Tensor& x, const char* op) {
+  check_device(blocks, x, op, "blocks");
+  check_float_param(blocks, op, "blocks");
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(0) == pairs.size(0) && blocks.size(1) == 2 &&
+                  blocks.size(2) == 2,
+              op, ": blocks must have shape (P, 2, 2) = (", pairs.size(0), ", 2, 2), got ",
+              blocks.sizes());
+}
+
+Tensor quasi_givens_chain_cuda(const Tensor& x, const Tensor& blocks, const Tensor& pairs,
+                               const Tensor& layer_offsets, const std::optional<Tensor>& scale) {
+  constexpr const char* op = "qgoft::quasi_givens_chain";
+  c10::cuda::OptionalCUDAGuard guard;
+  if (x.is_cuda()) guard.set_device(x.device());
+  check_blocks(blocks, pairs, x, op);
+  Operands o = prepare(x, pairs, layer_offsets, scale, op);
+  o.blocks = aligned_blocks(blocks.reshape({blocks.size(0), 4}).to(o.acc));
+  const Tensor x2 = rows_view(x, o.d);
+  Tensor y = at::empty({o.rows, o.d}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (o.rows > 0 && o.d > 0) run_forward(o, x2, y, op);
+  return y.view(x.sizes());
+}
+
+std::tuple<Tensor, Tensor, Tensor> quasi_givens_chain_backward_cuda(
+    const Tensor& grad_out, const Tensor& x, const Tensor& blocks, const Tensor& pairs,
+    const Tensor& layer_offsets, const std::optional<Tensor>& scale,
+    std::array<bool, 3> output_mask) {
+  constexpr const char* op = "qgoft::quasi_givens_chain_backward";
+  check_device(grad_out, x, op, "grad_out");
+  c10::cuda::OptionalCUDAGuard guard;
+  if (x.is_cuda()) guard.set_device(x.device());
+  check_blocks(blocks, pairs, x, op);
+  Operands o = prepare(x, pairs, layer_offsets, scale, op);
+  o.blocks = aligned_blocks(blocks.reshape({blocks.size(0), 4}).to(o.acc));
+  BackwardResult r = run_backward(o, x, grad_out, output_mask[0], output_mask[1], output_mask[2],
+                                  /*givens=*/false, op);
+  return {r.grad_x.defined() ? r.grad_x.view(x.sizes()) : empty_like_flat(x),
+          r.grad_params.defined() ? r.grad_params.view(blocks.sizes()).to(blocks.scalar_type())
+                                  : empty_like_flat(blocks),
+          r.grad_scale.defined() ? r.grad_scale.to(scale->scalar_type()) : empty_like_flat(blocks)};
+}
+
+}  // namespace
+}  // namespace qgoft
+
+TORCH_LIBRARY_IMPL(qgoft, CUDA, m) {
+  m.impl("givens_chain", &qgoft::givens_chain_cuda);
+  m.impl("givens_chain_backward", &qgoft::givens_chain_backward_cuda);
+  m.impl("quasi_givens_chain", &qgoft::quasi_givens_chain_cuda);
+  m.impl("quasi_givens_chain_backward", &qgoft::quasi_givens_chain_backward_cuda);
+}

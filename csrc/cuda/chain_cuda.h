@@ -1,0 +1,135 @@
+// Torch-free interface of the CUDA Givens-chain kernels (the ATen glue is chain_cuda.cpp).
+//
+// Conventions (docs/CONTRACT.md): rows of x of width d; block p = [[g00, g01], [g10, g11]] acts on the
+// pair (i, j) = (pairs[2p], pairs[2p+1]) as x_i <- g00 x_i + g10 x_j, x_j <- g01 x_i + g11 x_j (G_p^T),
+// for p = 0 .. P-1 in storage order, then x <- scale * x. The backward pass applies the transpose chain
+// to the incoming gradient (scale first, then G_p for p descending) and accumulates
+// dG_p[r][c] = sum_rows u_r g_c (u: the block's input, g: the gradient of its output) and
+// d scale = sum_rows grad * (R^T x).
+//
+// Two families of kernels (docs/CUDA.md has the full design):
+// * "parallel": the paper's default layout, recognised by the glue. Each thread holds kChunk = 8
+//   consecutive elements of a row in registers; layers 1-3 are in-thread, the next ones use warp
+//   shuffles, the last ones go through a few words of shared memory. Rows wider than one block's
+//   segment (S = 8 * threads) are cut into segments; the layers above the segment size (whose pairs
+//   only join segment starts) run in a small second step (forward) or redundantly per block (backward).
+// * "general": any layout. A block holds R rows in shared memory (or, when they do not fit, in a
+//   global-memory workspace), threads take the pairs of a layer, a barrier separates layers.
+// Parameter gradients: every block accumulates the rows it owns (a fixed, launch-independent set) in a
+// fixed order into its own row of `partial`; reduce_partials() sums the rows in index order.
+// Deterministic for a given problem and device (the number of blocks depends on the SM count).
+//
+// Accumulation type A: double for Float64 activations, float otherwise. blocks (P, 4) and scale (d)
+// are given in A; blocks must be 16-byte aligned.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace qgoft::cuda {
+
+enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+
+constexpr int kChunk = 8;             // elements per thread in the parallel-layout kernels
+constexpr int kLogChunk = 3;
+constexpr int kLayerTable = 24;       // entries of ParallelArgs::off (layers 1 .. 23)
+constexpr int kMaxTopLanes = 32;      // segments per row in the parallel kernels (one warp's lanes)
+constexpr int kGeneralThreads = 256;  // block size of the general kernels
+constexpr int kTopRowsPerBlock = 8;   // rows (warps) per block of the top-forward kernel
+
+struct ParallelArgs {
+  int64_t rows = 0;
+  int64_t d = 0;
+  int64_t num_pairs = 0;
+  const void* x = nullptr;     // forward input / backward x (rows with stride x_ld, unit stride in d)
+  int64_t x_ld = 0;
+  const void* grad = nullptr;  // backward grad_out
+  int64_t grad_ld = 0;
+  void* out = nullptr;         // y (forward) or grad_x (backward), contiguous (ld = d); may be null
+  const void* blocks = nullptr;
+  const void* scale = nullptr;
+  void* top = nullptr;         // segmented rows: (rows, nseg) local results of the segment starts
+  void* partial = nullptr;     // backward with parameter gradients: (slots, partial_ld)
+  int64_t partial_ld = 0;
+  int64_t groups = 0;          // ceil(rows / R)
+  int32_t off[kLayerTable] = {};  // off[r]: first pair of layer r (1-based) of the parallel layout
+  int32_t top_off[8] = {};     // off[log2(S) + 1 + s] for the top layers s = 0 .. 7
+  int T = 1;                   // threads per row segment (power of two, 1 .. 1024)
+  int logT = 0;
+  int R = 1;                   // row slots per block (1 when segmented)
+  int nseg = 1;                // segments per row; > 1 only with T >= 32 and R == 1
+  int top_layers = 0;          // ceil(log2(nseg))
+  int want_blocks = 0;
+  int want_scale = 0;
+  int store = 1;               // forward: 0 = only write `top` (recomputation for the backward)
+};
+
+struct GeneralArgs {
+  int64_t rows = 0;
+  int64_t d = 0;
+  int64_t num_pairs = 0;
+  int64_t num_layers = 0;
+  const void* x = nullptr;
+  int64_t x_ld = 0;
+  const void* grad = nullptr;
+  int64_t grad_ld = 0;
+  void* out = nullptr;
+  const int32_t* pairs = nullptr;    // (P, 2), 8-byte aligned
+  const int32_t* offsets = nullptr;  // (L + 1)
+  const void* blocks = nullptr;
+  const void* scale = nullptr;
+  int64_t groups = 0;
+  int R = 1;                         // rows per group
+  // Row buffers (z, g, tape) in shared memory, or in `workspace` (ws_stride elements per block).
+  void* workspace = nullptr;
+  int64_t ws_stride = 0;
+  // Accumulators (4P block entries, then d scale entries) in shared memory after the row buffers, or
+  // directly in the block's row of `partial`.
+  int acc_in_smem = 0;
+  void* partial = nullptr;
+  int64_t partial_ld = 0;
+  int want_blocks = 0;
+  int want_scale = 0;
+};
+
+struct GivensArgs {
+  const void* angles = nullptr;  // (P,) float or double, contiguous
+  void* blocks = nullptr;        // (P, 4) A: cos, -sin, sin, cos
+  int64_t num_pairs = 0;
+};
+
+struct ReduceArgs {
+  const void* partial = nullptr;  // (slots, partial_ld) A
+  int64_t partial_ld = 0;
+  int64_t slots = 0;
+  int64_t num_pairs = 0;
+  int64_t d = 0;
+  const void* blocks = nullptr;   // (P, 4) A (givens: for d theta)
+  void* grad_params = nullptr;    // givens: (P,) A; quasi: (P, 4) A; null if not wanted
+  void* grad_scale = nullptr;     // (d,) A; null if not wanted
+};
+
+struct LaunchConfig {
+  dim3 grid;
+  int threads = 0;
+  size_t smem = 0;
+};
+
+// Each launcher launches exactly one kernel on `stream`; the caller checks the launch
+// (C10_CUDA_KERNEL_LAUNCH_CHECK). Dynamic shared memory above 48 KiB is enabled as needed.
+void parallel_forward(DType t, bool vec, const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s);
+void parallel_top_forward(DType t, const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s);
+void parallel_backward(DType t, bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
+                       cudaStream_t s);
+void general_forward(DType t, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s);
+void general_backward(DType t, bool grads, const GeneralArgs& a, const LaunchConfig& c,
+                      cudaStream_t s);
+void givens_blocks(bool acc_double, bool angles_double, const GivensArgs& a, cudaStream_t s);
+void reduce_partials(bool acc_double, bool givens, const ReduceArgs& a, cudaStream_t s);
+
+// Resident blocks per SM of the backward kernels (for sizing their persistent grids); >= 1.
+int parallel_backward_occupancy(DType t, bool vec, bool grads, int threads, size_t smem);
+int general_backward_occupancy(DType t, bool grads, int threads, size_t smem);
+
+}  // namespace qgoft::cuda

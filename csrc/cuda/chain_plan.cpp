@@ -1,0 +1,261 @@
+// Launch planning of the CUDA Givens-chain kernels (see chain_plan.h and docs/CUDA.md).
+#include "chain_plan.h"
+
+#include <algorithm>
+#include <string>
+
+#include "chain_sizes.h"
+
+namespace qgoft::cuda {
+namespace {
+
+constexpr int64_t kMaxGridX = 2147483647;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+int ceil_log2(int64_t v) {
+  int l = 0;
+  while ((int64_t(1) << l) < v) ++l;
+  return l;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int64_t acc_size(DType t) { return t == DType::Float64 ? 8 : 4; }
+
+struct ParallelShape {
+  int T, logT, R, nseg, top_layers;
+};
+
+// Threads per row segment T (power of two), rows per block R and segments per row.
+ParallelShape parallel_shape(int64_t d, int max_threads, int segment) {
+  if (segment != 0) max_threads = std::min(max_threads, segment / kChunk);
+  ParallelShape s{};
+  const int64_t need = std::max<int64_t>(1, ceil_div(d, kChunk));
+  if (need <= max_threads) {
+    s.logT = ceil_log2(need);
+    s.T = 1 << s.logT;
+    s.R = std::max(1, 256 / s.T);
+    s.nseg = 1;
+  } else {
+    s.logT = ceil_log2(max_threads);
+    s.T = 1 << s.logT;
+    s.R = 1;
+    s.nseg = static_cast<int>(ceil_div(d, int64_t(s.T) * kChunk));
+  }
+  s.top_layers = ceil_log2(s.nseg);
+  return s;
+}
+
+void fill_parallel(ParallelArgs& a, const Problem& p, const ParallelShape& s) {
+  a.rows = p.rows;
+  a.d = p.d;
+  a.num_pairs = p.num_pairs;
+  // off[r] = number of pairs in layers 1 .. r-1 of layouts.parallel(d)
+  int64_t total = 0;
+  for (int r = 1; r < kLayerTable; ++r) {
+    a.off[r] = static_cast<int32_t>(total);
+    const int64_t h = int64_t(1) << (r - 1);
+    if (h < p.d) total += ceil_div(p.d - h, int64_t(1) << r);
+  }
+  const int log_s = s.logT + kLogChunk;
+  for (int k = 0; k < 8; ++k) {
+    const int r = log_s + 1 + k;
+    a.top_off[k] = r < kLayerTable ? a.off[r] : 0;
+  }
+  a.T = s.T;
+  a.logT = s.logT;
+  a.R = s.R;
+  a.nseg = s.nseg;
+  a.top_layers = s.top_layers;
+  a.groups = ceil_div(p.rows, s.R);
+}
+
+bool use_parallel(const Problem& p, const Knobs& k) {
+  return p.parallel_layout && p.d <= kParallelMaxD && k.path == ForcedPath::Auto;
+}
+
+void fill_general(GeneralArgs& a, const Problem& p) {
+  a.rows = p.rows;
+  a.d = p.d;
+  a.num_pairs = p.num_pairs;
+  a.num_layers = p.num_layers;
+}
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+}  // namespace
+
+ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs) {
+  ForwardPlan plan;
+  const int64_t es = acc_size(p.dtype);
+  if (use_parallel(p, knobs)) {
+    const ParallelShape s = parallel_shape(p.d, kParallelForwardMaxThreads, knobs.segment);
+    plan.parallel = true;
+    ParallelArgs& a = plan.pa;
+    fill_parallel(a, p, s);
+    a.x = p.x;
+    a.x_ld = p.x_ld;
+    a.out = const_cast<void*>(p.out);
+    plan.vec = p.d % kChunk == 0 && p.x_ld % kChunk == 0 && aligned16(p.x) && aligned16(p.out);
+    plan.main.grid = dim3(static_cast<unsigned>(std::min(a.groups, kMaxGridX)), s.nseg);
+    plan.main.threads = s.R * s.T;
+    plan.main.smem = static_cast<size_t>(32 * es);
+    if (s.nseg > 1) {
+      plan.top_pass = true;
+      plan.top_elems = p.rows * s.nseg;
+      plan.top.grid = dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(p.rows, kTopRowsPerBlock), 65535)));
+      plan.top.threads = 32 * kTopRowsPerBlock;
+      plan.top.smem = 0;
+    }
+    plan.describe = "path=parallel T=" + str(s.T) + " R=" + str(s.R) + " nseg=" + str(s.nseg) +
+                    " vec=" + str(plan.vec) + " grid=" + str(plan.main.grid.x);
+    return plan;
+  }
+  GeneralArgs& a = plan.ga;
+  fill_general(a, p);
+  a.x = p.x;
+  a.x_ld = p.x_ld;
+  a.out = const_cast<void*>(p.out);
+  const int64_t row_bytes = p.d * es;
+  plan.main.threads = kGeneralThreads;
+  if (knobs.path != ForcedPath::Global && row_bytes <= lim.smem_optin) {
+    int R = 1;
+    while (R < kGeneralMaxRows && R < p.rows && 2 * R * row_bytes <= kGeneralSmemTarget) R *= 2;
+    a.R = R;
+    a.groups = ceil_div(p.rows, R);
+    plan.main.grid = dim3(static_cast<unsigned>(std::min(a.groups, kMaxGridX)));
+    plan.main.smem = static_cast<size_t>(R * row_bytes);
+  } else {
+    a.R = 1;
+    a.groups = p.rows;
+    const int64_t blocks = std::max<int64_t>(
+        1, std::min({p.rows, int64_t(lim.sm_count) * 4, kWorkspaceCapBytes / std::max<int64_t>(row_bytes, 1)}));
+    a.ws_stride = p.d;
+    plan.workspace_elems = blocks * p.d;
+    plan.main.grid = dim3(static_cast<unsigned>(blocks));
+    plan.main.smem = 0;
+  }
+  plan.describe = std::string("path=general") + (plan.workspace_elems ? "(global)" : "(smem)") +
+                  " R=" + str(a.R) + " grid=" + str(plan.main.grid.x) + " smem=" + str(plan.main.smem);
+  return plan;
+}
+
+BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& knobs,
+                           const OccupancyFn& occupancy) {
+  BackwardPlan plan;
+  const int64_t es = acc_size(p.dtype);
+  const bool want_scale = p.want_scale;
+  const bool grads = p.want_blocks || want_scale;
+  plan.grads = grads;
+  const int64_t width = 4 * p.num_pairs + p.d;
+  plan.partial_ld = round_up(width, 4);
+  const int64_t partial_cap = std::max<int64_t>(1, kPartialCapBytes / (plan.partial_ld * es));
+
+  if (use_parallel(p, knobs)) {
+    const ParallelShape s = parallel_shape(p.d, kParallelBackwardMaxThreads, knobs.segment);
+    plan.parallel = true;
+    ParallelArgs& a = plan.pa;
+    fill_parallel(a, p, s);
+    a.grad = p.grad;
+    a.grad_ld = p.grad_ld;
+    a.out = p.want_x ? const_cast<void*>(p.out) : nullptr;
+    a.want_blocks = p.want_blocks;
+    a.want_scale = want_scale;
+    bool vec = p.d % kChunk == 0 && p.grad_ld % kChunk == 0 && aligned16(p.grad) &&
+               (a.out == nullptr || aligned16(a.out));
+    if (grads) {
+      a.x = p.x;
+      a.x_ld = p.x_ld;
+      vec = vec && p.x_ld % kChunk == 0 && aligned16(p.x);
+    }
+    plan.vec = vec;
+    if (grads && s.nseg > 1) {
+      plan.top_pass = true;
+      plan.top_elems = p.rows * s.nseg;
+      plan.top.grid = dim3(static_cast<unsigned>(std::min(a.groups, kMaxGridX)), s.nseg);
+      plan.top.threads = s.T;
+      plan.top.smem = static_cast<size_t>(32 * es);
+    }
+    const int threads = s.R * s.T;
+    const detail::ParallelBackwardSmem sm(s.R, s.T, s.nseg, width, grads);
+    plan.main.threads = threads;
+    plan.main.smem = static_cast<size_t>(sm.total * es);
+    int64_t blocks = std::min(a.groups, kMaxGridX);
+    if (grads) {
+      const int occ = occupancy(true, vec, grads, threads, plan.main.smem);
+      blocks = std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ / s.nseg));
+      blocks = std::min(blocks, partial_cap);
+      plan.slots = blocks;
+      a.partial_ld = plan.partial_ld;
+    }
+    plan.main.grid = dim3(static_cast<unsigned>(blocks), s.nseg);
+    plan.describe = "path=parallel T=" + str(s.T) + " R=" + str(s.R) + " nseg=" + str(s.nseg) +
+                    " vec=" + str(vec) + " grads=" + str(grads) + " grid=" + str(blocks) +
+                    " smem=" + str(plan.main.smem);
+    return plan;
+  }
+
+  GeneralArgs& a = plan.ga;
+  fill_general(a, p);
+  a.grad = p.grad;
+  a.grad_ld = p.grad_ld;
+  a.out = p.want_x ? const_cast<void*>(p.out) : nullptr;
+  a.want_blocks = p.want_blocks;
+  a.want_scale = want_scale;
+  if (grads) {
+    a.x = p.x;
+    a.x_ld = p.x_ld;
+  }
+  const int64_t row_elems = detail::general_row_elems(p.d, p.num_pairs, grads, grads && p.want_blocks);
+  const int64_t acc_elems = grads ? detail::general_acc_elems(p.d, p.num_pairs, p.want_blocks, want_scale) : 0;
+  plan.main.threads = kGeneralThreads;
+  bool smem_rows = false;
+  if (knobs.path != ForcedPath::Global) {
+    if ((row_elems + acc_elems) * es <= lim.smem_optin) {
+      smem_rows = true;
+      a.acc_in_smem = grads ? 1 : 0;
+    } else if (row_elems * es <= lim.smem_optin) {
+      smem_rows = true;
+      a.acc_in_smem = 0;
+    }
+  }
+  int64_t blocks;
+  if (smem_rows) {
+    const int64_t fixed = a.acc_in_smem ? acc_elems : 0;
+    int R = 1;
+    while (R < kGeneralMaxRows && R < p.rows && (2 * R * row_elems + fixed) * es <= kGeneralSmemTarget) R *= 2;
+    a.R = R;
+    a.groups = ceil_div(p.rows, R);
+    plan.main.smem = static_cast<size_t>((R * row_elems + fixed) * es);
+    blocks = std::min(a.groups, kMaxGridX);
+    if (grads) {
+      const int occ = occupancy(false, false, grads, plan.main.threads, plan.main.smem);
+      blocks = std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ));
+    }
+  } else {
+    a.R = 1;
+    a.groups = p.rows;
+    a.acc_in_smem = 0;
+    blocks = std::max<int64_t>(1, std::min({p.rows, int64_t(lim.sm_count) * 2,
+                                            kWorkspaceCapBytes / std::max<int64_t>(row_elems * es, 1)}));
+    plan.main.smem = 0;
+  }
+  if (grads) {
+    blocks = std::min(blocks, partial_cap);
+    plan.slots = blocks;
+    a.partial_ld = plan.partial_ld;
+  }
+  if (!smem_rows) {
+    a.ws_stride = row_elems;
+    plan.workspace_elems = blocks * row_elems;
+  }
+  plan.main.grid = dim3(static_cast<unsigned>(blocks));
+  plan.describe = std::string("path=general") + (smem_rows ? "(smem)" : "(global)") +
+                  " acc_in_smem=" + str(a.acc_in_smem) + " R=" + str(a.R) + " grads=" + str(grads) +
+                  " grid=" + str(blocks) + " smem=" + str(plan.main.smem);
+  return plan;
+}
+
+}  // namespace qgoft::cuda

@@ -1,0 +1,90 @@
+// Launch planning of the CUDA Givens-chain kernels: which kernels, grid shapes, shared memory and the
+// sizes of the buffers the caller allocates. Torch-free and host-only, so the same code drives the real
+// launches (chain_cuda.cpp) and the host emulation of the kernels (csrc/cuda/sim).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "chain_cuda.h"
+
+namespace qgoft::cuda {
+
+// Debug / testing knobs (environment variables QGOFT_CUDA_PATH and QGOFT_CUDA_SEGMENT in the glue).
+enum class ForcedPath { Auto, General, Global };
+struct Knobs {
+  ForcedPath path = ForcedPath::Auto;
+  int segment = 0;  // 0 or a power of two in [256, 8192]: segment width of the parallel kernels
+};
+
+struct Limits {
+  int sm_count = 1;
+  int64_t smem_optin = 48 * 1024;  // max dynamic shared memory per block
+};
+
+// Resident blocks per SM of a backward kernel configuration (>= 1).
+using OccupancyFn = std::function<int(bool parallel, bool vec, bool grads, int threads, size_t smem)>;
+
+struct Problem {
+  DType dtype = DType::Float32;
+  int64_t rows = 0, d = 0, num_pairs = 0, num_layers = 0;
+  bool parallel_layout = false;  // the layout is exactly layouts.parallel(d)
+  // data pointers / row strides (elements) of the activations, for the vectorisation decision
+  const void* x = nullptr;
+  int64_t x_ld = 0;
+  const void* grad = nullptr;
+  int64_t grad_ld = 0;
+  const void* out = nullptr;
+  // backward only
+  bool want_x = true, want_blocks = false, want_scale = false;
+};
+
+constexpr int kParallelForwardMaxThreads = 1024;  // forward segments of 8192 elements
+constexpr int kParallelBackwardMaxThreads = 512;  // backward segments of 4096 (register budget)
+constexpr int64_t kParallelMaxD = 131072;         // <= 32 segments of 4096
+constexpr int64_t kGeneralSmemTarget = 96 * 1024;  // the general kernels' rows per block grow under this
+constexpr int kGeneralMaxRows = 8;
+constexpr int64_t kWorkspaceCapBytes = int64_t(1) << 30;
+constexpr int64_t kPartialCapBytes = int64_t(1) << 29;
+
+struct ForwardPlan {
+  bool parallel = false;
+  bool vec = false;
+  // parallel: main kernel, then (segmented rows) the top kernel; `top_elems` accumulation-type
+  // elements of scratch (rows x nseg) to allocate and put in pa.top.
+  ParallelArgs pa;
+  LaunchConfig main;
+  bool top_pass = false;
+  LaunchConfig top;
+  int64_t top_elems = 0;
+  // general: `workspace_elems` accumulation-type elements to allocate and put in ga.workspace.
+  GeneralArgs ga;
+  int64_t workspace_elems = 0;
+  std::string describe;  // one line for QGOFT_CUDA_VERBOSE
+};
+
+struct BackwardPlan {
+  bool parallel = false;
+  bool vec = false;
+  bool grads = false;  // parameter gradients wanted: partial rows + reduction
+  ParallelArgs pa;
+  // parallel, segmented, with parameter gradients: the forward kernel first recomputes the segment
+  // starts' local results into pa.top (`top_elems` elements).
+  bool top_pass = false;
+  LaunchConfig top;
+  int64_t top_elems = 0;
+  GeneralArgs ga;
+  int64_t workspace_elems = 0;
+  LaunchConfig main;
+  int64_t slots = 0, partial_ld = 0;  // partial: slots x partial_ld accumulation-type elements
+  std::string describe;
+};
+
+// The plans fill every field of pa / ga except the buffers the caller allocates (top, workspace,
+// partial) and the parameter pointers (blocks, scale), which the caller sets.
+ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs);
+BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& knobs,
+                           const OccupancyFn& occupancy);
+
+}  // namespace qgoft::cuda

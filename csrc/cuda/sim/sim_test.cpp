@@ -1,0 +1,579 @@
+// Runs the CUDA Givens-chain kernels (chain_kernels.cuh) and their launch planning (chain_plan.cpp) on the
+// CPU through the host emulation in cuda_host_sim.h, and checks them against a float64 reference:
+// forward, grad_x, block / angle / scale gradients, every path (parallel, segmented, general in shared
+// or global memory), every activation dtype, aligned and unaligned rows, the output masks; outputs and
+// scratch buffers are poisoned with NaN bytes, shared memory too before every block; the backward runs
+// twice and must be bitwise identical. No GPU and no torch needed:
+//
+//   g++ -std=c++20 -O2 -pthread -I/usr/local/cuda/include -Icsrc/cuda csrc/cuda/sim/sim_test.cpp \
+//       csrc/cuda/chain_plan.cpp -o sim_test && ./sim_test [quick|full]
+//
+// (tools/check_cuda_build.sh builds and runs it; add -fsanitize=thread for a race check.)
+#include "cuda_host_sim.h"
+
+#define QGOFT_CUDA_HOST_SIM 1
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
+
+#include "../chain_kernels.cuh"
+#include "../chain_plan.h"
+
+namespace qgoft::cuda::detail {
+constexpr size_t kSimSmemBytes = 232448;  // an H100's opt-in limit per block
+}  // namespace qgoft::cuda::detail
+
+namespace {
+
+using namespace qgoft::cuda;
+
+template <class F>
+void run_kernel(const LaunchConfig& c, F&& body) {
+  if (c.smem > detail::kSimSmemBytes) {
+    std::fprintf(stderr, "sim: kernel needs %zu bytes of shared memory\n", c.smem);
+    std::abort();
+  }
+  // a fresh block's shared memory holds garbage: NaN bytes
+  for (unsigned by = 0; by < c.grid.y; ++by) {
+    for (unsigned bx = 0; bx < c.grid.x; ++bx) {
+      std::unique_ptr<unsigned char[]> smem(new unsigned char[c.smem > 0 ? c.smem : 1]);
+      std::memset(smem.get(), 0xFF, c.smem > 0 ? c.smem : 1);
+      qgoft_sim::g_dynamic_smem = c.smem > 0 ? smem.get() : nullptr;
+      qgoft_sim::run_block(dim3(bx, by, 0), c.grid, c.threads, body);
+      qgoft_sim::g_dynamic_smem = nullptr;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Layouts and the float64 reference.
+// ------------------------------------------------------------------------------------------------
+struct Layout {
+  std::string name;
+  int64_t d = 0;
+  std::vector<int32_t> pairs;  // (P, 2)
+  std::vector<int32_t> off;    // (L + 1)
+  bool parallel = false;
+  int64_t P() const { return static_cast<int64_t>(pairs.size() / 2); }
+  int64_t L() const { return static_cast<int64_t>(off.size()) - 1; }
+};
+
+int ceil_log2(int64_t v) {
+  int l = 0;
+  while ((int64_t(1) << l) < v) ++l;
+  return l;
+}
+
+Layout parallel_layout(int64_t d) {
+  Layout l{"parallel", d, {}, {0}, true};
+  for (int r = 1; r <= ceil_log2(d); ++r) {
+    const int64_t h = int64_t(1) << (r - 1), step = int64_t(1) << r;
+    for (int64_t i = 0; i + h < d; i += step) {
+      l.pairs.push_back(static_cast<int32_t>(i));
+      l.pairs.push_back(static_cast<int32_t>(i + h));
+    }
+    l.off.push_back(static_cast<int32_t>(l.P()));
+  }
+  return l;
+}
+
+Layout sequential_layout(int64_t d) {
+  Layout l{"sequential", d, {}, {0}, false};
+  for (int64_t k = 1; k < d; ++k) {
+    l.pairs.push_back(static_cast<int32_t>(k - 1));
+    l.pairs.push_back(static_cast<int32_t>(k));
+    l.off.push_back(static_cast<int32_t>(l.P()));
+  }
+  return l;
+}
+
+Layout butterfly_layout(int64_t d) {
+  Layout l{"butterfly", d, {}, {0}, false};
+  for (int r = 1; r <= ceil_log2(d); ++r) {
+    const int64_t bit = int64_t(1) << (r - 1);
+    for (int64_t i = 0; i < d; ++i) {
+      if (!(i & bit) && (i | bit) < d) {
+        l.pairs.push_back(static_cast<int32_t>(i));
+        l.pairs.push_back(static_cast<int32_t>(i | bit));
+      }
+    }
+    l.off.push_back(static_cast<int32_t>(l.P()));
+  }
+  return l;
+}
+
+Layout stacked(const Layout& base, int times) {
+  Layout l{base.name + "*" + std::to_string(times), base.d, {}, {0}, false};
+  for (int t = 0; t < times; ++t) {
+    for (int64_t r = 0; r < base.L(); ++r) {
+      for (int64_t p = base.off[r]; p < base.off[r + 1]; ++p) {
+        l.pairs.push_back(base.pairs[2 * p]);
+        l.pairs.push_back(base.pairs[2 * p + 1]);
+      }
+      l.off.push_back(static_cast<int32_t>(l.P()));
+    }
+  }
+  return l;
+}
+
+Layout custom_layout(int64_t d, std::mt19937_64& rng, int layers = 3) {
+  Layout l{"custom", d, {}, {0}, false};
+  for (int r = 0; r < layers; ++r) {
+    std::vector<int32_t> perm(d);
+    for (int64_t i = 0; i < d; ++i) perm[i] = static_cast<int32_t>(i);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    const int64_t count = std::max<int64_t>(1, d / 3);
+    for (int64_t k = 0; k < count && 2 * k + 1 < d; ++k) {
+      l.pairs.push_back(std::min(perm[2 * k], perm[2 * k + 1]));
+      l.pairs.push_back(std::max(perm[2 * k], perm[2 * k + 1]));
+    }
+    l.off.push_back(static_cast<int32_t>(l.P()));
+  }
+  return l;
+}
+
+struct Reference {
+  std::vector<double> y, gx, gblocks, gangles, gscale;
+};
+
+// blocks: (P, 4) float64 values of the blocks the kernels use.
+Reference reference(const Layout& lay, const std::vector<double>& x, const std::vector<double>& g,
+                    int64_t rows, const std::vector<double>& blocks, const std::vector<double>* scale) {
+  const int64_t d = lay.d, P = lay.P();
+  Reference r;
+  r.y.assign(rows * d, 0);
+  r.gx.assign(rows * d, 0);
+  r.gblocks.assign(4 * P, 0);
+  r.gangles.assign(P, 0);
+  r.gscale.assign(d, 0);
+  std::vector<double> v(d), tape(2 * P), gg(d);
+  for (int64_t row = 0; row < rows; ++row) {
+    for (int64_t c = 0; c < d; ++c) v[c] = x[row * d + c];
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t i = lay.pairs[2 * p], j = lay.pairs[2 * p + 1];
+      const double* b = &blocks[4 * p];
+      tape[2 * p] = v[i];
+      tape[2 * p + 1] = v[j];
+      const double xi = v[i], xj = v[j];
+      v[i] = b[0] * xi + b[2] * xj;
+      v[j] = b[1] * xi + b[3] * xj;
+    }
+    for (int64_t c = 0; c < d; ++c) {
+      const double s = scale ? (*scale)[c] : 1.0;
+      r.y[row * d + c] = v[c] * s;
+      r.gscale[c] += g[row * d + c] * v[c];
+      gg[c] = g[row * d + c] * s;
+    }
+    for (int64_t p = P - 1; p >= 0; --p) {
+      const int64_t i = lay.pairs[2 * p], j = lay.pairs[2 * p + 1];
+      const double* b = &blocks[4 * p];
+      const double gi = gg[i], gj = gg[j], ui = tape[2 * p], uj = tape[2 * p + 1];
+      r.gblocks[4 * p] += ui * gi;
+      r.gblocks[4 * p + 1] += ui * gj;
+      r.gblocks[4 * p + 2] += uj * gi;
+      r.gblocks[4 * p + 3] += uj * gj;
+      gg[i] = b[0] * gi + b[1] * gj;
+      gg[j] = b[2] * gi + b[3] * gj;
+    }
+    for (int64_t c = 0; c < d; ++c) r.gx[row * d + c] = gg[c];
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const double c = blocks[4 * p], s = blocks[4 * p + 2];
+    const double* a = &r.gblocks[4 * p];
+    r.gangles[p] = -s * a[0] - c * a[1] + c * a[2] - s * a[3];
+  }
+  return r;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Element types.
+// ------------------------------------------------------------------------------------------------
+template <class S>
+struct Traits;
+template <>
+struct Traits<float> {
+  static constexpr DType dtype = DType::Float32;
+  static constexpr const char* name = "float32";
+  static float from(double v) { return static_cast<float>(v); }
+  static double to(float v) { return v; }
+  static double eps() { return 1.2e-7; }
+};
+template <>
+struct Traits<double> {
+  static constexpr DType dtype = DType::Float64;
+  static constexpr const char* name = "float64";
+  static double from(double v) { return v; }
+  static double to(double v) { return v; }
+  static double eps() { return 2.3e-16; }
+};
+template <>
+struct Traits<__nv_bfloat16> {
+  static constexpr DType dtype = DType::BFloat16;
+  static constexpr const char* name = "bfloat16";
+  static __nv_bfloat16 from(double v) { return __float2bfloat16_rn(static_cast<float>(v)); }
+  static double to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static double eps() { return 1.0 / 128; }
+};
+template <>
+struct Traits<__half> {
+  static constexpr DType dtype = DType::Float16;
+  static constexpr const char* name = "float16";
+  static __half from(double v) { return __float2half_rn(static_cast<float>(v)); }
+  static double to(__half v) { return __half2float(v); }
+  static double eps() { return 1.0 / 1024; }
+};
+
+template <class T>
+std::vector<T> poisoned(size_t n) {
+  std::vector<T> v(n);
+  if (n > 0) std::memset(static_cast<void*>(v.data()), 0xFF, n * sizeof(T));
+  return v;
+}
+
+int g_failures = 0;
+int g_cases = 0;
+int g_failed_cases = 0;
+
+bool close_all(const char* what, const std::string& tag, const double* got, const std::vector<double>& want,
+               double rtol, double atol_rel) {
+  double big = 0;
+  for (double w : want) big = std::max(big, std::fabs(w));
+  const double atol = atol_rel * big + 1e-12;
+  for (size_t k = 0; k < want.size(); ++k) {
+    const double diff = std::fabs(got[k] - want[k]);
+    if (!(diff <= atol + rtol * std::fabs(want[k]))) {
+      std::fprintf(stderr, "FAIL %s: %s[%zu] got %.10g want %.10g (rtol %g atol %g)\n", tag.c_str(), what, k,
+                   got[k], want[k], rtol, atol);
+      ++g_failures;
+      return false;
+    }
+  }
+  return true;
+}
+
+struct Options {
+  bool quasi = true;
+  bool with_scale = true;
+  int64_t rows = 5;
+  int64_t pad = 0;     // extra elements per input row (row stride d + pad)
+  int64_t offset = 0;  // elements before the first input row (0: 16-byte aligned)
+  bool mask_x = true, mask_params = true, mask_scale = true;
+  Knobs knobs;
+};
+
+// Runs forward + backward through plan + kernels, like chain_cuda.cpp, and checks them.
+template <class S>
+void run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
+  using A = typename detail::Elem<S>::A;
+  ++g_cases;
+  const int64_t d = lay.d, P = lay.P(), rows = o.rows;
+  const int64_t ld = d + o.pad;
+  std::normal_distribution<double> normal;
+  std::string tag = std::string(Traits<S>::name) + " " + lay.name + " d=" + std::to_string(d) +
+                    " rows=" + std::to_string(rows) + (o.quasi ? " quasi" : " givens") +
+                    (o.with_scale ? "+scale" : "") + " pad=" + std::to_string(o.pad) +
+                    " off=" + std::to_string(o.offset) + " path=" + std::to_string(int(o.knobs.path)) +
+                    " seg=" + std::to_string(o.knobs.segment) + " mask=" + std::to_string(o.mask_x) +
+                    std::to_string(o.mask_params) + std::to_string(o.mask_scale);
+
+  // inputs (S), rows with stride ld starting at `offset`
+  const int64_t in_elems = rows > 0 ? o.offset + (rows - 1) * ld + d : 0;  // exact: ASan sees overruns
+  std::vector<S> xs(in_elems), gs(in_elems);
+  std::vector<double> x(rows * d), g(rows * d);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < d; ++c) {
+      xs[o.offset + r * ld + c] = Traits<S>::from(normal(rng));
+      gs[o.offset + r * ld + c] = Traits<S>::from(normal(rng));
+      x[r * d + c] = Traits<S>::to(xs[o.offset + r * ld + c]);
+      g[r * d + c] = Traits<S>::to(gs[o.offset + r * ld + c]);
+    }
+  }
+  // parameters in A (as the glue prepares them)
+  std::vector<A> blocks(4 * P);
+  std::vector<A> angles(P);
+  if (o.quasi) {
+    for (int64_t p = 0; p < P; ++p) {
+      blocks[4 * p] = A(1 + 0.5 * normal(rng));
+      blocks[4 * p + 1] = A(0.5 * normal(rng));
+      blocks[4 * p + 2] = A(0.5 * normal(rng));
+      blocks[4 * p + 3] = A(1 + 0.5 * normal(rng));
+    }
+  } else {
+    for (int64_t p = 0; p < P; ++p) angles[p] = A(1.5 * normal(rng));
+    GivensArgs ga;
+    ga.angles = angles.data();
+    ga.blocks = blocks.data();
+    ga.num_pairs = P;
+    LaunchConfig c;
+    c.grid = dim3(2);
+    c.threads = 64;
+    run_kernel(c, [&] { detail::givens_blocks_kernel<A, A>(ga); });
+  }
+  std::vector<A> scale(d);
+  for (int64_t c = 0; c < d; ++c) scale[c] = A(1 + 0.3 * normal(rng));
+  std::vector<double> blocks64(4 * P), scale64(d);
+  for (int64_t k = 0; k < 4 * P; ++k) blocks64[k] = blocks[k];
+  for (int64_t c = 0; c < d; ++c) scale64[c] = scale[c];
+  if (!o.quasi) {
+    for (int64_t p = 0; p < P; ++p) {
+      const double c = std::cos(double(angles[p])), s = std::sin(double(angles[p]));
+      const double want[4] = {c, -s, s, c};
+      for (int k = 0; k < 4; ++k) {
+        if (std::fabs(blocks64[4 * p + k] - want[k]) > 4 * Traits<A>::eps()) {
+          std::fprintf(stderr, "FAIL %s: givens block %lld[%d] = %.10g, want %.10g\n", tag.c_str(),
+                       (long long)p, k, blocks64[4 * p + k], want[k]);
+          ++g_failures;
+          return;
+        }
+      }
+    }
+  }
+  const Reference want = reference(lay, x, g, rows, blocks64, o.with_scale ? &scale64 : nullptr);
+
+  Limits lim;
+  lim.sm_count = 3;
+  lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
+  auto occupancy = [](bool, bool, bool, int, size_t) { return 2; };
+  const double rtol_out = std::is_same_v<S, double> ? 1e-11 : std::is_same_v<S, float> ? 2e-5 : Traits<S>::eps();
+  const double atol_out = std::is_same_v<S, double> ? 1e-11 : 2e-5;
+  const double rtol_par = std::is_same_v<A, double> ? 1e-10 : 1e-4;
+
+  // ---- forward ----
+  {
+    std::vector<S> y = poisoned<S>(rows * d);
+    Problem p;
+    p.dtype = Traits<S>::dtype;
+    p.rows = rows;
+    p.d = d;
+    p.num_pairs = P;
+    p.num_layers = lay.L();
+    p.parallel_layout = lay.parallel;
+    p.x = xs.data() + o.offset;
+    p.x_ld = ld;
+    p.out = y.data();
+    ForwardPlan plan = plan_forward(p, lim, o.knobs);
+    tag += " | fwd " + plan.describe;
+    plan.pa.blocks = plan.ga.blocks = blocks.data();
+    plan.pa.scale = plan.ga.scale = o.with_scale ? scale.data() : nullptr;
+    plan.ga.pairs = lay.pairs.data();
+    plan.ga.offsets = lay.off.data();
+    std::vector<A> top = poisoned<A>(plan.top_elems), ws = poisoned<A>(plan.workspace_elems);
+    if (plan.parallel) {
+      plan.pa.top = top.data();
+      if (plan.vec) run_kernel(plan.main, [&] { detail::parallel_forward_kernel<S, true>(plan.pa); });
+      else run_kernel(plan.main, [&] { detail::parallel_forward_kernel<S, false>(plan.pa); });
+      if (plan.top_pass) run_kernel(plan.top, [&] { detail::parallel_top_forward_kernel<S>(plan.pa); });
+    } else {
+      if (plan.workspace_elems) plan.ga.workspace = ws.data();
+      run_kernel(plan.main, [&] { detail::general_forward_kernel<S>(plan.ga); });
+    }
+    std::vector<double> y64(rows * d);
+    for (int64_t k = 0; k < rows * d; ++k) y64[k] = Traits<S>::to(y[k]);
+    close_all("y", tag, y64.data(), want.y, rtol_out, atol_out);
+  }
+
+  // ---- backward (twice: bitwise identical) ----
+  std::vector<double> first;
+  for (int rep = 0; rep < 2; ++rep) {
+    std::vector<S> gx = poisoned<S>(rows * d);
+    Problem p;
+    p.dtype = Traits<S>::dtype;
+    p.rows = rows;
+    p.d = d;
+    p.num_pairs = P;
+    p.num_layers = lay.L();
+    p.parallel_layout = lay.parallel;
+    p.grad = gs.data() + o.offset;
+    p.grad_ld = ld;
+    p.out = o.mask_x ? gx.data() : nullptr;
+    p.want_x = o.mask_x;
+    p.want_blocks = o.mask_params;
+    p.want_scale = o.mask_scale && o.with_scale;
+    const bool grads = p.want_blocks || p.want_scale;
+    if (grads) {
+      p.x = xs.data() + o.offset;
+      p.x_ld = ld;
+    }
+    if (!p.want_x && !grads) return;
+    BackwardPlan plan = plan_backward(p, lim, o.knobs, occupancy);
+    const std::string btag = tag + " | bwd " + plan.describe;
+    plan.pa.blocks = plan.ga.blocks = blocks.data();
+    plan.pa.scale = plan.ga.scale = o.with_scale ? scale.data() : nullptr;
+    plan.ga.pairs = lay.pairs.data();
+    plan.ga.offsets = lay.off.data();
+    std::vector<A> partial = poisoned<A>(plan.slots * plan.partial_ld);
+    std::vector<A> top = poisoned<A>(plan.top_elems), ws = poisoned<A>(plan.workspace_elems);
+    plan.pa.partial = plan.ga.partial = partial.data();
+    if (plan.parallel) {
+      plan.pa.top = top.data();
+      if (plan.top_pass) {
+        ParallelArgs fa = plan.pa;
+        fa.store = 0;
+        fa.out = nullptr;
+        if (plan.vec) run_kernel(plan.top, [&] { detail::parallel_forward_kernel<S, true>(fa); });
+        else run_kernel(plan.top, [&] { detail::parallel_forward_kernel<S, false>(fa); });
+      }
+      const bool v = plan.vec, gr = plan.grads;
+      run_kernel(plan.main, [&] {
+        if (v && gr) detail::parallel_backward_kernel<S, true, true>(plan.pa);
+        else if (v) detail::parallel_backward_kernel<S, true, false>(plan.pa);
+        else if (gr) detail::parallel_backward_kernel<S, false, true>(plan.pa);
+        else detail::parallel_backward_kernel<S, false, false>(plan.pa);
+      });
+    } else {
+      if (plan.workspace_elems) plan.ga.workspace = ws.data();
+      if (plan.grads) run_kernel(plan.main, [&] { detail::general_backward_kernel<S, true>(plan.ga); });
+      else run_kernel(plan.main, [&] { detail::general_backward_kernel<S, false>(plan.ga); });
+    }
+    std::vector<A> gparams = poisoned<A>(o.quasi ? 4 * P : P), gscale = poisoned<A>(d);
+    if (plan.grads) {
+      ReduceArgs ra;
+      ra.partial = partial.data();
+      ra.partial_ld = plan.partial_ld;
+      ra.slots = plan.slots;
+      ra.num_pairs = P;
+      ra.d = d;
+      ra.blocks = blocks.data();
+      ra.grad_params = p.want_blocks ? gparams.data() : nullptr;
+      ra.grad_scale = p.want_scale ? gscale.data() : nullptr;
+      LaunchConfig rc;
+      rc.grid = dim3(static_cast<unsigned>(std::min<int64_t>((P + d + 255) / 256, 8)));
+      rc.threads = 256;
+      if (o.quasi) run_kernel(rc, [&] { detail::reduce_partials_kernel<A, false>(ra); });
+      else run_kernel(rc, [&] { detail::reduce_partials_kernel<A, true>(ra); });
+    }
+    std::vector<double> all;
+    if (p.want_x) {
+      std::vector<double> gx64(rows * d);
+      for (int64_t k = 0; k < rows * d; ++k) gx64[k] = Traits<S>::to(gx[k]);
+      close_all("grad_x", btag, gx64.data(), want.gx, rtol_out, atol_out);
+      all.insert(all.end(), gx64.begin(), gx64.end());
+    }
+    if (p.want_blocks) {
+      std::vector<double> gp64(o.quasi ? 4 * P : P);
+      for (size_t k = 0; k < gp64.size(); ++k) gp64[k] = gparams[k];
+      close_all(o.quasi ? "grad_blocks" : "grad_angles", btag, gp64.data(), o.quasi ? want.gblocks : want.gangles,
+                rtol_par, rtol_par);
+      all.insert(all.end(), gp64.begin(), gp64.end());
+    }
+    if (p.want_scale) {
+      std::vector<double> gs64(d);
+      for (int64_t c = 0; c < d; ++c) gs64[c] = gscale[c];
+      close_all("grad_scale", btag, gs64.data(), want.gscale, rtol_par, rtol_par);
+      all.insert(all.end(), gs64.begin(), gs64.end());
+    }
+    if (rep == 0) {
+      first = all;
+    } else if (first.size() != all.size() ||
+               (!all.empty() && std::memcmp(first.data(), all.data(), all.size() * sizeof(double)) != 0)) {
+      std::fprintf(stderr, "FAIL %s: backward not bitwise reproducible\n", btag.c_str());
+      ++g_failures;
+    }
+  }
+}
+
+template <class S>
+void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng) {
+  const int before = g_failures;
+  run_case<S>(lay, o, rng);
+  if (g_failures != before) ++g_failed_cases;
+}
+
+template <class S>
+void run_all_masks(const Layout& lay, Options o, std::mt19937_64& rng) {
+  run_case_counted<S>(lay, o, rng);
+  for (auto [mx, mp, ms] : {std::tuple{true, false, false}, std::tuple{false, true, false},
+                            std::tuple{false, false, true}}) {
+    o.mask_x = mx;
+    o.mask_params = mp;
+    o.mask_scale = ms;
+    run_case_counted<S>(lay, o, rng);
+  }
+}
+
+template <class S>
+void suite(bool full, std::mt19937_64& rng) {
+  std::vector<Layout> lays;
+  for (int64_t d : {2, 3, 8, 13, 64, 100, 257, 1000}) lays.push_back(parallel_layout(d));
+  if (full) {
+    for (int64_t d : {2048, 4096, 5000}) lays.push_back(parallel_layout(d));
+  }
+  lays.push_back(sequential_layout(5));
+  lays.push_back(sequential_layout(40));
+  lays.push_back(butterfly_layout(64));
+  lays.push_back(butterfly_layout(100));
+  lays.push_back(stacked(parallel_layout(13), 2));
+  lays.push_back(custom_layout(50, rng));
+  lays.push_back(custom_layout(7, rng));
+  Layout empty{"empty", 11, {}, {0, 0}, false};
+  lays.push_back(empty);
+  for (const Layout& lay : lays) {
+    for (bool quasi : {true, false}) {
+      Options o;
+      o.quasi = quasi;
+      o.with_scale = quasi;
+      o.rows = lay.d >= 2048 ? 3 : 17;
+      run_all_masks<S>(lay, o, rng);
+      // unaligned rows with a row stride (scalar loads); no scale
+      o.pad = 3;
+      o.offset = 1;
+      o.with_scale = !quasi;
+      o.rows = 3;
+      run_case_counted<S>(lay, o, rng);
+      // forced general paths
+      o.pad = 0;
+      o.offset = 0;
+      for (ForcedPath fp : {ForcedPath::General, ForcedPath::Global}) {
+        o.knobs.path = fp;
+        run_case_counted<S>(lay, o, rng);
+      }
+      o.knobs.path = ForcedPath::Auto;
+      // segmented parallel kernels (256-element segments)
+      if (lay.parallel && lay.d > 256) {
+        o.knobs.segment = 256;
+        run_all_masks<S>(lay, o, rng);
+        o.knobs.segment = 0;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::string mode = argc > 1 ? argv[1] : "quick";
+  std::mt19937_64 rng(12345);
+  const bool full = mode == "full";
+  if (mode == "tiny") {  // for a race detector: a few small cases through every path
+    for (int64_t d : {13, 300}) {
+      Options o;
+      o.rows = 3;
+      run_case_counted<float>(parallel_layout(d), o, rng);
+      o.knobs.segment = 256;
+      run_case_counted<float>(parallel_layout(d), o, rng);
+      o.knobs.segment = 0;
+      run_case_counted<__nv_bfloat16>(custom_layout(d, rng), o, rng);
+      o.knobs.path = ForcedPath::Global;
+      run_case_counted<float>(custom_layout(d, rng), o, rng);
+      o.knobs.path = ForcedPath::Auto;
+    }
+    Options o;
+    o.rows = 2;
+    run_case_counted<float>(parallel_layout(4096), o, rng);  // 512 threads, cross-warp layers
+  } else {
+    suite<float>(full, rng);
+    suite<double>(full, rng);
+    suite<__nv_bfloat16>(full, rng);
+    suite<__half>(full, rng);
+    if (full) {
+      Options o;
+      o.rows = 2;
+      run_case_counted<float>(parallel_layout(65536), o, rng);  // 16 backward segments, 8 forward
+      run_case_counted<__nv_bfloat16>(parallel_layout(12288), o, rng);
+    }
+  }
+  std::printf("cuda host emulation: %d cases, %d failed checks\n", g_cases, g_failures);
+  std::printf("cuda_emulation: %d passed, %d failed\n", g_cases - g_failed_cases, g_failed_cases);
+  return g_failures == 0 ? 0 : 1;
+}

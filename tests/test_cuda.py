@@ -1,0 +1,886 @@
+"""Tests of the CUDA backend of the compiled ops (``torch.ops.qgoft.*`` on CUDA tensors).
+
+Skipped when there is no CUDA device or qgoft was built without its CUDA kernels; with
+``QGOFT_REQUIRE_CUDA=1`` (bench/gpu_check.sh sets it) the module fails instead of skipping.
+
+Every case draws FRESH random inputs (the seed is printed, so a failure can be replayed with
+``QGOFT_TEST_SEED=<seed>``), poisons the CUDA caching allocator with NaN bytes before each kernel call
+(so an output element the kernels forget to write is NaN and fails), and checks against
+
+* the float64 pure-PyTorch reference (autograd for the gradients): float64 to ~1e-9, float32 to 1e-4
+  relative (of the largest value), bfloat16/float16 outputs within one unit in the last place (the only
+  rounding left is the final one, as for the CPU kernels), parameter gradients to 1e-4;
+* the CPU kernels on the same inputs (within the same tolerances);
+* itself: two runs give bitwise identical outputs and gradients.
+
+Kernel paths (docs/CUDA.md) are selected by layout and size; tests force the others with the debug
+environment variables QGOFT_CUDA_PATH=general|global and QGOFT_CUDA_SEGMENT=<width>, and check the
+selection through QGOFT_CUDA_VERBOSE=1.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import os
+import random
+import re
+
+import pytest
+import torch
+
+import qgoft
+from qgoft import layouts
+from qgoft import ops as qops
+from qgoft import reference as ref
+
+F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
+I32 = torch.int32
+DEV = "cuda"
+METHODS = ["goft", "goft_scaled", "qgoft", "qgoft_scaled"]
+DTYPES = [F32, F64, BF16, F16]
+
+
+def _unavailable_reason():
+    if not qgoft.extension_loaded():
+        return f"compiled extension not loaded ({qgoft._extension.extension_error()})"
+    if not qgoft.build_info().get("cuda_compiled"):
+        return "qgoft was built without its CUDA kernels"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+_REASON = _unavailable_reason()
+if _REASON is not None and os.environ.get("QGOFT_REQUIRE_CUDA", "0") == "1":
+    pytest.fail(f"QGOFT_REQUIRE_CUDA=1 but the CUDA backend cannot be tested: {_REASON}", pytrace=False)
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"CUDA backend not testable: {_REASON}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Randomness, allocator poisoning.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def gen(request):
+    """A CPU generator with a fresh seed per test (printed; QGOFT_TEST_SEED fixes it)."""
+    fixed = os.environ.get("QGOFT_TEST_SEED")
+    seed = int(fixed) if fixed else random.SystemRandom().randrange(2 ** 31)
+    print(f"[{request.node.name}] seed {seed} (replay with QGOFT_TEST_SEED={seed})")
+    return torch.Generator().manual_seed(seed)
+
+
+_POISON_BYTES = 64 << 20
+
+
+def poison(min_bytes: int = 0) -> list[tuple[int, int]]:
+    """Fill the memory the CUDA caching allocator hands out next with 0xFF bytes (NaN in every float
+    dtype): free cached blocks, allocate small-pool blocks and one large block, fill and free them.
+    Returns the poisoned address ranges."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    held = [torch.full(((1 << 19) - 512,), 255, dtype=torch.uint8, device=DEV) for _ in range(16)]
+    held.append(torch.full((max(_POISON_BYTES, 3 * min_bytes),), 255, dtype=torch.uint8, device=DEV))
+    ranges = [(t.data_ptr(), t.data_ptr() + t.numel()) for t in held]
+    torch.cuda.synchronize()
+    del held
+    return ranges
+
+
+def in_poisoned(t: torch.Tensor, ranges) -> bool:
+    p = t.data_ptr()
+    return any(a <= p < b for a, b in ranges)
+
+
+# ------------------------------------------------------------------------------------------------
+# Builders (as in tests/test_ops.py, on the device).
+# ------------------------------------------------------------------------------------------------
+
+def is_quasi(method):
+    return method.startswith("qgoft")
+
+
+def has_scale(method):
+    return method.endswith("_scaled")
+
+
+def random_custom_layers(d, g, num_layers=3):
+    layers = []
+    for _ in range(num_layers):
+        perm = torch.randperm(d, generator=g).tolist()
+        count = max(1, d // 3)
+        layers.append([tuple(sorted(perm[2 * k:2 * k + 2])) for k in range(count)])
+    return layers
+
+
+def tensors_from_layers(layers, device=DEV):
+    flat = [pair for layer in layers for pair in layer]
+    offsets = [0]
+    for layer in layers:
+        offsets.append(offsets[-1] + len(layer))
+    return (torch.tensor(flat, dtype=I32).reshape(len(flat), 2).to(device),
+            torch.tensor(offsets, dtype=I32).to(device))
+
+
+def make_layout(kind, d, g, device=DEV):
+    if kind == "custom":
+        return tensors_from_layers(random_custom_layers(d, g), device)
+    lay = {
+        "parallel": layouts.parallel,
+        "sequential": layouts.sequential,
+        "butterfly": layouts.butterfly,
+        "parallel*2": lambda n: layouts.stack(layouts.parallel(n), 2),
+        "butterfly*2": lambda n: layouts.stack(layouts.butterfly(n), 2),
+    }[kind](d)
+    return lay.pairs_tensor(device).clone(), lay.layer_offsets_tensor(device).clone()
+
+
+def make_params(method, num_pairs, d, g, dtype=F32, device=DEV):
+    if is_quasi(method):
+        params = torch.eye(2, dtype=F64) + 0.5 * torch.randn(num_pairs, 2, 2, generator=g, dtype=F64)
+    else:
+        params = 1.5 * torch.randn(num_pairs, generator=g, dtype=F64)
+    scale = 1.0 + 0.3 * torch.randn(d, generator=g, dtype=F64) if has_scale(method) else None
+    return (params.to(device=device, dtype=dtype),
+            scale.to(device=device, dtype=dtype) if scale is not None else None)
+
+
+def make_tensor(shape, d, kind, g, dtype, device=DEV):
+    """A (*shape, d) tensor with the memory layout ``kind`` (values ~ N(0, 1))."""
+    full = tuple(shape) + (d,)
+    rows = math.prod(shape)
+
+    def randn(*size):
+        return torch.randn(*size, generator=g, dtype=F64).to(device=device, dtype=dtype)
+
+    if kind == "contiguous":
+        t = randn(*full)
+    elif kind == "transposed":
+        t = randn(2 * d)[::2] if len(shape) == 0 else randn(*shape[:-1], d, shape[-1]).transpose(-1, -2)
+    elif kind == "row_slice":  # unit stride along d, row stride 2d + 3, storage offset 1 (unaligned)
+        t = randn(*shape, 2 * d + 3)[..., 1:d + 1]
+    elif kind == "expanded_rows":
+        t = randn(d).expand(full)
+    elif kind == "expanded_all":
+        t = randn(()).expand(full)
+    elif kind == "overlapping":
+        t = randn(rows + d).as_strided((rows, d), (1, 1)).view(full) if rows else randn(*full)
+    else:
+        raise AssertionError(kind)
+    assert t.shape == full
+    return t
+
+
+def op():
+    return torch.ops.qgoft
+
+
+def k_forward(method, x, params, pairs, offsets, scale):
+    fn = op().quasi_givens_chain if is_quasi(method) else op().givens_chain
+    return fn(x, params, pairs, offsets, scale)
+
+
+def k_backward(method, g, x, params, pairs, offsets, scale, mask=(True, True, True)):
+    fn = op().quasi_givens_chain_backward if is_quasi(method) else op().givens_chain_backward
+    return fn(g, x, params, pairs, offsets, scale, list(mask))
+
+
+def ref_chain(method, x, params, pairs, offsets, scale=None, **kw):
+    fn = ref.quasi_givens_chain_reference if is_quasi(method) else ref.givens_chain_reference
+    return fn(x, params, pairs, offsets, scale, **kw)
+
+
+def truth(method, x, g, params, pairs, offsets, scale):
+    """float64 forward and gradients (x, params, scale) of the reference on the same input values."""
+    x64 = x.detach().double().requires_grad_()
+    p64 = params.detach().double().requires_grad_()
+    leaves = [x64, p64]
+    s64 = None
+    if scale is not None:
+        s64 = scale.detach().double().requires_grad_()
+        leaves.append(s64)
+    out = ref_chain(method, x64, p64, pairs, offsets, s64)
+    grads = torch.autograd.grad(out, leaves, g.detach().double(), materialize_grads=True)
+    return (out.detach(),) + tuple(grads) + ((None,) if scale is None else ())
+
+
+def _tol(dtype, want):
+    big = want.abs().max().item() if want.numel() else 0.0
+    if dtype == F64:
+        return 1e-9, 1e-9 * max(1.0, big)
+    if dtype == F32:
+        return 1e-4, 1e-4 * big + 1e-6
+    eps = torch.finfo(dtype).eps  # bfloat16 / float16 activations: one final rounding
+    return eps, 1e-4 * big + 1e-5
+
+
+def check_close(got, want, dtype, what, factor=1.0):
+    """``got`` (kernel, any dtype) against ``want`` (float64): |got - want| <= atol + rtol |want|."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    rtol, atol = _tol(dtype, want)
+    diff = (got.double() - want.double()).abs()
+    bound = factor * (atol + rtol * want.double().abs())
+    bad = ~(diff <= bound)  # NaN counts as bad
+    if bad.any():
+        idx = bad.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements out of tolerance (dtype {dtype}, rtol {rtol:g}, "
+            f"atol {atol:g}); first at {idx}: got {got.double()[tuple(idx)].item()!r}, "
+            f"want {want.double()[tuple(idx)].item()!r}; max |diff| {diff.max().item():g}, "
+            f"NaNs in got: {int(torch.isnan(got.double()).sum())}")
+
+
+def run_and_check(method, kind, d, dtype, g, shape=(3, 37), x_kind="contiguous", g_kind="contiguous",
+                  compare_cpu=True, layout=None):
+    """Forward and full backward on CUDA (poisoned allocator) against the float64 reference and the
+    CPU kernels. Returns the CUDA results (out, grad_x, grad_params, grad_scale)."""
+    pairs, offsets = layout if layout is not None else make_layout(kind, d, g)
+    pdtype = F64 if dtype == F64 else F32
+    params, scale = make_params(method, pairs.shape[0], d, g, dtype=pdtype)
+    x = make_tensor(shape, d, x_kind, g, dtype)
+    gr = make_tensor(shape, d, g_kind, g, dtype)
+    nbytes = x.numel() * x.element_size() + 4 * (4 * pairs.shape[0] + d) * 8
+
+    ranges = poison(nbytes)
+    out = k_forward(method, x, params, pairs, offsets, scale)
+    poisoned_out = in_poisoned(out, ranges)
+    ranges = poison(nbytes)
+    gx, gp, gs = k_backward(method, gr, x, params, pairs, offsets, scale)
+    torch.cuda.synchronize()
+    assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous() and out.device == x.device
+    assert gx.shape == x.shape and gx.dtype == dtype
+    assert gp.shape == params.shape and gp.dtype == params.dtype
+    if scale is None:
+        assert gs.shape == (0,)
+    else:
+        assert gs.shape == scale.shape and gs.dtype == scale.dtype
+    if x.numel():
+        assert poisoned_out, "allocator poisoning did not reach the output (test infrastructure)"
+
+    want = truth(method, x, gr, params, pairs, offsets, scale)
+    tag = f"{method} {kind} d={d} {dtype} shape={shape} x={x_kind} g={g_kind}"
+    check_close(out, want[0], dtype, f"{tag}: out")
+    check_close(gx, want[1], dtype, f"{tag}: grad_x")
+    pd = F64 if dtype == F64 else F32
+    check_close(gp, want[2], pd, f"{tag}: grad_params")
+    if scale is not None:
+        check_close(gs, want[3], pd, f"{tag}: grad_scale")
+
+    if compare_cpu:
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        args = (cpu(params), pairs.cpu(), offsets.cpu(), cpu(scale))
+        out_c = k_forward(method, x.cpu(), *args)
+        gx_c, gp_c, gs_c = k_backward(method, gr.cpu(), x.cpu(), *args)
+        check_close(out, out_c.double().to(DEV), dtype, f"{tag}: out vs CPU kernel", factor=2)
+        check_close(gx, gx_c.double().to(DEV), dtype, f"{tag}: grad_x vs CPU kernel", factor=2)
+        check_close(gp, gp_c.double().to(DEV), pd, f"{tag}: grad_params vs CPU kernel", factor=2)
+        if scale is not None:
+            check_close(gs, gs_c.double().to(DEV), pd, f"{tag}: grad_scale vs CPU kernel", factor=2)
+    return out, gx, gp, gs
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """Set debug environment variables of the CUDA glue for one test."""
+    def set_env(**values):
+        for k, v in values.items():
+            monkeypatch.setenv(k, str(v))
+    return set_env
+
+
+def plans(capfd):
+    """Launch plans printed (QGOFT_CUDA_VERBOSE=1) since the last call."""
+    return [line for line in capfd.readouterr().err.splitlines() if line.startswith("qgoft.cuda:")]
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Every layout, method and dtype against the float64 reference and the CPU kernels.
+# ------------------------------------------------------------------------------------------------
+
+def _grid():
+    # parallel: register path (T <= 512/1024, R > 1 below 256 threads), segmented above 4096 (backward)
+    # and 8192 (forward); non-multiples of 8 take the scalar (non-vectorised) loads.
+    for d in (2, 3, 8, 13, 64, 100, 257, 1000, 2048, 4096, 5000, 8192, 12288):
+        yield "parallel", d
+    for d in (2, 5, 64, 200):
+        yield "sequential", d
+    # butterfly 4096: backward accumulators in global memory; 8192: rows and tape too (global path)
+    for d in (2, 8, 64, 1024, 4096, 8192):
+        yield "butterfly", d
+    for d in (13, 100, 1000):
+        yield "parallel*2", d
+    for d in (7, 50, 768, 3000):
+        yield "custom", d
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind,d", list(_grid()))
+def test_matches_reference_and_cpu(gen, kind, d, method, dtype):
+    if is_quasi(method) and kind == "sequential" and d > 64 and dtype != F64:
+        d = 64  # free 2x2 blocks over ~200 layers grow values beyond low-precision tolerances
+    run_and_check(method, kind, d, dtype, gen)
+
+
+@pytest.mark.parametrize("x_kind,g_kind,shape", [
+    ("row_slice", "contiguous", (7,)),
+    ("transposed", "row_slice", (3, 5)),
+    ("contiguous", "transposed", (2, 3, 4)),
+    ("expanded_rows", "row_slice", (37,)),
+    ("overlapping", "expanded_all", (5, 13)),
+    ("contiguous", "contiguous", ()),
+])
+@pytest.mark.parametrize("kind,d", [("parallel", 64), ("parallel", 1000), ("parallel", 5000),
+                                    ("custom", 77), ("butterfly", 256)])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_strides_and_leading_dims(gen, kind, d, dtype, x_kind, g_kind, shape):
+    run_and_check("qgoft_scaled", kind, d, dtype, gen, shape=shape, x_kind=x_kind, g_kind=g_kind)
+
+
+@pytest.mark.parametrize("rows", [1, 31, 257, 100_003])
+@pytest.mark.parametrize("kind,d", [("parallel", 16), ("parallel", 300), ("custom", 40)])
+def test_many_rows(gen, kind, d, rows):
+    """Grid-stride loops, partially filled row groups and the persistent backward grids."""
+    run_and_check("goft_scaled", kind, d, F32, gen, shape=(rows,), compare_cpu=rows < 100_000)
+    run_and_check("qgoft", kind, d, BF16, gen, shape=(rows,), compare_cpu=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Forced kernel paths (debug knobs) and the path selection.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("d", [300, 1000, 2049, 4100])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=str)
+def test_segmented_parallel_path(gen, env, capfd, d, method, dtype):
+    """Rows cut into 256-element segments: the top layers run in the second forward kernel and in
+    warp 0 of every backward block."""
+    env(QGOFT_CUDA_SEGMENT=256, QGOFT_CUDA_VERBOSE=1)
+    run_and_check(method, "parallel", d, dtype, gen, shape=(5, 7))
+    seen = plans(capfd)
+    nsegs = {int(m) for line in seen for m in re.findall(r"nseg=(\d+)", line)}
+    assert nsegs == {-(-d // 256)}, seen
+
+
+@pytest.mark.parametrize("path", ["general", "global"])
+@pytest.mark.parametrize("kind,d", [("parallel", 1000), ("parallel", 64), ("custom", 333),
+                                    ("sequential", 40), ("parallel*2", 129)])
+@pytest.mark.parametrize("method", ["goft", "qgoft_scaled"])
+@pytest.mark.parametrize("dtype", [F32, F64, BF16, F16], ids=str)
+def test_general_paths_forced(gen, env, capfd, path, kind, d, method, dtype):
+    env(QGOFT_CUDA_PATH=path, QGOFT_CUDA_VERBOSE=1)
+    run_and_check(method, kind, d, dtype, gen, shape=(3, 11))
+    seen = plans(capfd)
+    assert seen and all(("path=general(global)" if path == "global" else "path=general(smem)") in line
+                        for line in seen), seen
+
+
+def test_path_selection(gen, env, capfd):
+    env(QGOFT_CUDA_VERBOSE=1)
+    for kind, d, want_fwd, want_bwd in [
+        ("parallel", 4096, "path=parallel T=512 R=1 nseg=1", "path=parallel T=512 R=1 nseg=1"),
+        ("parallel", 100, "path=parallel T=16 R=16 nseg=1", "path=parallel T=16 R=16 nseg=1"),
+        ("parallel", 20000, "path=parallel T=1024 R=1 nseg=3", "path=parallel T=512 R=1 nseg=5"),
+        ("butterfly", 4096, "path=general(smem)", "path=general"),  # rows in smem iff the opt-in limit >= 224 KiB
+        ("butterfly", 8192, "path=general(smem)", "path=general(global)"),
+        ("sequential", 4096, "path=general(smem)", "path=general(smem) acc_in_smem=1"),
+    ]:
+        pairs, offsets = make_layout(kind, d, gen)
+        params, _ = make_params("goft", pairs.shape[0], d, gen)
+        x = torch.randn(16, d, device=DEV, dtype=BF16)
+        capfd.readouterr()
+        k_forward("goft", x, params, pairs, offsets, None)
+        k_backward("goft", x, x, params, pairs, offsets, None)
+        seen = plans(capfd)
+        fwd = [p for p in seen if " forward " in p]
+        bwd = [p for p in seen if " backward " in p]
+        assert len(fwd) == 1 and want_fwd in fwd[0], (kind, d, seen)
+        assert len(bwd) == 1 and want_bwd in bwd[0], (kind, d, seen)
+
+
+@pytest.mark.parametrize("kind", ["parallel", "butterfly"])
+@pytest.mark.parametrize("method,dtype", [("goft", F32), ("qgoft_scaled", F32), ("goft_scaled", BF16),
+                                          ("qgoft", F64)])
+def test_very_large_d(gen, kind, method, dtype):
+    """d = 65536: parallel segmented (16 segments backward, 8 forward); butterfly in the global-memory
+    general path (its 1M-entry tape does not fit shared memory)."""
+    run_and_check(method, kind, 65536, dtype, gen, shape=(3,))
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Low precision, identity, conversions.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind,d", [("parallel", 64), ("parallel", 4096), ("sequential", 24), ("custom", 100)])
+def test_low_precision_error_bound(gen, dtype, method, kind, d):
+    """As on the CPU: float32 math inside, so the error is at most twice that of the same chain computed
+    in the activation dtype, and within one ulp of the float64 truth."""
+    pairs, offsets = make_layout(kind, d, gen)
+    params, scale = make_params(method, pairs.shape[0], d, gen)
+    x = make_tensor((3, 41), d, "contiguous", gen, dtype)
+    out = k_forward(method, x, params, pairs, offsets, scale)
+    p64 = params.double()
+    s64 = scale.double() if scale is not None else None
+    want = ref_chain(method, x.double(), p64, pairs, offsets, s64)
+    low = ref_chain(method, x, params, pairs, offsets, scale, compute_dtype=dtype)
+    err = (out.double() - want).abs().max().item()
+    err_low = (low.double() - want).abs().max().item()
+    assert err <= 2.0 * err_low + 1e-6, (err, err_low)
+    ulp = torch.finfo(dtype).eps
+    assert ((out.double() - want).abs() <= ulp * want.abs() + 1e-5).all()
+
+
+def _all_bit_patterns(dtype):
+    return torch.arange(-(2 ** 15), 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+
+
+def _assert_same_bits(got, want):
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan), "NaN must stay NaN (and only NaN)"
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)), "values must be bitwise"
+
+
+@pytest.mark.parametrize("d", [256, 97])
+@pytest.mark.parametrize("dtype", [BF16, F16], ids=str)
+def test_low_precision_conversions_are_exact(dtype, d):
+    values = _all_bit_patterns(dtype)
+    rows = -(-values.numel() // d)
+    x = torch.cat([values, values[: rows * d - values.numel()]]).view(rows, d).to(DEV)
+    pairs, offsets = torch.zeros(0, 2, dtype=I32, device=DEV), torch.zeros(1, dtype=I32, device=DEV)
+    angles, ones = torch.zeros(0, device=DEV), torch.ones(d, device=DEV)
+    _assert_same_bits(op().givens_chain(x, angles, pairs, offsets, None), x)
+    _assert_same_bits(op().givens_chain(x, angles, pairs, offsets, ones), x)
+    gx = op().givens_chain_backward(x, x, angles, pairs, offsets, ones, [True, True, True])[0]
+    _assert_same_bits(gx, x)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind,d", [("parallel", 768), ("parallel", 4096), ("parallel", 9000),
+                                    ("sequential", 13), ("butterfly", 64), ("parallel*2", 100),
+                                    ("custom", 1000)])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+def test_identity_is_bitwise(gen, method, kind, d, dtype):
+    """Identity parameters reproduce x bitwise (1 * x_i + 0 * x_j is exact, also as an FMA)."""
+    pairs, offsets = make_layout(kind, d, gen)
+    num_pairs = pairs.shape[0]
+    params = (torch.eye(2, device=DEV).repeat(num_pairs, 1, 1) if is_quasi(method)
+              else torch.zeros(num_pairs, device=DEV))
+    scale = torch.ones(d, device=DEV) if has_scale(method) else None
+    x = make_tensor((5, 9), d, "row_slice", gen, dtype)
+    x[x == 0] = 1.0  # -0 + 0 = +0 is the one legitimate change
+    assert torch.equal(k_forward(method, x, params, pairs, offsets, scale), x)
+    gx = k_backward(method, x, x, params, pairs, offsets, scale, [True, False, False])[0]
+    assert torch.equal(gx, x)
+    gx_full = k_backward(method, x, x, params, pairs, offsets, scale)[0]
+    assert torch.equal(gx_full, x)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Determinism, masks, the adjoint.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("method", ["goft_scaled", "qgoft_scaled"])
+@pytest.mark.parametrize("kind,d,rows,path", [
+    ("parallel", 300, 20_000, "auto"),     # several row slots per block, persistent grid
+    ("parallel", 4096, 3_000, "auto"),     # 512 threads per row
+    ("parallel", 10_000, 700, "auto"),     # segmented
+    ("custom", 200, 5_000, "auto"),        # general, shared memory
+    ("parallel", 500, 2_000, "global"),    # general, global memory
+])
+def test_bitwise_deterministic(gen, env, dtype, method, kind, d, rows, path):
+    env(QGOFT_CUDA_PATH=path)
+    pairs, offsets = make_layout(kind, d, gen)
+    params, scale = make_params(method, pairs.shape[0], d, gen)
+    x = make_tensor((rows,), d, "contiguous", gen, dtype)
+    g = make_tensor((rows,), d, "contiguous", gen, dtype)
+    results = []
+    for _ in range(3):
+        poison()
+        out = k_forward(method, x, params, pairs, offsets, scale)
+        results.append((out,) + tuple(k_backward(method, g, x, params, pairs, offsets, scale)))
+    for name, a, b, c in zip(["out", "grad_x", "grad_params", "grad_scale"], *results):
+        assert torch.equal(a, b) and torch.equal(a, c), f"{name}: runs differ"
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind,d", [("parallel", 100), ("parallel", 5000), ("custom", 100)])
+def test_output_mask_subsets(gen, method, kind, d):
+    pairs, offsets = make_layout(kind, d, gen)
+    params, scale = make_params(method, pairs.shape[0], d, gen)
+    x = make_tensor((300,), d, "contiguous", gen, BF16)
+    g = make_tensor((300,), d, "contiguous", gen, BF16)
+    full = k_backward(method, g, x, params, pairs, offsets, scale)
+    for mask in itertools.product([False, True], repeat=3):
+        outs = k_backward(method, g, x, params, pairs, offsets, scale, mask)
+        for k, (want, got) in enumerate(zip(full, outs)):
+            if mask[k] and want.numel() > 0:
+                if k == 0:  # grad_x may come from the kernel variant without parameter gradients
+                    check_close(got, want.double(), BF16, f"mask {mask}: grad_x", factor=1)
+                else:
+                    assert torch.equal(got, want), f"mask {mask}: output {k} differs from the full backward"
+            else:
+                assert got.shape == (0,), f"mask {mask}: output {k} should be empty, got {tuple(got.shape)}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind,d", [("parallel", 29), ("parallel", 6000), ("parallel*2", 29)])
+def test_adjoint_does_not_read_x(gen, dtype, kind, d):
+    pairs, offsets = make_layout(kind, d, gen)
+    params, scale = make_params("qgoft_scaled", pairs.shape[0], d, gen, dtype=F64 if dtype == F64 else F32)
+    g = make_tensor((45,), d, "contiguous", gen, dtype)
+    x_nan = torch.full((45, d), float("nan"), dtype=dtype, device=DEV)
+    gx, gp, gs = k_backward("qgoft_scaled", g, x_nan, params, pairs, offsets, scale, [True, False, False])
+    assert torch.isfinite(gx).all() and gp.shape == (0,) and gs.shape == (0,)
+    want = ref.quasi_givens_chain_adjoint_reference(g.double(), params.double(), pairs, offsets, scale.double())
+    check_close(gx, want, dtype, "adjoint")
+    adj = qops.quasi_givens_chain_adjoint(g, params, pairs, offsets, scale)
+    assert torch.equal(adj, gx)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Edge cases, checks and errors.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=str)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 4)])
+def test_zero_rows(method, shape, dtype):
+    d = 10
+    g = torch.Generator().manual_seed(0)
+    pairs, offsets = make_layout("parallel", d, g)
+    params, scale = make_params(method, pairs.shape[0], d, g, dtype=F64 if dtype == F64 else F32)
+    x = torch.empty(*shape, d, dtype=dtype, device=DEV)
+    out = k_forward(method, x, params, pairs, offsets, scale)
+    assert out.shape == x.shape and out.dtype == dtype and out.device == x.device
+    gx, gp, gs = k_backward(method, torch.empty_like(x), x, params, pairs, offsets, scale)
+    assert gx.shape == x.shape
+    assert gp.shape == params.shape and torch.equal(gp, torch.zeros_like(params))
+    if scale is not None:
+        assert torch.equal(gs, torch.zeros_like(scale))
+
+
+@pytest.mark.parametrize("offsets", [[0], [0, 0], [0, 0, 0]])
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_layout(gen, method, offsets):
+    d = 11
+    layout = (torch.zeros(0, 2, dtype=I32, device=DEV), torch.tensor(offsets, dtype=I32, device=DEV))
+    out, gx, gp, gs = run_and_check(method, "custom", d, F32, gen, shape=(4, 3), layout=layout)
+    assert gp.shape[0] == 0
+
+
+def test_autograd_and_gradcheck_on_cuda(gen):
+    for method, kind, d in [("goft", "parallel", 5), ("qgoft_scaled", "custom", 8), ("goft_scaled", "sequential", 4),
+                            ("qgoft", "parallel", 40)]:
+        pairs, offsets = make_layout(kind, d, gen)
+        params, scale = make_params(method, pairs.shape[0], d, gen, dtype=F64)
+        x = make_tensor((3,), d, "contiguous", gen, F64).requires_grad_()
+        params.requires_grad_()
+        fn = qops.quasi_givens_chain if is_quasi(method) else qops.givens_chain
+        assert qops.uses_compiled_kernel(x)
+        if scale is None:
+            assert torch.autograd.gradcheck(lambda a, b: fn(a, b, pairs, offsets), (x, params))
+        else:
+            scale.requires_grad_()
+            assert torch.autograd.gradcheck(lambda a, b, s: fn(a, b, pairs, offsets, s), (x, params, scale))
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("method", ["goft", "qgoft"])
+def test_opcheck(gen, method, with_scale):
+    d = 6
+    pairs, offsets = make_layout("parallel", d, gen)
+    params, scale = make_params(method + ("_scaled" if with_scale else ""), pairs.shape[0], d, gen, dtype=F64)
+    x = make_tensor((2, 3), d, "contiguous", gen, F64)
+    g = make_tensor((2, 3), d, "contiguous", gen, F64)
+    fwd = op().quasi_givens_chain if is_quasi(method) else op().givens_chain
+    bwd = op().quasi_givens_chain_backward if is_quasi(method) else op().givens_chain_backward
+    leaves = [t.detach().clone().requires_grad_() for t in (x, params)]
+    s_leaf = scale.detach().clone().requires_grad_() if scale is not None else None
+    torch.library.opcheck(fwd.default, (leaves[0], leaves[1], pairs, offsets, s_leaf))
+    for mask in itertools.product([False, True], repeat=3):
+        torch.library.opcheck(bwd.default, (g, x, params, pairs, offsets, scale, list(mask)))
+
+
+def test_backward_outputs_are_fresh_tensors(gen):
+    pairs, offsets = make_layout("parallel", 64, gen)
+    params, scale = make_params("qgoft_scaled", pairs.shape[0], 64, gen)
+    x = make_tensor((9,), 64, "contiguous", gen, F32)
+    outs = k_backward("qgoft_scaled", x, x, params, pairs, offsets, scale)
+    assert len({t.untyped_storage().data_ptr() for t in outs}) == 3
+    assert [t.storage_offset() for t in outs] == [0, 0, 0]
+
+
+def test_input_is_not_modified(gen):
+    d = 64
+    pairs, offsets = make_layout("parallel", d, gen)
+    params, scale = make_params("qgoft_scaled", pairs.shape[0], d, gen)
+    x = make_tensor((20,), d, "contiguous", gen, F32)
+    g = make_tensor((20,), d, "contiguous", gen, F32)
+    copies = [t.clone() for t in (x, g, params, scale, pairs, offsets)]
+    k_forward("qgoft_scaled", x, params, pairs, offsets, scale)
+    k_backward("qgoft_scaled", g, x, params, pairs, offsets, scale)
+    k_backward("qgoft_scaled", g, x, params, pairs, offsets, scale, [True, False, False])
+    for a, b in zip((x, g, params, scale, pairs, offsets), copies):
+        assert torch.equal(a, b)
+
+
+def test_float64_x_with_float32_params(gen):
+    d = 100
+    pairs, offsets = make_layout("parallel*2", d, gen)
+    for method in METHODS:
+        params, scale = make_params(method, pairs.shape[0], d, gen, dtype=F32)
+        x = make_tensor((6, 7), d, "contiguous", gen, F64)
+        g = make_tensor((6, 7), d, "contiguous", gen, F64)
+        out = k_forward(method, x, params, pairs, offsets, scale)
+        gx, gp, gs = k_backward(method, g, x, params, pairs, offsets, scale)
+        want = truth(method, x, g, params.double(), pairs, offsets, None if scale is None else scale.double())
+        assert out.dtype == F64 and gx.dtype == F64 and gp.dtype == F32
+        check_close(out, want[0], F64, "out")
+        check_close(gx, want[1], F64, "grad_x")
+        check_close(gp, want[2], F32, "grad_params")
+        if scale is not None:
+            assert gs.dtype == F32
+            check_close(gs, want[3], F32, "grad_scale")
+
+
+def test_params_in_other_dtypes_and_layouts(gen):
+    """bfloat16 / non-contiguous / offset parameters are converted (as on the CPU)."""
+    d = 16
+    pairs, offsets = make_layout("butterfly", d, gen)
+    params, scale = make_params("qgoft_scaled", pairs.shape[0], d, gen)
+    x = make_tensor((5,), d, "contiguous", gen, F32)
+    want = ref_chain("qgoft", x.double(), params.double(), pairs, offsets, scale.double())
+    params_nc = params.transpose(1, 2).contiguous().transpose(1, 2)
+    params_offset = torch.cat([torch.zeros(1, 2, 2, device=DEV), params])[1:]  # 16-byte misaligned
+    scale_nc = torch.stack([scale, scale], 1)[:, 1]
+    for p, s in [(params_nc, scale), (params_offset, scale_nc), (params.to(BF16).float(), scale)]:
+        got = k_forward("qgoft", x, p, pairs, offsets, s)
+        check_close(got, ref_chain("qgoft", x.double(), p.double(), pairs, offsets, s.double()), F32, "out")
+    check_close(k_forward("qgoft", x, params_nc, pairs.t().contiguous().t(),
+                          torch.stack([offsets, offsets], 1)[:, 0], scale), want, F32, "non-contiguous layout")
+    angles = 1.5 * torch.randn(pairs.shape[0], generator=gen).to(DEV)
+    got = k_forward("goft", x, angles.to(BF16), pairs, offsets, None)
+    check_close(got, ref_chain("goft", x.double(), angles.to(BF16).double(), pairs, offsets), F32, "bf16 angles")
+
+
+BAD_LAYOUTS = [
+    ([[0, 1], [2, 4]], [0, 2], 4, "pair 1 = \\(2, 4\\) must satisfy"),
+    ([[-1, 1], [2, 3]], [0, 2], 4, "pair 0 = \\(-1, 1\\) must satisfy"),
+    ([[1, 0], [2, 3]], [0, 2], 4, "must satisfy 0 <= i < j < d"),
+    ([[0, 1], [1, 2]], [0, 2], 4, "overlaps another pair of layer 0"),
+    ([[0, 1], [1, 2]], [0, 1, 3], 4, "layer_offsets must start at 0 and end at P"),
+    ([[0, 1], [2, 3]], [1, 2], 4, "layer_offsets must start at 0"),
+    ([[0, 1], [2, 3]], [0, 2, 1, 2], 4, "layer_offsets must be non-decreasing"),
+    ([[0, 1], [2, 3]], [0, -1, 2], 4, "layer_offsets must be non-decreasing"),
+    ([[0, 1], [2, 3]], [], 4, "layer_offsets must be an int32 tensor"),
+]
+
+
+@pytest.mark.parametrize("pairs,offsets,d,what", BAD_LAYOUTS)
+def test_rejects_invalid_layouts_like_cpu(pairs, offsets, d, what):
+    for device in ("cpu", DEV):
+        pairs_t = torch.tensor(pairs, dtype=I32).reshape(-1, 2).to(device)
+        offsets_t = torch.tensor(offsets, dtype=I32).to(device)
+        x = torch.randn(5, d, device=device)
+        n = pairs_t.shape[0]
+        with pytest.raises(RuntimeError, match=what):
+            op().givens_chain(x, torch.zeros(n, device=device), pairs_t, offsets_t, None)
+        with pytest.raises(RuntimeError, match=what):
+            op().quasi_givens_chain_backward(x, x, torch.zeros(n, 2, 2, device=device), pairs_t, offsets_t,
+                                             None, [True, True, False])
+
+
+def test_offsets_are_checked_before_pairs_are_read():
+    storage = torch.tensor([[0, 1], [2, 3], [3, 1]], dtype=I32, device=DEV)
+    with pytest.raises(RuntimeError, match="layer_offsets"):
+        op().givens_chain(torch.randn(2, 4, device=DEV), torch.zeros(2, device=DEV), storage[:2],
+                          torch.tensor([0, 3, 2], dtype=I32, device=DEV), None)
+
+
+def test_device_mismatch_errors(gen):
+    d = 8
+    pairs, offsets = make_layout("parallel", d, gen)
+    x = torch.randn(3, d, device=DEV)
+    angles = torch.zeros(d - 1, device=DEV)
+    cases = [
+        ("angles", lambda: op().givens_chain(x, angles.cpu(), pairs, offsets, None)),
+        ("pairs", lambda: op().givens_chain(x, angles, pairs.cpu(), offsets, None)),
+        ("layer_offsets", lambda: op().givens_chain(x, angles, pairs, offsets.cpu(), None)),
+        ("scale", lambda: op().givens_chain(x, angles, pairs, offsets, torch.ones(d))),
+        ("blocks", lambda: op().quasi_givens_chain(x, torch.zeros(d - 1, 2, 2), pairs, offsets, None)),
+        ("grad_out", lambda: op().givens_chain_backward(x.cpu(), x, angles, pairs, offsets, None,
+                                                        [True, True, False])),
+        ("angles", lambda: op().givens_chain(x.cpu(), angles, pairs.cpu(), offsets.cpu(), None)),
+    ]
+    for name, call in cases:
+        with pytest.raises(RuntimeError, match=rf"{name} must be on the same device as x"):
+            call()
+
+
+def test_rejects_bad_dtypes_and_shapes():
+    pairs, offsets = make_layout("parallel", 4, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match=r"\bx\b"):
+        op().givens_chain(torch.ones(2, 4, dtype=torch.int32, device=DEV), torch.zeros(3, device=DEV), pairs,
+                          offsets, None)
+    with pytest.raises(RuntimeError, match="angles"):
+        op().givens_chain(torch.ones(2, 4, device=DEV), torch.zeros(4, device=DEV), pairs, offsets, None)
+    with pytest.raises(RuntimeError, match="grad_out"):
+        op().givens_chain_backward(torch.ones(3, 4, device=DEV), torch.ones(2, 4, device=DEV),
+                                   torch.zeros(3, device=DEV), pairs, offsets, None, [True, True, False])
+
+
+def test_layout_cache_sees_in_place_changes(gen):
+    """Validated layouts are cached per tensor and version: an in-place change is re-validated."""
+    d = 16
+    pairs, offsets = make_layout("parallel", d, gen)
+    angles = torch.randn(d - 1, device=DEV)
+    x = torch.randn(4, d, device=DEV)
+    y1 = op().givens_chain(x, angles, pairs, offsets, None)
+    with torch.no_grad():
+        pairs[[0, 1]] = pairs[[1, 0]]  # still valid (order inside layer 1 changes): other result
+    y2 = op().givens_chain(x, angles, pairs, offsets, None)
+    check_close(y2, ref.givens_chain_reference(x.double(), angles.double(), pairs, offsets), F32, "after swap")
+    assert not torch.equal(y1, y2)
+    with torch.no_grad():
+        pairs[1] = pairs[0]  # now invalid
+    with pytest.raises(RuntimeError, match="overlaps another pair"):
+        op().givens_chain(x, angles, pairs, offsets, None)
+
+
+def test_inference_mode_layout_tensors(gen):
+    d = 64
+    with torch.inference_mode():
+        pairs, offsets = make_layout("parallel", d, gen)
+        params, scale = make_params("goft_scaled", pairs.shape[0], d, gen)
+        x = make_tensor((7,), d, "contiguous", gen, F32)
+        out = k_forward("goft_scaled", x, params, pairs, offsets, scale)
+    check_close(out, ref_chain("goft_scaled", x.double(), params.double(), pairs, offsets, scale.double()),
+                F32, "inference mode")
+
+
+def test_side_stream(gen):
+    d = 3000
+    pairs, offsets = make_layout("parallel", d, gen)
+    params, scale = make_params("qgoft_scaled", pairs.shape[0], d, gen)
+    k_forward("qgoft_scaled", torch.zeros(1, d, device=DEV), params, pairs, offsets, scale)  # warm the cache
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        x = torch.randn(4000, d, device=DEV)
+        out = k_forward("qgoft_scaled", x, params, pairs, offsets, scale)
+        gx, gp, gs = k_backward("qgoft_scaled", out, x, params, pairs, offsets, scale)
+    s.synchronize()
+    want = truth("qgoft_scaled", x, out, params, pairs, offsets, scale)
+    check_close(out, want[0], F32, "out on a side stream")
+    check_close(gp, want[2], F32, "grad_params on a side stream")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_device(gen):
+    d = 500
+    with torch.cuda.device(0):
+        pairs, offsets = make_layout("parallel", d, gen, device="cuda:1")
+        params, scale = make_params("qgoft_scaled", pairs.shape[0], d, gen, device="cuda:1")
+        x = make_tensor((33,), d, "contiguous", gen, F32, device="cuda:1")
+        out = k_forward("qgoft_scaled", x, params, pairs, offsets, scale)
+        assert out.device == x.device
+        check_close(out, ref_chain("qgoft_scaled", x.double(), params.double(), pairs, offsets, scale.double()),
+                    F32, "cuda:1")
+        with pytest.raises(RuntimeError, match="must be on the same device as x"):
+            k_forward("qgoft_scaled", x, params.to("cuda:0"), pairs, offsets, scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. qgoft.nn.Linear on CUDA, end to end.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,layout", [("goft", "parallel"), ("goft_scaled", "parallel"), ("qgoft", "parallel"),
+                                           ("goft", "butterfly"), ("qgoft", "sequential")])
+@pytest.mark.parametrize("base_dtype", [F32, BF16], ids=str)
+def test_linear_end_to_end(gen, method, layout, base_dtype):
+    torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+    d, n = 256, 192
+    base = torch.nn.Linear(d, n, dtype=base_dtype)
+    lin_cpu = qgoft.nn.Linear.from_linear(base, method=method, layout=layout)
+    with torch.no_grad():
+        for p in lin_cpu.adapter_parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    lin = copy.deepcopy(lin_cpu).to(DEV)
+    assert all(p.device.type == "cuda" and p.dtype == F32 for p in lin.adapter_parameters())
+    x_cpu = torch.randn(4, 33, d, dtype=base_dtype)
+    x = x_cpu.to(DEV).requires_grad_()
+    x_cpu.requires_grad_()
+    assert qops.uses_compiled_kernel(x)
+    y, y_cpu = lin(x), lin_cpu(x_cpu)
+    low = base_dtype != F32
+    tol = dict(rtol=2e-2, atol=2e-2) if low else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y.cpu().float(), y_cpu.float(), **tol)
+    y.float().square().sum().backward()
+    y_cpu.float().square().sum().backward()
+    torch.testing.assert_close(x.grad.cpu().float(), x_cpu.grad.float(), **tol)
+    for p, q in zip(lin.adapter_parameters(), lin_cpu.adapter_parameters()):
+        assert p.grad is not None and p.grad.dtype == F32
+        torch.testing.assert_close(p.grad.cpu(), q.grad, rtol=5e-2 if low else 1e-3,
+                                   atol=5e-2 * q.grad.abs().max().item() if low else 1e-3)
+    # merge / unmerge
+    with torch.no_grad():
+        original = lin.weight.detach().clone()
+        before = lin(x)
+        merged_w = lin.merged_weight()
+        torch.testing.assert_close(merged_w.cpu(), lin_cpu.merged_weight(), rtol=1e-4, atol=1e-4)
+        lin.merge()
+        after = lin(x)
+        torch.testing.assert_close(after.float(), before.float(), **(dict(rtol=5e-2, atol=5e-2) if low else tol))
+        lin.unmerge()
+        assert torch.equal(lin.weight, original)
+        assert torch.equal(lin(x), before)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. CUDA graphs (last: a failing capture can disturb later tests).
+# ------------------------------------------------------------------------------------------------
+
+def test_cuda_graph_capture_after_warmup(gen):
+    d = 4096
+    pairs, offsets = make_layout("parallel", d, gen)
+    params, scale = make_params("goft_scaled", pairs.shape[0], d, gen)
+    x_static = torch.randn(64, d, device=DEV, dtype=BF16)
+    g_static = torch.randn(64, d, device=DEV, dtype=BF16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up validates and caches the layout
+        for _ in range(2):
+            k_forward("goft_scaled", x_static, params, pairs, offsets, scale)
+            k_backward("goft_scaled", g_static, x_static, params, pairs, offsets, scale)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_static = k_forward("goft_scaled", x_static, params, pairs, offsets, scale)
+        grads_static = k_backward("goft_scaled", g_static, x_static, params, pairs, offsets, scale)
+    for _ in range(2):
+        x_static.copy_(torch.randn(64, d, device=DEV, dtype=BF16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_static, k_forward("goft_scaled", x_static, params, pairs, offsets, scale))
+        eager = k_backward("goft_scaled", g_static, x_static, params, pairs, offsets, scale)
+        for a, b in zip(grads_static, eager):
+            assert torch.equal(a, b)
+
+
+def test_first_use_during_capture_is_a_clear_error(gen):
+    d = 64
+    pairs, offsets = make_layout("parallel", d, gen)
+    params, _ = make_params("goft", pairs.shape[0], d, gen)
+    x = torch.randn(8, d, device=DEV)
+    fresh_pairs = pairs.clone()  # never validated
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capture"):
+        with torch.cuda.graph(graph):
+            k_forward("goft", x, params, fresh_pairs, offsets, None)
+    torch.cuda.synchronize()
+    out = k_forward("goft", x, params, fresh_pairs, offsets, None)  # the context is still usable
+    check_close(out, ref_chain("goft", x.double(), params.double(), pairs, offsets), F32, "after capture")
