@@ -20,6 +20,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
+# The in-tree build is not pip-installed: make `import qgoft` find it from the scripts under bench/.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
 PYTHON="${PYTHON:-python3}"
 JOBS="${QGOFT_BUILD_JOBS:-$(nproc)}"

@@ -3,14 +3,13 @@
 // pointers only.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -211,7 +210,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Operands& o, const Tensor& gra
     AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "qgoft_reduce_chunks", [&] {
       const scalar_t* src = partial.const_data_ptr<scalar_t>();
       scalar_t* dst = total.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, width, 4096, [&](int64_t b, int64_t e) {
+      // Threads only pay off for large reductions (each task: >= ~256K additions).
+      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / chunks);
+      at::parallel_for(0, width, grain, [&](int64_t b, int64_t e) {
         for (int64_t k = b; k < e; ++k) {
           scalar_t s = src[k];
           for (int64_t c = 1; c < chunks; ++c) s += src[c * width + k];
@@ -240,10 +241,38 @@ void check_angles(const Tensor& angles, const Tensor& pairs, const char* op) {
               ": angles must have shape (P,) = (", num_pairs, ",), got ", angles.sizes());
 }
 
+// Blocks (c, -s, s, c) of the angles, in the accumulation type. A plain loop on purpose: P is small and
+// torch's vectorised cos/sin open a parallel region, whose wake-up costs more than the work.
 Tensor rotation_blocks(const Tensor& angles, at::ScalarType acc) {
-  const Tensor a = angles.to(acc);
-  const Tensor c = a.cos(), s = a.sin();
-  return at::stack({c, -s, s, c}, 1);
+  const Tensor a = angles.to(acc).contiguous();
+  Tensor blocks = at::empty({a.size(0), 4}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "qgoft_rotation_blocks", [&] {
+    const scalar_t* ap = a.const_data_ptr<scalar_t>();
+    scalar_t* bp = blocks.mutable_data_ptr<scalar_t>();
+    for (int64_t p = 0; p < a.size(0); ++p) {
+      const scalar_t c = std::cos(ap[p]), s = std::sin(ap[p]);
+      bp[4 * p] = c;
+      bp[4 * p + 1] = -s;
+      bp[4 * p + 2] = s;
+      bp[4 * p + 3] = c;
+    }
+  });
+  return blocks;
+}
+
+// d/dtheta of the block entries (c, -s, s, c) is (-s, -c, c, -s): chain rule on the block gradients.
+Tensor angle_grads(const Tensor& blocks, const Tensor& grad_blocks) {
+  Tensor out = at::empty({blocks.size(0)}, blocks.options());
+  AT_DISPATCH_FLOATING_TYPES(blocks.scalar_type(), "qgoft_angle_grads", [&] {
+    const scalar_t* b = blocks.const_data_ptr<scalar_t>();
+    const scalar_t* g = grad_blocks.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    for (int64_t p = 0; p < blocks.size(0); ++p) {
+      const scalar_t c = b[4 * p], s = b[4 * p + 2];
+      o[p] = -s * g[4 * p] - c * g[4 * p + 1] + c * g[4 * p + 2] - s * g[4 * p + 3];
+    }
+  });
+  return out;
 }
 
 Tensor givens_chain_cpu(const Tensor& x, const Tensor& angles, const Tensor& pairs,
@@ -262,17 +291,11 @@ std::tuple<Tensor, Tensor, Tensor> givens_chain_backward_cpu(
   constexpr const char* op = "qgoft::givens_chain_backward";
   check_angles(angles, pairs, op);
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor a = angles.to(acc);
-  const Tensor c = a.cos(), s = a.sin();
-  const Operands o = prepare(x, at::stack({c, -s, s, c}, 1), pairs, layer_offsets, scale, op);
+  const Operands o = prepare(x, rotation_blocks(angles, acc), pairs, layer_offsets, scale, op);
   auto [gx, gb, gs] =
       backward(o, grad_out, x, output_mask[0], output_mask[1], output_mask[2], op);
   Tensor g_angles;
-  if (gb.defined()) {
-    // d/dtheta of (c, -s, s, c) is (-s, -c, c, -s).
-    g_angles = (-s * gb.select(1, 0) - c * gb.select(1, 1) + c * gb.select(1, 2) -
-                s * gb.select(1, 3)).to(angles.scalar_type());
-  }
+  if (gb.defined()) g_angles = angle_grads(o.blocks, gb).to(angles.scalar_type());
   return {gx.defined() ? gx : empty_like_flat(x),
           g_angles.defined() ? g_angles : empty_like_flat(angles),
           gs.defined() ? gs.to(scale->scalar_type()) : empty_like_flat(angles)};
