@@ -90,6 +90,22 @@ def bench_linear(rows: int, d: int, n: int, rounds: int, with_reference: bool) -
     return [(k, v, v / b) for k, v in med.items()]
 
 
+def bench_breakdown(rows: int, d: int, rounds: int) -> list[tuple[str, float, float]]:
+    """What the adapter adds to a frozen layer, op by op, next to one matmul of the layer's shape."""
+    lay = layouts.parallel(d)
+    pairs, offs = lay.pairs_tensor(), lay.layer_offsets_tensor()
+    x, g, w = torch.randn(rows, d), torch.randn(rows, d), torch.randn(d, d)
+    angles = torch.randn(lay.num_pairs) * 0.1
+    mask = [True, True, False]
+    med = interleaved({
+        "matmul x @ W.T (one of the frozen layer's two)": lambda: x @ w.T,
+        "goft chain forward": lambda: torch.ops.qgoft.givens_chain(x, angles, pairs, offs, None),
+        "goft chain backward (dx, dθ)": lambda: torch.ops.qgoft.givens_chain_backward(g, x, angles, pairs, offs, None, mask),
+    }, rounds, 3)
+    base = med["matmul x @ W.T (one of the frozen layer's two)"]
+    return [(k, v, v / base) for k, v in med.items()]
+
+
 def machine() -> str:
     info = qgoft.build_info()
     cpu = platform.processor() or platform.machine()
@@ -110,21 +126,28 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-reference", action="store_true", help="skip the slow unfused reference")
+    ap.add_argument("--only", choices=["chain", "linear", "breakdown"], help="run one table")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if not qgoft.extension_loaded():
         raise SystemExit("qgoft extension not loaded: " + str(qgoft.build_info()))
     rounds = 7 if args.quick else 21
     print(f"machine: {machine()}")
-    print(f"\n### Chain kernel, parallel layout, fp32, x of 4096 x 4096 (medians of {rounds} interleaved rounds)\n")
-    print("| op | median ms | ratio to x.clone() |\n| --- | ---: | ---: |")
-    for name, t, r in bench_chain(4096, 4096, rounds):
-        print(f"| {name} | {t * 1e3:.2f} | {r:.2f}x |")
-    print(f"\n### Layer forward+backward, fp32, d = n = 2048, 1024 rows, base frozen, input requires grad\n")
-    print("| module | median ms | ratio to frozen nn.Linear |\n| --- | ---: | ---: |")
-    for name, t, r in bench_linear(1024, 2048, 2048, rounds, not args.no_reference):
-        print(f"| {name} | {t * 1e3:.2f} | {r:.3f}x |")
-
+    if args.only in (None, "breakdown"):
+        print(f"\n### Adapter cost breakdown, fp32, 1024 rows, d = 2048 (medians of {rounds} interleaved rounds)\n")
+        print("| op | median ms | ratio to one matmul |\n| --- | ---: | ---: |")
+        for name, t, r in bench_breakdown(1024, 2048, rounds):
+            print(f"| {name} | {t * 1e3:.2f} | {r:.3f}x |")
+    if args.only in (None, "chain"):
+        print(f"\n### Chain kernel, parallel layout, fp32, x of 4096 x 4096 (medians of {rounds} interleaved rounds)\n")
+        print("| op | median ms | ratio to x.clone() |\n| --- | ---: | ---: |")
+        for name, t, r in bench_chain(4096, 4096, rounds):
+            print(f"| {name} | {t * 1e3:.2f} | {r:.2f}x |")
+    if args.only in (None, "linear"):
+        print(f"\n### Layer forward+backward, fp32, d = n = 2048, 1024 rows, base frozen, input requires grad\n")
+        print("| module | median ms | ratio to frozen nn.Linear |\n| --- | ---: | ---: |")
+        for name, t, r in bench_linear(1024, 2048, 2048, rounds, not args.no_reference):
+            print(f"| {name} | {t * 1e3:.2f} | {r:.3f}x |")
 
 if __name__ == "__main__":
     main()
