@@ -6,6 +6,9 @@ __version__ = "0.1.0"
 from . import _extension
 from ._extension import build_info, extension_loaded, ops_library_path
 from . import layouts, reference, ops, nn
+from .config import FORMAT_VERSION, QGoftConfig
+from .model import QGoftModel, get_qgoft_model
+from . import serialization
 
 __all__ = [
     "__version__",
@@ -16,4 +19,9 @@ __all__ = [
     "reference",
     "ops",
     "nn",
+    "QGoftConfig",
+    "QGoftModel",
+    "get_qgoft_model",
+    "FORMAT_VERSION",
+    "serialization",
 ]

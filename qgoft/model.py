@@ -1,0 +1,492 @@
+"""Model-level API: inject (q)GOFT adapters into a model, count, regularize, merge, unload, save and load.
+
+    config = QGoftConfig(method="qgoft", target_modules=["query", "key", "value", "dense"],
+                         modules_to_save=["classifier"], orthogonality_weight=0.01)
+    model = get_qgoft_model(model, config)        # adapts the model in place, returns a QGoftModel wrapper
+    model.print_trainable_parameters()
+    loss = task_loss + model.orthogonality_penalty()
+    model.save_pretrained("adapter/")             # adapter_config.json + adapter_model.safetensors
+    plain = model.merge_and_unload()              # the base model with merged weights, no qgoft layers
+
+Every targeted ``torch.nn.Linear`` becomes a :class:`qgoft.nn.Linear` that shares (does not copy) its frozen
+weight and bias. A transformers ``Conv1D`` (GPT-2 style, weight stored transposed as ``(in, out)``) becomes a
+``qgoft.nn.Linear`` whose weight is the transposed *view* ``(out, in)`` of the Conv1D weight (no copy); it is
+turned back into a ``Conv1D`` by :meth:`QGoftModel.merge_and_unload` and :meth:`QGoftModel.unload`. All other
+parameters are frozen, except those of ``modules_to_save``, which stay trainable in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import layouts as _layouts
+from .config import ALL_LINEAR, QGoftConfig
+from .nn.linear import Linear as QGoftLinear
+
+__all__ = ["QGoftModel", "get_qgoft_model", "LayerSpec"]
+
+KIND_LINEAR = "linear"
+KIND_CONV1D = "conv1d"
+
+
+def _conv1d_class() -> Optional[type]:
+    """transformers' ``Conv1D`` if transformers is already imported (a model holding one imported it)."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None) if module is not None else None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    cls = _conv1d_class()
+    return cls is not None and isinstance(module, cls)
+
+
+def _layer_kind(module: nn.Module) -> Optional[str]:
+    """``"linear"``, ``"conv1d"`` or None (unsupported). ``MultiheadAttention.out_proj`` is unsupported:
+    MultiheadAttention reads its weight directly instead of calling it."""
+    if isinstance(module, QGoftLinear):
+        return None
+    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return None
+    if isinstance(module, nn.Linear):
+        return KIND_LINEAR
+    if _is_conv1d(module):
+        return KIND_CONV1D
+    return None
+
+
+def _features(module: nn.Module, kind: str) -> Tuple[int, int]:
+    """``(in_features, out_features)`` of a supported layer."""
+    if kind == KIND_CONV1D:
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return int(module.in_features), int(module.out_features)
+
+
+def layout_fingerprint(layout: _layouts.Layout) -> str:
+    """SHA-256 of the layout's canonical pairs and layer offsets (int32 little-endian bytes)."""
+    digest = hashlib.sha256()
+    digest.update(layout.pairs_tensor().numpy().astype("<i4").tobytes())
+    digest.update(layout.layer_offsets_tensor().numpy().astype("<i4").tobytes())
+    return digest.hexdigest()
+
+
+def adapter_parameter_shapes(method: str, num_pairs: int, in_features: int) -> Dict[str, List[int]]:
+    """Names and shapes of the adapter parameters of one layer, as saved (see ``qgoft.nn.Linear``)."""
+    if method == "goft":
+        return {"givens_angles": [num_pairs]}
+    if method == "goft_scaled":
+        return {"givens_angles": [num_pairs], "givens_scale": [in_features]}
+    return {"givens_blocks": [num_pairs, 2, 2]}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One adapted layer: dotted ``path``, ``kind`` (``"linear"`` or ``"conv1d"``), shapes and layout."""
+
+    path: str
+    kind: str
+    in_features: int
+    out_features: int
+    bias: bool
+    layout: _layouts.Layout
+
+    def describe(self, method: str) -> Dict[str, Any]:
+        """The JSON-safe description written to ``adapter_config.json`` (``layers[path]``)."""
+        return {
+            "kind": self.kind,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias,
+            "layout": {
+                "name": self.layout.name,
+                "d": self.layout.d,
+                "num_layers": self.layout.num_layers,
+                "num_pairs": self.layout.num_pairs,
+                "sha256": layout_fingerprint(self.layout),
+            },
+            "parameters": adapter_parameter_shapes(method, self.layout.num_pairs, self.in_features),
+        }
+
+
+@dataclass
+class _Plan:
+    layers: List[LayerSpec]
+    modules_to_save: List[str]
+
+
+def _output_embedding_module(model: nn.Module) -> Optional[nn.Module]:
+    getter = getattr(model, "get_output_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        module = getter()
+    except Exception:  # noqa: BLE001 - some models raise NotImplementedError here
+        return None
+    return module if isinstance(module, nn.Module) else None
+
+
+def _inside(path: str, ancestors: Sequence[str]) -> bool:
+    return any(path == a or path.startswith(a + ".") for a in ancestors)
+
+
+def plan_adaptation(model: nn.Module, config: QGoftConfig) -> _Plan:
+    """Decide which layers ``config`` adapts in ``model`` and which modules it saves, without touching
+    ``model``. Raises ValueError (nothing changed) when nothing matches, a ``modules_to_save`` entry matches
+    nothing, a target is already a qgoft layer, is shared by several paths, or has ``in_features < 2``."""
+    all_paths: Dict[int, List[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        all_paths.setdefault(id(module), []).append(path)
+        if isinstance(module, QGoftLinear):
+            raise ValueError(f"the model already contains qgoft layers (e.g. {path!r}); adapt a model once "
+                             "(QGoftModel.unload() or merge_and_unload() give back a plain model)")
+
+    save_paths: List[str] = []
+    if config.modules_to_save is not None:
+        for path, _ in model.named_modules():
+            if path and config.matches_modules_to_save(path) and not _inside(path, save_paths):
+                save_paths.append(path)
+        if isinstance(config.modules_to_save, list):
+            for name in config.modules_to_save:
+                if not any(p == name or p.endswith("." + name) for p in save_paths):
+                    raise ValueError(f"modules_to_save entry {name!r} matches no module of "
+                                     f"{type(model).__name__} (outside other modules to save)")
+        elif not save_paths:
+            raise ValueError(f"modules_to_save regex {config.modules_to_save!r} matches no module of "
+                             f"{type(model).__name__}")
+
+    output_embeddings = _output_embedding_module(model) if config.target_modules == ALL_LINEAR else None
+    layers: List[LayerSpec] = []
+    matched_unsupported: List[str] = []
+    for path, module in model.named_modules():
+        if not path or not config.matches_target(path) or config.matches_exclude(path):
+            continue
+        if _inside(path, save_paths):
+            continue
+        kind = _layer_kind(module)
+        if kind is None:
+            if config.target_modules != ALL_LINEAR:
+                matched_unsupported.append(f"{path} ({type(module).__name__})")
+            continue
+        if module is output_embeddings:
+            continue
+        if len(all_paths[id(module)]) > 1:
+            raise ValueError(f"module {path!r} is shared by the paths {all_paths[id(module)]}; qgoft cannot "
+                             "adapt a module registered at several places")
+        in_features, out_features = _features(module, kind)
+        if in_features < 2:
+            raise ValueError(f"module {path!r} has in_features={in_features}; a Givens adapter needs >= 2 "
+                             "(exclude it with exclude_modules)")
+        layout = _layouts.get_layout(config.layout, in_features, config.stack)
+        layers.append(LayerSpec(path, kind, in_features, out_features, module.bias is not None, layout))
+
+    if not layers:
+        hint = (f" It matched only unsupported modules: {matched_unsupported[:8]}." if matched_unsupported
+                else "")
+        raise ValueError(
+            f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) matches no "
+            f"torch.nn.Linear or transformers Conv1D layer of {type(model).__name__}.{hint} Names are matched "
+            "against the end of the dotted module path (e.g. 'query' or 'attention.self.query'), a string is a "
+            "regex matched in full against the path.")
+    return _Plan(layers, save_paths)
+
+
+def _get_submodule_parent(model: nn.Module, path: str) -> Tuple[nn.Module, str]:
+    parent_path, _, name = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), name
+
+
+def _linear_view_of_conv1d(conv: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` whose weight is the ``(out, in)`` transposed view of the Conv1D's ``(in, out)``
+    weight (shared storage) and whose bias is the Conv1D's bias Parameter."""
+    in_features, out_features = conv.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=conv.bias is not None, device="meta",
+                       dtype=conv.weight.dtype)
+    linear.weight = nn.Parameter(conv.weight.detach().t(), requires_grad=False)
+    linear.bias = conv.bias
+    linear.train(conv.training)
+    return linear
+
+
+def _plain_layer(kind: str, weight: Tensor, bias: Optional[nn.Parameter], training: bool) -> nn.Module:
+    """A plain ``nn.Linear`` (weight ``(out, in)``) or ``Conv1D`` (stores ``weight.t()``) around the given
+    tensors, built without running any initializer (the global RNG is not consumed)."""
+    out_features, in_features = weight.shape
+    if kind == KIND_CONV1D:
+        conv_cls = _conv1d_class()
+        layer = conv_cls.__new__(conv_cls)
+        nn.Module.__init__(layer)
+        layer.nf, layer.nx = out_features, in_features
+        layer.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)
+        if bias is None:
+            raise ValueError("a Conv1D needs a bias")
+        layer.bias = bias
+    else:
+        layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype)
+        layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        layer.bias = bias
+    layer.train(training)
+    return layer
+
+
+class QGoftModel(nn.Module):
+    """A model with (q)GOFT adapters, wrapping ``base_model`` (adapted in place).
+
+    ``forward``/``__call__`` forward every argument to ``base_model``; unknown attributes are looked up on
+    ``base_model`` (so ``model.config``, ``model.generate`` etc. keep working). The qgoft configuration is
+    ``qgoft_config``. Use :func:`get_qgoft_model` or :meth:`from_pretrained` to build one.
+
+    Notes:
+        * ``modules_to_save`` are trained in place: :meth:`disable_adapter` / :meth:`disable_adapters` switch
+          off the Givens adapters only, not the trained modules to save.
+        * Adapter parameters live in ``adapter_dtype`` (float32 by default, also for bf16/fp16 models).
+    """
+
+    def __init__(self, model: nn.Module, config: QGoftConfig) -> None:
+        super().__init__()
+        if isinstance(model, QGoftModel):
+            raise ValueError("model is already a QGoftModel")
+        if not isinstance(config, QGoftConfig):
+            raise TypeError(f"config must be a QGoftConfig, got {type(config).__name__}")
+        config.validate()
+        plan = plan_adaptation(model, config)  # raises before anything is changed
+        self.base_model = model
+        self.qgoft_config = config
+        self._layer_kinds: Dict[str, str] = {}
+        self._modules_to_save: List[str] = list(plan.modules_to_save)
+        self._inject(plan)
+
+    # ------------------------------------------------------------------------------------------------
+    # Construction.
+    # ------------------------------------------------------------------------------------------------
+
+    def _inject(self, plan: _Plan) -> None:
+        config = self.qgoft_config
+        model = self.base_model
+        model.requires_grad_(False)
+        for spec in plan.layers:
+            parent, name = _get_submodule_parent(model, spec.path)
+            original = getattr(parent, name)
+            linear = _linear_view_of_conv1d(original) if spec.kind == KIND_CONV1D else original
+            adapted = QGoftLinear.from_linear(linear, method=config.method, layout=spec.layout,
+                                              adapter_dtype=config.torch_adapter_dtype)
+            setattr(parent, name, adapted)
+            self._layer_kinds[spec.path] = spec.kind
+        for path in self._modules_to_save:
+            model.get_submodule(path).requires_grad_(True)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``base_model(*args, **kwargs)``."""
+        return self.base_model(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped (adapted) model."""
+        return self.base_model
+
+    # ------------------------------------------------------------------------------------------------
+    # Introspection.
+    # ------------------------------------------------------------------------------------------------
+
+    def named_qgoft_layers(self) -> Iterator[Tuple[str, QGoftLinear]]:
+        """``(path, layer)`` for every adapted layer, paths relative to ``base_model``."""
+        for path, module in self.base_model.named_modules():
+            if isinstance(module, QGoftLinear):
+                yield path, module
+
+    def layer_specs(self) -> List[LayerSpec]:
+        """A :class:`LayerSpec` for every adapted layer (what ``save_pretrained`` describes)."""
+        specs = []
+        for path, layer in self.named_qgoft_layers():
+            specs.append(LayerSpec(path, self._layer_kinds.get(path, KIND_LINEAR), layer.in_features,
+                                   layer.out_features, layer.bias is not None, layer.layout))
+        return specs
+
+    @property
+    def modules_to_save_paths(self) -> List[str]:
+        """Dotted paths (relative to ``base_model``) of the modules to save."""
+        return list(self._modules_to_save)
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        """The Givens adapter parameters of every adapted layer (not the modules to save)."""
+        for _, layer in self.named_qgoft_layers():
+            yield from layer.adapter_parameters()
+
+    def get_nb_trainable_parameters(self) -> Tuple[int, int]:
+        """``(trainable, total)`` numbers of parameter scalars (each shared tensor counted once)."""
+        trainable = total = 0
+        seen = set()
+        for param in self.parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            total += param.numel()
+            if param.requires_grad:
+                trainable += param.numel()
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: X || all params: Y || trainable%: Z`` (PEFT's wording)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        percent = 100.0 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
+
+    # ------------------------------------------------------------------------------------------------
+    # Training helpers.
+    # ------------------------------------------------------------------------------------------------
+
+    def orthogonality_penalty(self) -> Tensor:
+        """``lambda * sum_layers sum_p <alpha_p, beta_p>^2`` with ``lambda = orthogonality_weight``: a
+        differentiable scalar (adapter dtype and device) to add to the loss. Zero for goft/goft_scaled."""
+        layers = [layer for _, layer in self.named_qgoft_layers()]
+        first = next(layers[0].adapter_parameters()) if layers else None
+        weight = self.qgoft_config.orthogonality_weight
+        if first is None or self.qgoft_config.method != "qgoft" or weight == 0.0:
+            return torch.zeros((), dtype=first.dtype if first is not None else torch.float32,
+                               device=first.device if first is not None else None)
+        total = torch.stack([layer.orthogonality_penalty().to(first.device) for layer in layers]).sum()
+        return weight * total
+
+    def enable_adapters(self) -> None:
+        """Apply the Givens adapters in forward (the default)."""
+        for _, layer in self.named_qgoft_layers():
+            layer.enable_adapters()
+
+    def disable_adapters(self) -> None:
+        """Make every adapted layer compute its base layer only (modules to save are unaffected)."""
+        for _, layer in self.named_qgoft_layers():
+            layer.disable_adapters()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: run the base layers inside, restore each layer's previous state on exit."""
+        previous = [(layer, layer.adapters_enabled) for _, layer in self.named_qgoft_layers()]
+        try:
+            for layer, _ in previous:
+                layer.disable_adapters()
+            yield
+        finally:
+            for layer, enabled in previous:
+                if enabled:
+                    layer.enable_adapters()
+                else:
+                    layer.disable_adapters()
+
+    # ------------------------------------------------------------------------------------------------
+    # Merging.
+    # ------------------------------------------------------------------------------------------------
+
+    def merge_adapter(self) -> None:
+        """Merge every adapter into its base weight (``W_lin S R^T``), reversibly; skip merged layers."""
+        for _, layer in self.named_qgoft_layers():
+            if not layer.merged:
+                layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        """Restore every merged base weight bitwise; skip unmerged layers."""
+        for _, layer in self.named_qgoft_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def _replace_layers(self, merge: bool) -> nn.Module:
+        model = self.base_model
+        for path, layer in list(self.named_qgoft_layers()):
+            kind = self._layer_kinds.get(path, KIND_LINEAR)
+            with torch.no_grad():
+                if merge:
+                    weight: Tensor = nn.Parameter(layer.merged_weight().to(layer.weight.dtype),
+                                                  requires_grad=False)
+                else:
+                    if layer.merged:
+                        layer.unmerge()
+                    weight = layer.weight
+            plain = _plain_layer(kind, weight, layer.bias, layer.training)
+            parent, name = _get_submodule_parent(model, path)
+            setattr(parent, name, plain)
+        self._layer_kinds.clear()
+        return model
+
+    def merge_and_unload(self) -> nn.Module:
+        """Replace every adapted layer by a plain ``nn.Linear`` (or ``Conv1D``) holding the merged weight and
+        return ``base_model``. Outputs match the adapted model (float rounding of the merge only). Whatever
+        the enabled/disabled state, the adapter is merged. This QGoftModel has no adapted layer afterwards."""
+        return self._replace_layers(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Replace every adapted layer by its original plain layer (original weights, unmerged) and return
+        ``base_model``. This QGoftModel has no adapted layer afterwards."""
+        return self._replace_layers(merge=False)
+
+    # ------------------------------------------------------------------------------------------------
+    # Save / load (see qgoft.serialization for the format).
+    # ------------------------------------------------------------------------------------------------
+
+    def get_adapter_state_dict(self) -> Dict[str, Tensor]:
+        """What ``save_pretrained`` stores: ``"<path>.<adapter param>"`` for every adapted layer and
+        ``"<path>.<state key>"`` for every module to save (detached tensors, not copies)."""
+        state: Dict[str, Tensor] = {}
+        for path, layer in self.named_qgoft_layers():
+            for name in ("givens_angles", "givens_scale", "givens_blocks"):
+                param = getattr(layer, name)
+                if param is not None:
+                    state[f"{path}.{name}"] = param.detach()
+        for path in self._modules_to_save:
+            for key, value in self.base_model.get_submodule(path).state_dict().items():
+                state[f"{path}.{key}"] = value.detach()
+        return state
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``save_directory`` (created
+        if needed). Only adapter parameters and modules to save are stored; no pickle."""
+        from .serialization import save_adapter
+
+        save_adapter(self, save_directory)
+
+    def load_adapter(self, adapter_directory: str, *, is_trainable: bool = True) -> None:
+        """Load a saved adapter into this model's adapted layers and modules to save.
+
+        The saved adapter must describe exactly this model's adapted layers (paths, shapes, method, layout)
+        and modules to save. Everything is validated before anything changes; on error (ValueError /
+        FileNotFoundError) the model is unchanged. Merged layers must be unmerged first."""
+        from .serialization import load_adapter_into
+
+        load_adapter_into(self, adapter_directory, is_trainable=is_trainable)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, adapter_directory: str, *,
+                        is_trainable: bool = False) -> "QGoftModel":
+        """Adapt ``model`` (a fresh base model) as described by a saved adapter and load its tensors.
+
+        The result reproduces the saved model's outputs bitwise (same base weights, same dtypes). With
+        ``is_trainable=False`` (default, like PEFT) adapter and modules-to-save parameters are frozen and the
+        model is put in eval mode. Everything is validated before ``model`` is touched: on error
+        (ValueError / FileNotFoundError, naming the file and the problem) ``model`` is unchanged."""
+        from .serialization import adapter_from_pretrained
+
+        return adapter_from_pretrained(cls, model, adapter_directory, is_trainable=is_trainable)
+
+    def extra_repr(self) -> str:
+        c = self.qgoft_config
+        return (f"method={c.method!r}, layout={c.layout!r}, stack={c.stack}, "
+                f"adapted_layers={len(self._layer_kinds)}, modules_to_save={self._modules_to_save}")
+
+
+def get_qgoft_model(model: nn.Module, config: QGoftConfig) -> QGoftModel:
+    """Adapt ``model`` in place as ``config`` says and return the :class:`QGoftModel` wrapper.
+
+    Every matching ``nn.Linear`` / transformers ``Conv1D`` becomes an identity-initialized ``qgoft.nn.Linear``
+    (the outputs are unchanged until training); all parameters are frozen except the adapters and the
+    ``modules_to_save``. Raises ValueError before changing anything when nothing matches."""
+    return QGoftModel(model, config)

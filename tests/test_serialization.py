@@ -1,0 +1,321 @@
+"""save_pretrained / from_pretrained / load_adapter: exact round trips, the on-disk format, and clear errors
+that leave the model unchanged (missing, corrupt, truncated files; wrong shapes; other versions)."""
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+import qgoft  # noqa: E402
+from qgoft import QGoftConfig, QGoftModel, get_qgoft_model  # noqa: E402
+from qgoft.serialization import CONFIG_NAME, WEIGHTS_NAME, read_adapter  # noqa: E402
+
+METHODS = ["goft", "goft_scaled", "qgoft"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Builders (each call with the same arguments gives the same fresh base model).
+# ------------------------------------------------------------------------------------------------
+
+class Classifier(nn.Module):
+    """Tiny BERT encoder + mean pooling + linear head."""
+
+    def __init__(self, seed=0, hidden=16, layers=2):
+        super().__init__()
+        torch.manual_seed(seed)
+        config = transformers.BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=layers,
+                                         num_attention_heads=2, intermediate_size=2 * hidden,
+                                         max_position_embeddings=32)
+        self.encoder = transformers.BertModel(config, add_pooling_layer=False)
+        self.classifier = nn.Linear(hidden, 2)
+        self.eval()
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.classifier((hidden * mask).sum(1) / mask.sum(1))
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2Model(config).eval()
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 40, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    return ids, mask
+
+
+def trained(model, seed=1):
+    """Give the adapters and the modules to save non-trivial values (as training would)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.2 * torch.randn(param.shape, generator=g, dtype=param.dtype))
+    return model
+
+
+def config_for(method="qgoft", **kwargs):
+    kwargs.setdefault("target_modules", "all-linear")
+    kwargs.setdefault("modules_to_save", ["classifier"])
+    return QGoftConfig(method=method, **kwargs)
+
+
+def snapshot(model):
+    return {
+        "types": {name: type(m) for name, m in model.named_modules()},
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "grad": {k: p.requires_grad for k, p in model.named_parameters()},
+        "training": {name: m.training for name, m in model.named_modules()},
+    }
+
+
+def assert_unchanged(before, model):
+    after = snapshot(model)
+    assert before["types"] == after["types"]
+    assert before["grad"] == after["grad"]
+    assert before["training"] == after["training"]
+    assert before["state"].keys() == after["state"].keys()
+    for key in before["state"]:
+        assert torch.equal(before["state"][key], after["state"][key]), key
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A trained qGOFT classifier saved to tmp_path/'adapter'; returns (directory, expected logits)."""
+    model = trained(get_qgoft_model(Classifier(), config_for()))
+    directory = tmp_path / "adapter"
+    model.save_pretrained(directory)  # a pathlib.Path works as well as a str
+    return directory, model(*inputs())
+
+
+# ------------------------------------------------------------------------------------------------
+# Round trips.
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", METHODS)
+def test_from_pretrained_on_a_fresh_base_reproduces_outputs_bitwise(tmp_path, method):
+    model = trained(get_qgoft_model(Classifier(), config_for(method, orthogonality_weight=0.02)))
+    expected = model(*inputs())
+    model.save_pretrained(str(tmp_path))
+    loaded = QGoftModel.from_pretrained(Classifier(), str(tmp_path))
+    assert torch.equal(loaded(*inputs()), expected)
+    assert loaded.qgoft_config == model.qgoft_config
+    # Default is inference: frozen and in eval mode (like PEFT); is_trainable=True keeps them trainable.
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    trainable = QGoftModel.from_pretrained(Classifier(), str(tmp_path), is_trainable=True)
+    assert trainable.get_nb_trainable_parameters() == model.get_nb_trainable_parameters()
+    assert torch.equal(trainable(*inputs()), expected)
+
+
+def test_round_trip_float64_and_gpt2_conv1d(tmp_path):
+    model = trained(get_qgoft_model(tiny_gpt2().double(), QGoftConfig(method="goft_scaled",
+                                                                      target_modules=["c_attn", "c_fc"],
+                                                                      adapter_dtype="float64")))
+    ids, _ = inputs()
+    expected = model(ids).last_hidden_state
+    model.save_pretrained(str(tmp_path))
+    assert load_file(str(tmp_path / WEIGHTS_NAME))["h.0.attn.c_attn.givens_angles"].dtype == torch.float64
+    loaded = QGoftModel.from_pretrained(tiny_gpt2().double(), str(tmp_path))
+    assert torch.equal(loaded(ids).last_hidden_state, expected)
+    assert loaded.layer_specs()[0].kind == "conv1d"
+
+
+def test_load_adapter_into_an_adapted_model(saved):
+    directory, expected = saved
+    model = get_qgoft_model(Classifier(), config_for())
+    assert not torch.equal(model(*inputs()), expected)
+    model.load_adapter(directory)
+    assert torch.equal(model(*inputs()), expected)
+    assert model.get_nb_trainable_parameters()[0] > 0  # load_adapter keeps it trainable by default
+
+
+def test_save_while_merged_or_disabled_writes_the_same_adapter(tmp_path):
+    model = trained(get_qgoft_model(Classifier(), config_for()))
+    model.save_pretrained(str(tmp_path / "a"))
+    model.merge_adapter()
+    model.disable_adapters()
+    model.save_pretrained(str(tmp_path / "b"))
+    model.save_pretrained(str(tmp_path / "b"))  # overwriting is fine
+    assert (tmp_path / "a" / CONFIG_NAME).read_bytes() == (tmp_path / "b" / CONFIG_NAME).read_bytes()
+    # (safetensors does not fix the order of the metadata keys, so compare the tensors.)
+    a, b = load_file(str(tmp_path / "a" / WEIGHTS_NAME)), load_file(str(tmp_path / "b" / WEIGHTS_NAME))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(os.listdir(tmp_path / "b")) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary leftovers
+
+
+def test_file_format_contents(saved):
+    directory, _ = saved
+    assert sorted(os.listdir(directory)) == [CONFIG_NAME, WEIGHTS_NAME]
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    assert meta["adapter_type"] == "qgoft" and meta["format_version"] == qgoft.FORMAT_VERSION
+    assert meta["qgoft_version"] == qgoft.__version__ and meta["base_model_class"] == "Classifier"
+    assert meta["config"] == config_for().to_dict()
+    layer = meta["layers"]["encoder.encoder.layer.0.intermediate.dense"]
+    assert layer["kind"] == "linear" and (layer["in_features"], layer["out_features"]) == (16, 32)
+    assert layer["layout"]["name"] == "parallel" and layer["layout"]["num_pairs"] == 15
+    assert layer["parameters"] == {"givens_blocks": [15, 2, 2]}
+    assert meta["modules_to_save"] == {"classifier": {"weight": {"shape": [2, 16], "dtype": "float32"},
+                                                      "bias": {"shape": [2], "dtype": "float32"}}}
+    raw = (directory / WEIGHTS_NAME).read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_len])
+    assert header["__metadata__"] == {"format": "pt", "adapter_type": "qgoft", "format_version": "1"}
+    tensors = load_file(str(directory / WEIGHTS_NAME))
+    assert len(tensors) == 12 + 2 and all(t.dtype == torch.float32 for t in tensors.values())
+    # Only adapter parameters and the head: 12 layers of 4 * 15 (d = 16) or 4 * 31 (d = 32) values.
+    assert sum(t.numel() for t in tensors.values()) == 2 * (5 * 60 + 124) + 34
+    assert len(raw) < 8 + header_len + 4 * (2 * (5 * 60 + 124) + 34) + 1
+    for path in (directory / CONFIG_NAME, directory / WEIGHTS_NAME):
+        assert not path.read_bytes().startswith(b"\x80")  # no pickle protocol header
+    # Both files get the same permissions (safetensors alone would create the weights as 0600).
+    assert os.stat(directory / WEIGHTS_NAME).st_mode & 0o777 == os.stat(directory / CONFIG_NAME).st_mode & 0o777
+    assert read_adapter(str(directory)).config == config_for()
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors: clear, and the model stays unchanged.
+# ------------------------------------------------------------------------------------------------
+
+def _rewrite_config(directory, edit):
+    path = directory / CONFIG_NAME
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _rewrite_weights(directory, edit):
+    path = str(directory / WEIGHTS_NAME)
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt", "adapter_type": "qgoft", "format_version": "1"})
+
+
+def _set(data, keys, value):
+    for key in keys[:-1]:
+        data = data[key]
+    data[keys[-1]] = value
+
+
+QKEY = "encoder.encoder.layer.0.attention.self.query.givens_blocks"
+
+CORRUPTIONS = {
+    "missing config": (lambda d: os.remove(d / CONFIG_NAME), FileNotFoundError, "adapter_config.json"),
+    "missing weights": (lambda d: os.remove(d / WEIGHTS_NAME), FileNotFoundError, "adapter_model.safetensors"),
+    "config not json": (lambda d: (d / CONFIG_NAME).write_text("{not json"), ValueError, "not a valid JSON"),
+    "config not an object": (lambda d: (d / CONFIG_NAME).write_text("[1, 2]"), ValueError, "JSON object"),
+    "other adapter type": (lambda d: _rewrite_config(d, lambda c: _set(c, ["adapter_type"], "lora")),
+                           ValueError, "not a qgoft adapter"),
+    "newer format version": (lambda d: _rewrite_config(d, lambda c: _set(c, ["format_version"], 2)),
+                             ValueError, "format version 2 is not supported"),
+    "config format version": (lambda d: _rewrite_config(d, lambda c: _set(c, ["config", "format_version"], 7)),
+                              ValueError, "format version 7"),
+    "unknown method": (lambda d: _rewrite_config(d, lambda c: _set(c, ["config", "method"], "lora")),
+                       ValueError, "unknown method 'lora'"),
+    "unknown config key": (lambda d: _rewrite_config(d, lambda c: _set(c, ["config", "rank"], 8)),
+                           ValueError, "unknown keys"),
+    "layer description": (lambda d: _rewrite_config(
+        d, lambda c: _set(c, ["layers", "encoder.encoder.layer.0.attention.self.query", "parameters"],
+                          {"givens_angles": [15]})), ValueError, "do not match method"),
+    "layout fingerprint": (lambda d: _rewrite_config(
+        d, lambda c: _set(c, ["layers", "encoder.encoder.layer.0.attention.self.query", "layout", "sha256"],
+                          "0" * 64)), ValueError, "layout"),
+    "truncated weights": (lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:-10]),
+                          ValueError, "truncated"),
+    "tiny weights file": (lambda d: (d / WEIGHTS_NAME).write_bytes(b"\x01\x02"), ValueError, "truncated"),
+    "garbage weights": (lambda d: (d / WEIGHTS_NAME).write_bytes(struct.pack("<Q", 20) + b"\xff" * 40),
+                        ValueError, "corrupt safetensors header"),
+    "trailing bytes": (lambda d: (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes() + b"\0" * 8),
+                       ValueError, "trailing bytes"),
+    "wrong tensor shape": (lambda d: _rewrite_weights(d, lambda t: t.__setitem__(QKEY, torch.zeros(14, 2, 2))),
+                           ValueError, r"shape \[14, 2, 2\] != expected \[15, 2, 2\]"),
+    "missing tensor": (lambda d: _rewrite_weights(d, lambda t: t.pop(QKEY)), ValueError, "missing tensors"),
+    "extra tensor": (lambda d: _rewrite_weights(d, lambda t: t.__setitem__("extra.w", torch.zeros(2))),
+                     ValueError, "unexpected tensors"),
+    "non-finite values": (lambda d: _rewrite_weights(d, lambda t: t[QKEY].__setitem__((0, 0, 0), float("nan"))),
+                          ValueError, "NaN"),
+    "wrong head dtype": (lambda d: _rewrite_weights(d, lambda t: t.__setitem__("classifier.bias",
+                                                                               t["classifier.bias"].double())),
+                         ValueError, "dtype float64 != float32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_damaged_adapter_gives_a_clear_error_and_leaves_the_model_unchanged(saved, case):
+    directory, _ = saved
+    corrupt, error, message = CORRUPTIONS[case]
+    corrupt(directory)
+    base = Classifier()
+    before = snapshot(base)
+    with pytest.raises(error, match=message):
+        QGoftModel.from_pretrained(base, str(directory))
+    assert_unchanged(before, base)
+    adapted = trained(get_qgoft_model(Classifier(), config_for()), seed=5)
+    before = snapshot(adapted)
+    with pytest.raises(error, match=message):
+        adapted.load_adapter(str(directory))
+    assert_unchanged(before, adapted)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter directory not found"):
+        QGoftModel.from_pretrained(Classifier(), str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("make_base, message", [
+    (lambda: Classifier(hidden=24), "in_features"),   # other hidden size
+    (lambda: Classifier(layers=1), "absent"),          # fewer blocks
+    (lambda: Classifier(layers=3), "absent"),          # more blocks
+    (lambda: tiny_gpt2(), "matches no module"),        # another architecture (no classifier to save)
+])
+def test_base_model_with_other_shapes_is_refused_unchanged(saved, make_base, message):
+    directory, _ = saved
+    base = make_base()
+    before = snapshot(base)
+    with pytest.raises(ValueError, match=message):
+        QGoftModel.from_pretrained(base, str(directory))
+    assert_unchanged(before, base)
+
+
+def test_load_adapter_into_an_incompatible_qgoft_model_is_refused_unchanged(saved):
+    directory, _ = saved
+    cases = [
+        (get_qgoft_model(Classifier(), config_for("goft")), "method"),
+        (get_qgoft_model(Classifier(), config_for(target_modules=["query"])), "absent"),
+        (get_qgoft_model(Classifier(), config_for(stack=2)), "layout"),
+        (get_qgoft_model(Classifier(), config_for(modules_to_save=None)), r"absent from the adapter \['classifier'\]"),
+        (get_qgoft_model(Classifier(), config_for(modules_to_save=None, exclude_modules=["classifier"])),
+         "modules to save"),
+        (get_qgoft_model(Classifier(hidden=24), config_for()), "in_features"),
+    ]
+    for model, message in cases:
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=message):
+            model.load_adapter(str(directory))
+        assert_unchanged(before, model)
+    merged = trained(get_qgoft_model(Classifier(), config_for()))
+    merged.merge_adapter()
+    before = snapshot(merged)
+    with pytest.raises(ValueError, match="unmerge_adapter"):
+        merged.load_adapter(str(directory))
+    assert_unchanged(before, merged)
+
+
+def test_from_pretrained_refuses_an_adapted_model(saved):
+    directory, _ = saved
+    with pytest.raises(ValueError, match="load_adapter"):
+        QGoftModel.from_pretrained(get_qgoft_model(Classifier(), config_for()), str(directory))
