@@ -137,8 +137,9 @@ def _inside(path: str, ancestors: Sequence[str]) -> bool:
 
 def plan_adaptation(model: nn.Module, config: QGoftConfig) -> _Plan:
     """Decide which layers ``config`` adapts in ``model`` and which modules it saves, without touching
-    ``model``. Raises ValueError (nothing changed) when nothing matches, a ``modules_to_save`` entry matches
-    nothing, a target is already a qgoft layer, is shared by several paths, or has ``in_features < 2``."""
+    ``model``. Raises ValueError (nothing changed) when no layer matches, a ``modules_to_save`` entry matches
+    no module, the model already holds qgoft layers, or a target is shared by several paths or has
+    ``in_features < 2``. Modules to save nested in another module to save are covered by the outer one."""
     all_paths: Dict[int, List[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         all_paths.setdefault(id(module), []).append(path)
@@ -152,10 +153,11 @@ def plan_adaptation(model: nn.Module, config: QGoftConfig) -> _Plan:
             if path and config.matches_modules_to_save(path) and not _inside(path, save_paths):
                 save_paths.append(path)
         if isinstance(config.modules_to_save, list):
+            module_paths = [path for path, _ in model.named_modules() if path]
             for name in config.modules_to_save:
-                if not any(p == name or p.endswith("." + name) for p in save_paths):
+                if not any(p == name or p.endswith("." + name) for p in module_paths):
                     raise ValueError(f"modules_to_save entry {name!r} matches no module of "
-                                     f"{type(model).__name__} (outside other modules to save)")
+                                     f"{type(model).__name__}")
         elif not save_paths:
             raise ValueError(f"modules_to_save regex {config.modules_to_save!r} matches no module of "
                              f"{type(model).__name__}")

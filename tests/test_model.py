@@ -196,8 +196,9 @@ def test_modules_to_save_stay_trainable_and_are_never_adapted():
 
 def test_targets_inside_a_module_to_save_are_not_adapted():
     net = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)))
-    model = get_qgoft_model(net, QGoftConfig(target_modules=r".*", modules_to_save=["1"]))
+    model = get_qgoft_model(net, QGoftConfig(target_modules=r".*", modules_to_save=["1", "1.0"]))
     assert qgoft_paths(model) == ["0"]
+    assert model.modules_to_save_paths == ["1"]  # "1.0" is covered by "1"
     assert all(p.requires_grad for p in net[1].parameters())
 
 
