@@ -3,7 +3,6 @@
 Small models are built locally (nn.Sequential, tiny transformers BERT and GPT-2 from configs; no downloads).
 """
 
-import copy
 import os
 
 import pytest
@@ -15,9 +14,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-import qgoft  # noqa: E402
-from qgoft import QGoftConfig, QGoftModel, get_qgoft_model  # noqa: E402
+from qgoft import QGoftConfig, get_qgoft_model  # noqa: E402
 from qgoft.nn import Linear as QLinear  # noqa: E402
+from tiny_models import (Classifier, assert_same_snapshot, snapshot, tiny_bert, tiny_gpt2,  # noqa: E402
+                         token_batch)
 
 METHODS = ["goft", "goft_scaled", "qgoft"]
 F64 = torch.float64
@@ -32,47 +32,6 @@ def mlp(seed=0, dtype=F64):
     return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 3)).to(dtype)
 
 
-def tiny_bert(seed=0, hidden=16, layers=2):
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=layers,
-                                     num_attention_heads=2, intermediate_size=2 * hidden,
-                                     max_position_embeddings=32, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0)
-    return transformers.BertModel(config, add_pooling_layer=False).eval()
-
-
-def tiny_gpt2(seed=0, lm_head=False):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     bos_token_id=0, eos_token_id=0)
-    cls = transformers.GPT2LMHeadModel if lm_head else transformers.GPT2Model
-    return cls(config).eval()
-
-
-class Classifier(nn.Module):
-    """Tiny BERT encoder + mean pooling + linear head (the shape of the sentiment example)."""
-
-    def __init__(self, seed=0):
-        super().__init__()
-        self.encoder = tiny_bert(seed)
-        torch.manual_seed(seed + 1)
-        self.classifier = nn.Linear(16, 2)
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return self.classifier((hidden * mask).sum(1) / mask.sum(1))
-
-
-def token_batch(seed=0, batch=3, length=7):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 40, (batch, length), generator=g)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[0, -2:] = 0
-    return ids, mask
-
-
 def randomize_adapters(model, seed=1, magnitude=0.3):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -84,25 +43,6 @@ def randomize_adapters(model, seed=1, magnitude=0.3):
             if layer.givens_blocks is not None:
                 layer.givens_blocks.copy_(torch.eye(2) + magnitude * torch.randn(layer.givens_blocks.shape,
                                                                                 generator=g))
-
-
-def snapshot(model):
-    """Everything that 'unchanged' means: module types per path, state values, requires_grad, training."""
-    return {
-        "types": {name: type(m) for name, m in model.named_modules()},
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "grad": {k: p.requires_grad for k, p in model.named_parameters()},
-        "training": {name: m.training for name, m in model.named_modules()},
-    }
-
-
-def assert_same_snapshot(a, b):
-    assert a["types"] == b["types"]
-    assert a["grad"] == b["grad"]
-    assert a["training"] == b["training"]
-    assert a["state"].keys() == b["state"].keys()
-    for key in a["state"]:
-        assert torch.equal(a["state"][key], b["state"][key]), key
 
 
 def qgoft_paths(model):

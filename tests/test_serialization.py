@@ -7,7 +7,6 @@ import struct
 
 import pytest
 import torch
-from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,47 +16,14 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import qgoft  # noqa: E402
 from qgoft import QGoftConfig, QGoftModel, get_qgoft_model  # noqa: E402
 from qgoft.serialization import CONFIG_NAME, WEIGHTS_NAME, read_adapter  # noqa: E402
+from tiny_models import Classifier, assert_same_snapshot, snapshot, tiny_gpt2, token_batch  # noqa: E402
 
 METHODS = ["goft", "goft_scaled", "qgoft"]
 
 
 # ------------------------------------------------------------------------------------------------
-# Builders (each call with the same arguments gives the same fresh base model).
+# Helpers (tiny_models builders give the same fresh base model for the same arguments).
 # ------------------------------------------------------------------------------------------------
-
-class Classifier(nn.Module):
-    """Tiny BERT encoder + mean pooling + linear head."""
-
-    def __init__(self, seed=0, hidden=16, layers=2):
-        super().__init__()
-        torch.manual_seed(seed)
-        config = transformers.BertConfig(vocab_size=40, hidden_size=hidden, num_hidden_layers=layers,
-                                         num_attention_heads=2, intermediate_size=2 * hidden,
-                                         max_position_embeddings=32)
-        self.encoder = transformers.BertModel(config, add_pooling_layer=False)
-        self.classifier = nn.Linear(hidden, 2)
-        self.eval()
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return self.classifier((hidden * mask).sum(1) / mask.sum(1))
-
-
-def tiny_gpt2(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32,
-                                     bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2Model(config).eval()
-
-
-def inputs():
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, 40, (3, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, -3:] = 0
-    return ids, mask
-
 
 def trained(model, seed=1):
     """Give the adapters and the modules to save non-trivial values (as training would)."""
@@ -75,23 +41,8 @@ def config_for(method="qgoft", **kwargs):
     return QGoftConfig(method=method, **kwargs)
 
 
-def snapshot(model):
-    return {
-        "types": {name: type(m) for name, m in model.named_modules()},
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-        "grad": {k: p.requires_grad for k, p in model.named_parameters()},
-        "training": {name: m.training for name, m in model.named_modules()},
-    }
-
-
 def assert_unchanged(before, model):
-    after = snapshot(model)
-    assert before["types"] == after["types"]
-    assert before["grad"] == after["grad"]
-    assert before["training"] == after["training"]
-    assert before["state"].keys() == after["state"].keys()
-    for key in before["state"]:
-        assert torch.equal(before["state"][key], after["state"][key]), key
+    assert_same_snapshot(before, snapshot(model))
 
 
 @pytest.fixture
@@ -100,7 +51,7 @@ def saved(tmp_path):
     model = trained(get_qgoft_model(Classifier(), config_for()))
     directory = tmp_path / "adapter"
     model.save_pretrained(directory)  # a pathlib.Path works as well as a str
-    return directory, model(*inputs())
+    return directory, model(*token_batch())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,23 +61,23 @@ def saved(tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_from_pretrained_on_a_fresh_base_reproduces_outputs_bitwise(tmp_path, method):
     model = trained(get_qgoft_model(Classifier(), config_for(method, orthogonality_weight=0.02)))
-    expected = model(*inputs())
+    expected = model(*token_batch())
     model.save_pretrained(str(tmp_path))
     loaded = QGoftModel.from_pretrained(Classifier(), str(tmp_path))
-    assert torch.equal(loaded(*inputs()), expected)
+    assert torch.equal(loaded(*token_batch()), expected)
     assert loaded.qgoft_config == model.qgoft_config
     # Default is inference: frozen and in eval mode (like PEFT); is_trainable=True keeps them trainable.
     assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
     trainable = QGoftModel.from_pretrained(Classifier(), str(tmp_path), is_trainable=True)
     assert trainable.get_nb_trainable_parameters() == model.get_nb_trainable_parameters()
-    assert torch.equal(trainable(*inputs()), expected)
+    assert torch.equal(trainable(*token_batch()), expected)
 
 
 def test_round_trip_float64_and_gpt2_conv1d(tmp_path):
     model = trained(get_qgoft_model(tiny_gpt2().double(), QGoftConfig(method="goft_scaled",
                                                                       target_modules=["c_attn", "c_fc"],
                                                                       adapter_dtype="float64")))
-    ids, _ = inputs()
+    ids, _ = token_batch()
     expected = model(ids).last_hidden_state
     model.save_pretrained(str(tmp_path))
     assert load_file(str(tmp_path / WEIGHTS_NAME))["h.0.attn.c_attn.givens_angles"].dtype == torch.float64
@@ -138,9 +89,9 @@ def test_round_trip_float64_and_gpt2_conv1d(tmp_path):
 def test_load_adapter_into_an_adapted_model(saved):
     directory, expected = saved
     model = get_qgoft_model(Classifier(), config_for())
-    assert not torch.equal(model(*inputs()), expected)
+    assert not torch.equal(model(*token_batch()), expected)
     model.load_adapter(directory)
-    assert torch.equal(model(*inputs()), expected)
+    assert torch.equal(model(*token_batch()), expected)
     assert model.get_nb_trainable_parameters()[0] > 0  # load_adapter keeps it trainable by default
 
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "chain_kernel.h"
+#include "layout_check.h"
 
 namespace qgoft {
 namespace {
@@ -50,44 +51,18 @@ void check_float_param(const Tensor& t, const char* op, const char* name) {
 // pairs must be an int32 (P, 2) tensor on the CPU; returns P.
 int64_t checked_num_pairs(const Tensor& pairs, const char* op) {
   check_cpu(pairs, op, "pairs");
-  TORCH_CHECK(pairs.scalar_type() == at::kInt && pairs.dim() == 2 && pairs.size(1) == 2, op,
-              ": pairs must be an int32 tensor of shape (P, 2), got ", pairs.scalar_type(), " ",
-              pairs.sizes());
-  return pairs.size(0);
+  return check_pairs_tensor(pairs, op);
 }
 
-// Validates pairs / layer_offsets against d (DESIGN.md Sec. 3): int32 (P, 2) and (L + 1,),
-// offsets non-decreasing from 0 to P (all checked before any pair is read), 0 <= i < j < d, pairs
-// of one layer disjoint. Returns contiguous pairs.
+// Validates pairs / layer_offsets against d (layout_check.h). Returns contiguous pairs.
 Tensor checked_pairs(const Tensor& pairs, const Tensor& offsets, int64_t d, const char* op) {
-  const int64_t num_pairs = checked_num_pairs(pairs, op);
+  check_cpu(pairs, op, "pairs");
   check_cpu(offsets, op, "layer_offsets");
-  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.numel() >= 1, op,
-              ": layer_offsets must be an int32 tensor of shape (L + 1,), got ",
-              offsets.scalar_type(), " ", offsets.sizes());
+  check_layout_tensors(pairs, offsets, op);
   Tensor pc = pairs.contiguous();
   const Tensor oc = offsets.contiguous();
-  const int32_t* pp = pc.const_data_ptr<int32_t>();
-  const int32_t* off = oc.const_data_ptr<int32_t>();
-  const int64_t num_layers = oc.numel() - 1;
-  TORCH_CHECK(off[0] == 0 && off[num_layers] == num_pairs, op,
-              ": layer_offsets must start at 0 and end at P = ", num_pairs, ", got ", off[0],
-              " and ", off[num_layers]);
-  for (int64_t l = 0; l < num_layers; ++l) {
-    TORCH_CHECK(off[l] <= off[l + 1], op, ": layer_offsets must be non-decreasing, got ", off[l],
-                " > ", off[l + 1], " at layer ", l);
-  }
-  std::vector<int64_t> layer_of(std::max<int64_t>(d, 0), -1);
-  for (int64_t l = 0; l < num_layers; ++l) {
-    for (int64_t p = off[l]; p < off[l + 1]; ++p) {
-      const int64_t i = pp[2 * p], j = pp[2 * p + 1];
-      TORCH_CHECK(0 <= i && i < j && j < d, op, ": pair ", p, " = (", i, ", ", j,
-                  ") must satisfy 0 <= i < j < d = ", d);
-      TORCH_CHECK(layer_of[i] != l && layer_of[j] != l, op, ": pair ", p, " = (", i, ", ", j,
-                  ") overlaps another pair of layer ", l);
-      layer_of[i] = layer_of[j] = l;
-    }
-  }
+  check_layout_values(pc.const_data_ptr<int32_t>(), pc.size(0), oc.const_data_ptr<int32_t>(),
+                      oc.numel() - 1, d, op);
   return pc;
 }
 

@@ -37,6 +37,7 @@
 #include "chain_cuda.h"
 #include "chain_plan.h"
 #include "chain_sizes.h"
+#include "layout_check.h"
 
 namespace qgoft {
 namespace {
@@ -190,19 +191,12 @@ bool is_parallel_layout(const int32_t* pp, const int32_t* off, int64_t num_pairs
   return p == num_pairs;
 }
 
-// Validates pairs / layer_offsets against d (DESIGN.md Sec. 3) like the CPU glue: int32 (P, 2) and
-// (L + 1,), offsets from 0 to P and non-decreasing (checked before any pair is read), 0 <= i < j < d,
-// pairs of one layer disjoint.
+// Validates pairs / layer_offsets against d (layout_check.h) on a host copy, once per tensor version.
 std::shared_ptr<const Layout> checked_layout(const Tensor& pairs, const Tensor& offsets,
                                              const Tensor& x, int64_t d, const char* op) {
   check_device(pairs, x, op, "pairs");
   check_device(offsets, x, op, "layer_offsets");
-  TORCH_CHECK(pairs.scalar_type() == at::kInt && pairs.dim() == 2 && pairs.size(1) == 2, op,
-              ": pairs must be an int32 tensor of shape (P, 2), got ", pairs.scalar_type(), " ",
-              pairs.sizes());
-  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.numel() >= 1, op,
-              ": layer_offsets must be an int32 tensor of shape (L + 1,), got ",
-              offsets.scalar_type(), " ", offsets.sizes());
+  check_layout_tensors(pairs, offsets, op);
   const bool cacheable = !pairs.is_inference() && !offsets.is_inference();
   LayoutKey key{};
   if (cacheable) {
@@ -226,24 +220,7 @@ std::shared_ptr<const Layout> checked_layout(const Tensor& pairs, const Tensor& 
   const int32_t* pp = ph.const_data_ptr<int32_t>();
   const int32_t* off = oh.const_data_ptr<int32_t>();
   const int64_t num_pairs = ph.size(0), num_layers = oh.numel() - 1;
-  TORCH_CHECK(off[0] == 0 && off[num_layers] == num_pairs, op,
-              ": layer_offsets must start at 0 and end at P = ", num_pairs, ", got ", off[0],
-              " and ", off[num_layers]);
-  for (int64_t l = 0; l < num_layers; ++l) {
-    TORCH_CHECK(off[l] <= off[l + 1], op, ": layer_offsets must be non-decreasing, got ", off[l],
-                " > ", off[l + 1], " at layer ", l);
-  }
-  std::vector<int64_t> layer_of(std::max<int64_t>(d, 0), -1);
-  for (int64_t l = 0; l < num_layers; ++l) {
-    for (int64_t p = off[l]; p < off[l + 1]; ++p) {
-      const int64_t i = pp[2 * p], j = pp[2 * p + 1];
-      TORCH_CHECK(0 <= i && i < j && j < d, op, ": pair ", p, " = (", i, ", ", j,
-                  ") must satisfy 0 <= i < j < d = ", d);
-      TORCH_CHECK(layer_of[i] != l && layer_of[j] != l, op, ": pair ", p, " = (", i, ", ", j,
-                  ") overlaps another pair of layer ", l);
-      layer_of[i] = layer_of[j] = l;
-    }
-  }
+  check_layout_values(pp, num_pairs, off, num_layers, d, op);
   layout->d = d;
   layout->num_pairs = num_pairs;
   layout->num_layers = num_layers;
@@ -296,7 +273,6 @@ Operands prepare(const Tensor& x, const Tensor& pairs, const Tensor& offsets,
   o.layout = checked_layout(pairs, offsets, x, o.d, op);
   o.rows = o.d > 0 ? x.numel() / o.d : 0;
   if (scale.has_value()) {
-    check_device(*scale, x, op, "scale");
     check_float_param(*scale, op, "scale");
     TORCH_CHECK(scale->dim() == 1 && scale->size(0) == o.d, op, ": scale must have shape (d,) = (",
                 o.d, ",), got ", scale->sizes());
@@ -535,40 +511,6 @@ void check_angles(const Tensor& angles, const Tensor& pairs, const Tensor& x, co
               ": angles must have shape (P,) = (", pairs.size(0), ",), got ", angles.sizes());
 }
 
-Tensor givens_chain_cuda(const Tensor& x, const Tensor& angles, const Tensor& pairs,
-                         const Tensor& layer_offsets, const std::optional<Tensor>& scale) {
-  constexpr const char* op = "qgoft::givens_chain";
-  c10::cuda::OptionalCUDAGuard guard;
-  if (x.is_cuda()) guard.set_device(x.device());
-  check_angles(angles, pairs, x, op);
-  Operands o = prepare(x, pairs, layer_offsets, scale, op);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  o.blocks = rotation_blocks(angles, o.acc, stream);
-  const Tensor x2 = rows_view(x, o.d);
-  Tensor y = at::empty({o.rows, o.d}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (o.rows > 0 && o.d > 0) run_forward(o, x2, y, op);
-  return y.view(x.sizes());
-}
-
-std::tuple<Tensor, Tensor, Tensor> givens_chain_backward_cuda(
-    const Tensor& grad_out, const Tensor& x, const Tensor& angles, const Tensor& pairs,
-    const Tensor& layer_offsets, const std::optional<Tensor>& scale,
-    std::array<bool, 3> output_mask) {
-  constexpr const char* op = "qgoft::givens_chain_backward";
-  check_device(grad_out, x, op, "grad_out");
-  c10::cuda::OptionalCUDAGuard guard;
-  if (x.is_cuda()) guard.set_device(x.device());
-  check_angles(angles, pairs, x, op);
-  Operands o = prepare(x, pairs, layer_offsets, scale, op);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  o.blocks = rotation_blocks(angles, o.acc, stream);
-  BackwardResult r = run_backward(o, x, grad_out, output_mask[0], output_mask[1], output_mask[2],
-                                  /*givens=*/true, op);
-  return {r.grad_x.defined() ? r.grad_x.view(x.sizes()) : empty_like_flat(x),
-          r.grad_params.defined() ? r.grad_params.to(angles.scalar_type()) : empty_like_flat(angles),
-          r.grad_scale.defined() ? r.grad_scale.to(scale->scalar_type()) : empty_like_flat(angles)};
-}
-
 // ------------------------------------------------------------------------------------------------
 // Quasi-Givens blocks (P, 2, 2).
 // ------------------------------------------------------------------------------------------------
@@ -581,37 +523,76 @@ void check_blocks(const Tensor& blocks, const Tensor& pairs, const Tensor& x, co
               blocks.sizes());
 }
 
-Tensor quasi_givens_chain_cuda(const Tensor& x, const Tensor& blocks, const Tensor& pairs,
-                               const Tensor& layer_offsets, const std::optional<Tensor>& scale) {
-  constexpr const char* op = "qgoft::quasi_givens_chain";
+// ------------------------------------------------------------------------------------------------
+// Entry points: params are the angles (P,) (givens) or the quasi-Givens blocks (P, 2, 2).
+// ------------------------------------------------------------------------------------------------
+// The (P, 4) blocks of the chain in the accumulation type, checked against pairs and x's device.
+Tensor checked_blocks(const Tensor& params, bool givens, const Tensor& pairs, const Tensor& x,
+                      at::ScalarType acc, const char* op) {
+  if (givens) {
+    check_angles(params, pairs, x, op);
+    return rotation_blocks(params, acc, c10::cuda::getCurrentCUDAStream().stream());
+  }
+  check_blocks(params, pairs, x, op);
+  return aligned_blocks(params.reshape({params.size(0), 4}).to(acc));
+}
+
+Tensor chain_forward_cuda(const Tensor& x, const Tensor& params, const Tensor& pairs,
+                          const Tensor& layer_offsets, const std::optional<Tensor>& scale,
+                          bool givens, const char* op) {
   c10::cuda::OptionalCUDAGuard guard;
   if (x.is_cuda()) guard.set_device(x.device());
-  check_blocks(blocks, pairs, x, op);
   Operands o = prepare(x, pairs, layer_offsets, scale, op);
-  o.blocks = aligned_blocks(blocks.reshape({blocks.size(0), 4}).to(o.acc));
+  o.blocks = checked_blocks(params, givens, pairs, x, o.acc, op);
   const Tensor x2 = rows_view(x, o.d);
   Tensor y = at::empty({o.rows, o.d}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (o.rows > 0 && o.d > 0) run_forward(o, x2, y, op);
   return y.view(x.sizes());
 }
 
+std::tuple<Tensor, Tensor, Tensor> chain_backward_cuda(
+    const Tensor& grad_out, const Tensor& x, const Tensor& params, const Tensor& pairs,
+    const Tensor& layer_offsets, const std::optional<Tensor>& scale,
+    std::array<bool, 3> output_mask, bool givens, const char* op) {
+  check_device(grad_out, x, op, "grad_out");
+  c10::cuda::OptionalCUDAGuard guard;
+  if (x.is_cuda()) guard.set_device(x.device());
+  Operands o = prepare(x, pairs, layer_offsets, scale, op);
+  o.blocks = checked_blocks(params, givens, pairs, x, o.acc, op);
+  BackwardResult r = run_backward(o, x, grad_out, output_mask[0], output_mask[1], output_mask[2],
+                                  givens, op);
+  return {r.grad_x.defined() ? r.grad_x.view(x.sizes()) : empty_like_flat(x),
+          r.grad_params.defined() ? r.grad_params.view(params.sizes()).to(params.scalar_type())
+                                  : empty_like_flat(params),
+          r.grad_scale.defined() ? r.grad_scale.to(scale->scalar_type()) : empty_like_flat(params)};
+}
+
+Tensor givens_chain_cuda(const Tensor& x, const Tensor& angles, const Tensor& pairs,
+                         const Tensor& layer_offsets, const std::optional<Tensor>& scale) {
+  return chain_forward_cuda(x, angles, pairs, layer_offsets, scale, /*givens=*/true,
+                            "qgoft::givens_chain");
+}
+
+std::tuple<Tensor, Tensor, Tensor> givens_chain_backward_cuda(
+    const Tensor& grad_out, const Tensor& x, const Tensor& angles, const Tensor& pairs,
+    const Tensor& layer_offsets, const std::optional<Tensor>& scale,
+    std::array<bool, 3> output_mask) {
+  return chain_backward_cuda(grad_out, x, angles, pairs, layer_offsets, scale, output_mask,
+                             /*givens=*/true, "qgoft::givens_chain_backward");
+}
+
+Tensor quasi_givens_chain_cuda(const Tensor& x, const Tensor& blocks, const Tensor& pairs,
+                               const Tensor& layer_offsets, const std::optional<Tensor>& scale) {
+  return chain_forward_cuda(x, blocks, pairs, layer_offsets, scale, /*givens=*/false,
+                            "qgoft::quasi_givens_chain");
+}
+
 std::tuple<Tensor, Tensor, Tensor> quasi_givens_chain_backward_cuda(
     const Tensor& grad_out, const Tensor& x, const Tensor& blocks, const Tensor& pairs,
     const Tensor& layer_offsets, const std::optional<Tensor>& scale,
     std::array<bool, 3> output_mask) {
-  constexpr const char* op = "qgoft::quasi_givens_chain_backward";
-  check_device(grad_out, x, op, "grad_out");
-  c10::cuda::OptionalCUDAGuard guard;
-  if (x.is_cuda()) guard.set_device(x.device());
-  check_blocks(blocks, pairs, x, op);
-  Operands o = prepare(x, pairs, layer_offsets, scale, op);
-  o.blocks = aligned_blocks(blocks.reshape({blocks.size(0), 4}).to(o.acc));
-  BackwardResult r = run_backward(o, x, grad_out, output_mask[0], output_mask[1], output_mask[2],
-                                  /*givens=*/false, op);
-  return {r.grad_x.defined() ? r.grad_x.view(x.sizes()) : empty_like_flat(x),
-          r.grad_params.defined() ? r.grad_params.view(blocks.sizes()).to(blocks.scalar_type())
-                                  : empty_like_flat(blocks),
-          r.grad_scale.defined() ? r.grad_scale.to(scale->scalar_type()) : empty_like_flat(blocks)};
+  return chain_backward_cuda(grad_out, x, blocks, pairs, layer_offsets, scale, output_mask,
+                             /*givens=*/false, "qgoft::quasi_givens_chain_backward");
 }
 
 }  // namespace

@@ -305,6 +305,32 @@ __global__ void __launch_bounds__(1024) parallel_forward_kernel(const ParallelAr
   }
 }
 
+// The top layers of a segmented row (strides 1, 2, .., 16 between segment starts; one warp per row,
+// lane q holds segment q's start value u, qv: q < nseg). All 32 lanes must call it. With kTape,
+// tape[s] receives u as it was before top layer s (for the backward's recompute).
+template <bool kTape, class A>
+__device__ __forceinline__ A top_layers_forward(A u, int q, bool qv, const ParallelArgs& a,
+                                                const A* blocks, A* tape) {
+#pragma unroll
+  for (int s = 0; s < 5; ++s) {
+    if constexpr (kTape) tape[s] = u;
+    if (s < a.top_layers) {
+      const int m = 1 << s;
+      const A w = __shfl_xor_sync(kFullMask, u, m);
+      if (qv && (q & (m - 1)) == 0) {
+        const bool upper = (q & m) != 0;
+        const int iq = upper ? q - m : q;
+        if (iq + m < a.nseg) {
+          A g0, g1, g2, g3;
+          load_block(blocks, a.top_off[s] + (iq >> (s + 1)), g0, g1, g2, g3);
+          u = upper ? g1 * w + g3 * u : g0 * u + g2 * w;
+        }
+      }
+    }
+  }
+  return u;
+}
+
 // Segmented forward, second step: the top layers on the segment starts of each row (one warp per row,
 // lane q = segment q), then the scale; overwrites y at the segment starts.
 template <class S>
@@ -319,23 +345,8 @@ __global__ void __launch_bounds__(32 * kTopRowsPerBlock) parallel_top_forward_ke
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kTopRowsPerBlock + (threadIdx.x >> 5);
        row < a.rows; row += static_cast<int64_t>(gridDim.x) * kTopRowsPerBlock) {
     const bool qv = q < a.nseg;
-    A u = qv ? top[row * a.nseg + q] : A(0);
-#pragma unroll
-    for (int s = 0; s < 5; ++s) {
-      if (s < a.top_layers) {
-        const int m = 1 << s;
-        const A w = __shfl_xor_sync(kFullMask, u, m);
-        if (qv && (q & (m - 1)) == 0) {
-          const bool upper = (q & m) != 0;
-          const int iq = upper ? q - m : q;
-          if (iq + m < a.nseg) {
-            A g0, g1, g2, g3;
-            load_block(blocks, a.top_off[s] + (iq >> (s + 1)), g0, g1, g2, g3);
-            u = upper ? g1 * w + g3 * u : g0 * u + g2 * w;
-          }
-        }
-      }
-    }
+    A u = top_layers_forward<false>(qv ? top[row * a.nseg + q] : A(0), q, qv, a, blocks,
+                                    static_cast<A*>(nullptr));
     if (qv) {
       const int c = q << logS;
       if (scale != nullptr) u *= __ldg(scale + c);
@@ -421,24 +432,8 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
       A u = A(0);
       A tt[5];
       if constexpr (kGrads) {
-        u = qv ? static_cast<const A*>(a.top)[row * a.nseg + q] : A(0);
-#pragma unroll
-        for (int s = 0; s < 5; ++s) {
-          tt[s] = u;
-          if (s < a.top_layers) {
-            const int m = 1 << s;
-            const A w = __shfl_xor_sync(kFullMask, u, m);
-            if (qv && (q & (m - 1)) == 0) {
-              const bool upper = (q & m) != 0;
-              const int iq = upper ? q - m : q;
-              if (iq + m < a.nseg) {
-                A g0, g1, g2, g3;
-                load_block(blocks, a.top_off[s] + (iq >> (s + 1)), g0, g1, g2, g3);
-                u = upper ? g1 * w + g3 * u : g0 * u + g2 * w;
-              }
-            }
-          }
-        }
+        u = top_layers_forward<true>(qv ? static_cast<const A*>(a.top)[row * a.nseg + q] : A(0), q,
+                                     qv, a, blocks, tt);
       }
       const int c = q << logS;
       A gq = qv ? Elem<S>::to(grad[row * a.grad_ld + c]) : A(0);
