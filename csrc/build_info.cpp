@@ -1,5 +1,7 @@
 #include "build_info.h"
 
+#include <stdexcept>
+
 #include <ATen/Parallel.h>
 
 #include <initializer_list>
@@ -34,8 +36,20 @@ BuildInfo build_info() {
   info.compiler = "gcc " __VERSION__;
 #endif
   info.num_threads = at::get_num_threads();
-  info.cpu_tile_rows = cpu::tile_rows();
+  info.cpu_tile_rows = cpu::tile_rows(cpu::DType::Float32, 4096);
   return info;
+}
+
+int cpu_tile_rows(const std::string& dtype, int64_t d) {
+  const std::pair<const char*, cpu::DType> names[] = {{"float32", cpu::DType::Float32},
+                                                      {"float64", cpu::DType::Float64},
+                                                      {"bfloat16", cpu::DType::BFloat16},
+                                                      {"float16", cpu::DType::Float16}};
+  for (const auto& [name, value] : names) {
+    if (dtype == name) return cpu::tile_rows(value, d);
+  }
+  throw std::invalid_argument("cpu_tile_rows: dtype must be float32, float64, bfloat16 or float16, got " +
+                              dtype);
 }
 
 bool set_cpu_isa(const std::string& name) {

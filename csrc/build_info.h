@@ -2,6 +2,7 @@
 // C++ programs).
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -17,11 +18,14 @@ struct BuildInfo {
   bool cuda_compiled = false;
   std::string compiler;
   int num_threads = 1;                     // at::get_num_threads()
-  int cpu_tile_rows = 0;                   // rows per tile of the selected CPU kernel
+  int cpu_tile_rows = 0;                   // rows per tile of the selected CPU kernel, float32, d = 4096
 };
 
 BuildInfo build_info();
 // Selects the CPU kernel variant by name ("generic", "avx2", "avx512"); false if unavailable.
 bool set_cpu_isa(const std::string& name);
+// Rows per tile of the selected CPU kernel for activations of this dtype ("float32", "float64",
+// "bfloat16", "float16") and width d (small d use taller tiles); throws std::invalid_argument.
+int cpu_tile_rows(const std::string& dtype, int64_t d);
 
 }  // namespace qgoft

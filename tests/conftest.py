@@ -4,8 +4,8 @@
 * If the compiled extension is not loaded, the session FAILS unless ``QGOFT_ALLOW_FALLBACK=1``: CI must
   never silently test only the pure-PyTorch fallback.
 * Fixtures: ``cpu_isa`` (parametrized over every CPU kernel variant, skipping the ones this machine or
-  build lacks, restoring the selection afterwards), ``tile_rows`` (of that variant), ``num_threads`` (set
-  and restore torch's thread count) and ``one_thread``.
+  build lacks, restoring the selection afterwards), ``tile_rows(d, dtype)`` (of that variant),
+  ``num_threads`` (set and restore torch's thread count) and ``one_thread``.
 """
 from __future__ import annotations
 
@@ -33,7 +33,25 @@ def pytest_report_header(config):
     return lines
 
 
+def _check_sanitizer_build() -> None:
+    """``QGOFT_SANITIZER=1`` (set by tools/check_sanitizers.sh): the session must run the ASan + UBSan build
+    of the extension with the sanitizer runtimes loaded, not some other qgoft found on the path."""
+    lib = qgoft.ops_library_path()
+    problems = []
+    if not qgoft.extension_loaded():
+        problems.append(f"extension not loaded ({qgoft._extension.extension_error()})")
+    elif b"__asan_init" not in lib.read_bytes() or b"__ubsan_handle" not in lib.read_bytes():
+        problems.append(f"{lib} is not instrumented with ASan + UBSan")
+    maps = open("/proc/self/maps").read() if os.path.exists("/proc/self/maps") else ""
+    if "libasan" not in maps or "libubsan" not in maps:
+        problems.append("the ASan / UBSan runtimes are not loaded (LD_PRELOAD)")
+    if problems:
+        pytest.exit("QGOFT_SANITIZER=1 but " + "; ".join(problems), returncode=1)
+
+
 def pytest_sessionstart(session):
+    if os.environ.get("QGOFT_SANITIZER", "0") == "1":
+        _check_sanitizer_build()
     if qgoft.extension_loaded() or _fallback_allowed():
         return
     reason = qgoft._extension.extension_error()
@@ -70,8 +88,10 @@ def cpu_isa(request):
 
 @pytest.fixture
 def tile_rows(cpu_isa):
-    """Rows per tile of the CPU kernel variant selected by ``cpu_isa``."""
-    return int(qgoft._extension._C.build_info()["cpu_tile_rows"])
+    """``tile_rows(d, dtype="float32")``: rows per tile of the CPU kernel variant selected by ``cpu_isa``."""
+    def rows_per_tile(d: int, dtype: str = "float32") -> int:
+        return int(qgoft._extension._C.cpu_tile_rows(dtype, d))
+    return rows_per_tile
 
 
 @pytest.fixture

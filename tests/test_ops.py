@@ -236,14 +236,15 @@ def test_chain_matches_reference(cpu_isa, method, d, kind, case_ids):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_rows_around_tile_and_chunk_boundaries(cpu_isa, tile_rows, method):
+@pytest.mark.parametrize("d", [37, 300])  # float64 tiles: taller for small d, single-vector beyond
+def test_rows_around_tile_and_chunk_boundaries(cpu_isa, tile_rows, method, d):
     """Row counts just below/above multiples of the tile height, and enough rows for several reduction
     chunks (the parameter gradient is reduced per chunk of tiles, then across chunks)."""
-    d = 37
+    tile = tile_rows(d, "float64")
     gen = torch.Generator().manual_seed(5)
     pairs, offsets = make_layout("custom", d)
     params, scale = make_params(method, pairs.shape[0], d, gen)
-    for rows in (1, tile_rows - 1, tile_rows, tile_rows + 1, 3 * tile_rows + 5, 70 * tile_rows + 3):
+    for rows in (1, tile - 1, tile, tile + 1, 3 * tile + 5, 70 * tile + 3):
         x = make_tensor((rows,), d, "row_slice", gen)
         g = make_tensor((rows,), d, "contiguous", gen)
         check_against_reference(method, x, params, pairs, offsets, scale, g)

@@ -117,7 +117,7 @@ Tensor forward(const Operands& o, const Tensor& x) {
   const int64_t rows = o.rows(), d = o.params.d;
   Tensor y = at::empty({rows, d}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (rows > 0 && d > 0) {
-    const int64_t tile = cpu::tile_rows();
+    const int64_t tile = cpu::tile_rows(o.params.dtype, d);
     const int64_t tiles = (rows + tile - 1) / tile;
     const int64_t grain = std::max<int64_t>(1, kForwardGrainElements / (tile * d));
     const void* xp = o.x2.const_data_ptr();
@@ -137,6 +137,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Operands& o, const Tensor& gra
   TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have the shape of x ",
               x.sizes(), ", got ", grad_out.sizes());
   check_cpu(grad_out, op, "grad_out");
+  check_float_param(grad_out, op, "grad_out");
   const int64_t rows = o.rows(), d = o.params.d, num_pairs = o.params.num_pairs;
   want_scale = want_scale && o.scale.defined();
   const Tensor g2 = rows_view(grad_out.scalar_type() == x.scalar_type()
@@ -145,7 +146,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Operands& o, const Tensor& gra
   Tensor grad_x;
   if (want_x) grad_x = at::empty({rows, d}, x.options().memory_format(at::MemoryFormat::Contiguous));
   void* gxp = want_x ? grad_x.mutable_data_ptr() : nullptr;
-  const int64_t tile = cpu::tile_rows();
+  const int64_t tile = cpu::tile_rows(o.params.dtype, d);
   const int64_t tiles = (rows + tile - 1) / tile;
 
   Tensor grad_blocks, grad_scale;

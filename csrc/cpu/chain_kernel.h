@@ -27,9 +27,10 @@ struct ChainParams {
   const void* scale = nullptr;
 };
 
-// Rows per tile of the kernel selected at run time (row ranges given to the kernels below are
-// arbitrary; this only matters for the deterministic chunking of the reduction).
-int tile_rows();
+// Rows per tile of the kernel selected at run time for activations of this dtype and width d (row
+// ranges given to the kernels below are arbitrary; this only matters for the deterministic chunking
+// of the reduction, which must depend on the problem only).
+int tile_rows(DType dtype, int64_t d);
 
 // y[r] = chain(x[r]) for rows r in [row_begin, row_end). x rows have stride x_ld (elements), y is
 // contiguous with stride d.
@@ -57,7 +58,7 @@ const char* isa_name(Isa isa);
 // Per-ISA entry points (defined in chain_kernel_<isa>.cpp, each compiled with its own flags).
 #define QGOFT_DECLARE_ISA(ns)                                                                     \
   namespace ns {                                                                                  \
-  int tile_rows();                                                                                \
+  int tile_rows(DType dtype, int64_t d);                                                          \
   void chain_forward(const ChainParams& p, const void* x, int64_t x_ld, void* y,                 \
                      int64_t row_begin, int64_t row_end);                                        \
   void chain_backward(const ChainParams& p, const void* grad, int64_t grad_ld, const void* x,    \

@@ -22,14 +22,23 @@
 #include <new>
 #include <type_traits>
 #include <utility>
+#include <vector>
+#include <algorithm>
 
 #include "chain_kernel.h"
+
+#if defined(__FMA__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #ifndef QGOFT_ISA_NS
 #error "define QGOFT_ISA_NS before including chain_kernel_impl.h"
 #endif
 #ifndef QGOFT_VECS
 #define QGOFT_VECS 1
+#endif
+#ifndef QGOFT_VECS_SMALL_TILE
+#define QGOFT_VECS_SMALL_TILE QGOFT_VECS
 #endif
 #ifndef QGOFT_LANES
 #error "define QGOFT_LANES before including chain_kernel_impl.h"
@@ -110,6 +119,34 @@ inline auto float_to_bf16_bits(F f) {
   const U rounded = (w + 0x7FFFu + ((w >> 16) & 1u)) >> 16;
   const U is_nan = (w & 0x7FFFFFFFu) > 0x7F800000u ? U(w - w + 1u) : U(w - w);
   return is_nan != 0u ? U(w - w + 0x7FC0u) : rounded;
+}
+
+// ---------------------------------------------------------------------------------------------
+// a * b + c: one fused multiply-add (a single rounding) in the variants compiled with FMA, a multiply
+// then an add in the generic one. Written explicitly because the kernels are compiled with
+// -ffp-contract=off (the 16-bit conversions above rely on separately rounded operations).
+// ---------------------------------------------------------------------------------------------
+template <class A>
+inline Vec<A> mul_add(Vec<A> a, Vec<A> b, Vec<A> c) {
+#if defined(__FMA__)
+  if constexpr (sizeof(Vec<A>) == 32 && std::is_same_v<A, float>) {
+    return (Vec<A>)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+  } else if constexpr (sizeof(Vec<A>) == 32 && std::is_same_v<A, double>) {
+    return (Vec<A>)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+  }
+#endif
+#if defined(__AVX512F__)
+  if constexpr (sizeof(Vec<A>) == 64 && std::is_same_v<A, float>) {
+    return (Vec<A>)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+  } else if constexpr (sizeof(Vec<A>) == 64 && std::is_same_v<A, double>) {
+    return (Vec<A>)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+  }
+#endif
+  return a * b + c;
+}
+template <class A>
+inline Vec<A> mul_add(A a, Vec<A> b, Vec<A> c) {
+  return mul_add<A>(Vec<A>{} + a, b, c);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -223,10 +260,17 @@ inline void transpose(Vec<A>* v) {
   }
 }
 
-// Tile buffers: a tile holds T = V * W rows; column c of a tile is the V vectors buf[c * V + v]
-// (lane l of vector v is row v * W + l of the tile).
-constexpr int V = QGOFT_VECS;
-constexpr int T = V * W;
+// Tile buffers: a tile holds V * W rows; column c of a tile is the V vectors buf[c * V + v]
+// (lane l of vector v is row v * W + l of the tile). V is QGOFT_VECS_SMALL_TILE when such a tile of
+// width d fits in kSmallTileBytes (more rows per pair update amortise its index and coefficient
+// loads), else QGOFT_VECS (the working set of a tile's backward stays in L1 / L2 for large d).
+constexpr int64_t kSmallTileBytes = 32 * 1024;
+
+template <class A>
+constexpr int vecs_for(int64_t d) {
+  return d * QGOFT_VECS_SMALL_TILE * int64_t(sizeof(Vec<A>)) <= kSmallTileBytes ? QGOFT_VECS_SMALL_TILE
+                                                                               : QGOFT_VECS;
+}
 
 template <class A>
 struct Buffer {
@@ -241,11 +285,13 @@ struct Buffer {
   ~Buffer() { std::free(data); }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
-  void zero(int64_t vectors) { std::memset(static_cast<void*>(data), 0, size_t(vectors) * sizeof(Vec<A>)); }
+  void zero(int64_t vectors) {  // memset(nullptr, 0, 0) is UB (empty buffers hold no allocation)
+    if (vectors > 0) std::memset(static_cast<void*>(data), 0, size_t(vectors) * sizeof(Vec<A>));
+  }
 };
 
-// Rows [0, nr) of x (row stride ld), nr <= T -> transposed tile; rows >= nr are zero.
-template <class S, class A>
+// Rows [0, nr) of x (row stride ld), nr <= V * W -> transposed tile; rows >= nr are zero.
+template <int V, class S, class A>
 void load_tile(const S* x, int64_t ld, int nr, int64_t d, Vec<A>* buf) {
   for (int v = 0; v < V; ++v) {
     const int vr = nr - v * W;  // rows of this vector slot
@@ -270,7 +316,7 @@ void load_tile(const S* x, int64_t ld, int nr, int64_t d, Vec<A>* buf) {
 }
 
 // Transposed tile -> rows [0, nr) of y (row stride ld).
-template <class S, class A>
+template <int V, class S, class A>
 void store_tile(const Vec<A>* buf, int nr, int64_t d, S* y, int64_t ld) {
   for (int v = 0; v < V; ++v) {
     const int vr = nr - v * W < W ? nr - v * W : W;
@@ -292,7 +338,7 @@ void store_tile(const Vec<A>* buf, int nr, int64_t d, S* y, int64_t ld) {
 
 // x <- chain(x) on a tile (G_p^T for p ascending). With a tape, the inputs of block p are recorded
 // in tape[(2p) * V + v], tape[(2p + 1) * V + v].
-template <class A, bool kTape>
+template <int V, class A, bool kTape>
 inline void apply_chain(Vec<A>* buf, const int32_t* pairs, const A* blocks, int64_t num_pairs,
                         Vec<A>* tape) {
   for (int64_t p = 0; p < num_pairs; ++p) {
@@ -307,17 +353,46 @@ inline void apply_chain(Vec<A>* buf, const int32_t* pairs, const A* blocks, int6
         tape[2 * p * V + v] = xi;
         tape[(2 * p + 1) * V + v] = xj;
       }
-      bi[v] = g00 * xi + g10 * xj;
-      bj[v] = g01 * xi + g11 * xj;
+      bi[v] = mul_add<A>(g00, xi, g10 * xj);
+      bj[v] = mul_add<A>(g01, xi, g11 * xj);
     }
   }
 }
 
+// acc[0..3] += the lane sums of a, b, c, e, each summed in a fixed order: pairwise within every
+// 128-bit group of 4 lanes (two shuffle-add steps that sum the four vectors at once), then over the
+// groups in order. Keeping one scalar per block entry (instead of a vector of per-lane sums) keeps
+// the accumulators of a tile's backward small enough to stay in L1 for every d.
+template <class A>
+inline void add_lane_sums(A* acc, Vec<A> a, Vec<A> b, Vec<A> c, Vec<A> e) {
+  using M = Vec<typename SameSizeInt<A>::type>;
+  constexpr auto seq = std::make_integer_sequence<int, W>{};
+  // Within each group of 4 lanes: [x0 x2 y0 y2] and [x1 x3 y1 y3].
+  constexpr M even = make_mask<M>([](int i) { return 4 * (i / 4) + 2 * (i % 2) + ((i % 4) / 2) * W; }, seq);
+  constexpr M odd = make_mask<M>([](int i) { return 4 * (i / 4) + 2 * (i % 2) + 1 + ((i % 4) / 2) * W; }, seq);
+  // Group k of ab: [a0+a1, a2+a3, b0+b1, b2+b3] of group k; then group k of s: [a, b, c, e] sums.
+  const Vec<A> ab = __builtin_shuffle(a, b, even) + __builtin_shuffle(a, b, odd);
+  const Vec<A> ce = __builtin_shuffle(c, e, even) + __builtin_shuffle(c, e, odd);
+  const Vec<A> s = __builtin_shuffle(ab, ce, even) + __builtin_shuffle(ab, ce, odd);
+  A t0 = s[0], t1 = s[1], t2 = s[2], t3 = s[3];
+#pragma GCC unroll 4
+  for (int k = 1; k < W / 4; ++k) {
+    t0 += s[4 * k];
+    t1 += s[4 * k + 1];
+    t2 += s[4 * k + 2];
+    t3 += s[4 * k + 3];
+  }
+  acc[0] += t0;
+  acc[1] += t1;
+  acc[2] += t2;
+  acc[3] += t3;
+}
+
 // g <- chain^T(g) on a tile (G_p for p descending); with a tape, also accumulate
-// acc[4p + 2r + c] += sum_v u_r g_c (the gradient of block p's entries, per lane).
-template <class A, bool kAccumulate>
+// acc[4p + 2r + c] += sum_rows u_r g_c (the gradient of block p's entries).
+template <int V, class A, bool kAccumulate>
 inline void apply_chain_transpose(Vec<A>* g, const int32_t* pairs, const A* blocks,
-                                  int64_t num_pairs, const Vec<A>* tape, Vec<A>* acc) {
+                                  int64_t num_pairs, const Vec<A>* tape, A* acc) {
   for (int64_t p = num_pairs - 1; p >= 0; --p) {
     Vec<A>* gi_ = g + int64_t(pairs[2 * p]) * V;
     Vec<A>* gj_ = g + int64_t(pairs[2 * p + 1]) * V;
@@ -329,24 +404,19 @@ inline void apply_chain_transpose(Vec<A>* g, const int32_t* pairs, const A* bloc
       const Vec<A> gi = gi_[v], gj = gj_[v];
       if constexpr (kAccumulate) {
         const Vec<A> ui = tape[2 * p * V + v], uj = tape[(2 * p + 1) * V + v];
-        a00 += ui * gi;
-        a01 += ui * gj;
-        a10 += uj * gi;
-        a11 += uj * gj;
+        a00 = mul_add<A>(ui, gi, a00);
+        a01 = mul_add<A>(ui, gj, a01);
+        a10 = mul_add<A>(uj, gi, a10);
+        a11 = mul_add<A>(uj, gj, a11);
       }
-      gi_[v] = g00 * gi + g01 * gj;
-      gj_[v] = g10 * gi + g11 * gj;
+      gi_[v] = mul_add<A>(g00, gi, g01 * gj);
+      gj_[v] = mul_add<A>(g10, gi, g11 * gj);
     }
-    if constexpr (kAccumulate) {
-      acc[4 * p] += a00;
-      acc[4 * p + 1] += a01;
-      acc[4 * p + 2] += a10;
-      acc[4 * p + 3] += a11;
-    }
+    if constexpr (kAccumulate) add_lane_sums(acc + 4 * p, a00, a01, a10, a11);
   }
 }
 
-template <class A>
+template <int V, class A>
 inline void apply_scale(Vec<A>* buf, const A* scale, int64_t d) {
   for (int64_t c = 0; c < d; ++c) {
     const A s = scale[c];
@@ -364,23 +434,23 @@ void reduce_lanes(const Vec<A>* acc, int64_t n, A* out) {
   }
 }
 
-template <class S, class A>
+template <int V, class S, class A>
 void forward_rows(const ChainParams& p, const S* x, int64_t x_ld, S* y, int64_t row_begin,
                   int64_t row_end) {
   const int64_t d = p.d;
   const A* blocks = static_cast<const A*>(p.blocks);
   const A* scale = static_cast<const A*>(p.scale);
   Buffer<A> buf(d * V);
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += T) {
-    const int nr = int(row_end - r0 < T ? row_end - r0 : T);
-    load_tile<S, A>(x + r0 * x_ld, x_ld, nr, d, buf.data);
-    apply_chain<A, false>(buf.data, p.pairs, blocks, p.num_pairs, nullptr);
-    if (scale != nullptr) apply_scale<A>(buf.data, scale, d);
-    store_tile<S, A>(buf.data, nr, d, y + r0 * d, d);
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += V * W) {
+    const int nr = int(row_end - r0 < V * W ? row_end - r0 : V * W);
+    load_tile<V, S, A>(x + r0 * x_ld, x_ld, nr, d, buf.data);
+    apply_chain<V, A, false>(buf.data, p.pairs, blocks, p.num_pairs, nullptr);
+    if (scale != nullptr) apply_scale<V, A>(buf.data, scale, d);
+    store_tile<V, S, A>(buf.data, nr, d, y + r0 * d, d);
   }
 }
 
-template <class S, class A>
+template <int V, class S, class A>
 void backward_rows(const ChainParams& p, const S* grad, int64_t grad_ld, const S* x, int64_t x_ld,
                    S* grad_x, int64_t row_begin, int64_t row_end, A* partial_blocks,
                    A* partial_scale) {
@@ -394,22 +464,21 @@ void backward_rows(const ChainParams& p, const S* grad, int64_t grad_ld, const S
   Buffer<A> g(d * V);
   Buffer<A> z(need_forward ? d * V : 0);
   Buffer<A> tape(want_blocks ? 2 * P * V : 0);
-  Buffer<A> acc(want_blocks ? 4 * P : 0);
+  std::vector<A> acc(want_blocks ? 4 * P : 0, A(0));
   Buffer<A> acc_scale(want_scale ? d : 0);
-  if (want_blocks) acc.zero(4 * P);
   if (want_scale) acc_scale.zero(d);
 
-  for (int64_t r0 = row_begin; r0 < row_end; r0 += T) {
-    const int nr = int(row_end - r0 < T ? row_end - r0 : T);
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += V * W) {
+    const int nr = int(row_end - r0 < V * W ? row_end - r0 : V * W);
     if (need_forward) {
-      load_tile<S, A>(x + r0 * x_ld, x_ld, nr, d, z.data);
+      load_tile<V, S, A>(x + r0 * x_ld, x_ld, nr, d, z.data);
       if (want_blocks) {
-        apply_chain<A, true>(z.data, p.pairs, blocks, P, tape.data);
+        apply_chain<V, A, true>(z.data, p.pairs, blocks, P, tape.data);
       } else {
-        apply_chain<A, false>(z.data, p.pairs, blocks, P, nullptr);
+        apply_chain<V, A, false>(z.data, p.pairs, blocks, P, nullptr);
       }
     }
-    load_tile<S, A>(grad + r0 * grad_ld, grad_ld, nr, d, g.data);
+    load_tile<V, S, A>(grad + r0 * grad_ld, grad_ld, nr, d, g.data);
     if (scale != nullptr) {
       if (want_scale) {
         for (int64_t c = 0; c < d; ++c) {
@@ -418,16 +487,16 @@ void backward_rows(const ChainParams& p, const S* grad, int64_t grad_ld, const S
           acc_scale.data[c] += s;
         }
       }
-      apply_scale<A>(g.data, scale, d);
+      apply_scale<V, A>(g.data, scale, d);
     }
     if (want_blocks) {
-      apply_chain_transpose<A, true>(g.data, p.pairs, blocks, P, tape.data, acc.data);
+      apply_chain_transpose<V, A, true>(g.data, p.pairs, blocks, P, tape.data, acc.data());
     } else {
-      apply_chain_transpose<A, false>(g.data, p.pairs, blocks, P, nullptr, nullptr);
+      apply_chain_transpose<V, A, false>(g.data, p.pairs, blocks, P, nullptr, nullptr);
     }
-    if (grad_x != nullptr) store_tile<S, A>(g.data, nr, d, grad_x + r0 * d, d);
+    if (grad_x != nullptr) store_tile<V, S, A>(g.data, nr, d, grad_x + r0 * d, d);
   }
-  if (want_blocks) reduce_lanes<A>(acc.data, 4 * P, partial_blocks);
+  if (want_blocks) std::copy(acc.begin(), acc.end(), partial_blocks);
   if (want_scale) reduce_lanes<A>(acc_scale.data, d, partial_scale);
 }
 
@@ -443,14 +512,22 @@ void dispatch_dtype(DType dtype, F&& f) {
 
 }  // namespace
 
-int tile_rows() { return T; }
+int tile_rows(DType dtype, int64_t d) {
+  return W * (dtype == DType::Float64 ? vecs_for<double>(d) : vecs_for<float>(d));
+}
 
 void chain_forward(const ChainParams& p, const void* x, int64_t x_ld, void* y, int64_t row_begin,
                    int64_t row_end) {
   dispatch_dtype(p.dtype, [&](auto* s_tag, auto* a_tag) {
     using S = std::remove_pointer_t<decltype(s_tag)>;
     using A = std::remove_pointer_t<decltype(a_tag)>;
-    forward_rows<S, A>(p, static_cast<const S*>(x), x_ld, static_cast<S*>(y), row_begin, row_end);
+    if (vecs_for<A>(p.d) == QGOFT_VECS_SMALL_TILE) {
+      forward_rows<QGOFT_VECS_SMALL_TILE, S, A>(p, static_cast<const S*>(x), x_ld, static_cast<S*>(y),
+                                                row_begin, row_end);
+    } else {
+      forward_rows<QGOFT_VECS, S, A>(p, static_cast<const S*>(x), x_ld, static_cast<S*>(y), row_begin,
+                                     row_end);
+    }
   });
 }
 
@@ -460,9 +537,17 @@ void chain_backward(const ChainParams& p, const void* grad, int64_t grad_ld, con
   dispatch_dtype(p.dtype, [&](auto* s_tag, auto* a_tag) {
     using S = std::remove_pointer_t<decltype(s_tag)>;
     using A = std::remove_pointer_t<decltype(a_tag)>;
-    backward_rows<S, A>(p, static_cast<const S*>(grad), grad_ld, static_cast<const S*>(x), x_ld,
-                        static_cast<S*>(grad_x), row_begin, row_end,
-                        static_cast<A*>(partial_blocks), static_cast<A*>(partial_scale));
+    auto run = [&](auto vecs) {
+      backward_rows<decltype(vecs)::value, S, A>(
+          p, static_cast<const S*>(grad), grad_ld, static_cast<const S*>(x), x_ld,
+          static_cast<S*>(grad_x), row_begin, row_end, static_cast<A*>(partial_blocks),
+          static_cast<A*>(partial_scale));
+    };
+    if (vecs_for<A>(p.d) == QGOFT_VECS_SMALL_TILE) {
+      run(std::integral_constant<int, QGOFT_VECS_SMALL_TILE>{});
+    } else {
+      run(std::integral_constant<int, QGOFT_VECS>{});
+    }
   });
 }
 

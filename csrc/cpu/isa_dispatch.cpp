@@ -96,7 +96,7 @@ bool set_isa(Isa isa) {
 #define QGOFT_AVX2_CASE(call)
 #endif
 
-int tile_rows() { QGOFT_ISA_SWITCH(tile_rows()) }
+int tile_rows(DType dtype, int64_t d) { QGOFT_ISA_SWITCH(tile_rows(dtype, d)) }
 
 void chain_forward(const ChainParams& p, const void* x, int64_t x_ld, void* y, int64_t row_begin,
                    int64_t row_end) {

@@ -23,6 +23,8 @@ PYBIND11_MODULE(_C, m) {
     d["num_threads"] = info.num_threads;
     return d;
   }, "Build and run-time information (dict).");
+  m.def("cpu_tile_rows", &qgoft::cpu_tile_rows, py::arg("dtype"), py::arg("d"),
+        "Rows per tile of the selected CPU kernel for this dtype name and row width d.");
   m.def("cuda_compiled", [] { return qgoft::build_info().cuda_compiled; });
   m.def("set_cpu_isa", &qgoft::set_cpu_isa, py::arg("name"),
         "Select the CPU kernel variant ('generic', 'avx2', 'avx512'); False if unavailable.");
