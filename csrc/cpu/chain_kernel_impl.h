@@ -8,12 +8,12 @@
 // pair of contiguous W-lane vector operations. All layers run on the tile while it sits in cache;
 // the tile is transposed back once. Math is float32 for float32/bfloat16/float16 activations and
 // float64 for float64. The backward pass records the two inputs of every block on a tape during its
-// forward recomputation and accumulates the block gradients in per-lane accumulators, reduced in a
-// fixed lane order at the end of a row range (deterministic).
+// forward recomputation and accumulates the block gradients per tile, summed across lanes in a
+// fixed order (deterministic for a given row range).
 //
 // GCC vector extensions keep one source for every ISA; the kernels are compiled with
-// -ffp-contract=off so that every variant rounds identically (results differ between ISAs only
-// through the lane count W, i.e. the grouping of rows in the gradient reductions).
+// -ffp-contract=off and use explicit fused multiply-adds (mul_add) where the ISA has them, so results
+// differ between ISAs at rounding level (FMA, and the grouping of rows in the reductions).
 #pragma once
 
 #include <cstdint>
