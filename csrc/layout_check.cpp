@@ -37,7 +37,7 @@ void check_layout_values(const int32_t* pairs, int64_t num_pairs, const int32_t*
     for (int64_t p = offsets[l]; p < offsets[l + 1]; ++p) {
       const int64_t i = pairs[2 * p], j = pairs[2 * p + 1];
       TORCH_CHECK(0 <= i && i < j && j < d, op, ": pair ", p, " = (", i, ", ", j,
-                  ") must satisfy 0 <= i < j < d = ", d);
+                  ") must satisfy 0 <= i < j < d = ", d, " (d = x.size(-1))");
       TORCH_CHECK(layer_of[i] != l && layer_of[j] != l, op, ": pair ", p, " = (", i, ", ", j,
                   ") overlaps another pair of layer ", l);
       layer_of[i] = layer_of[j] = l;

@@ -30,7 +30,10 @@ _EMPTY_SHAPE = (0,)
 
 
 def uses_compiled_kernel(x: Tensor) -> bool:
-    """Whether an op on ``x`` runs the compiled kernel (else the pure-PyTorch reference)."""
+    """Whether an op on ``x`` runs the compiled op (else the pure-PyTorch reference). For meta tensors the
+    compiled op's fake kernel computes the output's shape and dtype (the reference needs the layout values)."""
+    if x.device.type == "meta":
+        return _extension.extension_loaded()
     return _extension.has_kernel(x.device.type)
 
 
@@ -38,24 +41,83 @@ def uses_compiled_kernel(x: Tensor) -> bool:
 # Fake (meta) kernels and autograd formulas for the compiled ops.
 # --------------------------------------------------------------------------------------------------
 
-def _fake_chain(x: Tensor, params: Tensor, pairs: Tensor, layer_offsets: Tensor,
-                scale: Tensor | None) -> Tensor:
-    torch._check(x.dim() >= 1, lambda: "qgoft: x must have at least one dimension")
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _fake_chain_backward(grad_out: Tensor, x: Tensor, params: Tensor, pairs: Tensor,
-                         layer_offsets: Tensor, scale: Tensor | None,
-                         output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    grad_x = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if output_mask[0]
-              else x.new_empty(_EMPTY_SHAPE))
-    grad_params = (torch.empty(params.shape, dtype=params.dtype, device=params.device)
-                   if output_mask[1] else params.new_empty(_EMPTY_SHAPE))
-    if output_mask[2] and scale is not None:
-        grad_scale = torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
+def _fake_checks(op: str, x: Tensor, params: Tensor, params_name: str, pairs: Tensor, layer_offsets: Tensor,
+                 scale: Tensor | None, grad_out: Tensor | None = None) -> None:
+    """The argument checks of the compiled kernels that need no tensor values (dtypes, shapes, devices), so
+    meta/fake tensors (torch.compile, torch.export, meta-device modules) fail like real ones. A tensor on
+    another device than x would otherwise send the whole call here (the Meta dispatch key wins) and
+    return an uninitialised result."""
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least one dimension (..., d)")
+    torch._check(x.dtype in _KERNEL_DTYPES,
+                 lambda: f"{op}: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    named = [(params_name, params), ("pairs", pairs), ("layer_offsets", layer_offsets), ("scale", scale),
+             ("grad_out", grad_out)]
+    for name, t in named:
+        if t is not None:
+            torch._check(t.device == x.device,
+                         lambda: f"{op}: {name} must be on the same device as x ({x.device}), got {t.device}")
+    torch._check(pairs.dtype == torch.int32 and pairs.dim() == 2 and pairs.shape[1] == 2,
+                 lambda: f"{op}: pairs must be an int32 tensor of shape (P, 2), got {pairs.dtype} "
+                         f"{list(pairs.shape)}")
+    torch._check(layer_offsets.dtype == torch.int32 and layer_offsets.dim() == 1 and layer_offsets.numel() >= 1,
+                 lambda: f"{op}: layer_offsets must be an int32 tensor of shape (L + 1,), got "
+                         f"{layer_offsets.dtype} {list(layer_offsets.shape)}")
+    num_pairs = pairs.shape[0]
+    torch._check(params.is_floating_point(),
+                 lambda: f"{op}: {params_name} must be a floating point tensor, got {params.dtype}")
+    if params_name == "angles":
+        torch._check(params.dim() == 1 and params.shape[0] == num_pairs,
+                     lambda: f"{op}: angles must have shape (P,) = ({num_pairs},), got {list(params.shape)}")
     else:
-        grad_scale = params.new_empty(_EMPTY_SHAPE)
-    return grad_x, grad_params, grad_scale
+        torch._check(params.dim() == 3 and params.shape[0] == num_pairs and params.shape[1] == 2
+                     and params.shape[2] == 2,
+                     lambda: f"{op}: blocks must have shape (P, 2, 2) = ({num_pairs}, 2, 2), got "
+                             f"{list(params.shape)}")
+    if scale is not None:
+        d = x.shape[-1]
+        torch._check(scale.is_floating_point(),
+                     lambda: f"{op}: scale must be a floating point tensor, got {scale.dtype}")
+        torch._check(scale.dim() == 1 and scale.shape[0] == d,
+                     lambda: f"{op}: scale must have shape (d,) = ({d},), got {list(scale.shape)}")
+    if grad_out is not None:
+        torch._check(grad_out.shape == x.shape,
+                     lambda: f"{op}: grad_out must have the shape of x {list(x.shape)}, got {list(grad_out.shape)}")
+        torch._check(grad_out.is_floating_point(),
+                     lambda: f"{op}: grad_out must be a floating point tensor, got {grad_out.dtype}")
+
+
+def _make_fake_chain(name: str, params_name: str):
+    op = f"qgoft::{name}"
+
+    def _fake_chain(x: Tensor, params: Tensor, pairs: Tensor, layer_offsets: Tensor,
+                    scale: Tensor | None) -> Tensor:
+        _fake_checks(op, x, params, params_name, pairs, layer_offsets, scale)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+    return _fake_chain
+
+
+def _make_fake_chain_backward(name: str, params_name: str):
+    op = f"qgoft::{name}_backward"
+
+    def _fake_chain_backward(grad_out: Tensor, x: Tensor, params: Tensor, pairs: Tensor,
+                             layer_offsets: Tensor, scale: Tensor | None,
+                             output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+        _fake_checks(op, x, params, params_name, pairs, layer_offsets, scale, grad_out)
+        grad_x = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if output_mask[0]
+                  else x.new_empty(_EMPTY_SHAPE))
+        grad_params = (torch.empty(params.shape, dtype=params.dtype, device=params.device)
+                       if output_mask[1] else params.new_empty(_EMPTY_SHAPE))
+        if output_mask[2] and scale is not None:
+            grad_scale = torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
+        else:
+            grad_scale = params.new_empty(_EMPTY_SHAPE)
+        return grad_x, grad_params, grad_scale
+
+    return _fake_chain_backward
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
@@ -63,13 +125,21 @@ def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     ctx.save_for_backward(x, params, pairs, layer_offsets, scale)
 
 
-def _make_backward(backward_op: Any):
+def _make_backward(backward_op: Any, reference_fn: Any):
     def _backward(ctx: Any, grad: Tensor):
         x, params, pairs, layer_offsets, scale = ctx.saved_tensors
         need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_scale = scale is not None and ctx.needs_input_grad[4]
         if not (need_x or need_params or need_scale):
             return None, None, None, None, None
+        if torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (grad, x, params, scale)):
+            # backward(create_graph=True): the gradients must themselves be differentiable (double
+            # backward, gradient penalties). The backward op has no derivative of its own, so differentiate
+            # the reference's graph of the same math instead (slower, exact).
+            grads = _differentiable_grads(reference_fn, grad, x, params, pairs, layer_offsets, scale,
+                                          (need_x, need_params, need_scale))
+            return grads[0], grads[1], None, None, grads[2]
         grad_x, grad_params, grad_scale = backward_op(
             grad, x, params, pairs, layer_offsets, scale, [need_x, need_params, need_scale])
         return (grad_x if need_x else None, grad_params if need_params else None, None, None,
@@ -78,13 +148,32 @@ def _make_backward(backward_op: Any):
     return _backward
 
 
+def _differentiable_grads(reference_fn: Any, grad: Tensor, x: Tensor, params: Tensor, pairs: Tensor,
+                          layer_offsets: Tensor, scale: Tensor | None,
+                          need: tuple[bool, bool, bool]) -> list[Tensor | None]:
+    """Gradients of ``reference_fn(x, params, ..., scale)`` w.r.t. the needed inputs, with a graph."""
+    inputs = [x, params, scale]
+    leaves = []
+    for k, t in enumerate(inputs):
+        if need[k] and not t.requires_grad:  # a needed input always requires grad; keep it safe anyway
+            inputs[k] = t.detach().requires_grad_()
+        if need[k]:
+            leaves.append(inputs[k])
+    with torch.enable_grad():
+        out = reference_fn(inputs[0], inputs[1], pairs, layer_offsets, inputs[2])
+        found = iter(torch.autograd.grad(out, leaves, grad, create_graph=True, allow_unused=True,
+                                         materialize_grads=True))
+    return [next(found) if need[k] else None for k in range(3)]
+
+
 def _register_compiled_ops() -> None:
-    for name in ("givens_chain", "quasi_givens_chain"):
-        torch.library.register_fake(f"qgoft::{name}")(_fake_chain)
-        torch.library.register_fake(f"qgoft::{name}_backward")(_fake_chain_backward)
+    for name, params_name in (("givens_chain", "angles"), ("quasi_givens_chain", "blocks")):
+        torch.library.register_fake(f"qgoft::{name}")(_make_fake_chain(name, params_name))
+        torch.library.register_fake(f"qgoft::{name}_backward")(_make_fake_chain_backward(name, params_name))
         backward_op = getattr(torch.ops.qgoft, f"{name}_backward").default
+        reference_fn = getattr(reference, f"{name}_reference")
         torch.library.register_autograd(
-            f"qgoft::{name}", _make_backward(backward_op), setup_context=_setup_context)
+            f"qgoft::{name}", _make_backward(backward_op, reference_fn), setup_context=_setup_context)
 
 
 if _extension.extension_loaded():

@@ -4,8 +4,8 @@ Conventions (DESIGN.md Sec. 2, docs/CONTRACT.md):
 
 * ``x`` has shape ``(..., d)``; each row is mapped to ``x' = s * (R^T x)``, i.e. ``X' = X R S`` for a batch of
   rows, with ``R = P_1 P_2 ... P_L`` and ``S = diag(s)``.
-* ``pairs``: integer ``(P, 2)`` tensor, canonical order (layer by layer, ascending ``i``, ``i < j``);
-  ``layer_offsets``: integer ``(L + 1,)``, layer ``r`` is ``pairs[offsets[r]:offsets[r + 1]]``.
+* ``pairs``: int32 ``(P, 2)`` tensor, canonical order (layer by layer, ascending ``i``, ``i < j``);
+  ``layer_offsets``: int32 ``(L + 1,)``, layer ``r`` is ``pairs[offsets[r]:offsets[r + 1]]``.
 * ``blocks``: ``(P, 2, 2)``, ``blocks[p] = [[g00, g01], [g10, g11]] = [[alpha1, beta1], [alpha2, beta2]]``.
   Block ``p`` on pair ``(i, j)`` updates a row as ``x_i <- g00 x_i + g10 x_j``, ``x_j <- g01 x_i + g11 x_j``
   (the row times ``G_p``, i.e. ``G_p^T`` applied to the column). Layers run in order 1 .. L, then the scale.
@@ -14,6 +14,12 @@ Conventions (DESIGN.md Sec. 2, docs/CONTRACT.md):
   blocks (``x_i <- g00 x_i + g01 x_j``, ``x_j <- g10 x_i + g11 x_j``).
 * ``compute_dtype``: ``x``, the parameters and the scale are cast to it for the math and the result is cast
   back to ``x.dtype``. Default: float32 for bfloat16/float16 ``x``, else ``x.dtype``.
+
+Arguments are validated exactly like the compiled ops validate them (x float32/float64/bfloat16/float16 with
+at least one dimension, real floating parameters, every tensor on x's device, int32 layout tensors, offsets from
+0 to P, ``0 <= i < j < d``, disjoint pairs per layer, parameter and scale shapes), so the fallback accepts and
+refuses the same inputs as the kernels; errors are :class:`InputError` (a ValueError and a RuntimeError) with
+the same wording.
 
 Every chain function is vectorised per layer (gather the i and j columns of a layer, combine, write back
 out-of-place); only :func:`dense_chain_matrix` loops over pairs, as an independent check.
@@ -27,6 +33,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "InputError",
     "blocks_from_angles",
     "quasi_givens_chain_reference",
     "givens_chain_reference",
@@ -37,6 +44,7 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def blocks_from_angles(angles: Tensor) -> Tensor:
@@ -53,27 +61,95 @@ def _resolve_compute_dtype(x: Tensor, compute_dtype: Optional[torch.dtype]) -> t
     return torch.float32 if x.dtype in _LOW_PRECISION else x.dtype
 
 
-def _check_inputs(x: Tensor, blocks: Tensor, pairs: Tensor, layer_offsets: Tensor,
+class InputError(ValueError, RuntimeError):
+    """An invalid argument of a reference function. Both a ValueError and a RuntimeError (what the compiled
+    ops raise for the same inputs), so code catching either works with the kernels and with the fallback."""
+
+
+def _fail(op: str, message: str) -> None:
+    raise InputError(f"{op}: {message}")
+
+
+def _check_inputs(op: str, x: Tensor, params: Tensor, params_name: str, pairs: Tensor, layer_offsets: Tensor,
                   scale: Optional[Tensor]) -> List[int]:
-    """Validate shapes and return the layer offsets as a Python list."""
+    """Validate every argument like the compiled ops do (same checks, same wording) and return the layer
+    offsets as a Python list. ``params_name`` is ``"angles"`` ((P,)) or ``"blocks"`` ((P, 2, 2)).
+
+    Checked: tensors; x has a dimension and is float32/float64/bfloat16/float16; params and scale are real
+    floating point; every tensor is on x's device; pairs int32 (P, 2) and layer_offsets int32 (L + 1,);
+    offsets rise from 0 to P (checked before any pair is read); 0 <= i < j < d = x.shape[-1] for every
+    pair; the pairs of one layer are disjoint; params (P,) or (P, 2, 2); scale (d,)."""
+    named = [("x", x), (params_name, params), ("pairs", pairs), ("layer_offsets", layer_offsets)]
+    if scale is not None:
+        named.append(("scale", scale))
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., d)")
+        _fail(op, "x must have at least one dimension (..., d), got a 0-dim tensor")
+    if x.dtype not in _KERNEL_DTYPES:
+        _fail(op, f"x must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    for name, t in named[1:]:
+        if t.device != x.device:
+            _fail(op, f"{name} must be on the same device as x ({x.device}), got {t.device}")
+    for name, t in ((params_name, params), ("scale", scale)):
+        if t is not None and not t.is_floating_point():
+            _fail(op, f"{name} must be a floating point tensor, got {t.dtype}")
     d = x.shape[-1]
-    if pairs.dim() != 2 or pairs.shape[1] != 2:
-        raise ValueError(f"pairs must have shape (P, 2), got {tuple(pairs.shape)}")
+    if pairs.dtype != torch.int32 or pairs.dim() != 2 or pairs.shape[1] != 2:
+        _fail(op, f"pairs must be an int32 tensor of shape (P, 2), got {pairs.dtype} {list(pairs.shape)}")
     num_pairs = pairs.shape[0]
-    if blocks.shape != (num_pairs, 2, 2):
-        raise ValueError(f"blocks must have shape ({num_pairs}, 2, 2), got {tuple(blocks.shape)}")
-    if layer_offsets.dim() != 1 or layer_offsets.numel() < 1:
-        raise ValueError(f"layer_offsets must have shape (L + 1,), got {tuple(layer_offsets.shape)}")
-    offsets = [int(v) for v in layer_offsets.tolist()]
-    if offsets[0] != 0 or offsets[-1] != num_pairs or any(a > b for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"layer_offsets must rise from 0 to P={num_pairs}, got {offsets}")
-    if num_pairs and (int(pairs.min()) < 0 or int(pairs.max()) >= d):
-        raise ValueError(f"pair indices must lie in [0, {d}) for x of shape {tuple(x.shape)}")
+    if layer_offsets.dtype != torch.int32 or layer_offsets.dim() != 1 or layer_offsets.numel() < 1:
+        _fail(op, f"layer_offsets must be an int32 tensor of shape (L + 1,), got {layer_offsets.dtype} "
+                  f"{list(layer_offsets.shape)}")
+    if params_name == "angles":
+        if params.dim() != 1 or params.shape[0] != num_pairs:
+            _fail(op, f"angles must have shape (P,) = ({num_pairs},), got {list(params.shape)}")
+    elif params.shape != (num_pairs, 2, 2):
+        _fail(op, f"blocks must have shape (P, 2, 2) = ({num_pairs}, 2, 2), got {list(params.shape)}")
     if scale is not None and scale.shape != (d,):
-        raise ValueError(f"scale must have shape ({d},), got {tuple(scale.shape)}")
+        _fail(op, f"scale must have shape (d,) = ({d},), got {list(scale.shape)}")
+    if x.device.type == "meta" or pairs.device.type == "meta":
+        _fail(op, "the pure-PyTorch reference needs the values of pairs and layer_offsets; they are on the meta "
+                  "device (the compiled ops' fake kernels handle meta tensors)")
+    offsets = [int(v) for v in layer_offsets.tolist()]
+    if offsets[0] != 0 or offsets[-1] != num_pairs:
+        _fail(op, f"layer_offsets must start at 0 and end at P = {num_pairs}, got {offsets[0]} and {offsets[-1]}")
+    for layer, (a, b) in enumerate(zip(offsets, offsets[1:])):
+        if a > b:
+            _fail(op, f"layer_offsets must be non-decreasing, got {a} > {b} at layer {layer}")
+    if num_pairs:
+        _check_pair_values(op, pairs, offsets, d)
     return offsets
+
+
+def _check_pair_values(op: str, pairs: Tensor, offsets: List[int], d: int) -> None:
+    """0 <= i < j < d for every pair and disjoint pairs inside each layer (vectorised; names the first bad
+    pair in storage order like the compiled ops)."""
+    p = pairs.to(torch.int64)
+    i, j = p[:, 0], p[:, 1]
+    bad_range = (i < 0) | (i >= j) | (j >= d)
+    counts = torch.tensor([b - a for a, b in zip(offsets, offsets[1:])], device=p.device)
+    layer = torch.repeat_interleave(torch.arange(len(counts), device=p.device), counts)
+    # Column c used twice in layer r: the key r * d + c appears twice (pairs in range only).
+    keys = torch.cat((layer * d + i, layer * d + j))
+    index = torch.arange(p.shape[0], device=p.device).repeat(2)
+    valid = ~bad_range.repeat(2)
+    keys, index = keys[valid], index[valid]
+    order = torch.argsort(keys * p.shape[0] + index)  # by key, then by pair index
+    keys, index = keys[order], index[order]
+    repeated = torch.zeros_like(bad_range)
+    if keys.numel() > 1:
+        dup = keys[1:] == keys[:-1]
+        repeated[index[1:][dup]] = True  # the later pair of each clash
+    bad = bad_range | repeated
+    if bool(bad.any()):
+        k = int(torch.nonzero(bad)[0, 0])
+        pi, pj = int(i[k]), int(j[k])
+        if bool(bad_range[k]):
+            _fail(op, f"pair {k} = ({pi}, {pj}) must satisfy 0 <= i < j < d = {d} (d = x.shape[-1]; indices "
+                      f"in [0, {d}))")
+        _fail(op, f"pair {k} = ({pi}, {pj}) overlaps another pair of layer {int(layer[k])}")
 
 
 def _apply_layers(x: Tensor, blocks: Tensor, pairs: Tensor, offsets: List[int], *,
@@ -104,33 +180,16 @@ def _apply_layers(x: Tensor, blocks: Tensor, pairs: Tensor, offsets: List[int], 
     return x
 
 
-def quasi_givens_chain_reference(x: Tensor, blocks: Tensor, pairs: Tensor, layer_offsets: Tensor,
-                                 scale: Optional[Tensor] = None, *,
-                                 compute_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Rows of ``x`` ``(..., d)`` -> ``s * (R^T x)`` for quasi-Givens ``blocks`` ``(P, 2, 2)``; same shape/dtype."""
-    offsets = _check_inputs(x, blocks, pairs, layer_offsets, scale)
-    dtype = _resolve_compute_dtype(x, compute_dtype)
+def _forward(x: Tensor, blocks: Tensor, pairs: Tensor, offsets: List[int], scale: Optional[Tensor],
+             dtype: torch.dtype) -> Tensor:
     out = _apply_layers(x.to(dtype), blocks.to(dtype), pairs, offsets, adjoint=False)
     if scale is not None:
         out = out * scale.to(device=out.device, dtype=dtype)
     return out.to(x.dtype)
 
 
-def givens_chain_reference(x: Tensor, angles: Tensor, pairs: Tensor, layer_offsets: Tensor,
-                           scale: Optional[Tensor] = None, *,
-                           compute_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Rows of ``x`` ``(..., d)`` -> ``s * (R^T x)`` for strict rotations of ``angles`` ``(P,)``."""
-    dtype = _resolve_compute_dtype(x, compute_dtype)
-    blocks = blocks_from_angles(angles.to(dtype))
-    return quasi_givens_chain_reference(x, blocks, pairs, layer_offsets, scale, compute_dtype=dtype)
-
-
-def quasi_givens_chain_adjoint_reference(g: Tensor, blocks: Tensor, pairs: Tensor, layer_offsets: Tensor,
-                                         scale: Optional[Tensor] = None, *,
-                                         compute_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Transpose of the chain: rows of ``g`` ``(..., d)`` -> ``g S R^T`` (column form ``R (s * g)``)."""
-    offsets = _check_inputs(g, blocks, pairs, layer_offsets, scale)
-    dtype = _resolve_compute_dtype(g, compute_dtype)
+def _adjoint(g: Tensor, blocks: Tensor, pairs: Tensor, offsets: List[int], scale: Optional[Tensor],
+             dtype: torch.dtype) -> Tensor:
     out = g.to(dtype)
     if scale is not None:
         out = out * scale.to(device=out.device, dtype=dtype)
@@ -138,13 +197,41 @@ def quasi_givens_chain_adjoint_reference(g: Tensor, blocks: Tensor, pairs: Tenso
     return out.to(g.dtype)
 
 
+def quasi_givens_chain_reference(x: Tensor, blocks: Tensor, pairs: Tensor, layer_offsets: Tensor,
+                                 scale: Optional[Tensor] = None, *,
+                                 compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Rows of ``x`` ``(..., d)`` -> ``s * (R^T x)`` for quasi-Givens ``blocks`` ``(P, 2, 2)``; same shape/dtype.
+
+    Raises :class:`InputError` for the arguments the compiled ops reject (see ``_check_inputs``)."""
+    offsets = _check_inputs("quasi_givens_chain_reference", x, blocks, "blocks", pairs, layer_offsets, scale)
+    return _forward(x, blocks, pairs, offsets, scale, _resolve_compute_dtype(x, compute_dtype))
+
+
+def givens_chain_reference(x: Tensor, angles: Tensor, pairs: Tensor, layer_offsets: Tensor,
+                           scale: Optional[Tensor] = None, *,
+                           compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Rows of ``x`` ``(..., d)`` -> ``s * (R^T x)`` for strict rotations of ``angles`` ``(P,)``."""
+    offsets = _check_inputs("givens_chain_reference", x, angles, "angles", pairs, layer_offsets, scale)
+    dtype = _resolve_compute_dtype(x, compute_dtype)
+    return _forward(x, blocks_from_angles(angles.to(dtype)), pairs, offsets, scale, dtype)
+
+
+def quasi_givens_chain_adjoint_reference(g: Tensor, blocks: Tensor, pairs: Tensor, layer_offsets: Tensor,
+                                         scale: Optional[Tensor] = None, *,
+                                         compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """Transpose of the chain: rows of ``g`` ``(..., d)`` -> ``g S R^T`` (column form ``R (s * g)``)."""
+    offsets = _check_inputs("quasi_givens_chain_adjoint_reference", g, blocks, "blocks", pairs, layer_offsets,
+                            scale)
+    return _adjoint(g, blocks, pairs, offsets, scale, _resolve_compute_dtype(g, compute_dtype))
+
+
 def givens_chain_adjoint_reference(g: Tensor, angles: Tensor, pairs: Tensor, layer_offsets: Tensor,
                                    scale: Optional[Tensor] = None, *,
                                    compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Transpose of :func:`givens_chain_reference`: rows of ``g`` -> ``g S R^T``."""
+    offsets = _check_inputs("givens_chain_adjoint_reference", g, angles, "angles", pairs, layer_offsets, scale)
     dtype = _resolve_compute_dtype(g, compute_dtype)
-    blocks = blocks_from_angles(angles.to(dtype))
-    return quasi_givens_chain_adjoint_reference(g, blocks, pairs, layer_offsets, scale, compute_dtype=dtype)
+    return _adjoint(g, blocks_from_angles(angles.to(dtype)), pairs, offsets, scale, dtype)
 
 
 def dense_chain_matrix(blocks: Tensor, pairs: Tensor, layer_offsets: Tensor, d: int) -> Tensor:

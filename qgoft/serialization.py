@@ -11,24 +11,31 @@
       "layers": {"<path>": {"kind": "linear" | "conv1d", "in_features": d, "out_features": n,
                             "bias": true, "layout": {"name", "d", "num_layers", "num_pairs", "sha256"},
                             "parameters": {"givens_blocks": [P, 2, 2]}}, ...},
-      "modules_to_save": {"<path>": {"<state key>": {"shape": [...], "dtype": "float32"}}, ...}
+      "modules_to_save": {"<path>": {"<state key>": {"shape": [...], "dtype": "float32"}}, ...},
+      "tensor_sha256": {"<tensor name>": "<hex>", ...}      # every tensor of the weights file
     }
 
 ``adapter_model.safetensors``: tensors ``"<layer path>.givens_angles|givens_scale|givens_blocks"`` (adapter
 dtype, float32 by default) and ``"<module to save path>.<state key>"`` (their own dtype); header metadata
 ``{"format": "pt", "adapter_type": "qgoft", "format_version": "1"}``. Paths are relative to the base model.
 
+``tensor_sha256[name]`` is the SHA-256 of ``"<dtype>:<shape>:"`` (e.g. ``"float32:[15, 2, 2]:"``) followed by the
+tensor's raw little-endian bytes in row-major order: a modified or corrupted weights file whose header is still
+consistent (flipped data bytes, swapped tensors) is refused.
+
 Loading validates everything (files present and parseable, safetensors header consistent with the file size,
-versions, config values, every tensor's presence, shape, dtype and finiteness, the base model's layers and
-their shapes, layout fingerprints) before the first change to the model, so a failed load leaves the model
+versions, config values, every tensor's presence, shape, dtype, finiteness and checksum, the base model's layers
+and their shapes, layout fingerprints) before the first change to the model, so a failed load leaves the model
 exactly as it was. Errors are ``FileNotFoundError`` (missing directory/file) or ``ValueError``, naming the
 file and the problem.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import os
 import shutil
 import struct
@@ -41,7 +48,8 @@ from .config import FORMAT_VERSION, QGoftConfig
 from .model import (KIND_CONV1D, KIND_LINEAR, LayerSpec, QGoftModel, adapter_parameter_shapes,
                     layout_fingerprint, plan_adaptation)
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "ADAPTER_TYPE", "save_adapter", "read_adapter", "SavedAdapter"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "ADAPTER_TYPE", "save_adapter", "read_adapter", "SavedAdapter",
+           "tensor_sha256"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -60,11 +68,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def tensor_sha256(tensor: Tensor) -> str:
+    """The checksum recorded for a saved tensor: SHA-256 of ``"<dtype>:<shape>:"`` and its raw bytes."""
+    t = tensor.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{_dtype_name(t.dtype)}:{list(t.shape)}:".encode("ascii"))
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Saving.
 # --------------------------------------------------------------------------------------------------
 
-def _describe(model: QGoftModel) -> Dict[str, Any]:
+def _describe(model: QGoftModel, tensors: Dict[str, Tensor]) -> Dict[str, Any]:
     from . import __version__
 
     config = model.qgoft_config
@@ -82,6 +101,7 @@ def _describe(model: QGoftModel) -> Dict[str, Any]:
         "config": config.to_dict(),
         "layers": {spec.path: spec.describe(config.method) for spec in model.layer_specs()},
         "modules_to_save": modules_to_save,
+        "tensor_sha256": {name: tensor_sha256(tensors[name]) for name in sorted(tensors)},
     }
 
 
@@ -95,10 +115,10 @@ def save_adapter(model: QGoftModel, save_directory: str) -> None:
     if os.path.isfile(save_directory):
         raise ValueError(f"save_pretrained: {save_directory!r} is a file, expected a directory")
     os.makedirs(save_directory, exist_ok=True)
-    description = _describe(model)
     # Distinct contiguous CPU copies: safetensors refuses shared or non-contiguous storage.
     tensors = {key: value.detach().to("cpu", copy=True).contiguous()
                for key, value in model.get_adapter_state_dict().items()}
+    description = _describe(model, tensors)
     metadata = {"format": "pt", "adapter_type": ADAPTER_TYPE, "format_version": str(FORMAT_VERSION)}
 
     weights_path = os.path.join(save_directory, WEIGHTS_NAME)
@@ -122,12 +142,14 @@ class SavedAdapter:
     ``modules_to_save`` (path -> {key: {"shape", "dtype"}}), ``tensors`` (name -> CPU tensor)."""
 
     def __init__(self, directory: str, config: QGoftConfig, layers: Dict[str, Dict[str, Any]],
-                 modules_to_save: Dict[str, Dict[str, Any]], tensors: Dict[str, Tensor]) -> None:
+                 modules_to_save: Dict[str, Dict[str, Any]], tensors: Dict[str, Tensor],
+                 checksums: Optional[Dict[str, str]] = None) -> None:
         self.directory = directory
         self.config = config
         self.layers = layers
         self.modules_to_save = modules_to_save
         self.tensors = tensors
+        self.checksums = checksums or {}
 
 
 def _require(condition: bool, where: str, message: str) -> None:
@@ -143,7 +165,7 @@ def _is_shape(value: Any) -> bool:
     return isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value)
 
 
-def _read_config(directory: str) -> Tuple[QGoftConfig, Dict[str, Any], Dict[str, Any]]:
+def _read_config(directory: str) -> Tuple[QGoftConfig, Dict[str, Any], Dict[str, Any], Dict[str, str]]:
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"qgoft adapter config not found: {path}")
@@ -189,7 +211,14 @@ def _read_config(directory: str) -> Tuple[QGoftConfig, Dict[str, Any], Dict[str,
         for key, entry in entries.items():
             _require(isinstance(entry, dict) and _is_shape(entry.get("shape"))
                      and isinstance(entry.get("dtype"), str), where, f"bad entry for {key!r}")
-    return config, layers, modules_to_save
+    checksums = data.get("tensor_sha256")
+    _require(isinstance(checksums, dict), path,
+             "'tensor_sha256' (the checksum of every saved tensor) is missing or not an object; the file was "
+             "modified or not written by this qgoft, so the weights cannot be verified")
+    for name, value in checksums.items():
+        _require(isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None, path,
+                 f"tensor_sha256[{name!r}] is not a SHA-256 hex digest: {value!r}")
+    return config, layers, modules_to_save, checksums
 
 
 def _validate_safetensors_header(path: str) -> Dict[str, Any]:
@@ -198,7 +227,11 @@ def _validate_safetensors_header(path: str) -> Dict[str, Any]:
     _require(size >= 8, path, f"file is truncated ({size} bytes; a safetensors file has an 8-byte header "
                               "length first)")
     with open(path, "rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
+        head = handle.read(8)
+        _require(not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"), path,
+                 "this is a pickle / torch.save file, not safetensors; qgoft adapter weights are safetensors "
+                 "only and pickles are never loaded")
+        (header_len,) = struct.unpack("<Q", head)
         _require(0 < header_len <= min(_MAX_HEADER_BYTES, size - 8), path,
                  f"corrupt or truncated safetensors file (header length {header_len}, file size {size})")
         raw = handle.read(header_len)
@@ -261,7 +294,7 @@ def read_adapter(directory: str) -> SavedAdapter:
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"qgoft adapter directory not found: {directory}")
-    config, layers, modules_to_save = _read_config(directory)
+    config, layers, modules_to_save, checksums = _read_config(directory)
     tensors = _read_tensors(directory)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
 
@@ -287,7 +320,15 @@ def read_adapter(directory: str) -> SavedAdapter:
         else:
             _require(_dtype_name(tensor.dtype) == dtype, where,
                      f"dtype {_dtype_name(tensor.dtype)} != {dtype} recorded in {CONFIG_NAME}")
-    return SavedAdapter(directory, config, layers, modules_to_save, tensors)
+    # Last, so that the checks above report the specific problem of a damaged file.
+    config_path = os.path.join(directory, CONFIG_NAME)
+    _require(sorted(checksums) == sorted(expected), config_path,
+             f"tensor_sha256 names {sorted(checksums)[:10]} do not match the tensors {sorted(expected)[:10]}")
+    for name in sorted(expected):
+        _require(tensor_sha256(tensors[name]) == checksums[name], f"{weights_path}: tensor {name!r}",
+                 f"its data does not match the SHA-256 recorded in {CONFIG_NAME} (the weights file was modified "
+                 "or corrupted)")
+    return SavedAdapter(directory, config, layers, modules_to_save, tensors, checksums)
 
 
 # --------------------------------------------------------------------------------------------------

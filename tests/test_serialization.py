@@ -1,5 +1,6 @@
 """save_pretrained / from_pretrained / load_adapter: exact round trips, the on-disk format, and clear errors
-that leave the model unchanged (missing, corrupt, truncated files; wrong shapes; other versions)."""
+that leave the model unchanged (missing, corrupt, truncated or tampered files -- data bytes, header, config --;
+wrong shapes; other versions; unknown methods; pickle files, which are never unpickled)."""
 
 import json
 import os
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 import qgoft  # noqa: E402
 from qgoft import QGoftConfig, QGoftModel, get_qgoft_model  # noqa: E402
-from qgoft.serialization import CONFIG_NAME, WEIGHTS_NAME, read_adapter  # noqa: E402
+from qgoft.serialization import CONFIG_NAME, WEIGHTS_NAME, read_adapter, tensor_sha256  # noqa: E402
 from tiny_models import Classifier, assert_same_snapshot, snapshot, tiny_gpt2, token_batch  # noqa: E402
 
 METHODS = ["goft", "goft_scaled", "qgoft"]
@@ -202,7 +203,106 @@ CORRUPTIONS = {
     "wrong head dtype": (lambda d: _rewrite_weights(d, lambda t: t.__setitem__("classifier.bias",
                                                                                t["classifier.bias"].double())),
                          ValueError, "dtype float64 != float32"),
+    # Tampering that leaves a consistent safetensors file: only the checksums recorded in the config notice.
+    "flipped data byte": (lambda d: _flip_data_byte(d, QKEY), ValueError,
+                          rf"tensor '{QKEY}'.*does not match the SHA-256 recorded in adapter_config.json"),
+    "swapped tensors in header": (lambda d: _swap_header_offsets(d, QKEY, QKEY.replace("query", "key")),
+                                  ValueError, "does not match the SHA-256"),
+    "rewritten values": (lambda d: _rewrite_weights(d, lambda t: t[QKEY].mul_(1.5)), ValueError,
+                         "does not match the SHA-256"),
+    "checksum removed": (lambda d: _rewrite_config(d, lambda c: c.pop("tensor_sha256")), ValueError,
+                         "'tensor_sha256' .* is missing"),
+    "checksum not hex": (lambda d: _rewrite_config(d, lambda c: _set(c, ["tensor_sha256", QKEY], "xyz")),
+                         ValueError, "is not a SHA-256 hex digest"),
+    "checksum names": (lambda d: _rewrite_config(d, lambda c: c["tensor_sha256"].pop(QKEY)), ValueError,
+                       "tensor_sha256 names"),
+    # Header tampering the header validation catches.
+    "header length past the end": (lambda d: _patch_bytes(d, 0, struct.pack("<Q", 10 ** 9)), ValueError,
+                                   "corrupt or truncated safetensors file"),
+    "header not json": (lambda d: _patch_bytes(d, 8, b"#"), ValueError, "corrupt safetensors header"),
+    "header dtype changed": (lambda d: _edit_header(d, lambda h: h[QKEY].__setitem__("dtype", "F16")),
+                             ValueError, "do not fit shape"),
+    "header shape changed": (lambda d: _edit_header(d, lambda h: h[QKEY].__setitem__("shape", [60])),
+                             ValueError, r"shape \[60\] != expected \[15, 2, 2\]"),
+    "header offsets overlap": (lambda d: _edit_header(d, lambda h: h[QKEY].__setitem__(
+        "data_offsets", h[QKEY.replace("query", "key")]["data_offsets"])), ValueError, "overlaps or has gaps"),
+    "header unknown dtype": (lambda d: _edit_header(d, lambda h: h[QKEY].__setitem__("dtype", "F128")),
+                             ValueError, "unsupported dtype 'F128'"),
+    # A truncation anywhere, not just at the end.
+    "truncated in the header": (lambda d: _truncate(d, 40), ValueError, "truncated"),
+    "truncated to the header": (lambda d: _truncate(d, 8 + _header_len(d)), ValueError, "truncated"),
+    "empty weights file": (lambda d: _truncate(d, 0), ValueError, "truncated"),
+    "truncated config": (lambda d: (d / CONFIG_NAME).write_bytes((d / CONFIG_NAME).read_bytes()[:100]),
+                         ValueError, "not a valid JSON"),
+    # The weights file is a pickle (torch.save) under the safetensors name: refused, never unpickled.
+    "pickle as weights": (lambda d: _pickle_with_payload(d / WEIGHTS_NAME, d), ValueError,
+                          "pickle / torch.save file, not safetensors"),
+    "old-style pickle as weights": (lambda d: _pickle_with_payload(d / WEIGHTS_NAME, d, zip_format=False),
+                                    ValueError, "pickle / torch.save file, not safetensors"),
+    # Unknown method / layout / kind in the config.
+    "unknown layout": (lambda d: _rewrite_config(d, lambda c: _set(c, ["config", "layout"], "zigzag")),
+                       ValueError, "unknown layout 'zigzag'"),
+    "unknown layer kind": (lambda d: _rewrite_config(
+        d, lambda c: _set(c, ["layers", "encoder.encoder.layer.0.attention.self.query", "kind"], "conv2d")),
+        ValueError, "unknown kind 'conv2d'"),
+    "method of other shapes": (lambda d: _rewrite_config(d, lambda c: _set(c, ["config", "method"], "goft")),
+                               ValueError, "do not match method 'goft'"),
 }
+
+
+def _header_len(directory):
+    return struct.unpack("<Q", (directory / WEIGHTS_NAME).read_bytes()[:8])[0]
+
+
+def _patch_bytes(directory, position, patch):
+    raw = bytearray((directory / WEIGHTS_NAME).read_bytes())
+    raw[position:position + len(patch)] = patch
+    (directory / WEIGHTS_NAME).write_bytes(bytes(raw))
+
+
+def _truncate(directory, size):
+    (directory / WEIGHTS_NAME).write_bytes((directory / WEIGHTS_NAME).read_bytes()[:size])
+
+
+def _edit_header(directory, edit):
+    """Rewrite the safetensors JSON header (same data bytes)."""
+    raw = (directory / WEIGHTS_NAME).read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + length])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    (directory / WEIGHTS_NAME).write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+
+
+def _flip_data_byte(directory, name):
+    """Flip one bit inside the tensor ``name``'s data: the file stays a valid safetensors file."""
+    raw = (directory / WEIGHTS_NAME).read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    begin, _ = json.loads(raw[8:8 + length])[name]["data_offsets"]
+    position = 8 + length + begin + 5  # inside the first float of the first block
+    _patch_bytes(directory, position, bytes([raw[position] ^ 0x10]))
+
+
+def _swap_header_offsets(directory, a, b):
+    def swap(header):
+        header[a]["data_offsets"], header[b]["data_offsets"] = header[b]["data_offsets"], header[a]["data_offsets"]
+    _edit_header(directory, swap)
+
+
+class _Payload:
+    """Unpickling this creates the file ``marker``: proof that something was unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _pickle_with_payload(path, directory, zip_format=True):
+    torch.save({"x": torch.zeros(2), "payload": _Payload(directory / "UNPICKLED")}, str(path),
+               _use_new_zipfile_serialization=zip_format)
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
@@ -220,6 +320,50 @@ def test_damaged_adapter_gives_a_clear_error_and_leaves_the_model_unchanged(save
     with pytest.raises(error, match=message):
         adapted.load_adapter(str(directory))
     assert_unchanged(before, adapted)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_damaged_files_never_unpickle_anything(saved, zip_format):
+    directory, _ = saved
+    _pickle_with_payload(directory / WEIGHTS_NAME, directory, zip_format)
+    with pytest.raises(ValueError, match="pickles are never loaded"):
+        QGoftModel.from_pretrained(Classifier(), str(directory))
+    assert not (directory / "UNPICKLED").exists()
+    _pickle_with_payload(directory / CONFIG_NAME, directory, zip_format)  # and a pickle as the config
+    with pytest.raises(ValueError, match="not a valid JSON"):
+        QGoftModel.from_pretrained(Classifier(), str(directory))
+    assert not (directory / "UNPICKLED").exists()
+
+
+def test_pickle_files_next_to_the_adapter_are_ignored(saved):
+    """PEFT-style pickle files (adapter_model.bin / .pt) are never read: with the safetensors file present they
+    are ignored; without it the load is refused naming the safetensors file."""
+    directory, expected = saved
+    for name in ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin"):
+        _pickle_with_payload(directory / name, directory)
+    loaded = QGoftModel.from_pretrained(Classifier(), str(directory))
+    assert torch.equal(loaded(*token_batch()), expected)
+    os.remove(directory / WEIGHTS_NAME)
+    base = Classifier()
+    before = snapshot(base)
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        QGoftModel.from_pretrained(base, str(directory))
+    assert_unchanged(before, base)
+    assert not (directory / "UNPICKLED").exists()
+
+
+def test_checksums_are_recorded_for_every_tensor(saved):
+    directory, _ = saved
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    tensors = load_file(str(directory / WEIGHTS_NAME))
+    assert sorted(meta["tensor_sha256"]) == sorted(tensors)
+    assert all(meta["tensor_sha256"][k] == tensor_sha256(v) for k, v in tensors.items())
+    # a value changed and changed back loads again (the checksum is of the content, not of the file)
+    _rewrite_weights(directory, lambda t: t[QKEY].mul_(2.0))
+    with pytest.raises(ValueError, match="SHA-256"):
+        read_adapter(str(directory))
+    _rewrite_weights(directory, lambda t: t[QKEY].div_(2.0))
+    read_adapter(str(directory))
 
 
 def test_missing_directory(tmp_path):

@@ -412,6 +412,7 @@ BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& gr
   TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have the shape of x ", x.sizes(),
               ", got ", grad_out.sizes());
   check_device(grad_out, x, op, "grad_out");
+  check_float_param(grad_out, op, "grad_out");
   BackwardResult res;
   const int64_t rows = o.rows, d = o.d, num_pairs = o.layout->num_pairs;
   want_scale = want_scale && o.scale.defined();

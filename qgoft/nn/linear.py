@@ -108,6 +108,9 @@ class Linear(torch.nn.Linear):
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
         if adapter_dtype not in _ADAPTER_DTYPES:
             raise ValueError(f"adapter_dtype must be torch.float32 or torch.float64, got {adapter_dtype}")
+        if self.in_features < 2:
+            raise ValueError(f"qgoft.nn.Linear: in_features = {self.in_features}, but a Givens adapter needs "
+                             "d >= 2 features (a rotation mixes two of them)")
         self.method = method
         self.layout = _layouts.get_layout(layout, self.in_features, stack)
         self._merged = False
@@ -212,6 +215,7 @@ class Linear(torch.nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         """``y = W_lin (s * (R^T x)) + b`` for ``x`` of shape ``(..., in_features)``; base output if merged
         (the weight then already holds the adapter) or with adapters disabled."""
+        self._check_input(x)
         if self._merged:
             weight = self.weight
             if not self._adapters_enabled:
@@ -222,6 +226,15 @@ class Linear(torch.nn.Linear):
         if not self._adapters_enabled:
             return F.linear(x, self.weight, self.bias)
         return F.linear(self._chain(x), self.weight, self.bias)
+
+    def _check_input(self, x: Tensor) -> None:
+        """Clear errors for an input of the wrong width or device (instead of a matmul or kernel message)."""
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"qgoft.nn.Linear: x must have shape (..., in_features) = (..., {self.in_features}), "
+                             f"got {x.shape}")
+        if x.device != self.weight.device:
+            raise ValueError(f"qgoft.nn.Linear: x must be on the device of the layer's weight "
+                             f"({self.weight.device}), got {x.device}")
 
     def __prepare_scriptable__(self) -> "Linear":
         """Called by ``torch.jit.script``: scripted forward needs the compiled ``torch.ops.qgoft`` ops."""
@@ -245,6 +258,11 @@ class Linear(torch.nn.Linear):
         differentiable. The adjoint chain runs on the rows of ``W_lin``.
         """
         base = self._unmerged_weight if self._merged else self.weight
+        for name in _ADAPTER_PARAMETER_NAMES:
+            param = getattr(self, name)
+            if param is not None and param.device != base.device:
+                raise ValueError(f"qgoft.nn.Linear.merged_weight: {name} is on {param.device} but the base "
+                                 f"weight is on {base.device}; move the whole module with .to(device)")
         dtype = self._merge_compute_dtype()
         params, scale = self._chain_params(dtype)
         pairs, offsets = self.givens_pairs, self.givens_layer_offsets
