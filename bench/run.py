@@ -463,7 +463,8 @@ def render(results: dict, png_name: Optional[str]) -> str:
            "plus as many calls as fit the shape's time budget, after the rounds; ratio of medians.", "",
            "## Targets (issue 5; CPU, fp32)", "", targets_section(results["devices"])]
     for label, dev in results["devices"].items():
-        out += ["", f"## {label}", "",
+        load = ", ".join(f"{k} {v}" for k, v in dev.get("load", {}).items())
+        out += ["", f"## {label}", "", f"1-minute load average when each part started: {load}.", "",
                 "### Layer level: forward + backward, ratio to the frozen nn.Linear", "",
                 "Frozen base, input requires grad, a fixed random output gradient; every contender wraps its "
                 "own copy of the same base Linear(d, n). GOFT/GOFT*/qGOFT = `qgoft.nn.Linear` (parallel "
@@ -617,16 +618,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log(f"load average at start: {machine['loadavg_start']}; mode {mode}")
     devices: Dict[str, dict] = {}
     for target in bc.targets(args.device):
-        dev: dict = {"layer": [], "infer": [], "kernel": [], "breakdown": [], "model": {"skipped": "not run"}}
+        dev: dict = {"layer": [], "infer": [], "kernel": [], "breakdown": [], "model": {"skipped": "not run"},
+                     "load": {}}
         devices[target.label] = dev
-        if "layer" in parts:
-            dev["layer"], dev["infer"] = run_layer(cfg, target, log)
-        if "breakdown" in parts:
-            dev["breakdown"] = run_breakdown(cfg, target, log)
-        if "kernel" in parts:
-            dev["kernel"] = run_kernel(cfg, target, args.threads, log)
-        if "model" in parts:
-            dev["model"] = run_model(cfg, target, args.threads, log)
+        for part in ("layer", "breakdown", "kernel", "model"):
+            if part not in parts:
+                continue
+            dev["load"][part] = bc.loadavg().split(" / ")[0]
+            if part == "layer":
+                dev["layer"], dev["infer"] = run_layer(cfg, target, log)
+            elif part == "breakdown":
+                dev["breakdown"] = run_breakdown(cfg, target, log)
+            elif part == "kernel":
+                dev["kernel"] = run_kernel(cfg, target, args.threads, log)
+            else:
+                dev["model"] = run_model(cfg, target, args.threads, log)
     machine["loadavg_end"] = bc.loadavg()
     results = {"mode": mode, "machine": machine, "date": started.strftime("%Y-%m-%d"),
                "started": started.strftime("%Y-%m-%d %H:%M %Z"),
