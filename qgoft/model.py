@@ -359,6 +359,10 @@ class QGoftModel(nn.Module):
             return torch.zeros((), dtype=first.dtype if first is not None else torch.float32,
                                device=first.device if first is not None else None)
         total = torch.stack([layer.orthogonality_penalty().to(first.device) for layer in layers]).sum()
+        if hasattr(total, "full_tensor"):
+            # FSDP2 (fully_shard) outside forward: the blocks are sharded DTensors and so is this sum; the
+            # loss it is added to is a plain tensor. full_tensor() all-reduces it (differentiably).
+            total = total.full_tensor()
         return weight * total
 
     def enable_adapters(self) -> None:
