@@ -187,6 +187,7 @@ BD_GF = "GOFT chain forward"
 BD_GB = "GOFT chain backward (dx, dθ)"
 BD_QF = "qGOFT chain forward"
 BD_QB = "qGOFT chain backward (dx, dblocks)"
+BD_QA = "qGOFT chain forward + backward through autograd"
 
 
 def breakdown_contenders(d: int, n: int, rows: int, target: Target) -> Dict[str, Callable[[], object]]:
@@ -205,6 +206,14 @@ def breakdown_contenders(d: int, n: int, rows: int, target: Target) -> Dict[str,
     blocks = reference.blocks_from_angles(angles).contiguous()
     mask = [True, True, False]
     ops = torch.ops.qgoft
+    xa = x.clone().requires_grad_(True)
+    ba = blocks.clone().requires_grad_(True)
+
+    def autograd_step() -> None:
+        qgoft.ops.quasi_givens_chain(xa, ba, pairs, offs, None).backward(gx)
+        xa.grad = None
+        ba.grad = None
+
     return {
         BD_MM_F: lambda: torch.nn.functional.linear(x, w, b),
         BD_MM_B: lambda: gy @ w,
@@ -212,4 +221,5 @@ def breakdown_contenders(d: int, n: int, rows: int, target: Target) -> Dict[str,
         BD_GB: lambda: ops.givens_chain_backward(gx, x, angles, pairs, offs, None, mask),
         BD_QF: lambda: ops.quasi_givens_chain(x, blocks, pairs, offs, None),
         BD_QB: lambda: ops.quasi_givens_chain_backward(gx, x, blocks, pairs, offs, None, mask),
+        BD_QA: autograd_step,
     }

@@ -265,12 +265,14 @@ def layer_detail(e: dict) -> str:
         note = e.get("notes", {}).get(name, "")
         if not td["interleaved"]:
             note = (note + "; " if note else "") + f"† {td['rounds']} call(s) (warm-up included), not interleaved"
+        best = min(td["samples"]) / min(e["timings"][bl.FROZEN]["samples"])
         rows.append([name, bc.fmt_ms(td["median_s"]), "1.000x" if name == bl.FROZEN else _ratio_cell(td),
-                     f"±{td['spread'] * 100:.0f}%", f"{e['trainable'].get(name, 0):,}", note])
+                     f"±{td['spread'] * 100:.0f}%", bc.fmt_ms(min(td["samples"])), f"{best:.3f}x",
+                     f"{e['trainable'].get(name, 0):,}", note])
     for name, why in e.get("skipped", {}).items():
-        rows.append([name, "n/a", "n/a", "", "", f"skipped: {why}"])
-    return bc.md_table(["contender", "median ms", "ratio to frozen", "spread", "trainable", "note"], rows,
-                       "lrrrrl")
+        rows.append([name, "n/a", "n/a", "", "", "", "", f"skipped: {why}"])
+    return bc.md_table(["contender", "median ms", "ratio to frozen", "spread", "min ms", "ratio of mins",
+                        "trainable", "note"], rows, "lrrrrrrl")
 
 
 def infer_table(entries: Sequence[dict]) -> str:
@@ -293,15 +295,17 @@ def kernel_tables(entries: Sequence[dict]) -> str:
         for e in entries:
             t = e["timings"]
             cl = t[f"{bk.CLONE} @{th}"]
-            row = [e["d"], e["rows"], f"{bc.fmt_ms(cl['median_s'])} ({cl['gbps']:.1f})"]
+            cp = t.get(f"{bk.COPY} @{th}")
+            row = [e["d"], e["rows"], f"{bc.fmt_ms(cl['median_s'])} ({cl['gbps']:.1f})",
+                   f"{bc.fmt_ms(cp['median_s'])} ({cp['gbps']:.1f})" if cp else "n/a"]
             for op in (bk.GF, bk.GB, bk.QF, bk.QB):
                 td = t[f"{op} @{th}"]
                 row.append(f"{td['ratio']:.2f}x, {td['gbps']:.1f} GB/s, {td['ns_per_element']:.2f} ns")
             rows.append(row)
         label = "GPU" if th == "gpu" else th.replace("t", " thread(s)")
         parts.append(f"**{label}** (each op: ratio to the clone of the same round, GB/s, ns per element)\n\n"
-                     + bc.md_table(["d", "rows", "clone ms (GB/s)", "GOFT fwd", "GOFT bwd", "qGOFT fwd",
-                                    "qGOFT bwd"], rows))
+                     + bc.md_table(["d", "rows", "clone ms (GB/s)", "copy_ ms (GB/s)", "GOFT fwd", "GOFT bwd",
+                                    "qGOFT fwd", "qGOFT bwd"], rows))
     # Linearity: ns per element across d at the fixed row count.
     lin = []
     fixed = [e for e in entries if e["rows"] == entries[0]["rows"]]
@@ -325,6 +329,12 @@ def breakdown_tables(entries: Sequence[dict], layer: Sequence[dict]) -> str:
         rows = [[k, bc.fmt_ms(v["median_s"]), f"{v['median_s'] / mm * 100:.1f}%"] for k, v in t.items()]
         pred_g = 1 + (t[bl.BD_GF]["median_s"] + t[bl.BD_GB]["median_s"]) / mm
         pred_q = 1 + (t[bl.BD_QF]["median_s"] + t[bl.BD_QB]["median_s"]) / mm
+        extra = ""
+        if bl.BD_QA in t:
+            over = t[bl.BD_QA]["median_s"] - t[bl.BD_QF]["median_s"] - t[bl.BD_QB]["median_s"]
+            extra = (f" Through autograd (what `qgoft.nn.Linear` runs) the qGOFT chain costs "
+                     f"{bc.fmt_ms(t[bl.BD_QA]['median_s'])} ms, i.e. {bc.fmt_ms(over)} ms of wrapper overhead; "
+                     f"predicted qGOFT layer ratio from it: {1 + t[bl.BD_QA]['median_s'] / mm:.3f}x.")
         le = _find(layer, e["d"], e["n"], e["rows"])
         meas = ""
         if le:
@@ -333,8 +343,9 @@ def breakdown_tables(entries: Sequence[dict], layer: Sequence[dict]) -> str:
         parts.append(f"**{e['d']} x {e['n']}, {e['rows']} rows** (medians of {t[bl.BD_MM_F]['rounds']} rounds)\n\n"
                      + bc.md_table(["op", "median ms", "share of the frozen layer's two matmuls"], rows)
                      + f"\n\nPredicted layer ratio (matmuls + chain kernels, nothing else): GOFT {pred_g:.3f}x, "
-                       f"qGOFT {pred_q:.3f}x{meas}. The rest of a measured excess is autograd/Python "
-                       "overhead per call and the load of the machine.")
+                       f"qGOFT {pred_q:.3f}x{meas}.{extra} The rest of a measured excess comes from "
+                       "the load of the machine (see the load average; a chain op is a short OpenMP region "
+                       "that waits for a descheduled thread) and the noise of the layer table.")
     return "\n\n".join(parts)
 
 

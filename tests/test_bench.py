@@ -72,7 +72,7 @@ def test_smoke_writes_report_plot_and_data(smoke_run):
 
     kernel = _table_rows(text, "d | rows | clone ms")
     assert [r[0] for r in kernel] == ["256", "512"]
-    assert all(re.fullmatch(r"\d+\.\d\dx, [\d.]+ GB/s, [\d.]+ ns", c) for r in kernel for c in r[3:])
+    assert all(re.fullmatch(r"\d+\.\d\dx, [\d.]+ GB/s, [\d.]+ ns", c) for r in kernel for c in r[4:])
 
 
 def test_smoke_model_level(smoke_run):
