@@ -2,6 +2,7 @@
 
     python bench/run.py            # full run (about 20-25 min on 2 cores), refreshes bench/README.md
     python bench/run.py --quick    # a few minutes, fewer shapes and rounds (README untouched)
+    python bench/run.py --only model   # one part (layer, breakdown, kernel, model): its own file, README untouched
     python bench/run.py --smoke --out-dir /tmp/b --readme /tmp/b/README.md   # seconds; for the tests
 
 Measures on this machine, CPU always and CUDA when torch sees a GPU (fp32 on CPU, bf16 on CUDA):
@@ -311,7 +312,8 @@ def kernel_tables(entries: Sequence[dict]) -> str:
     fixed = [e for e in entries if e["rows"] == entries[0]["rows"]]
     for th in threads:
         for op in bk.OPS:
-            vals = [(e["d"], e["timings"][f"{op} @{th}"]["ns_per_element"]) for e in fixed]
+            vals = [(e["d"], e["timings"][f"{op} @{th}"]["ns_per_element"]) for e in fixed
+                    if f"{op} @{th}" in e["timings"]]
             if len(vals) > 1:
                 lo, hi = min(v for _, v in vals), max(v for _, v in vals)
                 lin.append(f"{op} @{th}: {lo:.2f}-{hi:.2f} ns/element over d = {vals[0][0]}..{vals[-1][0]}")
@@ -459,6 +461,7 @@ def render(results: dict, png_name: Optional[str]) -> str:
     m = results["machine"]
     mode = results["mode"]
     cmd = "python bench/run.py" + {"full": "", "quick": " --quick", "smoke": " --smoke"}[mode]
+    cmd += "".join(f" --only {p}" for p in results.get("only") or [])
     out = [f"# qgoft benchmarks: {m['slug']}, {results['date']} ({mode} mode)", "",
            f"Command: `{cmd}`; started {results['started']}, took {results['elapsed_s'] / 60:.1f} min.", "",
            f"Machine: {bc.describe_machine(m)}.", "",
@@ -547,6 +550,8 @@ def plot(results: dict, path: str) -> Optional[str]:
     except Exception as err:  # noqa: BLE001
         return f"matplotlib not importable ({type(err).__name__})"
     devs = results["devices"]
+    if not any(dev["layer"] or dev["kernel"] for dev in devs.values()):
+        return "no layer or kernel results to plot"
     rows_all = sorted({e["rows"] for dev in devs.values() for e in dev["layer"]})
     ncol = len(rows_all) + 1
     fig, axes = plt.subplots(len(devs), ncol, figsize=(5.2 * ncol, 4.2 * len(devs)), squeeze=False)
@@ -614,7 +619,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--readme", default=None,
                     help="README to refresh (default: bench/README.md for a full run, none otherwise)")
     ap.add_argument("--no-readme", action="store_true", help="do not refresh any README")
+    ap.add_argument("--render", metavar="JSON", help="only re-render the .md and .png of a saved .json (no timing)")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        stem = os.path.splitext(args.render)[0]
+        err = plot(saved, stem + ".png")
+        with open(stem + ".md", "w") as f:
+            f.write(render(saved, None if err else os.path.basename(stem) + ".png"))
+        print(f"rendered {stem}.md" + ("" if err else f" and {stem}.png"))
+        return 0
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
     cfg = MODES[mode]
     parts = set(args.only or ["layer", "kernel", "breakdown", "model"])
@@ -649,7 +664,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "started": started.strftime("%Y-%m-%d %H:%M %Z"),
                "elapsed_s": time.perf_counter() - log.t0, "devices": devices}
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = f"{machine['slug']}-{results['date']}" + ("" if mode == "full" else f"-{mode}")
+    # A partial run (--only) gets its own file name and leaves the README alone unless asked.
+    partial = "" if args.only is None else "-only-" + "+".join(p for p in ("layer", "breakdown", "kernel", "model")
+                                                           if p in parts)
+    results["only"] = sorted(parts) if args.only else None
+    stem = f"{machine['slug']}-{results['date']}" + ("" if mode == "full" else f"-{mode}") + partial
     md_path = os.path.join(args.out_dir, stem + ".md")
     png_path = os.path.join(args.out_dir, stem + ".png")
     err = plot(results, png_path)
@@ -660,7 +679,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f.write(text)
     with open(os.path.join(args.out_dir, stem + ".json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
-    readme = None if args.no_readme else (args.readme or (os.path.join(HERE, "README.md") if mode == "full" else None))
+    default_readme = os.path.join(HERE, "README.md") if mode == "full" and not partial else None
+    readme = None if args.no_readme else (args.readme or default_readme)
     if readme:
         rel = os.path.relpath(md_path, os.path.dirname(os.path.abspath(readme)))
         refresh_readme(readme, machine["slug"], readme_block(results, rel))
