@@ -72,7 +72,7 @@ MODES: Dict[str, Dict[str, object]] = {
         kernel_d=[256, 1024, 4096, 16384], kernel_rows=4096, kernel_rows_sweep=(4096, [1024]),
         kernel_budget=2.0, kernel_min=3, kernel_max=5, kernel_sample_s=0.02,
         breakdown=[(2048, 2048, 1024)], breakdown_budget=3.0,
-        model_batch=32, model_seq=64, model_budget=15.0, model_min=3, model_max=5, mem_steps=2,
+        model_batch=32, model_seq=64, model_budget=30.0, model_min=5, model_max=7, mem_steps=2,
         profile_steps=1),
     "smoke": dict(
         layer_shapes=[(256, 256)], layer_rows=[64], extra_layouts=(256, 256, 64),
