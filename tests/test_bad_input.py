@@ -23,23 +23,15 @@ from qgoft import layouts
 from qgoft import ops as qops
 from qgoft import reference as ref
 from qgoft.nn import Linear
+from chain_helpers import (I32, METHODS, has_scale, is_quasi, kernel_backward, kernel_chain,  # noqa: E402
+                           ops_chain, ref_adjoint, ref_chain, tensors_from_layers)
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-I32 = torch.int32
-METHODS = ["goft", "goft_scaled", "qgoft", "qgoft_scaled"]
 LINEAR_METHODS = ["goft", "goft_scaled", "qgoft"]
 TIGHT = dict(rtol=1e-12, atol=1e-12)
 
 needs_ops = pytest.mark.skipif(not qgoft.extension_loaded(), reason="compiled extension not loaded")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def is_quasi(method):
-    return method.startswith("qgoft")
-
-
-def has_scale(method):
-    return method.endswith("_scaled")
 
 
 def params_name(method):
@@ -49,14 +41,6 @@ def params_name(method):
 def layout_tensors(d=8, kind="parallel"):
     lay = {"parallel": layouts.parallel, "sequential": layouts.sequential, "butterfly": layouts.butterfly}[kind](d)
     return lay.pairs_tensor().clone(), lay.layer_offsets_tensor().clone()
-
-
-def tensors_from_layers(layers):
-    flat = [pair for layer in layers for pair in layer]
-    offsets = [0]
-    for layer in layers:
-        offsets.append(offsets[-1] + len(layer))
-    return torch.tensor(flat, dtype=I32).reshape(len(flat), 2), torch.tensor(offsets, dtype=I32)
 
 
 def make_params(method, num_pairs, d, dtype=F64, seed=0):
@@ -70,32 +54,7 @@ def make_params(method, num_pairs, d, dtype=F64, seed=0):
 
 
 # The two implementations of every op: the compiled op and the reference (the fallback).
-def kernel_forward(method, x, params, pairs, offsets, scale=None):
-    fn = torch.ops.qgoft.quasi_givens_chain if is_quasi(method) else torch.ops.qgoft.givens_chain
-    return fn(x, params, pairs, offsets, scale)
-
-
-def kernel_backward(method, g, x, params, pairs, offsets, scale=None, mask=(True, True, True)):
-    fn = torch.ops.qgoft.quasi_givens_chain_backward if is_quasi(method) else torch.ops.qgoft.givens_chain_backward
-    return fn(g, x, params, pairs, offsets, scale, list(mask))
-
-
-def ref_forward(method, x, params, pairs, offsets, scale=None, **kw):
-    fn = ref.quasi_givens_chain_reference if is_quasi(method) else ref.givens_chain_reference
-    return fn(x, params, pairs, offsets, scale, **kw)
-
-
-def ref_adjoint(method, g, params, pairs, offsets, scale=None):
-    fn = ref.quasi_givens_chain_adjoint_reference if is_quasi(method) else ref.givens_chain_adjoint_reference
-    return fn(g, params, pairs, offsets, scale)
-
-
-def ops_forward(method, x, params, pairs, offsets, scale=None):
-    fn = qops.quasi_givens_chain if is_quasi(method) else qops.givens_chain
-    return fn(x, params, pairs, offsets, scale)
-
-
-FORWARDS = [pytest.param(kernel_forward, id="kernel", marks=needs_ops), pytest.param(ref_forward, id="reference")]
+FORWARDS = [pytest.param(kernel_chain, id="kernel", marks=needs_ops), pytest.param(ref_chain, id="reference")]
 
 
 def raises_both(forward, method, args, pattern):
@@ -186,7 +145,7 @@ def test_bad_parameters_in_backward_and_on_meta(method, params, message):
         kernel_backward(method, x, x, params, pairs, offsets)
     meta = [t.to("meta") for t in (x, params, pairs, offsets)]
     with pytest.raises(RuntimeError, match=message):
-        kernel_forward(method, *meta)
+        kernel_chain(method, *meta)
     with pytest.raises(RuntimeError, match=message):
         kernel_backward(method, meta[0], *meta)
 
@@ -219,7 +178,7 @@ def test_low_precision_parameters_are_a_defined_result(forward, dtype):
         params, scale = make_params(method, 7, 8, dtype=dtype)
         x = torch.randn(5, 8)
         out = forward(method, x, params, pairs, offsets, scale)
-        want = ref_forward(method, x.double(), params.double(), pairs, offsets, scale.double())
+        want = ref_chain(method, x.double(), params.double(), pairs, offsets, scale.double())
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
@@ -353,7 +312,7 @@ def test_meta_x_next_to_cpu_arguments(method):
     for name in (params_name(method), "pairs", "scale"):
         b = {k: (v if k == name else v.to("meta")) for k, v in _device_args(method, "cpu", "cpu", "x").items()}
         with pytest.raises(RuntimeError, match=rf"{name} must be on the same device as x \(meta\), got cpu"):
-            ops_forward(method, b["x"], b[params_name(method)], b["pairs"], b["layer_offsets"], b["scale"])
+            ops_chain(method, b["x"], b[params_name(method)], b["pairs"], b["layer_offsets"], b["scale"])
 
 
 @needs_ops
@@ -366,7 +325,7 @@ def test_all_meta_is_shape_propagation(method):
     x = torch.randn(2, 3, 8, device="meta", requires_grad=True)
     params = params.to("meta").requires_grad_()
     scale = scale.to("meta").requires_grad_() if scale is not None else None
-    out = ops_forward(method, x, params, pairs.to("meta"), offsets.to("meta"), scale)
+    out = ops_chain(method, x, params, pairs.to("meta"), offsets.to("meta"), scale)
     assert out.device.type == "meta" and out.shape == x.shape and out.dtype == F32
     out.sum().backward()
     assert x.grad.shape == x.shape and params.grad.shape == params.shape
@@ -426,9 +385,9 @@ def test_cuda_and_cpu_arguments_mixed(method):
         b = dict(a)
         b[name] = b[name].to("cpu")
         with pytest.raises(RuntimeError, match=rf"{name} must be on the same device as x"):
-            ops_forward(method, b["x"], b[params_name(method)], b["pairs"], b["layer_offsets"], b["scale"])
+            ops_chain(method, b["x"], b[params_name(method)], b["pairs"], b["layer_offsets"], b["scale"])
         with pytest.raises(RuntimeError, match=rf"{name} must be on the same device as x"):
-            ref_forward(method, b["x"], b[params_name(method)], b["pairs"], b["layer_offsets"], b["scale"])
+            ref_chain(method, b["x"], b[params_name(method)], b["pairs"], b["layer_offsets"], b["scale"])
 
 
 @needs_cuda
@@ -502,7 +461,7 @@ def test_empty_layers_are_identity_layers(forward):
         params, scale = make_params(method, 3, d)
         x = torch.randn(4, d, dtype=F64)
         torch.testing.assert_close(forward(method, x, params, pairs, offsets, scale),
-                                   ref_forward(method, x, params, pairs2, offsets2, scale), **TIGHT)
+                                   ref_chain(method, x, params, pairs2, offsets2, scale), **TIGHT)
 
 
 LAYOUT_API_ERRORS = [
@@ -569,7 +528,7 @@ def test_d_equal_one_at_model_level():
 # 7. Zero rows: an empty result and zero gradients.
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("forward", [pytest.param(ops_forward, id="ops"), pytest.param(ref_forward, id="reference")])
+@pytest.mark.parametrize("forward", [pytest.param(ops_chain, id="ops"), pytest.param(ref_chain, id="reference")])
 @pytest.mark.parametrize("shape", [(0,), (0, 3), (4, 0), (2, 0, 5)])
 def test_zero_rows_through_autograd(forward, shape):
     d = 6
@@ -635,8 +594,8 @@ def test_nan_and_inf_propagate_like_the_reference(method, dtype):
     params, scale = make_params(method, d - 1, d, dtype=F64 if dtype == F64 else F32)
     x = _poisoned((5, 7), d, dtype, seed=1)
     g = torch.randn(5, 7, d, dtype=F64).to(dtype)
-    got = kernel_forward(method, x, params, pairs, offsets, scale)
-    want = ref_forward(method, x, params, pairs, offsets, scale)
+    got = kernel_chain(method, x, params, pairs, offsets, scale)
+    want = ref_chain(method, x, params, pairs, offsets, scale)
     # the same entries are NaN / +-Inf, and the finite ones agree
     assert torch.equal(torch.isnan(got), torch.isnan(want))
     assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(got[torch.isinf(got)],
@@ -652,7 +611,7 @@ def test_nan_and_inf_propagate_like_the_reference(method, dtype):
     p_leaf = params.detach().double().requires_grad_()
     s_leaf = scale.detach().double().requires_grad_() if scale is not None else None
     leaves = [p_leaf] + ([s_leaf] if s_leaf is not None else [])
-    want_grads = torch.autograd.grad(ref_forward(method, x_leaf, p_leaf, pairs, offsets, s_leaf), leaves,
+    want_grads = torch.autograd.grad(ref_chain(method, x_leaf, p_leaf, pairs, offsets, s_leaf), leaves,
                                      g.double())
     for got_grad, want_grad in zip([gp] + ([gs] if scale is not None else []), want_grads):
         assert torch.equal(torch.isnan(got_grad), torch.isnan(want_grad))
@@ -752,7 +711,7 @@ def test_memory_stays_proportional(rows, d, method, dtype):
 # 10. requires_grad combinations and backward twice.
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("forward", [pytest.param(ops_forward, id="ops"), pytest.param(ref_forward, id="reference")])
+@pytest.mark.parametrize("forward", [pytest.param(ops_chain, id="ops"), pytest.param(ref_chain, id="reference")])
 @pytest.mark.parametrize("method", METHODS)
 def test_requires_grad_combinations(forward, method):
     d = 13
@@ -762,7 +721,7 @@ def test_requires_grad_combinations(forward, method):
     g = torch.randn(4, 5, d, dtype=F64)
     # all gradients from the reference, for comparison
     leaves = [t.clone().requires_grad_() for t in (x0, params0, scale0) if t is not None]
-    full = torch.autograd.grad(ref_forward(method, leaves[0], leaves[1], pairs, offsets,
+    full = torch.autograd.grad(ref_chain(method, leaves[0], leaves[1], pairs, offsets,
                                            leaves[2] if scale0 is not None else None), leaves, g)
     for need in itertools.product([False, True], repeat=3 if scale0 is not None else 2):
         tensors = [t.clone().requires_grad_(n) for t, n in zip((x0, params0, scale0), need)]
@@ -804,7 +763,7 @@ def test_linear_requires_grad_combinations(method):
     assert not layer(x0).requires_grad
 
 
-@pytest.mark.parametrize("forward", [pytest.param(ops_forward, id="ops"), pytest.param(ref_forward, id="reference")])
+@pytest.mark.parametrize("forward", [pytest.param(ops_chain, id="ops"), pytest.param(ref_chain, id="reference")])
 @pytest.mark.parametrize("method", METHODS)
 def test_backward_twice_with_retain_graph(forward, method):
     d = 10
@@ -843,11 +802,11 @@ def test_double_backward_is_correct(method):
         grads = torch.autograd.grad((out * w).sum(), leaves, create_graph=True)
         return sum((gr * gr).sum() for gr in grads)
 
-    got = torch.autograd.grad(loss_of_grads(ops_forward, *inputs), inputs)
-    want = torch.autograd.grad(loss_of_grads(ref_forward, *inputs), inputs)
+    got = torch.autograd.grad(loss_of_grads(ops_chain, *inputs), inputs)
+    want = torch.autograd.grad(loss_of_grads(ref_chain, *inputs), inputs)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **TIGHT)
-    fn = (lambda *t: ops_forward(method, t[0], t[1], pairs, offsets, t[2] if scale is not None else None))
+    fn = (lambda *t: ops_chain(method, t[0], t[1], pairs, offsets, t[2] if scale is not None else None))
     assert torch.autograd.gradgradcheck(fn, tuple(inputs))
 
 

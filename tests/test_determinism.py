@@ -22,16 +22,12 @@ import torch
 import qgoft
 from qgoft import layouts
 from qgoft.nn import Linear
+from chain_helpers import METHODS, is_quasi  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not qgoft.extension_loaded(), reason="compiled extension not loaded")
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-METHODS = ["goft", "goft_scaled", "qgoft", "qgoft_scaled"]
 THREADS = (1, 2, 4)
-
-
-def is_quasi(method):
-    return method.startswith("qgoft")
 
 
 def problem(method, dtype, rows=2000, d=130, kind="parallel", seed=0, device="cpu"):

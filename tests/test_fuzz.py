@@ -38,10 +38,9 @@ from qgoft import layouts  # noqa: E402
 from qgoft import ops as qops  # noqa: E402
 from qgoft import reference as ref  # noqa: E402
 from qgoft.nn import Linear  # noqa: E402
+from chain_helpers import I32, METHODS, has_scale, is_quasi, tensors_from_layers  # noqa: E402
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-I32 = torch.int32
-METHODS = ["goft", "goft_scaled", "qgoft", "qgoft_scaled"]
 
 # ------------------------------------------------------------------------------------------------
 # Profiles.
@@ -64,14 +63,6 @@ def fuzz_settings(ci_examples: int) -> settings:
     return FUZZ
 
 
-def is_quasi(method):
-    return method.startswith("qgoft")
-
-
-def has_scale(method):
-    return method.endswith("_scaled")
-
-
 # ------------------------------------------------------------------------------------------------
 # Strategies.
 # ------------------------------------------------------------------------------------------------
@@ -85,14 +76,6 @@ def random_layers(d: int, num_layers: int, gen: torch.Generator, fill: float, em
         count = max(0 if empty_ok else 1, min(d // 2, count))
         layers.append([tuple(sorted(perm[2 * k:2 * k + 2])) for k in range(count)])
     return layers
-
-
-def layers_to_tensors(layers):
-    flat = [pair for layer in layers for pair in layer]
-    offsets = [0]
-    for layer in layers:
-        offsets.append(offsets[-1] + len(layer))
-    return torch.tensor(flat, dtype=I32).reshape(len(flat), 2), torch.tensor(offsets, dtype=I32)
 
 
 @st.composite
@@ -109,7 +92,7 @@ def layout_strategy(draw, max_d=300):
         num_layers = draw(st.integers(1, 5))
         fill = draw(st.sampled_from([0.2, 0.6, 1.0]))
         layers = random_layers(d, num_layers, gen, fill, empty_ok=kind == "custom_empty_layers")
-        pairs, offsets = layers_to_tensors(layers)
+        pairs, offsets = tensors_from_layers(layers)
         return kind, d, pairs, offsets, num_layers
     base, _, times = kind.partition("*")
     lay = {"parallel": layouts.parallel, "sequential": layouts.sequential, "butterfly": layouts.butterfly}[base](d)

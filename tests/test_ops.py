@@ -20,15 +20,15 @@ import qgoft
 from qgoft import layouts
 from qgoft import ops as qops
 from qgoft import reference as ref
+from chain_helpers import (I32, METHODS, has_scale, is_quasi, kernel_backward, kernel_chain,  # noqa: E402
+                           ref_adjoint, ref_chain, tensors_from_layers)
 
 pytestmark = pytest.mark.skipif(not qgoft.extension_loaded(),
                                 reason="compiled extension not loaded (QGOFT_ALLOW_FALLBACK=1)")
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-I32 = torch.int32
 TIGHT = dict(rtol=1e-10, atol=1e-10)
 
-METHODS = ["goft", "goft_scaled", "qgoft", "qgoft_scaled"]
 LAYOUT_KINDS = ["parallel", "sequential", "butterfly", "parallel*2", "custom"]
 SMALL_DS = [2, 3, 5, 8, 13, 64, 100]
 # (leading shape, x kind, grad kind): rows 1, 7, 15, 24, 37 and 65 -- none but 24 a multiple of a tile
@@ -47,14 +47,6 @@ def op():
     return torch.ops.qgoft
 
 
-def is_quasi(method: str) -> bool:
-    return method.startswith("qgoft")
-
-
-def has_scale(method: str) -> bool:
-    return method.endswith("_scaled")
-
-
 # ------------------------------------------------------------------------------------------------
 # Builders.
 # ------------------------------------------------------------------------------------------------
@@ -67,15 +59,6 @@ def random_custom_pairs(d: int, generator: torch.Generator, num_layers: int = 3)
         count = max(1, d // 3)
         layers.append([tuple(sorted(perm[2 * k:2 * k + 2])) for k in range(count)])
     return layers
-
-
-def tensors_from_layers(layers):
-    flat = [pair for layer in layers for pair in layer]
-    offsets = [0]
-    for layer in layers:
-        offsets.append(offsets[-1] + len(layer))
-    pairs = torch.tensor(flat, dtype=I32).reshape(len(flat), 2)
-    return pairs, torch.tensor(offsets, dtype=I32)
 
 
 def make_layout(kind: str, d: int):
@@ -135,26 +118,6 @@ def make_tensor(shape, d: int, kind: str, generator: torch.Generator, dtype=F64)
 # ------------------------------------------------------------------------------------------------
 # The ops under test and their references.
 # ------------------------------------------------------------------------------------------------
-
-def kernel_chain(method, x, params, pairs, offsets, scale=None):
-    fn = op().quasi_givens_chain if is_quasi(method) else op().givens_chain
-    return fn(x, params, pairs, offsets, scale)
-
-
-def kernel_backward(method, g, x, params, pairs, offsets, scale, mask):
-    fn = op().quasi_givens_chain_backward if is_quasi(method) else op().givens_chain_backward
-    return fn(g, x, params, pairs, offsets, scale, list(mask))
-
-
-def ref_chain(method, x, params, pairs, offsets, scale=None, **kwargs):
-    fn = ref.quasi_givens_chain_reference if is_quasi(method) else ref.givens_chain_reference
-    return fn(x, params, pairs, offsets, scale, **kwargs)
-
-
-def ref_adjoint(method, g, params, pairs, offsets, scale=None, **kwargs):
-    fn = ref.quasi_givens_chain_adjoint_reference if is_quasi(method) else ref.givens_chain_adjoint_reference
-    return fn(g, params, pairs, offsets, scale, **kwargs)
-
 
 def ops_adjoint(method, g, params, pairs, offsets, scale=None):
     fn = qops.quasi_givens_chain_adjoint if is_quasi(method) else qops.givens_chain_adjoint
