@@ -45,6 +45,36 @@ class Target:
             torch.cuda.synchronize(self.device)
 
 
+@dataclass
+class ChainProblem:
+    """The parallel layout of width d on a target with small random angles (and their blocks)."""
+
+    pairs: torch.Tensor
+    offsets: torch.Tensor
+    angles: torch.Tensor
+    blocks: torch.Tensor
+
+    @classmethod
+    def parallel(cls, d: int, target: Target) -> "ChainProblem":
+        from qgoft import layouts, reference
+
+        lay = layouts.parallel(d)
+        angles = (torch.randn(lay.num_pairs) * 0.1).to(target.device)
+        return cls(lay.pairs_tensor().to(target.device), lay.layer_offsets_tensor().to(target.device),
+                   angles, reference.blocks_from_angles(angles).contiguous())
+
+    def kernel_calls(self, x: torch.Tensor, g: torch.Tensor) -> Dict[str, Callable[[], object]]:
+        """The four chain kernels on x (rows, d), backward with grad g (dx and the parameter grads):
+        keys "goft forward", "goft backward", "qgoft forward", "qgoft backward"."""
+        ops, p, o, mask = torch.ops.qgoft, self.pairs, self.offsets, [True, True, False]
+        return {
+            "goft forward": lambda: ops.givens_chain(x, self.angles, p, o, None),
+            "goft backward": lambda: ops.givens_chain_backward(g, x, self.angles, p, o, None, mask),
+            "qgoft forward": lambda: ops.quasi_givens_chain(x, self.blocks, p, o, None),
+            "qgoft backward": lambda: ops.quasi_givens_chain_backward(g, x, self.blocks, p, o, None, mask),
+        }
+
+
 def targets(which: str) -> List[Target]:
     """``which``: ``auto`` (CPU, plus CUDA when present), ``cpu`` or ``cuda``."""
     out = []

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 import qgoft
-from qgoft import layouts, ops, reference
+from qgoft import layouts, reference
 
 
 def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, inner: int) -> dict[str, float]:
@@ -144,7 +144,7 @@ def main() -> None:
         for name, t, r in bench_chain(4096, 4096, rounds):
             print(f"| {name} | {t * 1e3:.2f} | {r:.2f}x |")
     if args.only in (None, "linear"):
-        print(f"\n### Layer forward+backward, fp32, d = n = 2048, 1024 rows, base frozen, input requires grad\n")
+        print("\n### Layer forward+backward, fp32, d = n = 2048, 1024 rows, base frozen, input requires grad\n")
         print("| module | median ms | ratio to frozen nn.Linear |\n| --- | ---: | ---: |")
         for name, t, r in bench_linear(1024, 2048, 2048, rounds, not args.no_reference):
             print(f"| {name} | {t * 1e3:.2f} | {r:.3f}x |")

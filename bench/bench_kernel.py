@@ -15,9 +15,8 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-from qgoft import layouts, reference
 
-from bench_common import Target
+from bench_common import ChainProblem, Target
 
 CLONE = "x.clone()"
 COPY = "copy_ into a preallocated y"
@@ -33,22 +32,17 @@ def contenders(rows: int, d: int, target: Target, threads: Tuple[int, ...]) -> D
     """``"<op> @<t>t"`` -> callable, for every op and thread count (threads apply on CPU only)."""
     torch.manual_seed(0)
     dev, dt = target.device, target.dtype
-    lay = layouts.parallel(d)
-    pairs, offs = lay.pairs_tensor().to(dev), lay.layer_offsets_tensor().to(dev)
     x = torch.randn(rows, d, device=dev, dtype=dt)
     g = torch.randn(rows, d, device=dev, dtype=dt)
     y = torch.empty_like(x)
-    angles = (torch.randn(lay.num_pairs) * 0.1).to(dev)
-    blocks = reference.blocks_from_angles(angles).contiguous()
-    mask = [True, True, False]
-    q = torch.ops.qgoft
+    calls = ChainProblem.parallel(d, target).kernel_calls(x, g)
     base = {
         CLONE: lambda: x.clone(),
         COPY: lambda: y.copy_(x),
-        GF: lambda: q.givens_chain(x, angles, pairs, offs, None),
-        GB: lambda: q.givens_chain_backward(g, x, angles, pairs, offs, None, mask),
-        QF: lambda: q.quasi_givens_chain(x, blocks, pairs, offs, None),
-        QB: lambda: q.quasi_givens_chain_backward(g, x, blocks, pairs, offs, None, mask),
+        GF: calls["goft forward"],
+        GB: calls["goft backward"],
+        QF: calls["qgoft forward"],
+        QB: calls["qgoft backward"],
     }
     if target.is_cuda:
         return {f"{k} @gpu": v for k, v in base.items()}

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 import qgoft
 from qgoft import layouts, reference
 
-from bench_common import Target
+from bench_common import ChainProblem, Target
 
 FROZEN = "frozen nn.Linear"
 GOFT = "qgoft GOFT"
@@ -195,31 +195,27 @@ def breakdown_contenders(d: int, n: int, rows: int, target: Target) -> Dict[str,
     forward and backward kernels (what ``qgoft.nn.Linear`` adds)."""
     torch.manual_seed(0)
     dev, dt = target.device, target.dtype
-    lay = layouts.parallel(d)
-    pairs, offs = lay.pairs_tensor().to(dev), lay.layer_offsets_tensor().to(dev)
     x = torch.randn(rows, d, device=dev, dtype=dt)
     gx = torch.randn(rows, d, device=dev, dtype=dt)
     gy = torch.randn(rows, n, device=dev, dtype=dt)
     w = torch.randn(n, d, device=dev, dtype=dt) / d ** 0.5
     b = torch.randn(n, device=dev, dtype=dt)
-    angles = (torch.randn(lay.num_pairs) * 0.1).to(dev)
-    blocks = reference.blocks_from_angles(angles).contiguous()
-    mask = [True, True, False]
-    ops = torch.ops.qgoft
+    chain = ChainProblem.parallel(d, target)
+    calls = chain.kernel_calls(x, gx)
     xa = x.clone().requires_grad_(True)
-    ba = blocks.clone().requires_grad_(True)
+    ba = chain.blocks.clone().requires_grad_(True)
 
     def autograd_step() -> None:
-        qgoft.ops.quasi_givens_chain(xa, ba, pairs, offs, None).backward(gx)
+        qgoft.ops.quasi_givens_chain(xa, ba, chain.pairs, chain.offsets, None).backward(gx)
         xa.grad = None
         ba.grad = None
 
     return {
         BD_MM_F: lambda: torch.nn.functional.linear(x, w, b),
         BD_MM_B: lambda: gy @ w,
-        BD_GF: lambda: ops.givens_chain(x, angles, pairs, offs, None),
-        BD_GB: lambda: ops.givens_chain_backward(gx, x, angles, pairs, offs, None, mask),
-        BD_QF: lambda: ops.quasi_givens_chain(x, blocks, pairs, offs, None),
-        BD_QB: lambda: ops.quasi_givens_chain_backward(gx, x, blocks, pairs, offs, None, mask),
+        BD_GF: calls["goft forward"],
+        BD_GB: calls["goft backward"],
+        BD_QF: calls["qgoft forward"],
+        BD_QB: calls["qgoft backward"],
         BD_QA: autograd_step,
     }
