@@ -1,7 +1,7 @@
 """Layouts: which index pairs each layer of a Givens chain rotates.
 
 A layout over ``d`` features is a sequence of layers; a layer is a set of disjoint pairs ``(i, j)`` with
-``0 <= i < j < d``. The canonical order (DESIGN.md Sec. 3) is layer by layer, ascending ``i`` inside a layer;
+``0 <= i < j < d``. The canonical order (docs/MATH.md Sec. 4) is layer by layer, ascending ``i`` inside a layer;
 it is the storage order of every parameter tensor (angles ``(P,)``, blocks ``(P, 2, 2)``).
 
 Builders:

@@ -1,7 +1,7 @@
 """Thin op layer: the compiled ``torch.ops.qgoft`` ops with autograd and fake (meta) registrations,
 and the functions the rest of the package calls.
 
-Conventions (DESIGN.md Sec. 2, docs/CONTRACT.md): x has shape (..., d); the chain maps each row to
+Conventions (docs/MATH.md, docs/CONTRACT.md): x has shape (..., d); the chain maps each row to
 ``x' = s * (R^T x)``, i.e. ``X' = X R S`` for a batch of rows. ``pairs`` is int32 (P, 2) in canonical
 order, ``layer_offsets`` int32 (L + 1,). Parameters: ``angles`` (P,) for strict Givens rotations,
 ``blocks`` (P, 2, 2) = [[alpha1, beta1], [alpha2, beta2]] for quasi-Givens blocks, optional ``scale`` (d,).

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of the Givens-chain math (any device, differentiable; the fallback of qgoft.ops).
 
-Conventions (DESIGN.md Sec. 2, docs/CONTRACT.md):
+Conventions (docs/MATH.md Sec. 1-3 and 7, docs/CONTRACT.md):
 
 * ``x`` has shape ``(..., d)``; each row is mapped to ``x' = s * (R^T x)``, i.e. ``X' = X R S`` for a batch of
   rows, with ``R = P_1 P_2 ... P_L`` and ``S = diag(s)``.

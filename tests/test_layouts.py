@@ -1,4 +1,4 @@
-"""Tests of qgoft.layouts against DESIGN.md Sec. 3, using independent formulas."""
+"""Tests of qgoft.layouts against docs/MATH.md Sec. 4, using independent formulas."""
 
 import json
 import math
@@ -15,7 +15,7 @@ LARGE_DS = [128, 256, 1000, 1024, 4096, 65536]
 
 
 def expected_parallel(d):
-    """DESIGN.md Sec. 3, written differently from the builder: scan every index."""
+    """docs/MATH.md Sec. 4, written differently from the builder: scan every index."""
     result = []
     num_layers = math.ceil(math.log2(d))
     for r in range(1, num_layers + 1):
@@ -57,7 +57,7 @@ def test_parallel_matches_formula(d):
     assert layout.layers == expected_parallel(d)
     for r, layer in enumerate(layout.layers, start=1):
         for i, j in layer:
-            assert j - i == 2 ** (r - 1), "layer r pairs at stride 2^(r-1) (DESIGN Sec. 5 defect)"
+            assert j - i == 2 ** (r - 1), "layer r pairs at stride 2^(r-1) (docs/MATH.md Sec. 9 defect)"
             assert i % 2 ** r == 0
 
 

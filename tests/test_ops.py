@@ -553,7 +553,7 @@ def test_low_precision_identity_is_bitwise(cpu_isa, method, dtype):
 
 
 def test_low_precision_never_casts_params_to_activation_dtype():
-    """DESIGN.md Sec. 5: bf16 activations with float32 angles keep float32 angle precision
+    """docs/MATH.md Sec. 5 and 9: bf16 activations with float32 angles keep float32 angle precision
     (error far below that of the same chain with bf16-rounded angles) and get float32 gradients."""
     d = 64
     gen = torch.Generator().manual_seed(12)
@@ -847,7 +847,7 @@ def test_rejects_grad_out_of_wrong_shape():
 
 
 # ------------------------------------------------------------------------------------------------
-# 9. DESIGN.md Sec. 5 defects, at op level.
+# 9. The original implementation's defects (docs/MATH.md Sec. 9), at op level.
 # ------------------------------------------------------------------------------------------------
 
 def _dense_via_op(method, params, pairs, offsets, d):
@@ -878,7 +878,7 @@ def test_dense_matrix_is_the_reference_product_and_orthogonal(one_thread, kind, 
 @pytest.mark.parametrize("d", [8, 13, 64])
 def test_parallel_layers_rotate_true_pairs_at_stride(d):
     """Each angle of the parallel layout, alone non-zero, rotates exactly the plane (2^r k, 2^r k + 2^(r-1))
-    of DESIGN.md Sec. 3 by a true rotation (the original implementation sheared (p, p+1) instead)."""
+    of docs/MATH.md Sec. 4 by a true rotation (the original implementation sheared (p, p+1) instead)."""
     pairs, offsets = make_layout("parallel", d)
     expected = []
     for r in range(1, math.ceil(math.log2(d)) + 1):
@@ -891,7 +891,7 @@ def test_parallel_layers_rotate_true_pairs_at_stride(d):
         angles[p] = theta
         dense = _dense_via_op("goft", angles, pairs, offsets, d)
         want = torch.eye(d, dtype=F64)
-        want[i, i], want[i, j], want[j, i], want[j, j] = c, -s, s, c  # G(i, j; theta) of DESIGN.md Sec. 2
+        want[i, i], want[i, j], want[j, i], want[j, j] = c, -s, s, c  # G(i, j; theta) of docs/MATH.md Sec. 2
         torch.testing.assert_close(dense, want, rtol=0, atol=1e-15)
 
 

@@ -74,7 +74,7 @@ def dense(method, params, layout):
 
 
 def givens_matrix(d, i, j, theta):
-    """G(i, j; theta) of DESIGN.md Sec. 2, written out entry by entry."""
+    """G(i, j; theta) of docs/MATH.md Sec. 2, written out entry by entry."""
     g = torch.eye(d, dtype=F64)
     g[i, i] = math.cos(theta)
     g[i, j] = -math.sin(theta)
@@ -234,7 +234,7 @@ def test_gradcheck(method):
 
 
 # ------------------------------------------------------------------------------------------------
-# orthogonality (DESIGN.md Sec. 3-5)
+# orthogonality (docs/MATH.md Sec. 4-6)
 # ------------------------------------------------------------------------------------------------
 
 ORTHO_LAYOUTS = ["parallel", "sequential", "butterfly", "parallel*2", "custom"]
@@ -277,7 +277,7 @@ def test_qgoft_with_orthogonal_blocks_is_orthogonal(d, kind):
 
 @pytest.mark.parametrize("d", [4, 6, 8, 13, 16, 33])
 def test_true_pairing_at_stride(d):
-    """DESIGN.md Sec. 5: each angle of layer r rotates exactly its pair (2^r k, 2^r k + 2^(r-1)) and nothing
+    """docs/MATH.md Sec. 9: each angle of layer r rotates exactly its pair (2^r k, 2^r k + 2^(r-1)) and nothing
     else (the original code paired p with p+1 in every layer: a shear for r >= 2)."""
     layout = layouts.parallel(d)
     eye = torch.eye(d, dtype=F64)
@@ -294,7 +294,7 @@ def test_true_pairing_at_stride(d):
 
 
 def test_d8_random_angles_each_layer_is_a_product_of_true_rotations():
-    """DESIGN.md Sec. 5 at d = 8 (where the original shear had |A^T A - I| ~ 2.8): with all angles random, the
+    """docs/MATH.md Sec. 9 at d = 8 (where the original shear had |A^T A - I| ~ 2.8): with all angles random, the
     whole chain is orthogonal and each layer equals the product of G(i, i + 2^(r-1); theta) over its pairs."""
     gen = torch.Generator().manual_seed(8)
     layout = layouts.parallel(8)

@@ -184,7 +184,7 @@ def test_from_linear_details():
 
 
 def test_deberta_v3_base_parameter_counts():
-    """DESIGN.md Sec. 4 / paper Table 1: every linear of 12 DeBERTaV3-base blocks adapted."""
+    """docs/MATH.md Sec. 5 / paper Table 1: every linear of 12 DeBERTaV3-base blocks adapted."""
     block_shapes = [(768, 768)] * 4 + [(768, 3072), (3072, 768)]  # q, k, v, attn-out, ffn-in, ffn-out
     totals = {}
     for method in ["goft", "qgoft"]:
@@ -430,7 +430,7 @@ def test_extra_repr():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_adapter_stays_float32_with_bf16_base(method):
-    """DESIGN.md Sec. 5: the original cast the angles to the bf16 base dtype."""
+    """docs/MATH.md Sec. 9: the original cast the angles to the bf16 base dtype."""
     torch.manual_seed(8)
     base = torch.nn.Linear(16, 8).to(torch.bfloat16)
     layer = Linear.from_linear(base, method=method)
