@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _extension, reference
+from ._checks import check_chain_arguments
 
 __all__ = [
     "givens_chain",
@@ -41,60 +42,17 @@ def uses_compiled_kernel(x: Tensor) -> bool:
 # Fake (meta) kernels and autograd formulas for the compiled ops.
 # --------------------------------------------------------------------------------------------------
 
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _fake_checks(op: str, x: Tensor, params: Tensor, params_name: str, pairs: Tensor, layer_offsets: Tensor,
-                 scale: Tensor | None, grad_out: Tensor | None = None) -> None:
-    """The argument checks of the compiled kernels that need no tensor values (dtypes, shapes, devices), so
-    meta/fake tensors (torch.compile, torch.export, meta-device modules) fail like real ones. A tensor on
-    another device than x would otherwise send the whole call here (the Meta dispatch key wins) and
-    return an uninitialised result."""
-    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least one dimension (..., d)")
-    torch._check(x.dtype in _KERNEL_DTYPES,
-                 lambda: f"{op}: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
-    named = [(params_name, params), ("pairs", pairs), ("layer_offsets", layer_offsets), ("scale", scale),
-             ("grad_out", grad_out)]
-    for name, t in named:
-        if t is not None:
-            torch._check(t.device == x.device,
-                         lambda: f"{op}: {name} must be on the same device as x ({x.device}), got {t.device}")
-    torch._check(pairs.dtype == torch.int32 and pairs.dim() == 2 and pairs.shape[1] == 2,
-                 lambda: f"{op}: pairs must be an int32 tensor of shape (P, 2), got {pairs.dtype} "
-                         f"{list(pairs.shape)}")
-    torch._check(layer_offsets.dtype == torch.int32 and layer_offsets.dim() == 1 and layer_offsets.numel() >= 1,
-                 lambda: f"{op}: layer_offsets must be an int32 tensor of shape (L + 1,), got "
-                         f"{layer_offsets.dtype} {list(layer_offsets.shape)}")
-    num_pairs = pairs.shape[0]
-    torch._check(params.is_floating_point(),
-                 lambda: f"{op}: {params_name} must be a floating point tensor, got {params.dtype}")
-    if params_name == "angles":
-        torch._check(params.dim() == 1 and params.shape[0] == num_pairs,
-                     lambda: f"{op}: angles must have shape (P,) = ({num_pairs},), got {list(params.shape)}")
-    else:
-        torch._check(params.dim() == 3 and params.shape[0] == num_pairs and params.shape[1] == 2
-                     and params.shape[2] == 2,
-                     lambda: f"{op}: blocks must have shape (P, 2, 2) = ({num_pairs}, 2, 2), got "
-                             f"{list(params.shape)}")
-    if scale is not None:
-        d = x.shape[-1]
-        torch._check(scale.is_floating_point(),
-                     lambda: f"{op}: scale must be a floating point tensor, got {scale.dtype}")
-        torch._check(scale.dim() == 1 and scale.shape[0] == d,
-                     lambda: f"{op}: scale must have shape (d,) = ({d},), got {list(scale.shape)}")
-    if grad_out is not None:
-        torch._check(grad_out.shape == x.shape,
-                     lambda: f"{op}: grad_out must have the shape of x {list(x.shape)}, got {list(grad_out.shape)}")
-        torch._check(grad_out.is_floating_point(),
-                     lambda: f"{op}: grad_out must be a floating point tensor, got {grad_out.dtype}")
-
+# The fake kernels run the compiled kernels' value-free checks (qgoft._checks, shared with the reference), so
+# meta/fake tensors (torch.compile, torch.export, meta-device modules) fail like real ones. A tensor on another
+# device than x would otherwise send the whole call here (the Meta dispatch key wins) and return an
+# uninitialised result.
 
 def _make_fake_chain(name: str, params_name: str):
     op = f"qgoft::{name}"
 
     def _fake_chain(x: Tensor, params: Tensor, pairs: Tensor, layer_offsets: Tensor,
                     scale: Tensor | None) -> Tensor:
-        _fake_checks(op, x, params, params_name, pairs, layer_offsets, scale)
+        check_chain_arguments(torch._check, op, x, params, params_name, pairs, layer_offsets, scale)
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
     return _fake_chain
@@ -106,7 +64,7 @@ def _make_fake_chain_backward(name: str, params_name: str):
     def _fake_chain_backward(grad_out: Tensor, x: Tensor, params: Tensor, pairs: Tensor,
                              layer_offsets: Tensor, scale: Tensor | None,
                              output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-        _fake_checks(op, x, params, params_name, pairs, layer_offsets, scale, grad_out)
+        check_chain_arguments(torch._check, op, x, params, params_name, pairs, layer_offsets, scale, grad_out)
         grad_x = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if output_mask[0]
                   else x.new_empty(_EMPTY_SHAPE))
         grad_params = (torch.empty(params.shape, dtype=params.dtype, device=params.device)

@@ -19,7 +19,7 @@ Arguments are validated exactly like the compiled ops validate them (x float32/f
 at least one dimension, real floating parameters, every tensor on x's device, int32 layout tensors, offsets from
 0 to P, ``0 <= i < j < d``, disjoint pairs per layer, parameter and scale shapes), so the fallback accepts and
 refuses the same inputs as the kernels; errors are :class:`InputError` (a ValueError and a RuntimeError) with
-the same wording.
+the same wording. The checks that need no values are shared with the fake kernels (:mod:`qgoft._checks`).
 
 Every chain function is vectorised per layer (gather the i and j columns of a layer, combine, write back
 out-of-place); only :func:`dense_chain_matrix` loops over pairs, as an independent check.
@@ -31,6 +31,8 @@ from typing import List, Optional
 
 import torch
 from torch import Tensor
+
+from ._checks import check_chain_arguments
 
 __all__ = [
     "InputError",
@@ -44,7 +46,6 @@ __all__ = [
 ]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def blocks_from_angles(angles: Tensor) -> Tensor:
@@ -70,45 +71,22 @@ def _fail(op: str, message: str) -> None:
     raise InputError(f"{op}: {message}")
 
 
+def _raise_input_error(condition: bool, message) -> None:
+    if not condition:
+        raise InputError(message())
+
+
 def _check_inputs(op: str, x: Tensor, params: Tensor, params_name: str, pairs: Tensor, layer_offsets: Tensor,
                   scale: Optional[Tensor]) -> List[int]:
     """Validate every argument like the compiled ops do (same checks, same wording) and return the layer
     offsets as a Python list. ``params_name`` is ``"angles"`` ((P,)) or ``"blocks"`` ((P, 2, 2)).
 
-    Checked: tensors; x has a dimension and is float32/float64/bfloat16/float16; params and scale are real
-    floating point; every tensor is on x's device; pairs int32 (P, 2) and layer_offsets int32 (L + 1,);
-    offsets rise from 0 to P (checked before any pair is read); 0 <= i < j < d = x.shape[-1] for every
-    pair; the pairs of one layer are disjoint; params (P,) or (P, 2, 2); scale (d,)."""
-    named = [("x", x), (params_name, params), ("pairs", pairs), ("layer_offsets", layer_offsets)]
-    if scale is not None:
-        named.append(("scale", scale))
-    for name, t in named:
-        if not isinstance(t, Tensor):
-            _fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() < 1:
-        _fail(op, "x must have at least one dimension (..., d), got a 0-dim tensor")
-    if x.dtype not in _KERNEL_DTYPES:
-        _fail(op, f"x must be float32, float64, bfloat16 or float16, got {x.dtype}")
-    for name, t in named[1:]:
-        if t.device != x.device:
-            _fail(op, f"{name} must be on the same device as x ({x.device}), got {t.device}")
-    for name, t in ((params_name, params), ("scale", scale)):
-        if t is not None and not t.is_floating_point():
-            _fail(op, f"{name} must be a floating point tensor, got {t.dtype}")
-    d = x.shape[-1]
-    if pairs.dtype != torch.int32 or pairs.dim() != 2 or pairs.shape[1] != 2:
-        _fail(op, f"pairs must be an int32 tensor of shape (P, 2), got {pairs.dtype} {list(pairs.shape)}")
-    num_pairs = pairs.shape[0]
-    if layer_offsets.dtype != torch.int32 or layer_offsets.dim() != 1 or layer_offsets.numel() < 1:
-        _fail(op, f"layer_offsets must be an int32 tensor of shape (L + 1,), got {layer_offsets.dtype} "
-                  f"{list(layer_offsets.shape)}")
-    if params_name == "angles":
-        if params.dim() != 1 or params.shape[0] != num_pairs:
-            _fail(op, f"angles must have shape (P,) = ({num_pairs},), got {list(params.shape)}")
-    elif params.shape != (num_pairs, 2, 2):
-        _fail(op, f"blocks must have shape (P, 2, 2) = ({num_pairs}, 2, 2), got {list(params.shape)}")
-    if scale is not None and scale.shape != (d,):
-        _fail(op, f"scale must have shape (d,) = ({d},), got {list(scale.shape)}")
+    The value-free checks (types, dtypes, devices, shapes) are shared with the fake kernels
+    (:func:`qgoft._checks.check_chain_arguments`); then, reading the layout's values: offsets rise from 0 to P
+    (checked before any pair is read), 0 <= i < j < d = x.shape[-1] for every pair, and the pairs of one layer
+    are disjoint."""
+    check_chain_arguments(_raise_input_error, op, x, params, params_name, pairs, layer_offsets, scale)
+    d, num_pairs = x.shape[-1], pairs.shape[0]
     if x.device.type == "meta" or pairs.device.type == "meta":
         _fail(op, "the pure-PyTorch reference needs the values of pairs and layer_offsets; they are on the meta "
                   "device (the compiled ops' fake kernels handle meta tensors)")
