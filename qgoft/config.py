@@ -70,6 +70,25 @@ def _normalize_selector(value: Any, what: str, *, allow_none: bool) -> Optional[
                      f"{value!r}")
 
 
+def _normalize_custom_modules(value: Any) -> Optional[Dict[str, Union[str, int]]]:
+    """``{class name: width attribute name or int >= 2}`` (a copy), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"QGoftConfig.custom_modules must map module class names to an input width (an "
+                         f"attribute name or an int), got {type(value).__name__}")
+    out: Dict[str, Union[str, int]] = {}
+    for name, width in value.items():
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"QGoftConfig.custom_modules: {name!r} is not a class name")
+        valid_int = isinstance(width, int) and not isinstance(width, bool) and width >= 2
+        if not (valid_int or (isinstance(width, str) and width.isidentifier())):
+            raise ValueError(f"QGoftConfig.custom_modules[{name!r}] must be the name of the module's input-width "
+                             f"attribute or an int >= 2, got {width!r}")
+        out[name] = width
+    return out
+
+
 def _selector_matches(selector: Optional[ModuleSelector], path: str) -> bool:
     if selector is None:
         return False
@@ -97,6 +116,10 @@ class QGoftConfig:
             ``lambda * sum <alpha, beta>^2`` (``QGoftModel.orthogonality_penalty()``); the paper uses
             0.001 to 0.05. Irrelevant (the penalty is zero) for ``goft`` / ``goft_scaled``.
         adapter_dtype: ``"float32"`` (default, also for bf16/fp16 base models) or ``"float64"``.
+        custom_modules: other module classes to adapt, by class name, with their input width: the name of an
+            int attribute of the module (e.g. ``{"MyProjection": "in_dim"}``) or one int for every instance.
+            Such a module must take its features in the last input dimension; it is wrapped by
+            ``qgoft.nn.InputAdapter`` (``y = module(s * (R^T x))``) and refuses to merge.
         format_version: version of this dict / the saved adapter format (:data:`FORMAT_VERSION`).
     """
 
@@ -108,6 +131,7 @@ class QGoftConfig:
     modules_to_save: Optional[ModuleSelector] = None
     orthogonality_weight: float = 0.01
     adapter_dtype: str = "float32"
+    custom_modules: Optional[Dict[str, Union[str, int]]] = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -140,6 +164,7 @@ class QGoftConfig:
         if self.adapter_dtype not in _ADAPTER_DTYPES:
             raise ValueError(f"QGoftConfig.adapter_dtype must be one of {sorted(_ADAPTER_DTYPES)}, "
                              f"got {self.adapter_dtype!r}")
+        self.custom_modules = _normalize_custom_modules(self.custom_modules)
         if isinstance(self.format_version, bool) or self.format_version != FORMAT_VERSION:
             raise ValueError(f"QGoftConfig.format_version {self.format_version!r} is not supported: this qgoft "
                              f"reads and writes format version {FORMAT_VERSION}")
@@ -177,7 +202,8 @@ class QGoftConfig:
         out: Dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, list) else value
+            out[f.name] = list(value) if isinstance(value, list) else dict(value) if isinstance(value, dict) \
+                else value
         return out
 
     @classmethod

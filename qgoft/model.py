@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -28,12 +29,29 @@ from torch import Tensor, nn
 
 from . import layouts as _layouts
 from .config import ALL_LINEAR, QGoftConfig
+from .nn.input_adapter import InputAdapter, base_description
+from .nn.linear import GivensAdapterMixin
 from .nn.linear import Linear as QGoftLinear
 
 __all__ = ["QGoftModel", "get_qgoft_model", "LayerSpec"]
 
 KIND_LINEAR = "linear"
 KIND_CONV1D = "conv1d"
+# Kinds of the layers wrapped by qgoft.nn.InputAdapter: "<prefix>:<details>" (qgoft.nn.input_adapter.
+# base_description), e.g. "torchao:Int8Tensor", "bitsandbytes:Linear4bit:nf4", "module:MyProjection".
+WRAPPED_KIND_PREFIXES = ("torchao", "bitsandbytes", "module")
+_WRAPPED_KIND = re.compile(r"(torchao|bitsandbytes|module):[A-Za-z_][A-Za-z0-9_]*(:[A-Za-z0-9_]+)?")
+
+# Layers whose input features are not in the last dimension (or that read their weight instead of being
+# called): qgoft refuses them by name, also when custom_modules names their class.
+_NOT_LAST_DIM = (nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention,
+                 nn.modules.batchnorm._NormBase, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def is_known_kind(kind: Any) -> bool:
+    """Whether ``kind`` is a layer kind this qgoft writes (``"linear"``, ``"conv1d"`` or a wrapped base)."""
+    return isinstance(kind, str) and (kind in (KIND_LINEAR, KIND_CONV1D) or
+                                      (len(kind) <= 200 and _WRAPPED_KIND.fullmatch(kind) is not None))
 
 
 def _conv1d_class() -> Optional[type]:
@@ -47,25 +65,47 @@ def _is_conv1d(module: nn.Module) -> bool:
     return cls is not None and isinstance(module, cls)
 
 
-def _layer_kind(module: nn.Module) -> Optional[str]:
-    """``"linear"``, ``"conv1d"`` or None (unsupported). ``MultiheadAttention.out_proj`` is unsupported:
-    MultiheadAttention reads its weight directly instead of calling it."""
-    if isinstance(module, QGoftLinear):
-        return None
-    if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
-        return None
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` qgoft.nn.Linear can share: dense weight, ``nn.Linear``'s own forward."""
+    return (isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+            and type(module.weight) in (torch.Tensor, nn.Parameter))
+
+
+def _layer_kind(module: nn.Module, config: QGoftConfig) -> Tuple[Optional[str], int, str]:
+    """``(kind, in_features, "")`` for a layer qgoft can adapt, ``(None, 0, reason)`` otherwise.
+
+    ``"linear"``: a plain ``nn.Linear`` (``qgoft.nn.Linear`` shares its weight); ``"conv1d"``: transformers'
+    ``Conv1D``; anything else that takes ``(..., d)`` (an ``nn.Linear`` with a quantized weight or its own
+    forward, e.g. torchao or bitsandbytes, or a class named in ``config.custom_modules``) is wrapped by
+    ``qgoft.nn.InputAdapter`` and its kind says what it is (:func:`qgoft.nn.input_adapter.base_description`)."""
+    name = type(module).__name__
+    if isinstance(module, _NOT_LAST_DIM):
+        return None, 0, (f"{name} does not take its input features in the last dimension (or reads its weight "
+                         "directly instead of being called)")
+    custom = config.custom_modules or {}
+    if name in custom:
+        width = custom[name]
+        value = width if isinstance(width, int) else getattr(module, width, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            return None, 0, (f"custom_modules[{name!r}] = {width!r} gives input width {value!r}; it must be an int "
+                             ">= 2")
+        return base_description(module), value, ""
     if isinstance(module, nn.Linear):
-        return KIND_LINEAR
+        if _is_plain_linear(module):
+            return KIND_LINEAR, int(module.in_features), ""
+        return base_description(module), int(module.in_features), ""
     if _is_conv1d(module):
-        return KIND_CONV1D
-    return None
+        return KIND_CONV1D, int(module.weight.shape[0]), ""
+    return None, 0, (f"qgoft does not know the input width of {name}; name its class in "
+                     "QGoftConfig.custom_modules={'" + name + "': '<width attribute>'}")
 
 
-def _features(module: nn.Module, kind: str) -> Tuple[int, int]:
-    """``(in_features, out_features)`` of a supported layer."""
+def _out_features(module: nn.Module, kind: str) -> int:
+    """Output width of a supported layer (0 when a wrapped custom module does not say)."""
     if kind == KIND_CONV1D:
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
-    return int(module.in_features), int(module.out_features)
+        return int(module.weight.shape[1])
+    value = getattr(module, "out_features", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def layout_fingerprint(layout: _layouts.Layout) -> str:
@@ -143,7 +183,7 @@ def plan_adaptation(model: nn.Module, config: QGoftConfig) -> _Plan:
     all_paths: Dict[int, List[str]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         all_paths.setdefault(id(module), []).append(path)
-        if isinstance(module, QGoftLinear):
+        if isinstance(module, GivensAdapterMixin):
             raise ValueError(f"the model already contains qgoft layers (e.g. {path!r}); adapt a model once "
                              "(QGoftModel.unload() or merge_and_unload() give back a plain model)")
 
@@ -170,8 +210,11 @@ def plan_adaptation(model: nn.Module, config: QGoftConfig) -> _Plan:
             continue
         if _inside(path, save_paths):
             continue
-        kind = _layer_kind(module)
+        kind, in_features, reason = _layer_kind(module, config)
         if kind is None:
+            explicit = isinstance(config.target_modules, list) and not any(module.children())
+            if explicit or type(module).__name__ in (config.custom_modules or {}):
+                raise ValueError(f"target module {path!r} ({type(module).__name__}) cannot be adapted: {reason}")
             if config.target_modules != ALL_LINEAR:
                 matched_unsupported.append(f"{path} ({type(module).__name__})")
             continue
@@ -180,19 +223,20 @@ def plan_adaptation(model: nn.Module, config: QGoftConfig) -> _Plan:
         if len(all_paths[id(module)]) > 1:
             raise ValueError(f"module {path!r} is shared by the paths {all_paths[id(module)]}; qgoft cannot "
                              "adapt a module registered at several places")
-        in_features, out_features = _features(module, kind)
+        out_features = _out_features(module, kind)
         if in_features < 2:
             raise ValueError(f"module {path!r} has in_features={in_features}; a Givens adapter needs >= 2 "
                              "(exclude it with exclude_modules)")
         layout = _layouts.get_layout(config.layout, in_features, config.stack)
-        layers.append(LayerSpec(path, kind, in_features, out_features, module.bias is not None, layout))
+        bias = getattr(module, "bias", None)
+        layers.append(LayerSpec(path, kind, in_features, out_features, isinstance(bias, Tensor), layout))
 
     if not layers:
         hint = (f" It matched only unsupported modules: {matched_unsupported[:8]}." if matched_unsupported
                 else "")
         raise ValueError(
             f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) matches no "
-            f"torch.nn.Linear or transformers Conv1D layer of {type(model).__name__}.{hint} Names are matched "
+            f"torch.nn.Linear, transformers Conv1D or custom_modules layer of {type(model).__name__}.{hint} Names are matched "
             "against the end of the dotted module path (e.g. 'query' or 'attention.self.query'), a string is a "
             "regex matched in full against the path.")
     return _Plan(layers, save_paths)
@@ -274,9 +318,14 @@ class QGoftModel(nn.Module):
         for spec in plan.layers:
             parent, name = _get_submodule_parent(model, spec.path)
             original = getattr(parent, name)
-            linear = _linear_view_of_conv1d(original) if spec.kind == KIND_CONV1D else original
-            adapted = QGoftLinear.from_linear(linear, method=config.method, layout=spec.layout,
-                                              adapter_dtype=config.torch_adapter_dtype)
+            adapted: nn.Module
+            if spec.kind in (KIND_LINEAR, KIND_CONV1D):
+                linear = _linear_view_of_conv1d(original) if spec.kind == KIND_CONV1D else original
+                adapted = QGoftLinear.from_linear(linear, method=config.method, layout=spec.layout,
+                                                  adapter_dtype=config.torch_adapter_dtype)
+            else:
+                adapted = InputAdapter(original, spec.in_features, method=config.method, layout=spec.layout,
+                                       adapter_dtype=config.torch_adapter_dtype)
             setattr(parent, name, adapted)
             self._layer_kinds[spec.path] = spec.kind
         for path in self._modules_to_save:
@@ -302,10 +351,11 @@ class QGoftModel(nn.Module):
     # Introspection.
     # ------------------------------------------------------------------------------------------------
 
-    def named_qgoft_layers(self) -> Iterator[Tuple[str, QGoftLinear]]:
-        """``(path, layer)`` for every adapted layer, paths relative to ``base_model``."""
+    def named_qgoft_layers(self) -> Iterator[Tuple[str, Any]]:
+        """``(path, layer)`` for every adapted layer (a ``qgoft.nn.Linear`` or ``qgoft.nn.InputAdapter``),
+        paths relative to ``base_model``."""
         for path, module in self.base_model.named_modules():
-            if isinstance(module, QGoftLinear):
+            if isinstance(module, GivensAdapterMixin):
                 yield path, module
 
     def layer_specs(self) -> List[LayerSpec]:
@@ -313,7 +363,7 @@ class QGoftModel(nn.Module):
         specs = []
         for path, layer in self.named_qgoft_layers():
             specs.append(LayerSpec(path, self._layer_kinds.get(path, KIND_LINEAR), layer.in_features,
-                                   layer.out_features, layer.bias is not None, layer.layout))
+                                   layer.out_features or 0, layer.bias is not None, layer.layout))
         return specs
 
     @property
@@ -394,11 +444,29 @@ class QGoftModel(nn.Module):
     # Merging.
     # ------------------------------------------------------------------------------------------------
 
-    def merge_adapter(self) -> None:
-        """Merge every adapter into its base weight (``W_lin S R^T``), reversibly; skip merged layers."""
-        for _, layer in self.named_qgoft_layers():
+    def _check_mergeable(self, what: str) -> None:
+        """Raise RuntimeError (nothing changed) naming every adapted layer whose base cannot be merged into."""
+        refusals = [f"{path}: {reason}" for path, layer in self.named_qgoft_layers()
+                    if isinstance(layer, InputAdapter) and (reason := layer.merge_refusal())]
+        if refusals:
+            raise RuntimeError(f"{what} refused, nothing was changed: {len(refusals)} adapted layer(s) cannot be "
+                               f"merged into their base ({'; '.join(refusals[:4])}). unload() gives back the "
+                               "base layers without the adapter.")
+
+    def merge_adapter(self) -> Dict[str, float]:
+        """Merge every adapter into its base weight (``W_lin S R^T``), reversibly; skip merged layers.
+
+        Quantized bases (``qgoft.nn.InputAdapter``) are requantized; the result maps their paths to the
+        relative error of the merged forward against the unmerged one (see ``InputAdapter.merge``). Raises
+        RuntimeError before changing anything when a layer's base cannot be merged into."""
+        self._check_mergeable("merge_adapter()")
+        errors: Dict[str, float] = {}
+        for path, layer in self.named_qgoft_layers():
             if not layer.merged:
-                layer.merge()
+                error = layer.merge()
+                if error is not None:
+                    errors[path] = error
+        return errors
 
     def unmerge_adapter(self) -> None:
         """Restore every merged base weight bitwise; skip unmerged layers."""
@@ -408,17 +476,30 @@ class QGoftModel(nn.Module):
 
     def _replace_layers(self, merge: bool) -> nn.Module:
         model = self.base_model
+        if merge:
+            self._check_mergeable("merge_and_unload()")
+        self.merge_errors: Dict[str, float] = {}
         for path, layer in list(self.named_qgoft_layers()):
             kind = self._layer_kinds.get(path, KIND_LINEAR)
-            with torch.no_grad():
-                if merge:
-                    weight: Tensor = nn.Parameter(layer.merged_weight().to(layer.weight.dtype),
-                                                  requires_grad=False)
-                else:
-                    if layer.merged:
-                        layer.unmerge()
-                    weight = layer.weight
-            plain = _plain_layer(kind, weight, layer.bias, layer.training)
+            plain: nn.Module
+            if isinstance(layer, InputAdapter):
+                if merge and not layer.merged:
+                    self.merge_errors[path] = layer.merge()
+                elif merge and layer.merge_error is not None:
+                    self.merge_errors[path] = layer.merge_error
+                elif not merge and layer.merged:
+                    layer.unmerge()
+                plain = layer.base_layer
+            else:
+                with torch.no_grad():
+                    if merge:
+                        weight: Tensor = nn.Parameter(layer.merged_weight().to(layer.weight.dtype),
+                                                      requires_grad=False)
+                    else:
+                        if layer.merged:
+                            layer.unmerge()
+                        weight = layer.weight
+                plain = _plain_layer(kind, weight, layer.bias, layer.training)
             parent, name = _get_submodule_parent(model, path)
             setattr(parent, name, plain)
         self._layer_kinds.clear()
@@ -427,7 +508,11 @@ class QGoftModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """Replace every adapted layer by a plain ``nn.Linear`` (or ``Conv1D``) holding the merged weight and
         return ``base_model``. Outputs match the adapted model (float rounding of the merge only). Whatever
-        the enabled/disabled state, the adapter is merged. This QGoftModel has no adapted layer afterwards."""
+        the enabled/disabled state, the adapter is merged. This QGoftModel has no adapted layer afterwards.
+
+        A quantized base (torchao) gets its requantized merged weight; ``self.merge_errors`` maps its path to
+        the relative error against the unmerged forward. When any layer's base cannot be merged into
+        (bitsandbytes, custom modules), raises RuntimeError and changes nothing."""
         return self._replace_layers(merge=True)
 
     def unload(self) -> nn.Module:

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import FORMAT_VERSION, QGoftConfig
-from .model import (KIND_CONV1D, KIND_LINEAR, LayerSpec, QGoftModel, adapter_parameter_shapes,
+from .model import (LayerSpec, is_known_kind, QGoftModel, adapter_parameter_shapes,
                     layout_fingerprint, plan_adaptation)
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "ADAPTER_TYPE", "save_adapter", "read_adapter", "SavedAdapter",
@@ -191,9 +191,11 @@ def _read_config(directory: str) -> Tuple[QGoftConfig, Dict[str, Any], Dict[str,
     for layer_path, desc in layers.items():
         where = f"{path}: layers[{layer_path!r}]"
         _require(isinstance(desc, dict), where, "expected an object")
-        _require(desc.get("kind") in (KIND_LINEAR, KIND_CONV1D), where, f"unknown kind {desc.get('kind')!r}")
-        for key in ("in_features", "out_features"):
-            _require(_is_int(desc.get(key)) and desc[key] >= 1, where, f"{key} must be a positive integer")
+        _require(is_known_kind(desc.get("kind")), where, f"unknown kind {desc.get('kind')!r}")
+        _require(_is_int(desc.get("in_features")) and desc["in_features"] >= 2, where,
+                 "in_features must be an integer >= 2")
+        _require(_is_int(desc.get("out_features")) and desc["out_features"] >= 0, where,
+                 "out_features must be an integer >= 0 (0: a custom module that does not say)")
         _require(isinstance(desc.get("bias"), bool), where, "bias must be true or false")
         layout = desc.get("layout")
         _require(isinstance(layout, dict) and _is_int(layout.get("num_pairs"))

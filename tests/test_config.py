@@ -17,7 +17,7 @@ def test_defaults_and_round_trip_through_json():
     assert config.format_version == FORMAT_VERSION == 1
     data = json.loads(json.dumps(config.to_dict()))
     assert set(data) == {"method", "layout", "stack", "target_modules", "exclude_modules", "modules_to_save",
-                         "orthogonality_weight", "adapter_dtype", "format_version"}
+                         "orthogonality_weight", "adapter_dtype", "custom_modules", "format_version"}
     again = QGoftConfig.from_dict(data)
     assert again == config
     assert again.to_dict() == config.to_dict()

@@ -60,11 +60,20 @@ def token_batch(seed: int = 0, batch: int = 3, length: int = 7) -> tuple[torch.T
     return ids, mask
 
 
+def _plain_parts(tensor: torch.Tensor) -> tuple:
+    """Copies of the plain tensors a tensor is made of (the inner tensors of a quantized tensor subclass)."""
+    if type(tensor) in (torch.Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return (tensor.detach().clone(),)
+    names, _ = tensor.__tensor_flatten__()
+    return tuple(part for name in names for part in _plain_parts(getattr(tensor, name)))
+
+
 def snapshot(model: nn.Module) -> dict:
-    """Everything that 'unchanged' means: module types per path, state values, requires_grad, training."""
+    """Everything that 'unchanged' means: module types per path, state values (the inner tensors of quantized
+    weights), requires_grad, training."""
     return {
         "types": {name: type(m) for name, m in model.named_modules()},
-        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "state": {k: _plain_parts(v) for k, v in model.state_dict().items()},
         "grad": {k: p.requires_grad for k, p in model.named_parameters()},
         "training": {name: m.training for name, m in model.named_modules()},
     }
@@ -76,4 +85,5 @@ def assert_same_snapshot(before: dict, after: dict) -> None:
     assert before["training"] == after["training"]
     assert before["state"].keys() == after["state"].keys()
     for key in before["state"]:
-        assert torch.equal(before["state"][key], after["state"][key]), key
+        assert len(before["state"][key]) == len(after["state"][key]), key
+        assert all(torch.equal(a, b) for a, b in zip(before["state"][key], after["state"][key])), key

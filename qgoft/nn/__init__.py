@@ -1,5 +1,7 @@
-"""Modules: drop-in adapted layers (``qgoft.nn.Linear``)."""
+"""Modules: drop-in adapted layers (``qgoft.nn.Linear``) and the adapter in front of any module whose input is
+``(..., d)`` (``qgoft.nn.InputAdapter``: quantized linears, user-named modules)."""
 
-from .linear import METHODS, Linear
+from .input_adapter import InputAdapter
+from .linear import METHODS, GivensAdapterMixin, Linear
 
-__all__ = ["Linear", "METHODS"]
+__all__ = ["Linear", "InputAdapter", "GivensAdapterMixin", "METHODS"]

@@ -1,6 +1,6 @@
 """``qgoft.nn.Linear``: a frozen ``torch.nn.Linear`` adapted by a (quasi-)Givens chain.
 
-Conventions (DESIGN.md Sec. 2): the base weight ``W_lin`` has shape ``(n, d)`` (``d = in_features``). The
+Conventions (docs/MATH.md): the base weight ``W_lin`` has shape ``(n, d)`` (``d = in_features``). The
 adapted layer computes ``y = W_lin (s * (R^T x)) + b`` input-centrically: the chain runs on the input rows
 (``x' = x R S``) and the frozen linear on ``x'``. Merged, the base weight holds ``W_lin S R^T``.
 """
@@ -19,103 +19,35 @@ from .. import layouts as _layouts
 from .. import ops as _ops
 from ..reference import orthogonality_penalty_reference
 
-__all__ = ["Linear", "METHODS"]
+__all__ = ["Linear", "METHODS", "GivensAdapterMixin", "ADAPTER_PARAMETER_NAMES"]
 
 METHODS = ("goft", "goft_scaled", "qgoft")
 _ADAPTER_DTYPES = (torch.float32, torch.float64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_ADAPTER_PARAMETER_NAMES = ("givens_angles", "givens_scale", "givens_blocks")
+ADAPTER_PARAMETER_NAMES = ("givens_angles", "givens_scale", "givens_blocks")
 
 
-class Linear(torch.nn.Linear):
-    """A ``torch.nn.Linear`` with a frozen base and a trainable (quasi-)Givens adapter.
+class GivensAdapterMixin:
+    """The (quasi-)Givens adapter shared by :class:`Linear` and :class:`qgoft.nn.InputAdapter`: parameters,
+    layout buffers, the chain ``x -> s * (R^T x)``, the regularizer and the half-precision cast guard.
 
-    Methods (DESIGN.md Sec. 4), with ``P = layout.num_pairs`` (``d - 1`` for parallel/sequential):
-
-    * ``"goft"``: strict rotations, ``givens_angles`` ``(P,)``.
-    * ``"goft_scaled"`` (the paper's GOFT*): ``givens_angles`` ``(P,)`` and a per-feature ``givens_scale`` ``(d,)``.
-    * ``"qgoft"``: free quasi-Givens blocks ``givens_blocks`` ``(P, 2, 2)`` = ``[[alpha1, beta1], [alpha2, beta2]]``.
-
-    Parameters are identity-initialized (angles 0, scale 1, blocks I), stored in the canonical order of the
-    layout, in ``adapter_dtype`` (float32 by default, whatever the base dtype) on the base weight's device.
-    Module-wide casts to float16/bfloat16 (``.half()``, ``.to(torch.bfloat16)``) leave adapter parameters
-    in their dtype; casts to other dtypes (e.g. float64) and device moves apply to them as usual.
-
-    The base ``weight``/``bias`` are frozen (``requires_grad=False``). ``givens_pairs`` (int32 ``(P, 2)``) and
-    ``givens_layer_offsets`` (int32 ``(L + 1,)``) are non-persistent buffers; ``self.layout`` is the Layout.
-
-    Deployment (see :mod:`qgoft.export`): ``torch.jit.script`` (needs the compiled ops: the scripted forward
-    calls ``torch.ops.qgoft.*``), ``torch.jit.trace``, ``torch.compile(fullgraph=True)``, ``torch.export`` and
-    AOTInductor all work on unmerged and merged layers.
+    The host module sets ``in_features`` and calls :meth:`_init_adapter`; it owns ``forward`` and merging.
     """
 
-    # Typed for TorchScript (an unused parameter is None; ``_unmerged_weight`` is None unless merged).
-    givens_angles: Optional[Tensor]
-    givens_scale: Optional[Tensor]
-    givens_blocks: Optional[Tensor]
-    givens_pairs: Tensor
-    givens_layer_offsets: Tensor
-    _unmerged_weight: Optional[Tensor]
-    method: str
-    _merged: bool
-    _adapters_enabled: bool
-    # Properties TorchScript must not compile (Python-only helpers).
-    __jit_unused_properties__ = ["num_adapter_parameters"]
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device: Optional[Union[torch.device, str]] = None, dtype: Optional[torch.dtype] = None, *,
-                 method: str = "goft", layout: _layouts.LayoutSpec = "parallel", stack: int = 1,
-                 adapter_dtype: torch.dtype = torch.float32) -> None:
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._freeze_base()
-        self._init_adapter(method, layout, stack, adapter_dtype)
-
-    @classmethod
-    def from_linear(cls, linear: torch.nn.Linear, *, method: str = "goft",
-                    layout: _layouts.LayoutSpec = "parallel", stack: int = 1,
-                    adapter_dtype: torch.dtype = torch.float32) -> "Linear":
-        """Wrap ``linear``, sharing (not copying) its ``weight`` and ``bias`` parameters, which get frozen.
-
-        The adapter parameters are created on ``linear.weight``'s device. The training mode is copied.
-        """
-        if isinstance(linear, Linear):
-            raise TypeError("from_linear() got a qgoft.nn.Linear; it is already adapted")
-        if not isinstance(linear, torch.nn.Linear):
-            raise TypeError(f"from_linear() expects a torch.nn.Linear, got {type(linear).__name__}")
-        self = cls.__new__(cls)
-        # Build the nn.Linear skeleton on the meta device (no second weight is allocated), then share.
-        torch.nn.Linear.__init__(self, linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                 device="meta", dtype=linear.weight.dtype)
-        self.weight = linear.weight
-        self.bias = linear.bias
-        self._freeze_base()
-        self._init_adapter(method, layout, stack, adapter_dtype)
-        self.train(linear.training)
-        return self
-
-    # ------------------------------------------------------------------------------------------------
-    # Construction helpers.
-    # ------------------------------------------------------------------------------------------------
-
-    def _freeze_base(self) -> None:
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-
     def _init_adapter(self, method: str, layout: _layouts.LayoutSpec, stack: int,
-                      adapter_dtype: torch.dtype) -> None:
+                      adapter_dtype: torch.dtype, device: torch.device) -> None:
+        """Create the identity-initialized adapter of ``self.in_features`` features on ``device``."""
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
         if adapter_dtype not in _ADAPTER_DTYPES:
             raise ValueError(f"adapter_dtype must be torch.float32 or torch.float64, got {adapter_dtype}")
         if self.in_features < 2:
-            raise ValueError(f"qgoft.nn.Linear: in_features = {self.in_features}, but a Givens adapter needs "
+            raise ValueError(f"{type(self).__name__}: in_features = {self.in_features}, but a Givens adapter needs "
                              "d >= 2 features (a rotation mixes two of them)")
         self.method = method
         self.layout = _layouts.get_layout(layout, self.in_features, stack)
         self._merged = False
         self._adapters_enabled = True
-        device = self.weight.device
         num_pairs = self.layout.num_pairs
         self.register_buffer("givens_pairs", self.layout.pairs_tensor().to(device, copy=True),
                              persistent=False)
@@ -123,7 +55,7 @@ class Linear(torch.nn.Linear):
                              persistent=False)
         # Copy of the original base weight while merged (None otherwise).
         self.register_buffer("_unmerged_weight", None, persistent=False)
-        for name in _ADAPTER_PARAMETER_NAMES:
+        for name in ADAPTER_PARAMETER_NAMES:
             self.register_parameter(name, None)
         factory = dict(device=device, dtype=adapter_dtype)
         if method in ("goft", "goft_scaled"):
@@ -152,7 +84,7 @@ class Linear(torch.nn.Linear):
 
     def adapter_parameters(self) -> Iterator[torch.nn.Parameter]:
         """The trainable adapter parameters (angles, scale, blocks; those the method uses)."""
-        for name in _ADAPTER_PARAMETER_NAMES:
+        for name in ADAPTER_PARAMETER_NAMES:
             param = getattr(self, name)
             if param is not None:
                 yield param
@@ -212,6 +144,138 @@ class Linear(torch.nn.Linear):
             return _ops.quasi_givens_chain(x, params, pairs, offsets, scale)
         return _ops.givens_chain(x, params, pairs, offsets, scale)
 
+    @torch.no_grad()
+    def _adjoint_rows(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        """``W S R^T`` for a dense base weight ``W`` ``(n, d)``: the adjoint chain on the rows of ``W``, computed
+        and returned in ``dtype`` (float32 or float64); not differentiable."""
+        params, scale = self._chain_params(dtype)
+        pairs, offsets = self.givens_pairs, self.givens_layer_offsets
+        rows = weight.detach().to(dtype)
+        scale = None if scale is None else scale.detach()
+        if self.method == "qgoft":
+            return _ops.quasi_givens_chain_adjoint(rows, params.detach(), pairs, offsets, scale)
+        return _ops.givens_chain_adjoint(rows, params.detach(), pairs, offsets, scale)
+
+    def rotation_matrix(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The dense ``R = P_1 ... P_L`` (docs/MATH.md), ``(d, d)``, without the scale (chain applied to the
+        identity's rows). ``dtype`` defaults to the adapter dtype. Differentiable; for inspection only."""
+        dtype = dtype or self._adapter_dtype()
+        eye = torch.eye(self.in_features, dtype=dtype, device=self.givens_pairs.device)
+        return self._chain(eye, with_scale=False)
+
+    def orthogonality_penalty(self) -> Tensor:
+        """The qGOFT regularizer ``sum_p <alpha_p, beta_p>^2`` of this layer (differentiable scalar).
+
+        Zero for ``"goft"``/``"goft_scaled"`` (their blocks are exactly orthogonal)."""
+        if self.givens_blocks is None:
+            return torch.zeros((), dtype=self._adapter_dtype(), device=self.givens_pairs.device)
+        return orthogonality_penalty_reference(self.givens_blocks)
+
+    def _adapter_dtype(self) -> torch.dtype:
+        return next(self.adapter_parameters()).dtype
+
+    # ------------------------------------------------------------------------------------------------
+    # Module plumbing.
+    # ------------------------------------------------------------------------------------------------
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> torch.nn.Module:
+        """Like nn.Module._apply, but a float16/bfloat16 cast does not reach the adapter parameters (or their
+        gradients): they keep their dtype and only follow the device (docs/MATH.md)."""
+        protected: Dict[int, torch.dtype] = {}
+        for param in self.adapter_parameters():
+            protected[id(param)] = param.dtype
+            if param.grad is not None:
+                protected[id(param.grad)] = param.grad.dtype
+
+        def keep_adapter_dtype(tensor: Tensor) -> Tensor:
+            applied = fn(tensor)
+            if (id(tensor) in protected and isinstance(applied, Tensor)
+                    and applied.dtype in _LOW_PRECISION and protected[id(tensor)] not in _LOW_PRECISION):
+                applied = tensor.detach().to(device=applied.device)
+            return applied
+
+        return super()._apply(keep_adapter_dtype, recurse)  # type: ignore[misc]
+
+
+class Linear(GivensAdapterMixin, torch.nn.Linear):
+    """A ``torch.nn.Linear`` with a frozen base and a trainable (quasi-)Givens adapter.
+
+    Methods (docs/MATH.md), with ``P = layout.num_pairs`` (``d - 1`` for parallel/sequential):
+
+    * ``"goft"``: strict rotations, ``givens_angles`` ``(P,)``.
+    * ``"goft_scaled"`` (the paper's GOFT*): ``givens_angles`` ``(P,)`` and a per-feature ``givens_scale`` ``(d,)``.
+    * ``"qgoft"``: free quasi-Givens blocks ``givens_blocks`` ``(P, 2, 2)`` = ``[[alpha1, beta1], [alpha2, beta2]]``.
+
+    Parameters are identity-initialized (angles 0, scale 1, blocks I), stored in the canonical order of the
+    layout, in ``adapter_dtype`` (float32 by default, whatever the base dtype) on the base weight's device.
+    Module-wide casts to float16/bfloat16 (``.half()``, ``.to(torch.bfloat16)``) leave adapter parameters
+    in their dtype; casts to other dtypes (e.g. float64) and device moves apply to them as usual.
+
+    The base ``weight``/``bias`` are frozen (``requires_grad=False``). ``givens_pairs`` (int32 ``(P, 2)``) and
+    ``givens_layer_offsets`` (int32 ``(L + 1,)``) are non-persistent buffers; ``self.layout`` is the Layout.
+
+    Deployment (see :mod:`qgoft.export`): ``torch.jit.script`` (needs the compiled ops: the scripted forward
+    calls ``torch.ops.qgoft.*``), ``torch.jit.trace``, ``torch.compile(fullgraph=True)``, ``torch.export`` and
+    AOTInductor all work on unmerged and merged layers.
+    """
+
+    # Typed for TorchScript (an unused parameter is None; ``_unmerged_weight`` is None unless merged).
+    givens_angles: Optional[Tensor]
+    givens_scale: Optional[Tensor]
+    givens_blocks: Optional[Tensor]
+    givens_pairs: Tensor
+    givens_layer_offsets: Tensor
+    _unmerged_weight: Optional[Tensor]
+    method: str
+    _merged: bool
+    _adapters_enabled: bool
+    # Properties TorchScript must not compile (Python-only helpers).
+    __jit_unused_properties__ = ["num_adapter_parameters"]
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: Optional[Union[torch.device, str]] = None, dtype: Optional[torch.dtype] = None, *,
+                 method: str = "goft", layout: _layouts.LayoutSpec = "parallel", stack: int = 1,
+                 adapter_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._freeze_base()
+        self._init_adapter(method, layout, stack, adapter_dtype, self.weight.device)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, *, method: str = "goft",
+                    layout: _layouts.LayoutSpec = "parallel", stack: int = 1,
+                    adapter_dtype: torch.dtype = torch.float32) -> "Linear":
+        """Wrap ``linear``, sharing (not copying) its ``weight`` and ``bias`` parameters, which get frozen.
+
+        The adapter parameters are created on ``linear.weight``'s device. The training mode is copied.
+        """
+        if isinstance(linear, Linear):
+            raise TypeError("from_linear() got a qgoft.nn.Linear; it is already adapted")
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"from_linear() expects a torch.nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        # Build the nn.Linear skeleton on the meta device (no second weight is allocated), then share.
+        torch.nn.Linear.__init__(self, linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                 device="meta", dtype=linear.weight.dtype)
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._freeze_base()
+        self._init_adapter(method, layout, stack, adapter_dtype, self.weight.device)
+        self.train(linear.training)
+        return self
+
+    # ------------------------------------------------------------------------------------------------
+    # Construction helpers.
+    # ------------------------------------------------------------------------------------------------
+
+    def _freeze_base(self) -> None:
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    # ------------------------------------------------------------------------------------------------
+    # Forward and merging.
+    # ------------------------------------------------------------------------------------------------
+
     def forward(self, x: Tensor) -> Tensor:
         """``y = W_lin (s * (R^T x)) + b`` for ``x`` of shape ``(..., in_features)``; base output if merged
         (the weight then already holds the adapter) or with adapters disabled."""
@@ -258,20 +322,12 @@ class Linear(torch.nn.Linear):
         differentiable. The adjoint chain runs on the rows of ``W_lin``.
         """
         base = self._unmerged_weight if self._merged else self.weight
-        for name in _ADAPTER_PARAMETER_NAMES:
+        for name in ADAPTER_PARAMETER_NAMES:
             param = getattr(self, name)
             if param is not None and param.device != base.device:
                 raise ValueError(f"qgoft.nn.Linear.merged_weight: {name} is on {param.device} but the base "
                                  f"weight is on {base.device}; move the whole module with .to(device)")
-        dtype = self._merge_compute_dtype()
-        params, scale = self._chain_params(dtype)
-        pairs, offsets = self.givens_pairs, self.givens_layer_offsets
-        rows = base.detach().to(dtype)
-        if self.method == "qgoft":
-            return _ops.quasi_givens_chain_adjoint(rows, params.detach(), pairs, offsets,
-                                                   None if scale is None else scale.detach())
-        return _ops.givens_chain_adjoint(rows, params.detach(), pairs, offsets,
-                                         None if scale is None else scale.detach())
+        return self._adjoint_rows(base, self._merge_compute_dtype())
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -294,46 +350,6 @@ class Linear(torch.nn.Linear):
         self.weight.data.copy_(self._unmerged_weight)
         self._unmerged_weight = None
         self._merged = False
-
-    def rotation_matrix(self, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """The dense ``R = P_1 ... P_L`` of DESIGN.md, ``(d, d)``, without the scale (chain applied to the
-        identity's rows). ``dtype`` defaults to the adapter dtype. Differentiable; for inspection only."""
-        dtype = dtype or self._adapter_dtype()
-        eye = torch.eye(self.in_features, dtype=dtype, device=self.givens_pairs.device)
-        return self._chain(eye, with_scale=False)
-
-    def orthogonality_penalty(self) -> Tensor:
-        """The qGOFT regularizer ``sum_p <alpha_p, beta_p>^2`` of this layer (differentiable scalar).
-
-        Zero for ``"goft"``/``"goft_scaled"`` (their blocks are exactly orthogonal)."""
-        if self.givens_blocks is None:
-            return torch.zeros((), dtype=self._adapter_dtype(), device=self.givens_pairs.device)
-        return orthogonality_penalty_reference(self.givens_blocks)
-
-    def _adapter_dtype(self) -> torch.dtype:
-        return next(self.adapter_parameters()).dtype
-
-    # ------------------------------------------------------------------------------------------------
-    # Module plumbing.
-    # ------------------------------------------------------------------------------------------------
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "Linear":
-        """Like nn.Module._apply, but a float16/bfloat16 cast does not reach the adapter parameters (or their
-        gradients): they keep their dtype and only follow the device (DESIGN.md Sec. 4-5)."""
-        protected: Dict[int, torch.dtype] = {}
-        for param in self.adapter_parameters():
-            protected[id(param)] = param.dtype
-            if param.grad is not None:
-                protected[id(param.grad)] = param.grad.dtype
-
-        def keep_adapter_dtype(tensor: Tensor) -> Tensor:
-            applied = fn(tensor)
-            if (id(tensor) in protected and isinstance(applied, Tensor)
-                    and applied.dtype in _LOW_PRECISION and protected[id(tensor)] not in _LOW_PRECISION):
-                applied = tensor.detach().to(device=applied.device)
-            return applied
-
-        return super()._apply(keep_adapter_dtype, recurse)
 
     def extra_repr(self) -> str:
         text = (f"in_features={self.in_features}, out_features={self.out_features}, "
