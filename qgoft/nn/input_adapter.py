@@ -255,11 +255,4 @@ class InputAdapter(GivensAdapterMixin, torch.nn.Module):
         self._merged = False
 
     def extra_repr(self) -> str:
-        text = (f"in_features={self.in_features}, base={type(self.base_layer).__name__}, "
-                f"method={self.method!r}, layout={self.layout.name!r}, "
-                f"adapter_parameters={self.num_adapter_parameters}")
-        if self._merged:
-            text += ", merged=True"
-        if not self._adapters_enabled:
-            text += ", adapters_enabled=False"
-        return text
+        return self._adapter_repr(f"in_features={self.in_features}, base={type(self.base_layer).__name__}")

@@ -171,6 +171,16 @@ class GivensAdapterMixin:
             return torch.zeros((), dtype=self._adapter_dtype(), device=self.givens_pairs.device)
         return orthogonality_penalty_reference(self.givens_blocks)
 
+    def _adapter_repr(self, base: str) -> str:
+        """``extra_repr`` text: ``base`` (what the host says about its base), then the adapter and its state."""
+        text = (f"{base}, method={self.method!r}, layout={self.layout.name!r}, "
+                f"adapter_parameters={self.num_adapter_parameters}")
+        if self._merged:
+            text += ", merged=True"
+        if not self._adapters_enabled:
+            text += ", adapters_enabled=False"
+        return text
+
     def _adapter_dtype(self) -> torch.dtype:
         return next(self.adapter_parameters()).dtype
 
@@ -352,11 +362,5 @@ class Linear(GivensAdapterMixin, torch.nn.Linear):
         self._merged = False
 
     def extra_repr(self) -> str:
-        text = (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, method={self.method!r}, layout={self.layout.name!r}, "
-                f"adapter_parameters={self.num_adapter_parameters}")
-        if self._merged:
-            text += ", merged=True"
-        if not self._adapters_enabled:
-            text += ", adapters_enabled=False"
-        return text
+        return self._adapter_repr(f"in_features={self.in_features}, out_features={self.out_features}, "
+                                  f"bias={self.bias is not None}")
