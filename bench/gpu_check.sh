@@ -174,6 +174,7 @@ if ! skipped tests; then
   if [ $rc = 0 ]; then result "tests/test_cuda.py" PASS "$(( $(elapsed) - t0 ))" "$line"
   else result "tests/test_cuda.py" FAIL "$(( $(elapsed) - t0 ))" "rc=$rc $line (test_cuda.log, test_cuda.xml)"
   fi
+  t0=$(elapsed); if timeout 240 "$PYTHON" tools/gpu_quantized_check.py > "$OUTDIR/quantized.log" 2>&1; then result "quantized bases" PASS "$(( $(elapsed) - t0 ))" "$(grep -c ^PASS "$OUTDIR/quantized.log") passed, $(grep -c ^SKIP "$OUTDIR/quantized.log") skipped (quantized.log)"; else result "quantized bases" FAIL "$(( $(elapsed) - t0 ))" "see quantized.log"; fi
 fi
 
 # ------------------------------------------------------------------------------------------------
