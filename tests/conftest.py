@@ -3,6 +3,10 @@
 * The report header shows ``qgoft.build_info()`` (what is compiled, which CPU kernel variant is selected).
 * If the compiled extension is not loaded, the session FAILS unless ``QGOFT_ALLOW_FALLBACK=1``: CI must
   never silently test only the pure-PyTorch fallback.
+* Device fixtures of the op tests (tests/test_ops.py, test_bad_input.py, test_determinism.py, test_fuzz.py):
+  ``device`` is ``"cpu"`` and ``"cuda"``; ``backend`` is every CPU kernel variant (``generic``, ``avx2``,
+  ``avx512``; the device is ``"cpu"``) and ``"cuda"``. The CUDA ones skip without a GPU or without qgoft's CUDA
+  kernels, and fail instead under ``QGOFT_REQUIRE_CUDA=1`` (the GPU check script sets it).
 * Fixtures: ``cpu_isa`` (parametrized over every CPU kernel variant, skipping the ones this machine or
   build lacks, restoring the selection afterwards), ``tile_rows(d, dtype)`` (of that variant),
   ``num_threads`` (set and restore torch's thread count) and ``one_thread``.
@@ -15,6 +19,7 @@ import pytest
 import torch
 
 import qgoft
+from chain_helpers import require_cuda_or_skip
 
 CPU_ISAS = ("generic", "avx2", "avx512")
 
@@ -66,13 +71,12 @@ def _selected_isa() -> str:
     return qgoft._extension._C.build_info()["cpu_isa_selected"]
 
 
-@pytest.fixture(params=CPU_ISAS)
-def cpu_isa(request):
-    """Select one CPU kernel variant for the test (skipped if not compiled or not supported); restores."""
+def _select_cpu_isa(name: str):
+    """Select the CPU kernel variant ``name`` (skip if not compiled or not supported); a generator that restores
+    the previous selection when resumed."""
     if not qgoft.extension_loaded():
         pytest.skip("compiled extension not loaded")
     c_module = qgoft._extension._C
-    name = request.param
     before = _selected_isa()
     if not c_module.set_cpu_isa(name):
         info = c_module.build_info()
@@ -84,6 +88,33 @@ def cpu_isa(request):
     finally:
         assert c_module.set_cpu_isa(before)
         assert _selected_isa() == before
+
+
+@pytest.fixture(params=CPU_ISAS)
+def cpu_isa(request):
+    """Select one CPU kernel variant for the test (skipped if not compiled or not supported); restores."""
+    yield from _select_cpu_isa(request.param)
+
+
+@pytest.fixture(params=("cpu", "cuda"))
+def device(request):
+    """The device an op test runs on: ``"cpu"``, and ``"cuda"`` where the CUDA kernels can be tested."""
+    if request.param == "cuda":
+        require_cuda_or_skip()
+    return request.param
+
+
+@pytest.fixture(params=CPU_ISAS + ("cuda",))
+def backend(request):
+    """The compiled kernels an op test runs: one CPU kernel variant (selected for the test, restored
+    afterwards; ids ``generic``, ``avx2``, ``avx512`` as for ``cpu_isa``) or the CUDA kernels. Yields the
+    device, ``"cpu"`` or ``"cuda"``."""
+    if request.param == "cuda":
+        require_cuda_or_skip()
+        yield "cuda"
+        return
+    for _ in _select_cpu_isa(request.param):
+        yield "cpu"
 
 
 @pytest.fixture

@@ -3,8 +3,11 @@ result -- never a crash or silent garbage. At three levels: the ops (the compile
 pure-PyTorch reference that replaces them when the extension is missing must accept and refuse the same inputs,
 with the same wording), ``qgoft.nn.Linear`` and whole models (``get_qgoft_model``).
 
-Devices: without a GPU the mixed-device cases use the ``meta`` device (a meta argument next to a CPU ``x``
-used to reach the fake kernel and return uninitialised memory); the CUDA variants run only with a GPU.
+Devices: the tests take the ``device`` fixture (tests/conftest.py: "cpu", and "cuda" where the CUDA kernels can
+be tested). On CUDA every op error is also checked against the CPU's: the same input gets the same error type
+and the same message, word for word (``raises_same_on_every_device``). The mixed-device cases put an argument on
+the ``meta`` device next to ``x`` (it used to reach the fake kernel and return uninitialised memory); the
+CUDA-next-to-CPU cases run only with a GPU.
 """
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ from qgoft import layouts
 from qgoft import ops as qops
 from qgoft import reference as ref
 from qgoft.nn import Linear
-from chain_helpers import (I32, METHODS, has_scale, is_quasi, kernel_backward, kernel_chain,  # noqa: E402
-                           ops_chain, ref_adjoint, ref_chain, tensors_from_layers)
+import chain_helpers  # noqa: E402
+from chain_helpers import (I32, OP_VARIANTS, is_quasi, kernel_backward, kernel_chain, make_layout,  # noqa: E402
+                           ops_chain, raises_same_on_every_device, ref_adjoint, ref_chain, tensors_from_layers,
+                           to_device)
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 LINEAR_METHODS = ["goft", "goft_scaled", "qgoft"]
@@ -38,30 +43,29 @@ def params_name(method):
     return "blocks" if is_quasi(method) else "angles"
 
 
-def layout_tensors(d=8, kind="parallel"):
-    lay = {"parallel": layouts.parallel, "sequential": layouts.sequential, "butterfly": layouts.butterfly}[kind](d)
-    return lay.pairs_tensor().clone(), lay.layer_offsets_tensor().clone()
+def layout_tensors(d=8, kind="parallel", device="cpu"):
+    return make_layout(kind, d, device)
 
 
-def make_params(method, num_pairs, d, dtype=F64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    if is_quasi(method):
-        params = torch.eye(2, dtype=F64) + 0.5 * torch.randn(num_pairs, 2, 2, generator=g, dtype=F64)
-    else:
-        params = 1.5 * torch.randn(num_pairs, generator=g, dtype=F64)
-    scale = 1.0 + 0.3 * torch.randn(d, generator=g, dtype=F64) if has_scale(method) else None
-    return params.to(dtype), None if scale is None else scale.to(dtype)
+def make_params(method, num_pairs, d, dtype=F64, seed=0, device="cpu"):
+    return chain_helpers.make_params(method, num_pairs, d, torch.Generator().manual_seed(seed), dtype=dtype,
+                                     device=device)
 
 
 # The two implementations of every op: the compiled op and the reference (the fallback).
 FORWARDS = [pytest.param(kernel_chain, id="kernel", marks=needs_ops), pytest.param(ref_chain, id="reference")]
 
 
-def raises_both(forward, method, args, pattern):
-    """The call must raise a RuntimeError (the compiled ops' error type; the reference's InputError is one)
-    whose message matches ``pattern``."""
-    with pytest.raises(RuntimeError, match=pattern):
-        forward(method, *args)
+def raises_both(device, forward, method, args, pattern):
+    """``forward(method, *args)`` with the tensors on ``device`` must raise a RuntimeError (the compiled ops'
+    error type; the reference's InputError is one) whose message matches ``pattern``; on CUDA the same call on
+    the CPU must raise the same error, word for word."""
+    raises_same_on_every_device(device, forward, (method,) + tuple(args), pattern)
+
+
+def dev_name(device):
+    """How an error message names ``device`` (``cpu``, ``cuda:0``), as a regular expression."""
+    return re.escape(str(torch.empty(0, device=device).device))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,40 +73,40 @@ def raises_both(forward, method, args, pattern):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("forward", FORWARDS)
-@pytest.mark.parametrize("method", METHODS)
-def test_x_narrower_than_the_layout(forward, method):
+@pytest.mark.parametrize("method", OP_VARIANTS)
+def test_x_narrower_than_the_layout(device, forward, method):
     pairs, offsets = layout_tensors(8)  # pair 3 = (6, 7) is the first one out of range for d = 6
     params, _ = make_params(method, 7, 8)
     x = torch.randn(3, 6, dtype=F64)
-    raises_both(forward, method, (x, params, pairs, offsets),
+    raises_both(device, forward, method, (x, params, pairs, offsets),
                 r"pair 3 = \(6, 7\) must satisfy 0 <= i < j < d = 6 \(d = x\.(size\(-1\)|shape\[-1\])")
 
 
 @pytest.mark.parametrize("forward", FORWARDS)
-def test_scale_of_another_width_than_x(forward):
-    pairs, offsets = layout_tensors(8)
-    angles, _ = make_params("goft", 7, 8)
-    x = torch.randn(3, 10, dtype=F64)  # a layout for d = 8 is valid on 10 features (8 and 9 untouched) ...
+def test_scale_of_another_width_than_x(device, forward):
+    pairs, offsets = layout_tensors(8, device=device)
+    angles, _ = make_params("goft", 7, 8, device=device)
+    x = torch.randn(3, 10, dtype=F64, device=device)  # a layout for d = 8 is valid on 10 features (8, 9 untouched)
     out = forward("goft", x, angles, pairs, offsets)
     torch.testing.assert_close(out[:, 8:], x[:, 8:], rtol=0, atol=0)
     # ... but a scale must have x's width
-    raises_both(forward, "goft", (x, angles, pairs, offsets, torch.ones(8, dtype=F64)),
+    raises_both(device, forward, "goft", (x, angles, pairs, offsets, torch.ones(8, dtype=F64)),
                 r"scale must have shape \(d,\) = \(10,\), got \[8\]")
 
 
 @pytest.mark.parametrize("method", LINEAR_METHODS)
 @pytest.mark.parametrize("width", [6, 10, 1])
-def test_linear_names_in_features(method, width):
-    layer = Linear(8, 4, method=method)
-    for x in (torch.randn(3, width), torch.randn(2, 3, width)):
+def test_linear_names_in_features(device, method, width):
+    layer = Linear(8, 4, method=method, device=device)
+    for x in (torch.randn(3, width, device=device), torch.randn(2, 3, width, device=device)):
         with pytest.raises(ValueError, match=rf"x must have shape \(\.\.\., in_features\) = \(\.\.\., 8\), "
                                              rf"got torch.Size\(\[.*{width}\]\)"):
             layer(x)
     layer.merge()  # the merged layer checks the same way (not a matmul message)
     with pytest.raises(ValueError, match="in_features"):
-        layer(torch.randn(3, width))
+        layer(torch.randn(3, width, device=device))
     with pytest.raises(ValueError, match=r"got torch.Size\(\[\]\)"):
-        layer(torch.tensor(1.0))
+        layer(torch.tensor(1.0, device=device))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,19 +134,18 @@ BAD_PARAMS = [
 
 @pytest.mark.parametrize("forward", FORWARDS)
 @pytest.mark.parametrize("method,params,message", BAD_PARAMS)
-def test_bad_parameters(forward, method, params, message):
+def test_bad_parameters(device, forward, method, params, message):
     pairs, offsets = layout_tensors(8)
-    raises_both(forward, method, (torch.randn(3, 8), params, pairs, offsets), message)
+    raises_both(device, forward, method, (torch.randn(3, 8), params, pairs, offsets), message)
 
 
 @needs_ops
 @pytest.mark.parametrize("method,params,message", BAD_PARAMS)
-def test_bad_parameters_in_backward_and_on_meta(method, params, message):
+def test_bad_parameters_in_backward_and_on_meta(device, method, params, message):
     """The backward op and the fake (meta) kernels refuse the same parameters with the same words."""
     pairs, offsets = layout_tensors(8)
     x = torch.randn(3, 8)
-    with pytest.raises(RuntimeError, match=message):
-        kernel_backward(method, x, x, params, pairs, offsets)
+    raises_same_on_every_device(device, kernel_backward, (method, x, x, params, pairs, offsets), message)
     meta = [t.to("meta") for t in (x, params, pairs, offsets)]
     with pytest.raises(RuntimeError, match=message):
         kernel_chain(method, *meta)
@@ -161,52 +164,52 @@ BAD_SCALES = [
 
 @pytest.mark.parametrize("forward", FORWARDS)
 @pytest.mark.parametrize("scale,message", BAD_SCALES)
-def test_bad_scale(forward, scale, message):
+def test_bad_scale(device, forward, scale, message):
     pairs, offsets = layout_tensors(8)
     for method in ("goft", "qgoft"):
         params, _ = make_params(method, 7, 8, dtype=F32)
-        raises_both(forward, method, (torch.randn(3, 8), params, pairs, offsets, scale), message)
+        raises_both(device, forward, method, (torch.randn(3, 8), params, pairs, offsets, scale), message)
 
 
 @pytest.mark.parametrize("forward", FORWARDS)
 @pytest.mark.parametrize("dtype", [F16, BF16])
-def test_low_precision_parameters_are_a_defined_result(forward, dtype):
+def test_low_precision_parameters_are_a_defined_result(device, forward, dtype):
     """float16/bfloat16 parameters are accepted and widened (the kernels compute in float32): the result is
     the chain of the widened values."""
-    pairs, offsets = layout_tensors(8)
+    pairs, offsets = layout_tensors(8, device=device)
     for method in ("goft_scaled", "qgoft_scaled"):
-        params, scale = make_params(method, 7, 8, dtype=dtype)
-        x = torch.randn(5, 8)
+        params, scale = make_params(method, 7, 8, dtype=dtype, device=device)
+        x = torch.randn(5, 8, device=device)
         out = forward(method, x, params, pairs, offsets, scale)
         want = ref_chain(method, x.double(), params.double(), pairs, offsets, scale.double())
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", LINEAR_METHODS)
-def test_linear_with_replaced_parameters_of_the_wrong_shape_or_dtype(method):
+def test_linear_with_replaced_parameters_of_the_wrong_shape_or_dtype(device, method):
     name = "givens_blocks" if method == "qgoft" else "givens_angles"
     what = params_name(method)
-    x = torch.randn(3, 8)
-    layer = Linear(8, 4, method=method)
+    x = torch.randn(3, 8, device=device)
+    layer = Linear(8, 4, method=method, device=device)
     setattr(layer, name, torch.nn.Parameter(getattr(layer, name).detach()[:-1].clone()))
     with pytest.raises(RuntimeError, match=rf"{what} must have shape .*7.*, got \[6"):
         layer(x)
     with pytest.raises(RuntimeError, match=rf"{what} must have shape"):
         layer.merge()
     assert not layer.merged
-    layer = Linear(8, 4, method=method)
+    layer = Linear(8, 4, method=method, device=device)
     setattr(layer, name, torch.nn.Parameter(getattr(layer, name).detach().to(torch.complex64)))
     with pytest.raises(RuntimeError, match=rf"{what} must be a floating point tensor"):
         layer(x)
     # load_state_dict refuses a wrong shape before touching the layer (torch's own check)
-    layer = Linear(8, 4, method=method)
+    layer = Linear(8, 4, method=method, device=device)
     state = layer.state_dict()
     state[name] = state[name][:-1]
     with pytest.raises(RuntimeError, match=rf"size mismatch for {name}"):
         layer.load_state_dict(state)
     if method == "goft_scaled":
-        layer = Linear(8, 4, method=method)
-        layer.givens_scale = torch.nn.Parameter(torch.ones(7))
+        layer = Linear(8, 4, method=method, device=device)
+        layer.givens_scale = torch.nn.Parameter(torch.ones(7, device=device))
         with pytest.raises(RuntimeError, match=r"scale must have shape \(d,\) = \(8,\), got \[7\]"):
             layer(x)
 
@@ -233,48 +236,48 @@ NON_FLOAT = [torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64,
 
 @pytest.mark.parametrize("forward", FORWARDS)
 @pytest.mark.parametrize("dtype", NON_FLOAT)
-def test_integer_or_complex_x(forward, dtype):
+def test_integer_or_complex_x(device, forward, dtype):
     pairs, offsets = layout_tensors(8)
     x = torch.ones(3, 8, dtype=dtype)
     for method in ("goft", "qgoft_scaled"):
         params, scale = make_params(method, 7, 8, dtype=F32)
-        raises_both(forward, method, (x, params, pairs, offsets, scale),
+        raises_both(device, forward, method, (x, params, pairs, offsets, scale),
                     r"x must be float32, float64, bfloat16 or float16, got")
 
 
 @needs_ops
 @pytest.mark.parametrize("dtype", NON_FLOAT)
-def test_integer_or_complex_x_and_grad_out_in_backward(dtype):
+def test_integer_or_complex_x_and_grad_out_in_backward(device, dtype):
     pairs, offsets = layout_tensors(8)
     good = torch.randn(3, 8)
     bad = torch.ones(3, 8, dtype=dtype)
     for method in ("goft", "qgoft"):
         params, _ = make_params(method, 7, 8, dtype=F32)
-        with pytest.raises(RuntimeError, match=r"\bx must be float32, float64, bfloat16 or float16, got"):
-            kernel_backward(method, good, bad, params, pairs, offsets)
+        raises_same_on_every_device(device, kernel_backward, (method, good, bad, params, pairs, offsets),
+                                    r"\bx must be float32, float64, bfloat16 or float16, got")
         # grad_out used to be cast silently (complex -> real dropped the imaginary part)
-        with pytest.raises(RuntimeError, match=r"grad_out must be a floating point tensor, got"):
-            kernel_backward(method, bad, good, params, pairs, offsets)
+        raises_same_on_every_device(device, kernel_backward, (method, bad, good, params, pairs, offsets),
+                                    r"grad_out must be a floating point tensor, got")
         with pytest.raises(RuntimeError, match=r"grad_out must be a floating point tensor, got"):
             kernel_backward(method, bad.to("meta"), good.to("meta"), params.to("meta"), pairs.to("meta"),
                             offsets.to("meta"))
 
 
 @pytest.mark.parametrize("method", LINEAR_METHODS)
-def test_linear_integer_or_complex_input(method):
-    layer = Linear(8, 4, method=method)
+def test_linear_integer_or_complex_input(device, method):
+    layer = Linear(8, 4, method=method, device=device)
     for dtype in (torch.int64, torch.complex64):
         with pytest.raises(RuntimeError, match=r"x must be float32, float64, bfloat16 or float16"):
-            layer(torch.ones(3, 8, dtype=dtype))
+            layer(torch.ones(3, 8, dtype=dtype, device=device))
 
 
-def test_grad_out_of_another_float_dtype_is_cast():
+def test_grad_out_of_another_float_dtype_is_cast(device):
     """A float64 grad_out for float32 x is a defined result: cast to x's dtype first."""
     if not qgoft.extension_loaded():
         pytest.skip("compiled extension not loaded")
-    pairs, offsets = layout_tensors(8)
-    angles, _ = make_params("goft", 7, 8, dtype=F32)
-    x, g = torch.randn(3, 8), torch.randn(3, 8)
+    pairs, offsets = layout_tensors(8, device=device)
+    angles, _ = make_params("goft", 7, 8, dtype=F32, device=device)
+    x, g = torch.randn(3, 8, device=device), torch.randn(3, 8, device=device)
     a = kernel_backward("goft", g.double(), x, angles, pairs, offsets)
     b = kernel_backward("goft", g, x, angles, pairs, offsets)
     for u, v in zip(a, b):
@@ -298,25 +301,27 @@ def _device_args(method, x_device, other_device, which):
 @pytest.mark.parametrize("forward", FORWARDS)
 @pytest.mark.parametrize("method", ["goft", "qgoft"])
 @pytest.mark.parametrize("which", ["params", "pairs", "layer_offsets", "scale"])
-def test_argument_on_meta_next_to_cpu_x(forward, method, which):
+def test_argument_on_meta_next_to_cpu_x(device, forward, method, which):
     """Used to return uninitialised memory from the compiled op (the Meta dispatch key won, and the fake
-    kernel did not look at devices); the reference used to copy silently."""
+    kernel did not look at devices); the reference used to copy silently. (Named for the CPU; on CUDA, x is
+    a CUDA tensor.)"""
     name = params_name(method) if which == "params" else which
-    a = _device_args(method, "cpu", "meta", name)
-    with pytest.raises(RuntimeError, match=rf"{name} must be on the same device as x \(cpu\), got meta"):
+    a = _device_args(method, device, "meta", name)
+    with pytest.raises(RuntimeError, match=rf"{name} must be on the same device as x \({dev_name(device)}\), got meta"):
         forward(method, a["x"], a[params_name(method)], a["pairs"], a["layer_offsets"], a["scale"])
 
 
 @pytest.mark.parametrize("method", ["goft", "qgoft"])
-def test_meta_x_next_to_cpu_arguments(method):
+def test_meta_x_next_to_cpu_arguments(device, method):
     for name in (params_name(method), "pairs", "scale"):
-        b = {k: (v if k == name else v.to("meta")) for k, v in _device_args(method, "cpu", "cpu", "x").items()}
-        with pytest.raises(RuntimeError, match=rf"{name} must be on the same device as x \(meta\), got cpu"):
+        b = {k: (v if k == name else v.to("meta")) for k, v in _device_args(method, device, device, "x").items()}
+        with pytest.raises(RuntimeError,
+                           match=rf"{name} must be on the same device as x \(meta\), got {dev_name(device)}"):
             ops_chain(method, b["x"], b[params_name(method)], b["pairs"], b["layer_offsets"], b["scale"])
 
 
 @needs_ops
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", OP_VARIANTS)
 def test_all_meta_is_shape_propagation(method):
     """Everything on meta (e.g. a model built on the meta device): a meta result of the right shape, and
     meta gradients of the right shapes."""
@@ -334,11 +339,11 @@ def test_all_meta_is_shape_propagation(method):
 
 
 @needs_ops
-def test_grad_out_on_meta():
-    pairs, offsets = layout_tensors(8)
-    x = torch.randn(3, 8)
-    with pytest.raises(RuntimeError, match=r"grad_out must be on the same device as x \(cpu\), got meta"):
-        kernel_backward("goft", x.to("meta"), x, torch.zeros(7), pairs, offsets)
+def test_grad_out_on_meta(device):
+    pairs, offsets = layout_tensors(8, device=device)
+    x = torch.randn(3, 8, device=device)
+    with pytest.raises(RuntimeError, match=rf"grad_out must be on the same device as x \({dev_name(device)}\), got meta"):
+        kernel_backward("goft", x.to("meta"), x, torch.zeros(7, device=device), pairs, offsets)
 
 
 def test_reference_on_meta_explains():
@@ -349,31 +354,32 @@ def test_reference_on_meta_explains():
 
 
 @pytest.mark.parametrize("method", LINEAR_METHODS)
-def test_linear_on_different_devices(method):
+def test_linear_on_different_devices(device, method):
     name = "givens_blocks" if method == "qgoft" else "givens_angles"
-    x = torch.randn(3, 8)
+    here = dev_name(device)
+    x = torch.randn(3, 8, device=device)
     # x elsewhere than the layer
-    layer = Linear(8, 4, method=method)
-    with pytest.raises(ValueError, match=r"x must be on the device of the layer's weight \(cpu\), got meta"):
+    layer = Linear(8, 4, method=method, device=device)
+    with pytest.raises(ValueError, match=rf"x must be on the device of the layer's weight \({here}\), got meta"):
         layer(x.to("meta"))
-    # a layer built on meta: meta in, meta out; a CPU input is refused
+    # a layer built on meta: meta in, meta out; an input on another device is refused
     meta_layer = Linear(8, 4, method=method, device="meta")
     out = meta_layer(x.to("meta"))
     assert out.device.type == "meta" and out.shape == (3, 4)
-    with pytest.raises(ValueError, match=r"x must be on the device of the layer's weight \(meta\), got cpu"):
+    with pytest.raises(ValueError, match=rf"x must be on the device of the layer's weight \(meta\), got {here}"):
         meta_layer(x)
     # adapter parameter elsewhere than the base weight and x
-    layer = Linear(8, 4, method=method)
+    layer = Linear(8, 4, method=method, device=device)
     setattr(layer, name, torch.nn.Parameter(getattr(layer, name).detach().to("meta")))
-    with pytest.raises(RuntimeError, match=rf"{params_name(method)} must be on the same device as x \(cpu\), got meta"):
+    with pytest.raises(RuntimeError, match=rf"{params_name(method)} must be on the same device as x \({here}\), got meta"):
         layer(x)
-    with pytest.raises(ValueError, match=rf"{name} is on meta but the base weight is on cpu"):
+    with pytest.raises(ValueError, match=rf"{name} is on meta but the base weight is on {here}"):
         layer.merge()
     assert not layer.merged
     # base weight elsewhere than the adapter
-    layer = Linear(8, 4, method=method)
+    layer = Linear(8, 4, method=method, device=device)
     layer.weight = torch.nn.Parameter(layer.weight.detach().to("meta"), requires_grad=False)
-    with pytest.raises(ValueError, match=rf"{name} is on cpu but the base weight is on meta"):
+    with pytest.raises(ValueError, match=rf"{name} is on {here} but the base weight is on meta"):
         layer.merge()
 
 
@@ -428,38 +434,39 @@ BAD_LAYOUTS = [
 
 @pytest.mark.parametrize("forward", FORWARDS)
 @pytest.mark.parametrize("layout,d,message", BAD_LAYOUTS)
-def test_bad_layout_values(forward, layout, d, message):
+def test_bad_layout_values(device, forward, layout, d, message):
     pairs = torch.tensor(layout[0], dtype=I32).reshape(-1, 2)
     offsets = torch.tensor(layout[1], dtype=I32)
     num_pairs = pairs.shape[0]
     x = torch.randn(3, d, dtype=F64)
-    raises_both(forward, "goft", (x, torch.zeros(num_pairs, dtype=F64), pairs, offsets), message)
-    raises_both(forward, "qgoft", (x, torch.eye(2, dtype=F64).repeat(num_pairs, 1, 1), pairs, offsets), message)
+    raises_both(device, forward, "goft", (x, torch.zeros(num_pairs, dtype=F64), pairs, offsets), message)
+    raises_both(device, forward, "qgoft", (x, torch.eye(2, dtype=F64).repeat(num_pairs, 1, 1), pairs, offsets),
+                message)
 
 
 @pytest.mark.parametrize("forward", FORWARDS)
-def test_bad_layout_tensor_types(forward):
+def test_bad_layout_tensor_types(device, forward):
     pairs, offsets = layout_tensors(4)
     x = torch.randn(3, 4)
     for bad in (pairs.long(), pairs.float(), pairs.reshape(-1), pairs[:, :1]):
-        raises_both(forward, "goft", (x, torch.zeros(bad.shape[0]), bad, offsets),
+        raises_both(device, forward, "goft", (x, torch.zeros(bad.shape[0]), bad, offsets),
                     r"pairs must be an int32 tensor of shape \(P, 2\), got")
     for bad in (offsets.long(), offsets.view(1, -1)):
-        raises_both(forward, "goft", (x, torch.zeros(3), pairs, bad),
+        raises_both(device, forward, "goft", (x, torch.zeros(3), pairs, bad),
                     r"layer_offsets must be an int32 tensor of shape \(L \+ 1,\), got")
 
 
 @pytest.mark.parametrize("forward", FORWARDS)
-def test_empty_layers_are_identity_layers(forward):
+def test_empty_layers_are_identity_layers(device, forward):
     """The ops accept an empty layer (offsets repeat): it changes nothing. (Layout objects refuse them.)"""
     d = 8
     layers = [[(0, 1), (2, 3)], [], [(1, 5)], []]
-    pairs, offsets = tensors_from_layers(layers)
-    pairs2, offsets2 = tensors_from_layers([layer for layer in layers if layer])
+    pairs, offsets = tensors_from_layers(layers, device)
+    pairs2, offsets2 = tensors_from_layers([layer for layer in layers if layer], device)
     assert offsets.tolist() == [0, 2, 2, 3, 3]
-    for method in METHODS:
-        params, scale = make_params(method, 3, d)
-        x = torch.randn(4, d, dtype=F64)
+    for method in OP_VARIANTS:
+        params, scale = make_params(method, 3, d, device=device)
+        x = torch.randn(4, d, dtype=F64, device=device)
         torch.testing.assert_close(forward(method, x, params, pairs, offsets, scale),
                                    ref_chain(method, x, params, pairs2, offsets2, scale), **TIGHT)
 
@@ -490,24 +497,25 @@ def test_layout_api_and_linear_refuse_bad_layouts(d, layers, message):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("forward", FORWARDS)
-def test_d_equal_one(forward):
+def test_d_equal_one(device, forward):
     """One feature: no pair fits, so the chain is the identity (times the scale); any pair is refused."""
-    x = torch.randn(5, 1, dtype=F64)
-    no_pairs, offsets = torch.zeros(0, 2, dtype=I32), torch.zeros(1, dtype=I32)
-    scale = torch.tensor([1.5], dtype=F64)
-    assert torch.equal(forward("goft", x, torch.zeros(0, dtype=F64), no_pairs, offsets), x)
-    torch.testing.assert_close(forward("qgoft", x, torch.zeros(0, 2, 2, dtype=F64), no_pairs, offsets, scale),
-                               x * 1.5, rtol=0, atol=0)
-    raises_both(forward, "goft", (x, torch.zeros(1, dtype=F64), torch.tensor([[0, 1]], dtype=I32),
+    x = torch.randn(5, 1, dtype=F64, device=device)
+    no_pairs, offsets = torch.zeros(0, 2, dtype=I32, device=device), torch.zeros(1, dtype=I32, device=device)
+    scale = torch.tensor([1.5], dtype=F64, device=device)
+    assert torch.equal(forward("goft", x, torch.zeros(0, dtype=F64, device=device), no_pairs, offsets), x)
+    torch.testing.assert_close(forward("qgoft", x, torch.zeros(0, 2, 2, dtype=F64, device=device), no_pairs, offsets,
+                                       scale), x * 1.5, rtol=0, atol=0)
+    raises_both(device, forward, "goft", (x, torch.zeros(1, dtype=F64), torch.tensor([[0, 1]], dtype=I32),
                                   torch.tensor([0, 1], dtype=I32)), r"must satisfy 0 <= i < j < d = 1")
 
 
 @needs_ops
-def test_d_equal_one_gradients():
-    x = torch.randn(5, 1, dtype=F64, requires_grad=True)
-    scale = torch.tensor([1.5], dtype=F64, requires_grad=True)
-    angles = torch.zeros(0, dtype=F64, requires_grad=True)
-    out = qops.givens_chain(x, angles, torch.zeros(0, 2, dtype=I32), torch.zeros(1, dtype=I32), scale)
+def test_d_equal_one_gradients(device):
+    x = torch.randn(5, 1, dtype=F64, device=device, requires_grad=True)
+    scale = torch.tensor([1.5], dtype=F64, device=device, requires_grad=True)
+    angles = torch.zeros(0, dtype=F64, device=device, requires_grad=True)
+    out = qops.givens_chain(x, angles, torch.zeros(0, 2, dtype=I32, device=device),
+                            torch.zeros(1, dtype=I32, device=device), scale)
     out.sum().backward()
     torch.testing.assert_close(x.grad, torch.full_like(x, 1.5), rtol=0, atol=0)
     torch.testing.assert_close(scale.grad, x.detach().sum(0), **TIGHT)
@@ -530,12 +538,12 @@ def test_d_equal_one_at_model_level():
 
 @pytest.mark.parametrize("forward", [pytest.param(ops_chain, id="ops"), pytest.param(ref_chain, id="reference")])
 @pytest.mark.parametrize("shape", [(0,), (0, 3), (4, 0), (2, 0, 5)])
-def test_zero_rows_through_autograd(forward, shape):
+def test_zero_rows_through_autograd(device, forward, shape):
     d = 6
-    pairs, offsets = layout_tensors(d)
-    for method in METHODS:
-        params, scale = make_params(method, d - 1, d, dtype=F32)
-        x = torch.randn(*shape, d, requires_grad=True)
+    pairs, offsets = layout_tensors(d, device=device)
+    for method in OP_VARIANTS:
+        params, scale = make_params(method, d - 1, d, dtype=F32, device=device)
+        x = torch.randn(*shape, d, device=device, requires_grad=True)
         leaves = [params.requires_grad_()] + ([scale.requires_grad_()] if scale is not None else [])
         out = forward(method, x, params, pairs, offsets, scale)
         assert out.shape == x.shape and out.dtype == x.dtype and out.numel() == 0
@@ -547,9 +555,9 @@ def test_zero_rows_through_autograd(forward, shape):
 
 
 @pytest.mark.parametrize("method", LINEAR_METHODS)
-def test_zero_rows_linear(method):
-    layer = Linear(8, 5, method=method)
-    x = torch.randn(0, 3, 8, requires_grad=True)
+def test_zero_rows_linear(device, method):
+    layer = Linear(8, 5, method=method, device=device)
+    x = torch.randn(0, 3, 8, device=device, requires_grad=True)
     out = layer(x)
     assert out.shape == (0, 3, 5)
     out.sum().backward()
@@ -560,10 +568,10 @@ def test_zero_rows_linear(method):
     assert layer(x).shape == (0, 3, 5)
 
 
-def test_zero_rows_model():
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+def test_zero_rows_model(device):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3)).to(device)
     adapted = qgoft.get_qgoft_model(model, qgoft.QGoftConfig(method="qgoft", target_modules=["0", "2"]))
-    out = adapted(torch.randn(0, 8))
+    out = adapted(torch.randn(0, 8, device=device))
     assert out.shape == (0, 3)
     (out.sum() + adapted.orthogonality_penalty()).backward()
     for param in adapted.adapter_parameters():
@@ -587,13 +595,13 @@ def _poisoned(shape, d, dtype, seed):
 
 @needs_ops
 @pytest.mark.parametrize("dtype", [F64, F32, BF16])
-@pytest.mark.parametrize("method", METHODS)
-def test_nan_and_inf_propagate_like_the_reference(method, dtype):
+@pytest.mark.parametrize("method", OP_VARIANTS)
+def test_nan_and_inf_propagate_like_the_reference(device, method, dtype):
     d = 37
-    pairs, offsets = layout_tensors(d)
-    params, scale = make_params(method, d - 1, d, dtype=F64 if dtype == F64 else F32)
-    x = _poisoned((5, 7), d, dtype, seed=1)
-    g = torch.randn(5, 7, d, dtype=F64).to(dtype)
+    pairs, offsets = layout_tensors(d, device=device)
+    params, scale = make_params(method, d - 1, d, dtype=F64 if dtype == F64 else F32, device=device)
+    x = _poisoned((5, 7), d, dtype, seed=1).to(device)
+    g = torch.randn(5, 7, d, dtype=F64).to(device=device, dtype=dtype)
     got = kernel_chain(method, x, params, pairs, offsets, scale)
     want = ref_chain(method, x, params, pairs, offsets, scale)
     # the same entries are NaN / +-Inf, and the finite ones agree
@@ -619,14 +627,14 @@ def test_nan_and_inf_propagate_like_the_reference(method, dtype):
 
 
 @pytest.mark.parametrize("method", LINEAR_METHODS)
-def test_nan_rows_stay_in_their_rows_linear(method):
+def test_nan_rows_stay_in_their_rows_linear(device, method):
     """A NaN in one row of the input makes (only) that row's output NaN; other rows are unchanged."""
     torch.manual_seed(0)
-    layer = Linear(16, 8, method=method)
+    layer = Linear(16, 8, method=method).to(device)
     with torch.no_grad():
         for param in layer.adapter_parameters():
             param.add_(0.3 * torch.randn_like(param))
-    x = torch.randn(6, 16)
+    x = torch.randn(6, 16, device=device)
     clean = layer(x)
     x[2, 5] = float("nan")
     x[4, 0] = float("inf")
@@ -712,13 +720,13 @@ def test_memory_stays_proportional(rows, d, method, dtype):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("forward", [pytest.param(ops_chain, id="ops"), pytest.param(ref_chain, id="reference")])
-@pytest.mark.parametrize("method", METHODS)
-def test_requires_grad_combinations(forward, method):
+@pytest.mark.parametrize("method", OP_VARIANTS)
+def test_requires_grad_combinations(device, forward, method):
     d = 13
-    pairs, offsets = layout_tensors(d)
-    params0, scale0 = make_params(method, d - 1, d)
-    x0 = torch.randn(4, 5, d, dtype=F64)
-    g = torch.randn(4, 5, d, dtype=F64)
+    pairs, offsets = layout_tensors(d, device=device)
+    params0, scale0 = make_params(method, d - 1, d, device=device)
+    x0 = torch.randn(4, 5, d, dtype=F64).to(device)
+    g = torch.randn(4, 5, d, dtype=F64).to(device)
     # all gradients from the reference, for comparison
     leaves = [t.clone().requires_grad_() for t in (x0, params0, scale0) if t is not None]
     full = torch.autograd.grad(ref_chain(method, leaves[0], leaves[1], pairs, offsets,
@@ -745,10 +753,10 @@ def test_requires_grad_combinations(forward, method):
 
 
 @pytest.mark.parametrize("method", LINEAR_METHODS)
-def test_linear_requires_grad_combinations(method):
+def test_linear_requires_grad_combinations(device, method):
     torch.manual_seed(1)
-    layer = Linear(12, 7, method=method)
-    x0 = torch.randn(9, 12)
+    layer = Linear(12, 7, method=method).to(device)
+    x0 = torch.randn(9, 12).to(device)
     # only x (adapter frozen), only the adapter, neither
     layer.requires_grad_(False)
     x = x0.clone().requires_grad_()
@@ -764,12 +772,12 @@ def test_linear_requires_grad_combinations(method):
 
 
 @pytest.mark.parametrize("forward", [pytest.param(ops_chain, id="ops"), pytest.param(ref_chain, id="reference")])
-@pytest.mark.parametrize("method", METHODS)
-def test_backward_twice_with_retain_graph(forward, method):
+@pytest.mark.parametrize("method", OP_VARIANTS)
+def test_backward_twice_with_retain_graph(device, forward, method):
     d = 10
-    pairs, offsets = layout_tensors(d)
-    params, scale = make_params(method, d - 1, d, dtype=F32)
-    x = torch.randn(6, d, requires_grad=True)
+    pairs, offsets = layout_tensors(d, device=device)
+    params, scale = make_params(method, d - 1, d, dtype=F32, device=device)
+    x = torch.randn(6, d).to(device).requires_grad_()
     leaves = [x, params.requires_grad_()] + ([scale.requires_grad_()] if scale is not None else [])
     out = forward(method, x, params, pairs, offsets, scale)
     g = torch.randn_like(out)
@@ -785,16 +793,16 @@ def test_backward_twice_with_retain_graph(forward, method):
         out.backward(g)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_double_backward_is_correct(method):
+@pytest.mark.parametrize("method", OP_VARIANTS)
+def test_double_backward_is_correct(device, method):
     """backward(create_graph=True) gives differentiable gradients (the compiled backward has no derivative of
     its own: the op differentiates the reference's graph then) -- before, the second derivative through the
     compiled op was silently zero (with only a warning)."""
     d = 6
-    pairs, offsets = layout_tensors(d)
-    params, scale = make_params(method, d - 1, d)
-    x = torch.randn(3, d, dtype=F64)
-    w = torch.randn(3, d, dtype=F64)
+    pairs, offsets = layout_tensors(d, device=device)
+    params, scale = make_params(method, d - 1, d, device=device)
+    x = torch.randn(3, d, dtype=F64).to(device)
+    w = torch.randn(3, d, dtype=F64).to(device)
     inputs = [x.requires_grad_(), params.requires_grad_()] + ([scale.requires_grad_()] if scale is not None else [])
 
     def loss_of_grads(forward, *leaves):
@@ -814,21 +822,21 @@ def test_double_backward_is_correct(method):
 # 11. Whole models.
 # ------------------------------------------------------------------------------------------------
 
-def _adapted_mlp(method="qgoft"):
+def _adapted_mlp(method="qgoft", device="cpu"):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3)).to(device)
     return qgoft.get_qgoft_model(model, qgoft.QGoftConfig(method=method, target_modules=["0", "2"]))
 
 
-def test_model_level_bad_inputs():
-    model = _adapted_mlp()
+def test_model_level_bad_inputs(device):
+    model = _adapted_mlp(device=device)
     with pytest.raises(ValueError, match=r"in_features\) = \(\.\.\., 8\), got torch.Size\(\[4, 9\]\)"):
-        model(torch.randn(4, 9))
+        model(torch.randn(4, 9, device=device))
     with pytest.raises(RuntimeError, match=r"x must be float32, float64, bfloat16 or float16, got Long"):
-        model(torch.ones(4, 8, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"x must be on the device of the layer's weight \(cpu\), got meta"):
+        model(torch.ones(4, 8, dtype=torch.long, device=device))
+    with pytest.raises(ValueError, match=rf"x must be on the device of the layer's weight \({dev_name(device)}\), got meta"):
         model(torch.randn(4, 8, device="meta"))
-    x = torch.randn(5, 8)
+    x = torch.randn(5, 8, device=device)
     x[1, 3] = float("nan")
     out = model(x)
     assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2, 3, 4]]).all()
@@ -837,20 +845,21 @@ def test_model_level_bad_inputs():
     assert meta_model(torch.randn(4, 8, device="meta")).shape == (4, 3)
 
 
-def test_model_with_adapter_on_another_device_than_its_base():
-    model = _adapted_mlp("goft")
+def test_model_with_adapter_on_another_device_than_its_base(device):
+    model = _adapted_mlp("goft", device=device)
+    here = dev_name(device)
     layer = model.base_model[0]
     layer.givens_angles = torch.nn.Parameter(layer.givens_angles.detach().to("meta"))
-    with pytest.raises(RuntimeError, match=r"angles must be on the same device as x \(cpu\), got meta"):
-        model(torch.randn(2, 8))
-    with pytest.raises(ValueError, match=r"givens_angles is on meta but the base weight is on cpu"):
+    with pytest.raises(RuntimeError, match=rf"angles must be on the same device as x \({here}\), got meta"):
+        model(torch.randn(2, 8, device=device))
+    with pytest.raises(ValueError, match=rf"givens_angles is on meta but the base weight is on {here}"):
         model.merge_adapter()
 
 
-def test_message_prefixes_name_the_op():
+def test_message_prefixes_name_the_op(device):
     """Every op error starts with the op's name, so the user sees which call failed."""
-    pairs, offsets = layout_tensors(8)
-    x = torch.randn(3, 8)
+    pairs, offsets = layout_tensors(8, device=device)
+    x = torch.randn(3, 8, device=device)
     cases = [(ref.givens_chain_reference, "givens_chain_reference: "),
              (ref.quasi_givens_chain_reference, "quasi_givens_chain_reference: ")]
     if qgoft.extension_loaded():
@@ -858,6 +867,6 @@ def test_message_prefixes_name_the_op():
                   (torch.ops.qgoft.quasi_givens_chain, "qgoft::quasi_givens_chain: ")]
     for fn, prefix in cases:
         with pytest.raises(RuntimeError) as info:
-            fn(x, torch.zeros(2), pairs, offsets, None)
+            fn(x, torch.zeros(2, device=device), pairs, offsets, None)
         assert str(info.value).startswith(prefix), str(info.value)
         assert re.search(r"must have shape .* got \[2\]", str(info.value))

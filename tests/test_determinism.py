@@ -22,7 +22,7 @@ import torch
 import qgoft
 from qgoft import layouts
 from qgoft.nn import Linear
-from chain_helpers import METHODS, is_quasi  # noqa: E402
+from chain_helpers import OP_VARIANTS, is_quasi  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not qgoft.extension_loaded(), reason="compiled extension not loaded")
 
@@ -85,7 +85,7 @@ def assert_bitwise(a, b, what):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64, BF16, F16], ids=str)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", OP_VARIANTS)
 def test_bitwise_run_to_run_and_for_1_2_4_threads(cpu_isa, num_threads, method, dtype):
     args = problem(method, dtype)
     num_threads(2)
@@ -97,7 +97,7 @@ def test_bitwise_run_to_run_and_for_1_2_4_threads(cpu_isa, num_threads, method, 
         assert_bitwise(first, op_results(method, *args), f"{n} threads, second run")
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", OP_VARIANTS)
 def test_autograd_gradients_bitwise_for_1_2_4_threads(num_threads, method):
     args = problem(method, F32, rows=3000, d=200, kind="butterfly", seed=1)
     results = {}
@@ -180,7 +180,7 @@ def test_set_num_threads_changes_the_kernel_team_and_bits_match_across_processes
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [F32, F64, BF16, F16], ids=str)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", OP_VARIANTS)
 def test_cuda_bitwise_run_to_run(method, dtype):
     args = problem(method, dtype, rows=5000, d=1000, device="cuda")
     first = op_results(method, *args)

@@ -38,7 +38,7 @@ from qgoft import layouts  # noqa: E402
 from qgoft import ops as qops  # noqa: E402
 from qgoft import reference as ref  # noqa: E402
 from qgoft.nn import Linear  # noqa: E402
-from chain_helpers import I32, METHODS, has_scale, is_quasi, tensors_from_layers  # noqa: E402
+from chain_helpers import I32, OP_VARIANTS, has_scale, is_quasi, tensors_from_layers  # noqa: E402
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 
@@ -132,7 +132,7 @@ def make_strided(lead, d, kind, gen, dtype):
 @st.composite
 def case_strategy(draw):
     kind, d, pairs, offsets, num_layers = draw(layout_strategy())
-    method = draw(st.sampled_from(METHODS))
+    method = draw(st.sampled_from(OP_VARIANTS))
     dtype = draw(st.sampled_from([F64, F32, BF16, F16]))
     params_dtype = F64 if dtype == F64 and draw(st.booleans()) else F32
     lead = draw(st.lists(st.integers(0, 7), min_size=0, max_size=3))
