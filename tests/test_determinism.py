@@ -1,5 +1,6 @@
 """Determinism: outputs and gradients are bitwise identical run to run and for 1, 2 and 4 threads on the CPU
-(for each CPU kernel variant), across processes, and run to run on CUDA.
+(for each CPU kernel variant), across processes, and run to run on CUDA (the ``backend`` / ``device`` fixtures
+of tests/conftest.py; the thread counts change nothing there).
 
 The parameter gradient is a reduction over all rows; the kernels reduce fixed chunks of rows (their size
 depends only on the problem size and the tile height) and then sum the chunks in a fixed order, so the
@@ -86,8 +87,9 @@ def assert_bitwise(a, b, what):
 
 @pytest.mark.parametrize("dtype", [F32, F64, BF16, F16], ids=str)
 @pytest.mark.parametrize("method", OP_VARIANTS)
-def test_bitwise_run_to_run_and_for_1_2_4_threads(cpu_isa, num_threads, method, dtype):
-    args = problem(method, dtype)
+def test_bitwise_run_to_run_and_for_1_2_4_threads(backend, num_threads, method, dtype):
+    # on CUDA a bigger problem: several row groups per backward block, several blocks
+    args = problem(method, dtype, device=backend, **(dict(rows=5000, d=1000) if backend == "cuda" else {}))
     num_threads(2)
     first = op_results(method, *args)
     assert_bitwise(first, op_results(method, *args), "run to run (2 threads)")
@@ -95,11 +97,14 @@ def test_bitwise_run_to_run_and_for_1_2_4_threads(cpu_isa, num_threads, method, 
         num_threads(n)
         assert_bitwise(first, op_results(method, *args), f"{n} threads vs 2")
         assert_bitwise(first, op_results(method, *args), f"{n} threads, second run")
+    if backend == "cuda":
+        a = autograd_results(method, *args)
+        assert_bitwise(a, autograd_results(method, *args), "autograd run to run")
 
 
 @pytest.mark.parametrize("method", OP_VARIANTS)
-def test_autograd_gradients_bitwise_for_1_2_4_threads(num_threads, method):
-    args = problem(method, F32, rows=3000, d=200, kind="butterfly", seed=1)
+def test_autograd_gradients_bitwise_for_1_2_4_threads(device, num_threads, method):
+    args = problem(method, F32, rows=3000, d=200, kind="butterfly", seed=1, device=device)
     results = {}
     for n in THREADS + (1,):
         num_threads(n)
@@ -112,17 +117,17 @@ def test_autograd_gradients_bitwise_for_1_2_4_threads(num_threads, method):
 
 
 @pytest.mark.parametrize("method", ["goft", "goft_scaled", "qgoft"])
-def test_linear_training_steps_bitwise_run_to_run(num_threads, method):
+def test_linear_training_steps_bitwise_run_to_run(device, num_threads, method):
     """Training steps of qgoft.nn.Linear (forward, loss, backward, Adam) are reproducible run to run.
 
     Across thread counts only qgoft's own part is promised (the tests above): torch's matmul and mean may
     split their reductions by thread count, which changes the gradient arriving at the adapter."""
     def run():
         torch.manual_seed(3)
-        layer = Linear(96, 40, method=method)
+        layer = Linear(96, 40, method=method).to(device)
         opt = torch.optim.Adam(layer.adapter_parameters(), lr=0.05)
-        x = torch.randn(1500, 96)
-        target = torch.randn(1500, 40)
+        x = torch.randn(1500, 96).to(device)
+        target = torch.randn(1500, 40).to(device)
         for _ in range(3):
             opt.zero_grad()
             loss = (layer(x) - target).square().mean() + 0.01 * layer.orthogonality_penalty()
@@ -176,15 +181,3 @@ def test_set_num_threads_changes_the_kernel_team_and_bits_match_across_processes
         here = digest(op_results(method, *problem(method, F32)))
         for n in THREADS:
             assert report["digests"][method][str(n)] == here, f"{method}: {n} threads in a fresh process differ"
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [F32, F64, BF16, F16], ids=str)
-@pytest.mark.parametrize("method", OP_VARIANTS)
-def test_cuda_bitwise_run_to_run(method, dtype):
-    args = problem(method, dtype, rows=5000, d=1000, device="cuda")
-    first = op_results(method, *args)
-    for _ in range(3):
-        assert_bitwise(first, op_results(method, *args), "CUDA run to run")
-    a = autograd_results(method, *args)
-    assert_bitwise(a, autograd_results(method, *args), "CUDA autograd run to run")

@@ -5,7 +5,9 @@ stacked ones, random valid custom layouts with unsorted pairs and empty layers),
 rows included), memory layouts of x and of the incoming gradient (transposed, strided along d, padded rows,
 expanded, permuted, overlapping rows), dtypes (float64, float32, bfloat16, float16; float32 parameters with
 float64 x), which inputs require grad, the CPU kernel variant and the thread count. Forward and backward
-(through autograd) are compared with the float64 reference evaluated on the same (rounded) values.
+(through autograd) are compared with the float64 reference evaluated on the same (rounded) values. Each test
+runs on every device (the ``device`` fixture of tests/conftest.py: "cpu", and "cuda" with a GPU; the CPU
+kernel variant and thread count drawn only matter on the CPU).
 
 Profiles (registered here, selected by environment variables):
 
@@ -46,9 +48,10 @@ F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float1
 # Profiles.
 # ------------------------------------------------------------------------------------------------
 
+# function_scoped_fixture: the only fixture the tests take is ``device``, a constant string.
 _COMMON = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                      HealthCheck.filter_too_much])
+                                      HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
 settings.register_profile("ci", max_examples=200, derandomize=True, **_COMMON)
 _THOROUGH_EXAMPLES = int(os.environ.get("QGOFT_FUZZ_EXAMPLES", "1000") or 1000)
 settings.register_profile("thorough", max_examples=_THOROUGH_EXAMPLES, derandomize=False, **_COMMON)
@@ -103,13 +106,14 @@ def layout_strategy(draw, max_d=300):
 MEMORY_KINDS = ["contiguous", "transposed", "d_strided", "row_padded", "expanded", "permuted", "overlapping"]
 
 
-def make_strided(lead, d, kind, gen, dtype):
-    """A (*lead, d) tensor of N(0, 1) values (rounded to ``dtype``) with the memory layout ``kind``."""
+def make_strided(lead, d, kind, gen, dtype, device="cpu"):
+    """A (*lead, d) tensor on ``device`` of N(0, 1) values (rounded to ``dtype``) with the memory layout
+    ``kind`` (values drawn on the CPU, strides made on ``device``)."""
     full = tuple(lead) + (d,)
     rows = math.prod(lead)
 
     def randn(*size):
-        return torch.randn(*size, generator=gen, dtype=F64).to(dtype)
+        return torch.randn(*size, generator=gen, dtype=F64).to(device=device, dtype=dtype)
 
     if kind == "transposed" and len(lead) >= 1:
         t = randn(*lead[:-1], d, lead[-1]).transpose(-1, -2)
@@ -154,7 +158,7 @@ def case_strategy(draw):
                 sigma=sigma, angle_scale=angle_scale, requires=requires, isa=isa, threads=threads)
 
 
-def make_params(case, gen):
+def make_params(case, gen, device="cpu"):
     """Angles ~ angle_scale * N(0, 1); blocks = rotation + (sigma / L) N(0, 1) (bounded growth over all layers,
     so float16 never overflows); scale 1 + 0.3 N(0, 1)."""
     num_pairs, d, num_layers = case["pairs"].shape[0], case["d"], max(1, case["num_layers"])
@@ -166,7 +170,7 @@ def make_params(case, gen):
         params = theta
     scale = 1.0 + 0.3 * torch.randn(d, generator=gen, dtype=F64) if has_scale(case["method"]) else None
     pd = case["params_dtype"]
-    return params.to(pd), None if scale is None else scale.to(pd)
+    return params.to(device=device, dtype=pd), None if scale is None else scale.to(device=device, dtype=pd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,14 +234,14 @@ def check_close(name, got, want, bound):
 
 @fuzz_settings(1000)
 @given(case=case_strategy())
-def test_chain_matches_float64_reference(case):
+def test_chain_matches_float64_reference(device, case):
     note({k: v for k, v in case.items() if k not in ("pairs", "offsets")})
     method, dtype, d, lead = case["method"], case["dtype"], case["d"], case["lead"]
-    pairs, offsets = case["pairs"], case["offsets"]
+    pairs, offsets = case["pairs"].to(device), case["offsets"].to(device)
     gen = torch.Generator().manual_seed(case["seed"])
-    params, scale = make_params(case, gen)
-    x = make_strided(lead, d, case["x_kind"], gen, dtype)
-    g = make_strided(lead, d, case["g_kind"], gen, dtype)
+    params, scale = make_params(case, gen, device)
+    x = make_strided(lead, d, case["x_kind"], gen, dtype, device)
+    g = make_strided(lead, d, case["g_kind"], gen, dtype, device)
     rows = math.prod(lead)
     layers = offsets.numel() - 1
 
@@ -334,15 +338,15 @@ def messy_layout(draw):
 @pytest.mark.skipif(not qgoft.extension_loaded(), reason="compiled extension not loaded")
 @fuzz_settings(600)
 @given(layout=messy_layout(), quasi=st.booleans())
-def test_kernel_and_reference_agree_on_layout_validation(layout, quasi):
+def test_kernel_and_reference_agree_on_layout_validation(device, layout, quasi):
     d, pair_list, offset_list = layout
-    pairs = torch.tensor(pair_list, dtype=I32).reshape(-1, 2)
-    offsets = torch.tensor(offset_list, dtype=I32)
+    pairs = torch.tensor(pair_list, dtype=I32).reshape(-1, 2).to(device)
+    offsets = torch.tensor(offset_list, dtype=I32).to(device)
     num_pairs = pairs.shape[0]
     gen = torch.Generator().manual_seed(d * 100 + num_pairs)
-    x = torch.randn(3, d, generator=gen, dtype=F64)
+    x = torch.randn(3, d, generator=gen, dtype=F64).to(device)
     params = (torch.eye(2, dtype=F64) + 0.3 * torch.randn(num_pairs, 2, 2, generator=gen, dtype=F64) if quasi
-              else torch.randn(num_pairs, generator=gen, dtype=F64))
+              else torch.randn(num_pairs, generator=gen, dtype=F64)).to(device)
     kernel = torch.ops.qgoft.quasi_givens_chain if quasi else torch.ops.qgoft.givens_chain
     reference = ref.quasi_givens_chain_reference if quasi else ref.givens_chain_reference
     results = []
@@ -372,7 +376,7 @@ def test_kernel_and_reference_agree_on_layout_validation(layout, quasi):
        d=st.integers(2, 70), n=st.integers(1, 20), bias=st.booleans(),
        spec=st.sampled_from(["parallel", "sequential", "butterfly", "custom"]), stack=st.integers(1, 3),
        lead=st.lists(st.integers(0, 4), max_size=3), seed=st.integers(0, 2 ** 31 - 1))
-def test_linear_matches_dense_formula_and_merges(method, d, n, bias, spec, stack, lead, seed):
+def test_linear_matches_dense_formula_and_merges(device, method, d, n, bias, spec, stack, lead, seed):
     gen = torch.Generator().manual_seed(seed)
     if spec == "custom":
         spec = random_layers(d, 3, gen, 0.7, empty_ok=False)
@@ -380,9 +384,10 @@ def test_linear_matches_dense_formula_and_merges(method, d, n, bias, spec, stack
     with torch.no_grad():
         for param in layer.adapter_parameters():
             param.add_(0.5 * torch.randn(param.shape, generator=gen, dtype=F64))
-    x = torch.randn(*lead, d, generator=gen, dtype=F64)
+    layer = layer.to(device)
+    x = torch.randn(*lead, d, generator=gen, dtype=F64).to(device)
     R = layer.rotation_matrix()
-    s = layer.givens_scale if layer.givens_scale is not None else torch.ones(d, dtype=F64)
+    s = layer.givens_scale if layer.givens_scale is not None else torch.ones(d, dtype=F64, device=device)
     want = torch.nn.functional.linear((x @ R) * s, layer.weight, layer.bias)
     y = layer(x)
     torch.testing.assert_close(y, want.detach(), rtol=1e-10, atol=1e-10)
