@@ -25,22 +25,21 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 
 from .layouts import BUILTIN_LAYOUTS
-from .nn.linear import METHODS
+from .methods import ADAPTER_DTYPES, check_method
 
 __all__ = ["QGoftConfig", "FORMAT_VERSION", "ALL_LINEAR", "ModuleSelector"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the config dict and of the saved adapter format (``adapter_config.json`` +
-``adapter_model.safetensors``). Loading a different version is refused with a ValueError."""
+``adapter_model.safetensors``; the history is in ``qgoft.serialization``). A config dict must have this
+version: files of earlier versions are migrated by ``qgoft.serialization.migrate`` when loaded, newer ones
+are refused."""
 
 ALL_LINEAR = "all-linear"
 """Special ``target_modules`` value: every supported linear layer except the output embedding layer."""
 
 ModuleSelector = Union[List[str], str]
 """A list of module names (suffix match on the dotted path) or a regex (``re.fullmatch`` on the full path)."""
-
-_ADAPTER_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 def _normalize_selector(value: Any, what: str, *, allow_none: bool) -> Optional[ModuleSelector]:
     """Validate a selector; lists/tuples become lists of str, strings are compiled to check the regex."""
@@ -139,8 +138,7 @@ class QGoftConfig:
 
     def validate(self) -> None:
         """Check every field (raises ValueError naming the field); normalizes tuples/sets to lists."""
-        if self.method not in METHODS:
-            raise ValueError(f"QGoftConfig.method: unknown method {self.method!r}; expected one of {METHODS}")
+        check_method(self.method, "QGoftConfig.method")
         if not isinstance(self.layout, str) or self.layout.lower() not in BUILTIN_LAYOUTS:
             raise ValueError(f"QGoftConfig.layout: unknown layout {self.layout!r}; expected one of "
                              f"{sorted(BUILTIN_LAYOUTS)}")
@@ -161,8 +159,8 @@ class QGoftConfig:
                 or weight < 0:
             raise ValueError(f"QGoftConfig.orthogonality_weight must be a finite number >= 0, got {weight!r}")
         self.orthogonality_weight = float(weight)
-        if self.adapter_dtype not in _ADAPTER_DTYPES:
-            raise ValueError(f"QGoftConfig.adapter_dtype must be one of {sorted(_ADAPTER_DTYPES)}, "
+        if not isinstance(self.adapter_dtype, str) or self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"QGoftConfig.adapter_dtype must be one of {sorted(ADAPTER_DTYPES)}, "
                              f"got {self.adapter_dtype!r}")
         self.custom_modules = _normalize_custom_modules(self.custom_modules)
         if isinstance(self.format_version, bool) or self.format_version != FORMAT_VERSION:
@@ -176,7 +174,7 @@ class QGoftConfig:
     @property
     def torch_adapter_dtype(self) -> torch.dtype:
         """``adapter_dtype`` as a ``torch.dtype``."""
-        return _ADAPTER_DTYPES[self.adapter_dtype]
+        return ADAPTER_DTYPES[self.adapter_dtype]
 
     def matches_target(self, path: str) -> bool:
         """Whether ``target_modules`` selects the module at dotted ``path`` (``"all-linear"`` selects all;
@@ -217,7 +215,8 @@ class QGoftConfig:
             raise ValueError("QGoftConfig dict has no 'format_version'; not a qgoft adapter config")
         if isinstance(version, bool) or version != FORMAT_VERSION:
             raise ValueError(f"adapter format version {version!r} is not supported: this qgoft reads format "
-                             f"version {FORMAT_VERSION}")
+                             f"version {FORMAT_VERSION} (adapter files of earlier versions are migrated when "
+                             "loaded)")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

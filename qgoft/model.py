@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -28,30 +27,20 @@ import torch
 from torch import Tensor, nn
 
 from . import layouts as _layouts
+from . import serialization as _files
 from .config import ALL_LINEAR, QGoftConfig
+from .methods import ADAPTER_TORCH_DTYPES, PARAMETER_NAMES, parameter_shapes
 from .nn.input_adapter import InputAdapter, base_description
 from .nn.linear import GivensAdapterMixin
 from .nn.linear import Linear as QGoftLinear
+from .serialization import KIND_CONV1D, KIND_LINEAR, AdapterFormatError, is_known_kind
 
 __all__ = ["QGoftModel", "get_qgoft_model", "LayerSpec"]
-
-KIND_LINEAR = "linear"
-KIND_CONV1D = "conv1d"
-# Kinds of the layers wrapped by qgoft.nn.InputAdapter: "<prefix>:<details>" (qgoft.nn.input_adapter.
-# base_description), e.g. "torchao:Int8Tensor", "bitsandbytes:Linear4bit:nf4", "module:MyProjection".
-WRAPPED_KIND_PREFIXES = ("torchao", "bitsandbytes", "module")
-_WRAPPED_KIND = re.compile(r"(torchao|bitsandbytes|module):[A-Za-z_][A-Za-z0-9_]*(:[A-Za-z0-9_]+)?")
 
 # Layers whose input features are not in the last dimension (or that read their weight instead of being
 # called): qgoft refuses them by name, also when custom_modules names their class.
 _NOT_LAST_DIM = (nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag, nn.MultiheadAttention,
                  nn.modules.batchnorm._NormBase, nn.modules.linear.NonDynamicallyQuantizableLinear)
-
-
-def is_known_kind(kind: Any) -> bool:
-    """Whether ``kind`` is a layer kind this qgoft writes (``"linear"``, ``"conv1d"`` or a wrapped base)."""
-    return isinstance(kind, str) and (kind in (KIND_LINEAR, KIND_CONV1D) or
-                                      (len(kind) <= 200 and _WRAPPED_KIND.fullmatch(kind) is not None))
 
 
 def _conv1d_class() -> Optional[type]:
@@ -116,15 +105,6 @@ def layout_fingerprint(layout: _layouts.Layout) -> str:
     return digest.hexdigest()
 
 
-def adapter_parameter_shapes(method: str, num_pairs: int, in_features: int) -> Dict[str, List[int]]:
-    """Names and shapes of the adapter parameters of one layer, as saved (see ``qgoft.nn.Linear``)."""
-    if method == "goft":
-        return {"givens_angles": [num_pairs]}
-    if method == "goft_scaled":
-        return {"givens_angles": [num_pairs], "givens_scale": [in_features]}
-    return {"givens_blocks": [num_pairs, 2, 2]}
-
-
 @dataclass(frozen=True)
 class LayerSpec:
     """One adapted layer: dotted ``path``, ``kind`` (``"linear"`` or ``"conv1d"``), shapes and layout."""
@@ -150,7 +130,7 @@ class LayerSpec:
                 "num_pairs": self.layout.num_pairs,
                 "sha256": layout_fingerprint(self.layout),
             },
-            "parameters": adapter_parameter_shapes(method, self.layout.num_pairs, self.in_features),
+            "parameters": parameter_shapes(method, self.layout.num_pairs, self.in_features),
         }
 
 
@@ -529,7 +509,7 @@ class QGoftModel(nn.Module):
         ``"<path>.<state key>"`` for every module to save (detached tensors, not copies)."""
         state: Dict[str, Tensor] = {}
         for path, layer in self.named_qgoft_layers():
-            for name in ("givens_angles", "givens_scale", "givens_blocks"):
+            for name in PARAMETER_NAMES:
                 param = getattr(layer, name)
                 if param is not None:
                     state[f"{path}.{name}"] = param.detach()
@@ -540,20 +520,75 @@ class QGoftModel(nn.Module):
 
     def save_pretrained(self, save_directory: str) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``save_directory`` (created
-        if needed). Only adapter parameters and modules to save are stored; no pickle."""
-        from .serialization import save_adapter
+        if needed). Only adapter parameters and modules to save are stored; no pickle.
 
-        save_adapter(self, save_directory)
+        Crash-safe: the directory is replaced as a whole in one atomic step (see ``qgoft.serialization``), so
+        it always holds the complete previous or the complete new adapter; other files in it are kept. On a
+        model sharded with FSDP2 (``fully_shard``) call it on every rank: the adapter is gathered, rank 0
+        writes it and the other ranks wait until it is written."""
+        state = self.get_adapter_state_dict()
+        sharded = any(hasattr(value, "full_tensor") for value in state.values())
+        if sharded:
+            # DTensors (FSDP2): gathering is a collective, so every rank takes part.
+            state = {key: value.full_tensor() if hasattr(value, "full_tensor") else value
+                     for key, value in state.items()}
+        distributed = sharded and torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank = torch.distributed.get_rank() if distributed else 0
+        error: Optional[BaseException] = None
+        if rank == 0:
+            try:
+                # Distinct contiguous CPU copies: safetensors refuses shared or non-contiguous storage.
+                tensors = {key: value.detach().to("cpu", copy=True).contiguous() for key, value in state.items()}
+                _files.write_adapter(save_directory, self._describe(tensors), tensors)
+            except BaseException as err:  # noqa: BLE001 - re-raised after the other ranks are released
+                error = err
+        if distributed:
+            torch.distributed.barrier()
+        if error is not None:
+            raise error
+
+    def _describe(self, tensors: Dict[str, Tensor]) -> Dict[str, Any]:
+        """The model part of ``adapter_config.json`` (qgoft.serialization adds the format fields)."""
+        modules_to_save: Dict[str, Dict[str, Any]] = {}
+        for path in self._modules_to_save:
+            modules_to_save[path] = {
+                key: {"shape": list(value.shape), "dtype": str(value.dtype).replace("torch.", "")}
+                for key, value in ((k, tensors[f"{path}.{k}"]) for k in
+                                   self.base_model.get_submodule(path).state_dict())}
+        config = self.qgoft_config
+        return {
+            "base_model_class": type(self.base_model).__name__,
+            "config": config.to_dict(),
+            "layers": {spec.path: spec.describe(config.method) for spec in self.layer_specs()},
+            "modules_to_save": modules_to_save,
+        }
 
     def load_adapter(self, adapter_directory: str, *, is_trainable: bool = True) -> None:
         """Load a saved adapter into this model's adapted layers and modules to save.
 
         The saved adapter must describe exactly this model's adapted layers (paths, shapes, method, layout)
-        and modules to save. Everything is validated before anything changes; on error (ValueError /
-        FileNotFoundError) the model is unchanged. Merged layers must be unmerged first."""
-        from .serialization import load_adapter_into
-
-        load_adapter_into(self, adapter_directory, is_trainable=is_trainable)
+        and modules to save. Everything is validated before anything changes, and the tensor data is read only
+        once its description matches this model; on error (``qgoft.serialization.AdapterFormatError``, a
+        ValueError, or FileNotFoundError) the model is unchanged. Merged layers must be unmerged first."""
+        with _files.open_adapter(adapter_directory) as files:
+            saved = files.saved
+            where = saved.config_path
+            merged = [path for path, layer in self.named_qgoft_layers() if layer.merged]
+            _require(not merged, where, f"cannot load into merged layers {merged[:4]}; call unmerge_adapter() first")
+            methods = {layer.method for _, layer in self.named_qgoft_layers()}
+            _require(methods == {saved.config.method}, where,
+                     f"the adapter's method is {saved.config.method!r}, this model's layers use {sorted(methods)}")
+            _check_layers(saved, self.layer_specs(), "this QGoftModel")
+            _check_modules_to_save(saved, self.base_model, self.modules_to_save_paths, "this QGoftModel")
+            for path, layer in self.named_qgoft_layers():
+                for name in saved.layers[path]["parameters"]:
+                    target = getattr(layer, name)
+                    _require(target is not None and target.dtype in ADAPTER_TORCH_DTYPES, where,
+                             f"layer {path!r} has no float adapter parameter {name!r}")
+            files.read_tensors()
+        _copy_into(self, saved)
+        self.qgoft_config = saved.config
+        _set_trainable(self, is_trainable)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, adapter_directory: str, *,
@@ -562,16 +597,98 @@ class QGoftModel(nn.Module):
 
         The result reproduces the saved model's outputs bitwise (same base weights, same dtypes). With
         ``is_trainable=False`` (default, like PEFT) adapter and modules-to-save parameters are frozen and the
-        model is put in eval mode. Everything is validated before ``model`` is touched: on error
-        (ValueError / FileNotFoundError, naming the file and the problem) ``model`` is unchanged."""
-        from .serialization import adapter_from_pretrained
-
-        return adapter_from_pretrained(cls, model, adapter_directory, is_trainable=is_trainable)
+        model is put in eval mode. Everything is validated before ``model`` is touched, and the tensor data is
+        read only once its description matches ``model``: on error (``qgoft.serialization.AdapterFormatError``,
+        a ValueError, or FileNotFoundError, naming the file and the problem) ``model`` is unchanged. Adapters
+        of earlier format versions load with a ``FormatMigrationWarning``."""
+        if isinstance(model, QGoftModel):
+            raise ValueError("from_pretrained expects a plain base model, got a QGoftModel (use load_adapter)")
+        with _files.open_adapter(adapter_directory) as files:
+            saved = files.saved
+            try:
+                plan = plan_adaptation(model, saved.config)
+            except ValueError as err:
+                raise AdapterFormatError(f"{saved.config_path}: the adapter does not fit "
+                                         f"{type(model).__name__}: {err}") from None
+            _check_layers(saved, plan.layers, f"this {type(model).__name__}")
+            _check_modules_to_save(saved, model, plan.modules_to_save, f"this {type(model).__name__}")
+            files.read_tensors()
+        # Everything is validated: from here on nothing can fail.
+        adapted = cls(model, saved.config)
+        _copy_into(adapted, saved)
+        _set_trainable(adapted, is_trainable)
+        return adapted
 
     def extra_repr(self) -> str:
         c = self.qgoft_config
         return (f"method={c.method!r}, layout={c.layout!r}, stack={c.stack}, "
                 f"adapted_layers={len(self._layer_kinds)}, modules_to_save={self._modules_to_save}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checking a saved adapter against a model, and copying it in.
+# ------------------------------------------------------------------------------------------------
+
+def _require(condition: bool, where: str, message: str) -> None:
+    if not condition:
+        raise AdapterFormatError(f"{where}: {message}")
+
+
+def _check_layers(saved: "_files.SavedAdapter", specs: List[LayerSpec], what: str) -> None:
+    where = saved.config_path
+    by_path = {spec.path: spec for spec in specs}
+    missing = sorted(set(saved.layers) - set(by_path))
+    extra = sorted(set(by_path) - set(saved.layers))
+    _require(not missing and not extra, where,
+             f"the adapter does not fit {what}: adapter layers absent from it {missing[:8]}, its targeted "
+             f"layers absent from the adapter {extra[:8]}")
+    for path, desc in saved.layers.items():
+        spec = by_path[path]
+        got = {"kind": spec.kind, "in_features": spec.in_features, "out_features": spec.out_features,
+               "bias": spec.bias}
+        want = {key: desc[key] for key in got}
+        _require(got == want, where, f"layer {path!r} of {what} is {got}, the adapter was saved for {want}")
+        _require(layout_fingerprint(spec.layout) == desc["layout"]["sha256"], where,
+                 f"layer {path!r}: layout {spec.layout!r} differs from the saved one {desc['layout']}")
+
+
+def _check_modules_to_save(saved: "_files.SavedAdapter", model: nn.Module, paths: List[str], what: str) -> None:
+    where = saved.config_path
+    _require(sorted(paths) == sorted(saved.modules_to_save), where,
+             f"modules to save of {what} are {sorted(paths)}, the adapter has {sorted(saved.modules_to_save)}")
+    for path in paths:
+        state = model.get_submodule(path).state_dict()
+        entries = saved.modules_to_save[path]
+        _require(sorted(state) == sorted(entries), where,
+                 f"module {path!r}: state keys {sorted(state)} != saved {sorted(entries)}")
+        for key, value in state.items():
+            entry = entries[key]
+            saved_dtype = getattr(torch, entry["dtype"])
+            _require(tuple(entry["shape"]) == tuple(value.shape), where,
+                     f"module {path!r}: {key} has shape {tuple(value.shape)} here, {tuple(entry['shape'])} saved")
+            _require(saved_dtype.is_floating_point == value.dtype.is_floating_point
+                     and (saved_dtype == torch.bool) == (value.dtype == torch.bool), where,
+                     f"module {path!r}: {key} is {value.dtype} here, {saved_dtype} saved")
+
+
+@torch.no_grad()
+def _copy_into(model: QGoftModel, saved: "_files.SavedAdapter") -> None:
+    for path, layer in model.named_qgoft_layers():
+        for name in saved.layers[path]["parameters"]:
+            getattr(layer, name).copy_(saved.tensors[f"{path}.{name}"])
+    for path in model.modules_to_save_paths:
+        module = model.base_model.get_submodule(path)
+        state = {key: saved.tensors[f"{path}.{key}"] for key in module.state_dict()}
+        module.load_state_dict(state, strict=True)
+
+
+def _set_trainable(model: QGoftModel, is_trainable: bool) -> None:
+    for param in model.adapter_parameters():
+        param.requires_grad_(is_trainable)
+    for path in model.modules_to_save_paths:
+        model.base_model.get_submodule(path).requires_grad_(is_trainable)
+    if not is_trainable:
+        model.eval()
 
 
 def get_qgoft_model(model: nn.Module, config: QGoftConfig) -> QGoftModel:

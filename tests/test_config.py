@@ -14,7 +14,7 @@ def test_defaults_and_round_trip_through_json():
     assert config.method == "qgoft" and config.layout == "parallel" and config.stack == 1
     assert config.target_modules == ["query", "value"]  # tuple normalized to list
     assert config.adapter_dtype == "float32" and config.torch_adapter_dtype == torch.float32
-    assert config.format_version == FORMAT_VERSION == 1
+    assert config.format_version == FORMAT_VERSION == 2
     data = json.loads(json.dumps(config.to_dict()))
     assert set(data) == {"method", "layout", "stack", "target_modules", "exclude_modules", "modules_to_save",
                          "orthogonality_weight", "adapter_dtype", "custom_modules", "format_version"}
@@ -65,7 +65,8 @@ def test_to_dict_copies_lists():
     (dict(orthogonality_weight=True), "orthogonality_weight"),
     (dict(adapter_dtype="bfloat16"), "adapter_dtype"),
     (dict(adapter_dtype=torch.float32), "adapter_dtype"),
-    (dict(format_version=2), "format_version"),
+    (dict(format_version=3), "format_version"),
+    (dict(format_version=1), "format_version"),
 ])
 def test_invalid_values_raise_naming_the_field(changes, field):
     kwargs = dict(target_modules=["query"])
@@ -92,8 +93,8 @@ def test_from_dict_errors():
     with pytest.raises(ValueError, match="format_version"):
         QGoftConfig.from_dict(no_version)
     # A future file fails on its version first, even when its fields are unknown to this version.
-    with pytest.raises(ValueError, match="format version 2 is not supported"):
-        QGoftConfig.from_dict({**good, "format_version": 2, "method": "qgoft2", "new_field": 1})
+    with pytest.raises(ValueError, match="format version 3 is not supported"):
+        QGoftConfig.from_dict({**good, "format_version": 3, "method": "qgoft2", "new_field": 1})
     with pytest.raises(ValueError, match="format version"):
         QGoftConfig.from_dict({**good, "format_version": "1"})
     with pytest.raises(ValueError, match="method"):

@@ -126,7 +126,8 @@ def test_file_format_contents(saved):
     raw = (directory / WEIGHTS_NAME).read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + header_len])
-    assert header["__metadata__"] == {"format": "pt", "adapter_type": "qgoft", "format_version": "1"}
+    assert header["__metadata__"] == {"format": "pt", "adapter_type": "qgoft",
+                                      "format_version": str(qgoft.FORMAT_VERSION)}
     tensors = load_file(str(directory / WEIGHTS_NAME))
     assert len(tensors) == 12 + 2 and all(t.dtype == torch.float32 for t in tensors.values())
     # Only adapter parameters and the head: 12 layers of 4 * 15 (d = 16) or 4 * 31 (d = 32) values.
@@ -154,7 +155,8 @@ def _rewrite_weights(directory, edit):
     path = str(directory / WEIGHTS_NAME)
     tensors = load_file(path)
     edit(tensors)
-    save_file(tensors, path, metadata={"format": "pt", "adapter_type": "qgoft", "format_version": "1"})
+    save_file(tensors, path, metadata={"format": "pt", "adapter_type": "qgoft",
+                                       "format_version": str(qgoft.FORMAT_VERSION)})
 
 
 def _set(data, keys, value):
@@ -172,8 +174,8 @@ CORRUPTIONS = {
     "config not an object": (lambda d: (d / CONFIG_NAME).write_text("[1, 2]"), ValueError, "JSON object"),
     "other adapter type": (lambda d: _rewrite_config(d, lambda c: _set(c, ["adapter_type"], "lora")),
                            ValueError, "not a qgoft adapter"),
-    "newer format version": (lambda d: _rewrite_config(d, lambda c: _set(c, ["format_version"], 2)),
-                             ValueError, "format version 2 is not supported"),
+    "newer format version": (lambda d: _rewrite_config(d, lambda c: _set(c, ["format_version"], 3)),
+                             ValueError, "format version 3 is not supported: this qgoft reads format versions 1 to 2"),
     "config format version": (lambda d: _rewrite_config(d, lambda c: _set(c, ["config", "format_version"], 7)),
                               ValueError, "format version 7"),
     "unknown method": (lambda d: _rewrite_config(d, lambda c: _set(c, ["config", "method"], "lora")),

@@ -17,14 +17,13 @@ from torch import Tensor
 from .. import _extension
 from .. import layouts as _layouts
 from .. import ops as _ops
+from ..methods import METHODS, check_adapter_dtype, check_method, parameter_shapes
+from ..methods import PARAMETER_NAMES as ADAPTER_PARAMETER_NAMES
 from ..reference import orthogonality_penalty_reference
 
 __all__ = ["Linear", "METHODS", "GivensAdapterMixin", "ADAPTER_PARAMETER_NAMES"]
 
-METHODS = ("goft", "goft_scaled", "qgoft")
-_ADAPTER_DTYPES = (torch.float32, torch.float64)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-ADAPTER_PARAMETER_NAMES = ("givens_angles", "givens_scale", "givens_blocks")
 
 
 class GivensAdapterMixin:
@@ -37,10 +36,8 @@ class GivensAdapterMixin:
     def _init_adapter(self, method: str, layout: _layouts.LayoutSpec, stack: int,
                       adapter_dtype: torch.dtype, device: torch.device) -> None:
         """Create the identity-initialized adapter of ``self.in_features`` features on ``device``."""
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-        if adapter_dtype not in _ADAPTER_DTYPES:
-            raise ValueError(f"adapter_dtype must be torch.float32 or torch.float64, got {adapter_dtype}")
+        check_method(method)
+        check_adapter_dtype(adapter_dtype)
         if self.in_features < 2:
             raise ValueError(f"{type(self).__name__}: in_features = {self.in_features}, but a Givens adapter needs "
                              "d >= 2 features (a rotation mixes two of them)")
@@ -57,13 +54,9 @@ class GivensAdapterMixin:
         self.register_buffer("_unmerged_weight", None, persistent=False)
         for name in ADAPTER_PARAMETER_NAMES:
             self.register_parameter(name, None)
-        factory = dict(device=device, dtype=adapter_dtype)
-        if method in ("goft", "goft_scaled"):
-            self.givens_angles = torch.nn.Parameter(torch.empty(num_pairs, **factory))
-        if method == "goft_scaled":
-            self.givens_scale = torch.nn.Parameter(torch.empty(self.in_features, **factory))
-        if method == "qgoft":
-            self.givens_blocks = torch.nn.Parameter(torch.empty(num_pairs, 2, 2, **factory))
+        for name, shape in parameter_shapes(method, num_pairs, self.in_features).items():
+            param = torch.nn.Parameter(torch.empty(shape, device=device, dtype=adapter_dtype))
+            self.register_parameter(name, param)
         self.reset_adapter_parameters()
 
     def reset_adapter_parameters(self) -> None:
