@@ -1,6 +1,6 @@
 """Shared helpers of ``bench/run.py``: devices, interleaved timing, machine description.
 
-Timing protocol (DESIGN.md Sec. 7): contenders of one group run side by side in one process, in rounds;
+Timing protocol (docs/MATH.md Sec. 10): contenders of one group run side by side in one process, in rounds;
 inside a round each contender runs once (``inner`` calls), the order rotating from round to round so that
 no contender always follows the same neighbour. Per-call times are medians over the rounds; ratios to the
 group's baseline are the median of the per-round ratios (baseline and contender measured seconds apart,

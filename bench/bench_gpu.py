@@ -1,10 +1,10 @@
-"""GPU benchmarks of issue 4: the fused CUDA chain against a device-to-device copy of the same tensor, and
+"""GPU benchmarks: the fused CUDA chain against a device-to-device copy of the same tensor, and
 qgoft.nn.Linear against a frozen nn.Linear. Contenders run side by side in one process, in interleaved
 rounds, timed with CUDA events after warm-up; medians are reported.
 
     python bench/bench_gpu.py [--rounds 25] [--out DIR] [--quick]
 
-Targets (issue 4): chain forward on 8192 x 4096 (bf16 and fp32) >= 60 % of the copy bandwidth of the same
+Targets: chain forward on 8192 x 4096 (bf16 and fp32) >= 60 % of the copy bandwidth of the same
 tensor (i.e. time <= copy / 0.6), backward <= 3x the copy time, qgoft.nn.Linear 4096 x 4096 bf16
 forward + backward with 8192 rows <= 1.10x a frozen nn.Linear. Writes bench_gpu.md and bench_gpu.json
 into --out (default $OUT when set).
@@ -220,7 +220,7 @@ def main() -> int:
     lines += ["", "| case | contender | ms | x frozen nn.Linear | TFLOP/s (2 matmuls) |", "| --- | --- | ---: | ---: | ---: |"]
     for r in lin:
         lines.append(f"| {r['case']} | {r['contender']} | {r['ms']:.3f} | {r['vs_frozen']:.3f} | {r['TFLOPs']:.0f} |")
-    lines += ["", "| target (issue 4) | met | measured |", "| --- | --- | --- |"]
+    lines += ["", "| target | met | measured |", "| --- | --- | --- |"]
     for what, ok, val in checks:
         lines.append(f"| {what} | {'yes' if ok else 'NO'} | {val} |")
     text = "\n".join(lines)

@@ -1,11 +1,11 @@
 """Kernel-level contenders of ``bench/run.py``: the fused chain ops against ``x.clone()`` of the same tensor
-(DESIGN.md Sec. 7: the chain is memory-bound; its floor is one streaming pass over x).
+(docs/MATH.md Sec. 10: the chain is memory-bound; its floor is one streaming pass over x).
 
 Bytes counted per call (``e`` = element size, ``B x d`` the tensor): clone and forward read x and write
 the output, ``2 B d e``; backward reads the output gradient and x and writes dx, ``3 B d e`` (parameter
 gradients are O(d)).
 
-``x.clone()`` (the issue's baseline) allocates its output like the chain ops do; above the allocator's
+``x.clone()`` (the baseline of the targets) allocates its output like the chain ops do; above the allocator's
 mmap threshold every call then maps fresh pages, and where the page faults dominate, both the clone and
 the chain measure them. ``copy_`` into a preallocated tensor is the pure streaming floor, for reference.
 """

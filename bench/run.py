@@ -398,7 +398,7 @@ def profile_table(m: dict, top: int = 14) -> str:
 
 
 def evaluate_targets(dev: dict) -> List[List[str]]:
-    """Rows of the targets table (issue 5, CPU fp32)."""
+    """Rows of the targets table (CPU fp32)."""
     out = []
 
     def verdict(ok: bool, text: str) -> str:
@@ -445,7 +445,7 @@ def targets_section(devs: Dict[str, dict]) -> str:
     parts = []
     for label, dev in devs.items():
         if not label.startswith("cpu"):
-            continue  # the issue's targets are set for the CPU in fp32
+            continue  # the targets are set for the CPU in fp32
         lt = evaluate_targets(dev)
         if lt:
             parts.append(bc.md_table(["layer (fwd+bwd)", "method", "ratio to frozen", f"<= {LAYER_TARGET}x",
@@ -474,7 +474,7 @@ def render(results: dict, png_name: Optional[str]) -> str:
            "range over the median. † = too slow to interleave (warm-up above both "
            f"{MODES[mode]['slow_factor']}x the baseline and {MODES[mode]['slow_min_s']} s): its warm-up call "
            "plus as many calls as fit the shape's time budget, after the rounds; ratio of medians.", "",
-           "## Targets (issue 5; CPU, fp32)", "", targets_section(results["devices"])]
+           "## Targets (CPU, fp32)", "", targets_section(results["devices"])]
     for label, dev in results["devices"].items():
         load = ", ".join(f"{k} {v}" for k, v in dev.get("load", {}).items())
         out += ["", f"## {label}", "", f"1-minute load average when each part started: {load}.", "",

@@ -1,4 +1,4 @@
-"""Smoke test of ``bench/run.py`` (issue 5): the one-command benchmark runs end to end in its tiny
+"""Smoke test of ``bench/run.py``: the one-command benchmark runs end to end in its tiny
 ``--smoke`` mode, writes its report, plot and raw data into a temporary folder (the repository is not
 modified), the tables parse, and the README refresh replaces its own block instead of appending a new one.
 Skipped when matplotlib or peft (optional benchmark dependencies, ``pip install .[bench]``) is missing."""
