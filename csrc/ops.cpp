@@ -1,6 +1,6 @@
 // The operator schemas of qgoft, in one place. Backends register kernels with
 // TORCH_LIBRARY_IMPL(qgoft, <backend>, m); autograd and fake (meta) kernels are registered from
-// Python (qgoft/ops.py). Conventions: docs/CONTRACT.md and DESIGN.md Sec. 2.
+// Python (qgoft/ops.py). Conventions: docs/CONTRACT.md and docs/MATH.md (Sec. 1-3).
 #include <torch/library.h>
 
 TORCH_LIBRARY(qgoft, m) {

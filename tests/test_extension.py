@@ -238,7 +238,7 @@ FALLBACK_CHECK = """
     if package_dir is not None:
         assert qgoft.__file__.startswith(package_dir), qgoft.__file__
 
-    # qgoft.nn.Linear works through the reference: identity at init, then the DESIGN.md math
+    # qgoft.nn.Linear works through the reference: identity at init, then the math of docs/MATH.md
     torch.manual_seed(0)
     base = torch.nn.Linear(12, 5)
     for method in ("goft", "goft_scaled", "qgoft"):

@@ -1,6 +1,6 @@
-// ATen glue of the CPU backend: argument checks, layout validation, dtype dispatch, threading and
-// the deterministic reduction of the parameter gradients. The kernels (chain_kernel_*.cpp) see raw
-// pointers only.
+// ATen glue of the CPU backend: argument checks (common/checks.h, shared with the CUDA glue), dtype
+// dispatch, threading and the deterministic reduction of the parameter gradients. The kernels
+// (chain_kernel_*.cpp) see raw pointers only.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "chain_kernel.h"
-#include "layout_check.h"
+#include "common/checks.h"
 
 namespace qgoft {
 namespace {
@@ -28,54 +28,6 @@ constexpr int64_t kMaxChunks = 64;
 // Rough amount of elements a forward task should touch before it is worth a thread.
 constexpr int64_t kForwardGrainElements = 1 << 15;
 
-cpu::DType kernel_dtype(at::ScalarType t, const char* op) {
-  switch (t) {
-    case at::kFloat: return cpu::DType::Float32;
-    case at::kDouble: return cpu::DType::Float64;
-    case at::kBFloat16: return cpu::DType::BFloat16;
-    case at::kHalf: return cpu::DType::Float16;
-    default:
-      TORCH_CHECK(false, op, ": x must be float32, float64, bfloat16 or float16, got ", t);
-  }
-}
-
-void check_cpu(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU like x, got ", t.device());
-}
-
-void check_float_param(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be a floating point tensor, got ", t.scalar_type());
-}
-
-// pairs must be an int32 (P, 2) tensor on the CPU; returns P.
-int64_t checked_num_pairs(const Tensor& pairs, const char* op) {
-  check_cpu(pairs, op, "pairs");
-  return check_pairs_tensor(pairs, op);
-}
-
-// Validates pairs / layer_offsets against d (layout_check.h). Returns contiguous pairs.
-Tensor checked_pairs(const Tensor& pairs, const Tensor& offsets, int64_t d, const char* op) {
-  check_cpu(pairs, op, "pairs");
-  check_cpu(offsets, op, "layer_offsets");
-  check_layout_tensors(pairs, offsets, op);
-  Tensor pc = pairs.contiguous();
-  const Tensor oc = offsets.contiguous();
-  check_layout_values(pc.const_data_ptr<int32_t>(), pc.size(0), oc.const_data_ptr<int32_t>(),
-                      oc.numel() - 1, d, op);
-  return pc;
-}
-
-// x viewed as rows (rows, d) with unit stride along d (copies only if it must).
-Tensor rows_view(const Tensor& x, int64_t d) {
-  int64_t rows = 1;
-  for (int64_t k = 0; k + 1 < x.dim(); ++k) rows *= x.size(k);
-  Tensor x2 = x.reshape({rows, d});
-  if (d > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
-  if (d == 1 && !x2.is_contiguous()) x2 = x2.contiguous();
-  return x2;
-}
-
 // Everything a kernel call needs, validated.
 struct Operands {
   Tensor x2;      // (rows, d)
@@ -87,24 +39,25 @@ struct Operands {
   int64_t rows() const { return x2.size(0); }
 };
 
-// blocks_flat: (P, 4) in any float dtype (g00, g01, g10, g11).
-Operands prepare(const Tensor& x, const Tensor& blocks_flat, const Tensor& pairs,
-                 const Tensor& offsets, const std::optional<Tensor>& scale, const char* op) {
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (..., d)");
+Tensor rotation_blocks(const Tensor& angles, at::ScalarType acc);
+
+// Checks every argument (common/checks.h) and the layout values, and builds the kernel parameters.
+// params: the angles (P,) (givens) or the quasi-Givens blocks (P, 2, 2); grad_out: backward only.
+Operands prepare(const Tensor& x, const Tensor& params, bool givens, const Tensor& pairs,
+                 const Tensor& offsets, const std::optional<Tensor>& scale, const Tensor* grad_out,
+                 const char* op) {
   Operands o;
+  o.params.dtype = check_chain_args(x, params, givens, pairs, offsets, scale, grad_out, op);
   const int64_t d = x.size(-1);
-  o.params.dtype = kernel_dtype(x.scalar_type(), op);
-  o.acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  o.pairs = checked_pairs(pairs, offsets, d, op);
+  o.acc = accumulation_type(o.params.dtype);
+  o.pairs = pairs.contiguous();
+  const Tensor oc = offsets.contiguous();
+  check_layout_values(o.pairs.const_data_ptr<int32_t>(), o.pairs.size(0), oc.const_data_ptr<int32_t>(),
+                      oc.numel() - 1, d, op);
   o.x2 = rows_view(x, d);
-  o.blocks = blocks_flat.to(o.acc).contiguous();
-  if (scale.has_value()) {
-    check_cpu(*scale, op, "scale");
-    check_float_param(*scale, op, "scale");
-    TORCH_CHECK(scale->dim() == 1 && scale->size(0) == d, op, ": scale must have shape (d,) = (",
-                d, ",), got ", scale->sizes());
-    o.scale = scale->to(o.acc).contiguous();
-  }
+  o.blocks = givens ? rotation_blocks(params, o.acc)
+                    : params.reshape({params.size(0), 4}).to(o.acc).contiguous();
+  if (scale.has_value()) o.scale = scale->to(o.acc).contiguous();
   o.params.d = d;
   o.params.num_pairs = o.pairs.size(0);
   o.params.pairs = o.pairs.const_data_ptr<int32_t>();
@@ -133,11 +86,7 @@ Tensor forward(const Operands& o, const Tensor& x) {
 // Returns (grad_x, grad_blocks (P, 4) acc, grad_scale (d,) acc); undefined where not requested.
 std::tuple<Tensor, Tensor, Tensor> backward(const Operands& o, const Tensor& grad_out,
                                             const Tensor& x, bool want_x, bool want_blocks,
-                                            bool want_scale, const char* op) {
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have the shape of x ",
-              x.sizes(), ", got ", grad_out.sizes());
-  check_cpu(grad_out, op, "grad_out");
-  check_float_param(grad_out, op, "grad_out");
+                                            bool want_scale) {
   const int64_t rows = o.rows(), d = o.params.d, num_pairs = o.params.num_pairs;
   want_scale = want_scale && o.scale.defined();
   const Tensor g2 = rows_view(grad_out.scalar_type() == x.scalar_type()
@@ -209,14 +158,6 @@ Tensor empty_like_flat(const Tensor& t) { return at::empty({0}, t.options()); }
 // ------------------------------------------------------------------------------------------------
 // Strict Givens rotations: blocks [[c, -s], [s, c]] from the angles.
 // ------------------------------------------------------------------------------------------------
-void check_angles(const Tensor& angles, const Tensor& pairs, const char* op) {
-  check_cpu(angles, op, "angles");
-  check_float_param(angles, op, "angles");
-  const int64_t num_pairs = checked_num_pairs(pairs, op);
-  TORCH_CHECK(angles.dim() == 1 && angles.size(0) == num_pairs, op,
-              ": angles must have shape (P,) = (", num_pairs, ",), got ", angles.sizes());
-}
-
 // Blocks (c, -s, s, c) of the angles, in the accumulation type. A plain loop on purpose: P is small and
 // torch's vectorised cos/sin open a parallel region, whose wake-up costs more than the work.
 Tensor rotation_blocks(const Tensor& angles, at::ScalarType acc) {
@@ -253,10 +194,8 @@ Tensor angle_grads(const Tensor& blocks, const Tensor& grad_blocks) {
 
 Tensor givens_chain_cpu(const Tensor& x, const Tensor& angles, const Tensor& pairs,
                         const Tensor& layer_offsets, const std::optional<Tensor>& scale) {
-  constexpr const char* op = "qgoft::givens_chain";
-  check_angles(angles, pairs, op);
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Operands o = prepare(x, rotation_blocks(angles, acc), pairs, layer_offsets, scale, op);
+  const Operands o = prepare(x, angles, /*givens=*/true, pairs, layer_offsets, scale, nullptr,
+                             "qgoft::givens_chain");
   return forward(o, x);
 }
 
@@ -264,12 +203,9 @@ std::tuple<Tensor, Tensor, Tensor> givens_chain_backward_cpu(
     const Tensor& grad_out, const Tensor& x, const Tensor& angles, const Tensor& pairs,
     const Tensor& layer_offsets, const std::optional<Tensor>& scale,
     std::array<bool, 3> output_mask) {
-  constexpr const char* op = "qgoft::givens_chain_backward";
-  check_angles(angles, pairs, op);
-  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Operands o = prepare(x, rotation_blocks(angles, acc), pairs, layer_offsets, scale, op);
-  auto [gx, gb, gs] =
-      backward(o, grad_out, x, output_mask[0], output_mask[1], output_mask[2], op);
+  const Operands o = prepare(x, angles, /*givens=*/true, pairs, layer_offsets, scale, &grad_out,
+                             "qgoft::givens_chain_backward");
+  auto [gx, gb, gs] = backward(o, grad_out, x, output_mask[0], output_mask[1], output_mask[2]);
   Tensor g_angles;
   if (gb.defined()) g_angles = angle_grads(o.blocks, gb).to(angles.scalar_type());
   return {gx.defined() ? gx : empty_like_flat(x),
@@ -280,22 +216,10 @@ std::tuple<Tensor, Tensor, Tensor> givens_chain_backward_cpu(
 // ------------------------------------------------------------------------------------------------
 // Quasi-Givens blocks (P, 2, 2).
 // ------------------------------------------------------------------------------------------------
-void check_blocks(const Tensor& blocks, const Tensor& pairs, const char* op) {
-  check_cpu(blocks, op, "blocks");
-  check_float_param(blocks, op, "blocks");
-  const int64_t num_pairs = checked_num_pairs(pairs, op);
-  TORCH_CHECK(blocks.dim() == 3 && blocks.size(0) == num_pairs && blocks.size(1) == 2 &&
-                  blocks.size(2) == 2,
-              op, ": blocks must have shape (P, 2, 2) = (", num_pairs, ", 2, 2), got ",
-              blocks.sizes());
-}
-
 Tensor quasi_givens_chain_cpu(const Tensor& x, const Tensor& blocks, const Tensor& pairs,
                               const Tensor& layer_offsets, const std::optional<Tensor>& scale) {
-  constexpr const char* op = "qgoft::quasi_givens_chain";
-  check_blocks(blocks, pairs, op);
-  const Operands o =
-      prepare(x, blocks.reshape({blocks.size(0), 4}), pairs, layer_offsets, scale, op);
+  const Operands o = prepare(x, blocks, /*givens=*/false, pairs, layer_offsets, scale, nullptr,
+                             "qgoft::quasi_givens_chain");
   return forward(o, x);
 }
 
@@ -303,12 +227,9 @@ std::tuple<Tensor, Tensor, Tensor> quasi_givens_chain_backward_cpu(
     const Tensor& grad_out, const Tensor& x, const Tensor& blocks, const Tensor& pairs,
     const Tensor& layer_offsets, const std::optional<Tensor>& scale,
     std::array<bool, 3> output_mask) {
-  constexpr const char* op = "qgoft::quasi_givens_chain_backward";
-  check_blocks(blocks, pairs, op);
-  const Operands o =
-      prepare(x, blocks.reshape({blocks.size(0), 4}), pairs, layer_offsets, scale, op);
-  auto [gx, gb, gs] =
-      backward(o, grad_out, x, output_mask[0], output_mask[1], output_mask[2], op);
+  const Operands o = prepare(x, blocks, /*givens=*/false, pairs, layer_offsets, scale, &grad_out,
+                             "qgoft::quasi_givens_chain_backward");
+  auto [gx, gb, gs] = backward(o, grad_out, x, output_mask[0], output_mask[1], output_mask[2]);
   return {gx.defined() ? gx : empty_like_flat(x),
           gb.defined() ? gb.view(blocks.sizes()).to(blocks.scalar_type()) : empty_like_flat(blocks),
           gs.defined() ? gs.to(scale->scalar_type()) : empty_like_flat(blocks)};

@@ -9,9 +9,11 @@
 
 #include <cstdint>
 
+#include "../common/dtype.h"
+
 namespace qgoft::cpu {
 
-enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+using DType = ::qgoft::DType;  // common/dtype.h
 
 // Instruction sets a kernel variant is compiled for (ordered by preference).
 enum class Isa : int { Generic = 0, Avx2 = 1, Avx512 = 2 };

@@ -1,5 +1,5 @@
-// ATen glue of the CUDA backend: argument checks (same semantics and messages as the CPU glue,
-// csrc/cpu/chain_cpu.cpp), layout validation with a per-tensor cache, kernel selection and launch
+// ATen glue of the CUDA backend: argument checks (common/checks.h, shared with the CPU glue), layout
+// validation with a per-tensor cache, kernel selection and launch
 // configuration, buffers, and the deterministic reduction of the parameter gradients. The kernels
 // (chain_kernels.cuh) see raw pointers only. Design: docs/CUDA.md.
 //
@@ -37,7 +37,7 @@
 #include "chain_cuda.h"
 #include "chain_plan.h"
 #include "chain_sizes.h"
-#include "layout_check.h"
+#include "common/checks.h"
 
 namespace qgoft {
 namespace {
@@ -77,30 +77,6 @@ qc::Knobs knobs() {
 bool verbose() {
   const char* v = std::getenv("QGOFT_CUDA_VERBOSE");
   return v != nullptr && std::strcmp(v, "1") == 0;
-}
-
-// ------------------------------------------------------------------------------------------------
-// Checks (messages as in the CPU glue).
-// ------------------------------------------------------------------------------------------------
-qc::DType kernel_dtype(at::ScalarType t, const char* op) {
-  switch (t) {
-    case at::kFloat: return qc::DType::Float32;
-    case at::kDouble: return qc::DType::Float64;
-    case at::kBFloat16: return qc::DType::BFloat16;
-    case at::kHalf: return qc::DType::Float16;
-    default:
-      TORCH_CHECK(false, op, ": x must be float32, float64, bfloat16 or float16, got ", t);
-  }
-}
-
-void check_device(const Tensor& t, const Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on the same device as x (",
-              x.device(), "), got ", t.device());
-}
-
-void check_float_param(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be a floating point tensor, got ", t.scalar_type());
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -191,12 +167,10 @@ bool is_parallel_layout(const int32_t* pp, const int32_t* off, int64_t num_pairs
   return p == num_pairs;
 }
 
-// Validates pairs / layer_offsets against d (layout_check.h) on a host copy, once per tensor version.
+// Validates the values of pairs / layer_offsets against d (common/checks.h) on a host copy, once per
+// tensor version. The tensors themselves (device, dtype, shape) are checked already.
 std::shared_ptr<const Layout> checked_layout(const Tensor& pairs, const Tensor& offsets,
                                              const Tensor& x, int64_t d, const char* op) {
-  check_device(pairs, x, op, "pairs");
-  check_device(offsets, x, op, "layer_offsets");
-  check_layout_tensors(pairs, offsets, op);
   const bool cacheable = !pairs.is_inference() && !offsets.is_inference();
   LayoutKey key{};
   if (cacheable) {
@@ -242,14 +216,6 @@ std::shared_ptr<const Layout> checked_layout(const Tensor& pairs, const Tensor& 
 // Operands.
 // ------------------------------------------------------------------------------------------------
 
-// x viewed as rows (rows, d) with unit stride along d (copies only if it must).
-Tensor rows_view(const Tensor& x, int64_t d) {
-  Tensor x2 = x.reshape({-1, d});
-  if (d > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
-  if (d == 1 && !x2.is_contiguous()) x2 = x2.contiguous();
-  return x2;
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 struct Operands {
@@ -261,25 +227,19 @@ struct Operands {
   Tensor scale;   // (d,) acc contiguous, or undefined
 };
 
-// Common checks; blocks are made by the caller (from angles or blocks) once the layout is known.
-Operands prepare(const Tensor& x, const Tensor& pairs, const Tensor& offsets,
-                 const std::optional<Tensor>& scale, const char* op) {
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (..., d)");
+// Checks every argument (common/checks.h) and the layout; the blocks are made by the caller.
+Operands prepare(const Tensor& x, const Tensor& params, bool givens, const Tensor& pairs,
+                 const Tensor& offsets, const std::optional<Tensor>& scale, const Tensor* grad_out,
+                 const char* op) {
   Operands o;
-  o.d = x.size(-1);
-  o.dtype = kernel_dtype(x.scalar_type(), op);
-  if (scale.has_value()) check_device(*scale, x, op, "scale");
-  o.acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  o.layout = checked_layout(pairs, offsets, x, o.d, op);
-  o.rows = o.d > 0 ? x.numel() / o.d : 0;
-  if (scale.has_value()) {
-    check_float_param(*scale, op, "scale");
-    TORCH_CHECK(scale->dim() == 1 && scale->size(0) == o.d, op, ": scale must have shape (d,) = (",
-                o.d, ",), got ", scale->sizes());
-    o.scale = scale->to(o.acc).contiguous();
-  }
+  o.dtype = check_chain_args(x, params, givens, pairs, offsets, scale, grad_out, op);
   // Every tensor is on x's device; the dispatcher only sends CUDA work here.
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  o.d = x.size(-1);
+  o.acc = accumulation_type(o.dtype);
+  o.layout = checked_layout(pairs, offsets, x, o.d, op);
+  o.rows = num_rows(x);
+  if (scale.has_value()) o.scale = scale->to(o.acc).contiguous();
   return o;
 }
 
@@ -409,10 +369,6 @@ struct BackwardResult {
 BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& grad_out,
                             bool want_x, bool want_params, bool want_scale, bool givens,
                             const char* op) {
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), op, ": grad_out must have the shape of x ", x.sizes(),
-              ", got ", grad_out.sizes());
-  check_device(grad_out, x, op, "grad_out");
-  check_float_param(grad_out, op, "grad_out");
   BackwardResult res;
   const int64_t rows = o.rows, d = o.d, num_pairs = o.layout->num_pairs;
   want_scale = want_scale && o.scale.defined();
@@ -503,38 +459,11 @@ BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& gr
 Tensor empty_like_flat(const Tensor& t) { return at::empty({0}, t.options()); }
 
 // ------------------------------------------------------------------------------------------------
-// Strict Givens rotations.
-// ------------------------------------------------------------------------------------------------
-void check_angles(const Tensor& angles, const Tensor& pairs, const Tensor& x, const char* op) {
-  check_device(angles, x, op, "angles");
-  check_float_param(angles, op, "angles");
-  TORCH_CHECK(angles.dim() == 1 && angles.size(0) == pairs.size(0), op,
-              ": angles must have shape (P,) = (", pairs.size(0), ",), got ", angles.sizes());
-}
-
-// ------------------------------------------------------------------------------------------------
-// Quasi-Givens blocks (P, 2, 2).
-// ------------------------------------------------------------------------------------------------
-void check_blocks(const Tensor& blocks, const Tensor& pairs, const Tensor& x, const char* op) {
-  check_device(blocks, x, op, "blocks");
-  check_float_param(blocks, op, "blocks");
-  TORCH_CHECK(blocks.dim() == 3 && blocks.size(0) == pairs.size(0) && blocks.size(1) == 2 &&
-                  blocks.size(2) == 2,
-              op, ": blocks must have shape (P, 2, 2) = (", pairs.size(0), ", 2, 2), got ",
-              blocks.sizes());
-}
-
-// ------------------------------------------------------------------------------------------------
 // Entry points: params are the angles (P,) (givens) or the quasi-Givens blocks (P, 2, 2).
 // ------------------------------------------------------------------------------------------------
-// The (P, 4) blocks of the chain in the accumulation type, checked against pairs and x's device.
-Tensor checked_blocks(const Tensor& params, bool givens, const Tensor& pairs, const Tensor& x,
-                      at::ScalarType acc, const char* op) {
-  if (givens) {
-    check_angles(params, pairs, x, op);
-    return rotation_blocks(params, acc, c10::cuda::getCurrentCUDAStream().stream());
-  }
-  check_blocks(params, pairs, x, op);
+// The (P, 4) blocks of the chain in the accumulation type (params checked by prepare()).
+Tensor chain_blocks(const Tensor& params, bool givens, at::ScalarType acc) {
+  if (givens) return rotation_blocks(params, acc, c10::cuda::getCurrentCUDAStream().stream());
   return aligned_blocks(params.reshape({params.size(0), 4}).to(acc));
 }
 
@@ -543,8 +472,8 @@ Tensor chain_forward_cuda(const Tensor& x, const Tensor& params, const Tensor& p
                           bool givens, const char* op) {
   c10::cuda::OptionalCUDAGuard guard;
   if (x.is_cuda()) guard.set_device(x.device());
-  Operands o = prepare(x, pairs, layer_offsets, scale, op);
-  o.blocks = checked_blocks(params, givens, pairs, x, o.acc, op);
+  Operands o = prepare(x, params, givens, pairs, layer_offsets, scale, nullptr, op);
+  o.blocks = chain_blocks(params, givens, o.acc);
   const Tensor x2 = rows_view(x, o.d);
   Tensor y = at::empty({o.rows, o.d}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (o.rows > 0 && o.d > 0) run_forward(o, x2, y, op);
@@ -555,11 +484,10 @@ std::tuple<Tensor, Tensor, Tensor> chain_backward_cuda(
     const Tensor& grad_out, const Tensor& x, const Tensor& params, const Tensor& pairs,
     const Tensor& layer_offsets, const std::optional<Tensor>& scale,
     std::array<bool, 3> output_mask, bool givens, const char* op) {
-  check_device(grad_out, x, op, "grad_out");
   c10::cuda::OptionalCUDAGuard guard;
   if (x.is_cuda()) guard.set_device(x.device());
-  Operands o = prepare(x, pairs, layer_offsets, scale, op);
-  o.blocks = checked_blocks(params, givens, pairs, x, o.acc, op);
+  Operands o = prepare(x, params, givens, pairs, layer_offsets, scale, &grad_out, op);
+  o.blocks = chain_blocks(params, givens, o.acc);
   BackwardResult r = run_backward(o, x, grad_out, output_mask[0], output_mask[1], output_mask[2],
                                   givens, op);
   return {r.grad_x.defined() ? r.grad_x.view(x.sizes()) : empty_like_flat(x),

@@ -27,9 +27,11 @@
 
 #include <cstdint>
 
+#include "../common/dtype.h"
+
 namespace qgoft::cuda {
 
-enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+using DType = ::qgoft::DType;  // common/dtype.h
 
 constexpr int kChunk = 8;             // elements per thread in the parallel-layout kernels
 constexpr int kLogChunk = 3;
