@@ -78,7 +78,7 @@ def _bad_calls(device):
         ("x dtype", lambda: op.givens_chain(x.int(), angles, pairs, offsets, None),
          "qgoft::givens_chain: x must be float32, float64, bfloat16 or float16, got Int"),
         ("x scalar", lambda: op.givens_chain(x[0, 0], angles, pairs, offsets, None),
-         "qgoft::givens_chain: x must have at least one dimension (..., d)"),
+         "qgoft::givens_chain: x must have at least one dimension (..., d), got a 0-dim tensor"),
         ("pairs dtype", lambda: op.givens_chain(x, angles, pairs.long(), offsets, None),
          "qgoft::givens_chain: pairs must be an int32 tensor of shape (P, 2), got Long [2, 2]"),
         ("offsets shape", lambda: op.quasi_givens_chain(x, blocks, pairs, offsets[:0], None),

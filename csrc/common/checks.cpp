@@ -34,13 +34,15 @@ DType check_chain_args(const at::Tensor& x, const at::Tensor& params, bool given
                        const at::Tensor& layer_offsets, const std::optional<at::Tensor>& scale,
                        const at::Tensor* grad_out, const char* op) {
   const char* params_name = givens ? "angles" : "blocks";
-  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (..., d)");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (..., d), got a 0-dim tensor");
   const DType dtype = kernel_dtype(x.scalar_type(), op);
   check_same_device(params, x, op, params_name);
   check_same_device(pairs, x, op, "pairs");
   check_same_device(layer_offsets, x, op, "layer_offsets");
   if (scale.has_value()) check_same_device(*scale, x, op, "scale");
   if (grad_out != nullptr) check_same_device(*grad_out, x, op, "grad_out");
+  check_float_param(params, op, params_name);
+  if (scale.has_value()) check_float_param(*scale, op, "scale");
   TORCH_CHECK(pairs.scalar_type() == at::kInt && pairs.dim() == 2 && pairs.size(1) == 2, op,
               ": pairs must be an int32 tensor of shape (P, 2), got ", pairs.scalar_type(), " ",
               pairs.sizes());
@@ -49,7 +51,6 @@ DType check_chain_args(const at::Tensor& x, const at::Tensor& params, bool given
               op, ": layer_offsets must be an int32 tensor of shape (L + 1,), got ",
               layer_offsets.scalar_type(), " ", layer_offsets.sizes());
   const int64_t num_pairs = pairs.size(0);
-  check_float_param(params, op, params_name);
   if (givens) {
     TORCH_CHECK(params.dim() == 1 && params.size(0) == num_pairs, op, ": angles must have shape (P,) = (",
                 num_pairs, ",), got ", params.sizes());
@@ -60,7 +61,6 @@ DType check_chain_args(const at::Tensor& x, const at::Tensor& params, bool given
   }
   if (scale.has_value()) {
     const int64_t d = x.size(-1);
-    check_float_param(*scale, op, "scale");
     TORCH_CHECK(scale->dim() == 1 && scale->size(0) == d, op, ": scale must have shape (d,) = (", d,
                 ",), got ", scale->sizes());
   }

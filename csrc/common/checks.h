@@ -1,7 +1,7 @@
 // The argument checks of the chain ops, shared by the CPU glue (csrc/cpu/chain_cpu.cpp) and the CUDA glue
 // (csrc/cuda/chain_cuda.cpp): one order, one wording, one error type (c10::Error, RuntimeError in
-// Python) on every backend. The order and wording are those of the fake kernels in qgoft/ops.py
-// (docs/CONTRACT.md lists them). Layout conventions: docs/CONTRACT.md.
+// Python) on every backend. The order and wording are those of the Python checks (qgoft/_checks.py),
+// which the fake kernels and the reference use. Layout conventions: docs/CONTRACT.md.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,10 +22,10 @@ inline at::ScalarType accumulation_type(DType t) {
 }
 
 // Every check of one call that needs no tensor values, in this order: x has a dimension and a kernel
-// dtype; params, pairs, layer_offsets, scale and grad_out are on x's device; pairs is int32 (P, 2);
-// layer_offsets is int32 (L + 1,); params (the angles (P,) when givens, else the blocks (P, 2, 2)) and
-// scale ((d,)) are floating point of their shapes; grad_out (backward only) has x's shape and is
-// floating point. Returns the kernel dtype of x.
+// dtype; params, pairs, layer_offsets, scale and grad_out are on x's device; params (the angles (P,) when
+// givens, else the blocks (P, 2, 2)) and scale are floating point; pairs is int32 (P, 2); layer_offsets
+// is int32 (L + 1,); params and scale ((d,)) have their shapes; grad_out (backward only) has x's shape and
+// is floating point. Returns the kernel dtype of x.
 DType check_chain_args(const at::Tensor& x, const at::Tensor& params, bool givens, const at::Tensor& pairs,
                        const at::Tensor& layer_offsets, const std::optional<at::Tensor>& scale,
                        const at::Tensor* grad_out, const char* op);
