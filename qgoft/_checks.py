@@ -28,27 +28,29 @@ def check_chain_arguments(check: Check, op: str, x: Tensor, params: Tensor, para
     """Check the arguments of a chain op (or of its backward, with ``grad_out``) without reading values.
 
     ``params_name`` is ``"angles"`` (shape ``(P,)``) or ``"blocks"`` (``(P, 2, 2)``). In this order (the
-    order of the compiled ops' glue too): every argument is a tensor; x has a dimension and is
-    float32/float64/bfloat16/float16; every tensor is on x's device; pairs is int32 ``(P, 2)``; layer_offsets
-    is int32 ``(L + 1,)``; params are real floating point of shape ``(P,)`` or ``(P, 2, 2)``; scale is real
-    floating point of shape ``(d,)`` with ``d = x.shape[-1]``; grad_out has x's shape and is floating point.
+    order of the compiled ops' glue too, csrc/common/checks.cpp): every argument is a tensor; x has a
+    dimension and is float32/float64/bfloat16/float16; every tensor is on x's device; params and scale are real
+    floating point; pairs is int32 ``(P, 2)``; layer_offsets is int32 ``(L + 1,)``; params have shape ``(P,)``
+    or ``(P, 2, 2)``; scale ``(d,)`` with ``d = x.shape[-1]``; grad_out has x's shape and is floating point.
     Messages read ``"<op>: <argument> must ..., got <actual>"``."""
     named = [("x", x), (params_name, params), ("pairs", pairs), ("layer_offsets", layer_offsets),
              ("scale", scale), ("grad_out", grad_out)]
     named = [(name, t) for name, t in named if t is not None or name == "x"]
     for name, t in named:
         check(isinstance(t, Tensor), lambda: f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    check(x.dim() >= 1, lambda: f"{op}: x must have at least one dimension (..., d)")
+    check(x.dim() >= 1, lambda: f"{op}: x must have at least one dimension (..., d), got a 0-dim tensor")
     check(x.dtype in KERNEL_DTYPES, lambda: f"{op}: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
     for name, t in named[1:]:
         check(t.device == x.device, lambda: f"{op}: {name} must be on the same device as x ({x.device}), got {t.device}")
+    for name, t in ((params_name, params), ("scale", scale)):
+        if t is not None:
+            check(t.is_floating_point(), lambda: f"{op}: {name} must be a floating point tensor, got {t.dtype}")
     check(pairs.dtype == torch.int32 and pairs.dim() == 2 and pairs.shape[1] == 2,
           lambda: f"{op}: pairs must be an int32 tensor of shape (P, 2), got {pairs.dtype} {list(pairs.shape)}")
     check(layer_offsets.dtype == torch.int32 and layer_offsets.dim() == 1 and layer_offsets.numel() >= 1,
           lambda: f"{op}: layer_offsets must be an int32 tensor of shape (L + 1,), got {layer_offsets.dtype} "
                   f"{list(layer_offsets.shape)}")
     num_pairs = pairs.shape[0]
-    check(params.is_floating_point(), lambda: f"{op}: {params_name} must be a floating point tensor, got {params.dtype}")
     if params_name == "angles":
         check(params.dim() == 1 and params.shape[0] == num_pairs,
               lambda: f"{op}: angles must have shape (P,) = ({num_pairs},), got {list(params.shape)}")
@@ -57,7 +59,6 @@ def check_chain_arguments(check: Check, op: str, x: Tensor, params: Tensor, para
               lambda: f"{op}: blocks must have shape (P, 2, 2) = ({num_pairs}, 2, 2), got {list(params.shape)}")
     if scale is not None:
         d = x.shape[-1]
-        check(scale.is_floating_point(), lambda: f"{op}: scale must be a floating point tensor, got {scale.dtype}")
         check(scale.dim() == 1 and scale.shape[0] == d,
               lambda: f"{op}: scale must have shape (d,) = ({d},), got {list(scale.shape)}")
     if grad_out is not None:
