@@ -391,6 +391,10 @@ def _validate_config(data: Any, path: str, directory: str) -> SavedAdapter:
         layout = desc.get("layout")
         _require(isinstance(layout, dict) and _is_int(layout.get("num_pairs")) and 0 <= layout["num_pairs"] < 2 ** 40
                  and isinstance(layout.get("sha256"), str), where, "layout must have num_pairs and sha256")
+        # Each repeat of the layout has at least one pair: bounds the layouts a loader builds for this config
+        # by the size of the file (whose tensors have num_pairs rows).
+        _require(layout["num_pairs"] >= config.stack and layout["num_pairs"] % config.stack == 0, where,
+                 f"layout num_pairs {layout['num_pairs']} does not fit stack={config.stack}")
         params = desc.get("parameters")
         expected = parameter_shapes(config.method, layout["num_pairs"], desc["in_features"])
         _require(params == expected, where,
@@ -607,11 +611,14 @@ class AdapterFiles:
         _require(size >= 8, path, f"file is truncated ({size} bytes; a safetensors file has an 8-byte header "
                                   "length first)")
         head = bytes(_read_exactly(self._weights_fd, 8, 0, path))
-        _require(not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"), path,
-                 "this is a pickle / torch.save file, not safetensors; qgoft adapter weights are safetensors "
-                 "only and pickles are never loaded")
         (header_len,) = struct.unpack("<Q", head)
-        _require(0 < header_len <= min(MAX_HEADER_BYTES, size - 8), path,
+        plausible = 0 < header_len <= min(MAX_HEADER_BYTES, size - 8)
+        # A zip (torch.save) or pickle (protocol 2-5) start, unless they happen to be a valid header length.
+        _require(plausible or not (head.startswith(b"PK\x03\x04")
+                                   or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))),
+                 path, "this is a pickle / torch.save file, not safetensors; qgoft adapter weights are safetensors "
+                       "only and pickles are never loaded")
+        _require(plausible, path,
                  f"corrupt or truncated safetensors file (header length {header_len}, file size {size})")
         raw = bytes(_read_exactly(self._weights_fd, header_len, 8, path))
         self._data_offset = 8 + header_len
