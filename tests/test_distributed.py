@@ -10,7 +10,8 @@ trained parameters. The test then checks that
 * they equal a single-process run on the whole global batch within 1e-6 (the loss is a mean over the
   rows, so the average of the two ranks' gradients is the global gradient up to rounding).
 
-Rank 0 also saves the adapter with ``save_pretrained`` and the test reloads it onto a fresh base model.
+Rank 0 also saves the adapter with ``save_pretrained`` and the test reloads it onto a fresh base model; under
+FSDP2 every rank also calls ``save_pretrained`` on the sharded model itself (gathered, written by rank 0).
 """
 from __future__ import annotations
 
@@ -148,12 +149,19 @@ def _train_one(mode: str, method: str, optimizer_name: str, out_dir: Path, rank:
             plain = build_model(method)
             plain.load_state_dict(full)
             plain.save_pretrained(str(out_dir / "adapter"))
+        # save_pretrained on the sharded model itself, called on every rank: it gathers the adapter, rank 0
+        # writes it, and no rank returns before it is complete on disk.
+        model.save_pretrained(str(out_dir / "adapter_sharded"))
+        report["saved_when_returned"] = (out_dir / "adapter_sharded" / "adapter_model.safetensors").is_file()
     else:
         raise ValueError(mode)
     report["losses"] = losses
     # Every rank's parameters against rank 0's, bitwise.
     gathered = [None] * world_size
     dist.all_gather_object(gathered, state)
+    saved_when_returned = [None] * world_size
+    dist.all_gather_object(saved_when_returned, report.get("saved_when_returned"))
+    report["saved_when_returned"] = saved_when_returned
     report["max_diff_to_rank0"] = max(
         (other[k] - gathered[0][k]).abs().max().item() for other in gathered for k in state)
     if rank == 0:
@@ -247,12 +255,12 @@ def _compare(config_dir: Path, method: str, optimizer_name: str):
     return report, model, losses
 
 
-def _check_saved_adapter(config_dir: Path, trained) -> None:
+def _check_saved_adapter(config_dir: Path, trained, name: str = "adapter") -> None:
     """The adapter saved by rank 0 reloads onto a fresh base model and reproduces the trained model."""
     torch.manual_seed(1234)  # the base weights of build_model
     base = torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.GELU(), torch.nn.Linear(HIDDEN, HIDDEN),
                                torch.nn.GELU(), torch.nn.Linear(HIDDEN, OUT))
-    loaded = qgoft.QGoftModel.from_pretrained(base, str(config_dir / "adapter"))
+    loaded = qgoft.QGoftModel.from_pretrained(base, str(config_dir / name))
     x = torch.randn(5, IN)
     with torch.no_grad():
         assert torch.allclose(loaded(x), trained(x), rtol=0, atol=1e-5)
@@ -272,6 +280,13 @@ def test_fsdp2_gloo_two_processes_match_single_process(torchrun_results, method,
     # the adapter parameters really were sharded DTensors (and the kernels ran on their unsharded views)
     assert any("givens_blocks" in name for name in report["sharded"]), report["sharded"]
     _check_saved_adapter(config_dir, model)
+    # save_pretrained on the FSDP2-sharded model (every rank calls it, rank 0 writes): the same adapter as
+    # the one saved from the gathered full state dict, complete when it returned on every rank.
+    assert report["saved_when_returned"] == [True] * WORLD_SIZE, report["saved_when_returned"]
+    _check_saved_adapter(config_dir, model, "adapter_sharded")
+    a = qgoft.serialization.read_adapter(str(config_dir / "adapter")).tensors
+    b = qgoft.serialization.read_adapter(str(config_dir / "adapter_sharded")).tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 if __name__ == "__main__":
