@@ -1,5 +1,5 @@
-// Kernels of the CUDA Givens chain for float activations (one translation unit per dtype, so that the
-// build compiles them in parallel). Everything is in chain_kernels.cuh.
-#include "chain_kernels.cuh"
+// The CUDA Givens-chain kernels and launchers for float activations: one translation unit per dtype,
+// so that the build compiles them in parallel (see chain_launch.cuh).
+#include "chain_launch.cuh"
 
-QGOFT_DEFINE_CHAIN_LAUNCHERS(float, f32)
+template struct qgoft::cuda::detail::Launchers<float>;

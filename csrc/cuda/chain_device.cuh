@@ -1,0 +1,201 @@
+// Device building blocks shared by the CUDA Givens-chain kernels (chain_parallel.cuh, chain_general.cuh):
+// activation element types, 8-element chunk I/O, block-table loads and the 2 x 2 pair updates. Torch-free:
+// raw pointers and the argument structs of chain_cuda.h. Design notes: docs/CUDA.md.
+//
+// Arithmetic: float32 for float32/bfloat16/float16 activations (explicit conversion intrinsics, never
+// implicit half conversions), float64 for float64. nvcc contracts a*b + c*d into an FMA; results agree
+// with the CPU kernels (compiled without contraction) to rounding, not bitwise.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "chain_cuda.h"
+#include "chain_sizes.h"
+
+// Dynamic shared memory, and a check of the 16-byte vector accesses' alignment (host emulation only).
+#ifdef QGOFT_CUDA_HOST_SIM
+#define QGOFT_DYNAMIC_SMEM(name) unsigned char* name = ::qgoft_sim::dynamic_smem()
+#define QGOFT_CHECK_ALIGN16(p) ::qgoft_sim::check_align16(p)
+#else
+#define QGOFT_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define QGOFT_CHECK_ALIGN16(p) ((void)0)
+#endif
+
+namespace qgoft::cuda::detail {
+
+// ---------------------------------------------------------------------------------------------
+// Activation element types: conversion to/from the accumulation type A and 8-element vector I/O
+// (16-byte accesses; only used when the row pointers are 16-byte aligned and d % 8 == 0).
+// ---------------------------------------------------------------------------------------------
+template <class S>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  using A = float;
+  static __device__ __forceinline__ A to(float v) { return v; }
+  static __device__ __forceinline__ float from(A v) { return v; }
+  static __device__ __forceinline__ void load8(const float* p, A (&v)[kChunk]) {
+    QGOFT_CHECK_ALIGN16(p);
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  }
+  static __device__ __forceinline__ void store8(float* p, const A (&v)[kChunk]) {
+    QGOFT_CHECK_ALIGN16(p);
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+};
+
+template <>
+struct Elem<double> {
+  using A = double;
+  static __device__ __forceinline__ A to(double v) { return v; }
+  static __device__ __forceinline__ double from(A v) { return v; }
+  static __device__ __forceinline__ void load8(const double* p, A (&v)[kChunk]) {
+    QGOFT_CHECK_ALIGN16(p);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const double2 a = __ldg(reinterpret_cast<const double2*>(p) + k);
+      v[2 * k] = a.x;
+      v[2 * k + 1] = a.y;
+    }
+  }
+  static __device__ __forceinline__ void store8(double* p, const A (&v)[kChunk]) {
+    QGOFT_CHECK_ALIGN16(p);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) reinterpret_cast<double2*>(p)[k] = make_double2(v[2 * k], v[2 * k + 1]);
+  }
+};
+
+// 16-bit types: 8 elements = one uint4; element 2k is the low half of word k (little endian).
+template <class H, float (*ToF)(H), H (*FromF)(float), H (*FromBits)(unsigned short),
+          unsigned short (*ToBits)(H)>
+struct Elem16 {
+  using A = float;
+  static __device__ __forceinline__ A to(H v) { return ToF(v); }
+  static __device__ __forceinline__ H from(A v) { return FromF(v); }
+  static __device__ __forceinline__ float lo(unsigned w) {
+    return ToF(FromBits(static_cast<unsigned short>(w & 0xffffu)));
+  }
+  static __device__ __forceinline__ float hi(unsigned w) {
+    return ToF(FromBits(static_cast<unsigned short>(w >> 16)));
+  }
+  static __device__ __forceinline__ unsigned pack(float a, float b) {
+    return static_cast<unsigned>(ToBits(FromF(a))) | (static_cast<unsigned>(ToBits(FromF(b))) << 16);
+  }
+  static __device__ __forceinline__ void load8(const H* p, A (&v)[kChunk]) {
+    QGOFT_CHECK_ALIGN16(p);
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    v[0] = lo(u.x); v[1] = hi(u.x); v[2] = lo(u.y); v[3] = hi(u.y);
+    v[4] = lo(u.z); v[5] = hi(u.z); v[6] = lo(u.w); v[7] = hi(u.w);
+  }
+  static __device__ __forceinline__ void store8(H* p, const A (&v)[kChunk]) {
+    QGOFT_CHECK_ALIGN16(p);
+    *reinterpret_cast<uint4*>(p) =
+        make_uint4(pack(v[0], v[1]), pack(v[2], v[3]), pack(v[4], v[5]), pack(v[6], v[7]));
+  }
+};
+
+__device__ __forceinline__ float bf16_to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ __nv_bfloat16 f_to_bf16(float v) { return __float2bfloat16_rn(v); }
+__device__ __forceinline__ __nv_bfloat16 bits_to_bf16(unsigned short b) { return __ushort_as_bfloat16(b); }
+__device__ __forceinline__ unsigned short bf16_to_bits(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ float h_to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ __half f_to_h(float v) { return __float2half_rn(v); }
+__device__ __forceinline__ __half bits_to_h(unsigned short b) { return __ushort_as_half(b); }
+__device__ __forceinline__ unsigned short h_to_bits(__half v) { return __half_as_ushort(v); }
+
+template <>
+struct Elem<__nv_bfloat16>
+    : Elem16<__nv_bfloat16, bf16_to_f, f_to_bf16, bits_to_bf16, bf16_to_bits> {};
+template <>
+struct Elem<__half> : Elem16<__half, h_to_f, f_to_h, bits_to_h, h_to_bits> {};
+
+// Block p (g00, g01, g10, g11) of the (P, 4) accumulation-type table.
+__device__ __forceinline__ void load_block(const float* b, int64_t p, float& g0, float& g1,
+                                           float& g2, float& g3) {
+  QGOFT_CHECK_ALIGN16(b + 4 * p);
+  const float4 v = __ldg(reinterpret_cast<const float4*>(b) + p);
+  g0 = v.x; g1 = v.y; g2 = v.z; g3 = v.w;
+}
+__device__ __forceinline__ void load_block(const double* b, int64_t p, double& g0, double& g1,
+                                           double& g2, double& g3) {
+  QGOFT_CHECK_ALIGN16(b + 4 * p);
+  const double2 u = __ldg(reinterpret_cast<const double2*>(b) + 2 * p);
+  const double2 v = __ldg(reinterpret_cast<const double2*>(b) + 2 * p + 1);
+  g0 = u.x; g1 = u.y; g2 = v.x; g3 = v.y;
+}
+
+template <class S, bool kVec>
+__device__ __forceinline__ void load_chunk(const S* row, int base, int d, bool valid,
+                                           typename Elem<S>::A (&v)[kChunk]) {
+  using A = typename Elem<S>::A;
+  if constexpr (kVec) {  // d % 8 == 0: a chunk lies entirely inside or outside the row
+    if (valid && base < d) {
+      Elem<S>::load8(row + base, v);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) v[e] = A(0);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) v[e] = (valid && base + e < d) ? Elem<S>::to(row[base + e]) : A(0);
+  }
+}
+
+template <class S, bool kVec>
+__device__ __forceinline__ void store_chunk(S* row, int base, int d, bool valid,
+                                            const typename Elem<S>::A (&v)[kChunk]) {
+  if (!valid) return;
+  if constexpr (kVec) {
+    if (base < d) Elem<S>::store8(row + base, v);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) {
+      if (base + e < d) row[base + e] = Elem<S>::from(v[e]);
+    }
+  }
+}
+
+// Scale (d entries, accumulation type, may be null) applied to a thread's chunk.
+template <class A>
+__device__ __forceinline__ void scale_chunk(const A* scale, int base, int d, A (&v)[kChunk]) {
+  if (scale == nullptr) return;
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) {
+    if (base + e < d) v[e] *= __ldg(scale + base + e);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The 2 x 2 pair updates (docs/CONTRACT.md): block p = [[g00, g01], [g10, g11]] acts on the pair
+// (x_i, x_j) as G^T in the forward; the backward applies G to the pair's gradient and accumulates
+// dG += u (x) g (u: the pair's input, g: the gradient of its output).
+// ---------------------------------------------------------------------------------------------
+// (xi, xj) <- G^T (xi, xj) (forward) or, kTransposed, G (xi, xj) (backward) for block p of the table.
+template <bool kTransposed = false, class A>
+__device__ __forceinline__ void rotate_pair(const A* blocks, int64_t p, A& xi, A& xj) {
+  A g0, g1, g2, g3;
+  load_block(blocks, p, g0, g1, g2, g3);
+  const A a = xi, b = xj;
+  xi = g0 * a + (kTransposed ? g1 : g2) * b;
+  xj = (kTransposed ? g2 : g1) * a + g3 * b;
+}
+
+// acc[0..3] += (ui gi, ui gj, uj gi, uj gj)
+template <class A>
+__device__ __forceinline__ void accumulate_outer(A* acc, A ui, A uj, A gi, A gj) {
+  acc[0] += ui * gi;
+  acc[1] += ui * gj;
+  acc[2] += uj * gi;
+  acc[3] += uj * gj;
+}
+
+}  // namespace qgoft::cuda::detail

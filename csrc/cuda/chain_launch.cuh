@@ -1,0 +1,84 @@
+// Definitions of the per-dtype launchers declared in chain_launch.h, included only by chain_<dtype>.cu
+// (each explicitly instantiates Launchers<its dtype>, so the build compiles the dtypes in parallel).
+// Dynamic shared memory above 48 KiB is enabled per kernel as needed; the caller checks the launch.
+#pragma once
+
+#include "chain_kernels.cuh"
+#include "chain_launch.h"
+
+namespace qgoft::cuda::detail {
+
+constexpr size_t kDefaultSmemLimit = 48 * 1024;
+
+template <class K>
+inline void enable_smem(K* kernel, size_t smem) {
+  if (smem > kDefaultSmemLimit) {
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  }
+}
+
+template <class K>
+inline int occupancy(K* kernel, int threads, size_t smem) {
+  enable_smem(kernel, smem);
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) != cudaSuccess) {
+    (void)cudaGetLastError();  // the launch itself reports a real problem
+    blocks = 1;
+  }
+  return blocks < 1 ? 1 : blocks;
+}
+
+template <class K, class Args>
+inline void launch(K* kernel, const LaunchConfig& c, cudaStream_t stream, const Args& a) {
+  enable_smem(kernel, c.smem);
+  kernel<<<c.grid, c.threads, c.smem, stream>>>(a);
+}
+
+// The kernel instantiation for the run-time switches (vec: 16-byte row accesses; grads: parameter
+// gradients wanted).
+template <class S>
+struct Kernels {
+  static auto parallel_forward(bool vec) {
+    return vec ? parallel_forward_kernel<S, true> : parallel_forward_kernel<S, false>;
+  }
+  static auto parallel_backward(bool vec, bool grads) {
+    if (vec) return grads ? parallel_backward_kernel<S, true, true> : parallel_backward_kernel<S, true, false>;
+    return grads ? parallel_backward_kernel<S, false, true> : parallel_backward_kernel<S, false, false>;
+  }
+  static auto general_backward(bool grads) {
+    return grads ? general_backward_kernel<S, true> : general_backward_kernel<S, false>;
+  }
+};
+
+// Launchers<S> (chain_launch.h): each launches exactly one kernel.
+template <class S>
+void Launchers<S>::parallel_forward(bool vec, const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s) {
+  launch(Kernels<S>::parallel_forward(vec), c, s, a);
+}
+template <class S>
+void Launchers<S>::parallel_top_forward(const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s) {
+  launch(parallel_top_forward_kernel<S>, c, s, a);
+}
+template <class S>
+void Launchers<S>::parallel_backward(bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
+                                     cudaStream_t s) {
+  launch(Kernels<S>::parallel_backward(vec, grads), c, s, a);
+}
+template <class S>
+int Launchers<S>::parallel_backward_occupancy(bool vec, bool grads, int threads, size_t smem) {
+  return occupancy(Kernels<S>::parallel_backward(vec, grads), threads, smem);
+}
+template <class S>
+void Launchers<S>::general_forward(const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {
+  launch(general_forward_kernel<S>, c, s, a);
+}
+template <class S>
+void Launchers<S>::general_backward(bool grads, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {
+  launch(Kernels<S>::general_backward(grads), c, s, a);
+}
+template <class S>
+int Launchers<S>::general_backward_occupancy(bool grads, int threads, size_t smem) {
+  return occupancy(Kernels<S>::general_backward(grads), threads, smem);
+}
+
+}  // namespace qgoft::cuda::detail

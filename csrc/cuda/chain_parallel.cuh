@@ -1,0 +1,461 @@
+// Kernels of the parallel layout (docs/MATH.md: layer r, 1-based, pairs (2^r k, 2^r k + 2^(r-1)),
+// present when the second index is < d; pair index off[r] + k). Design and costs: docs/CUDA.md.
+//
+// Thread t of a row segment holds the elements base .. base + 7 (base = seg_base + 8 t):
+//   layers 1-3           inside the thread,
+//   layers 4 .. 3+LS     one word exchanged with a warp shuffle at lane distance 2^(r-4),
+//                        LS = min(log2 T, 5),
+//   layers 9 .. 3+log2 T (T > 32) the chunk starts of lane 0 of each warp go through shared memory,
+//                        and warp 0 finishes them with shuffles,
+//   top layers           (segmented rows) pairs of segment starts: a separate kernel (forward) or warp 0
+//                        of every block (backward).
+// The element that moves in layers >= 4 is always a thread's first element v[0]. The three cross-thread
+// levels (shuffle, cross-warp, top) are the same computation on different participants: XLevel.
+#pragma once
+
+#include "chain_device.cuh"
+
+namespace qgoft::cuda::detail {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+template <class A>
+struct Tape {
+  A x[kLogChunk][kChunk];  // the chunk before in-thread layer 1, 2, 3
+  A sh[5];                 // own v[0] before shuffle layer s
+  A top[5];                // (warp 0) own exchanged value before cross-warp layer s
+};
+
+// One level of up to five cross-thread layers. Participant k of the level (a lane, or a warp's word)
+// holds element base + (k << sh); its exchange layer s (partners at distance m = 2^s) pairs participant
+// lo (lo % 2m == 0) with lo + m through block off[s] + ((base + (lo << sh)) >> (s + 1 + sh)), present when
+// the upper element is < d. Gradient accumulators of those pairs (backward; acc < 0: not accumulated):
+// element acc + 4 * (n - (n >> (s + c0)) + (lo >> (s + 1))) of the kernel's accumulator array.
+template <class A>
+struct XLevel {
+  int base = 0, sh = 0, d = 0;
+  const int32_t* off = nullptr;  // into the kernel's ParallelArgs (off + 4, off + 9 or top_off)
+  int acc = -1;
+  int n = 0, c0 = 0;
+
+  __device__ __forceinline__ int pair(int s, int lo) const {
+    const int i = base + (lo << sh);
+    return i + ((1 << s) << sh) < d ? off[s] + (i >> (s + 1 + sh)) : -1;
+  }
+  __device__ __forceinline__ int acc_at(int s, int lo) const {
+    return acc + 4 * (n - (n >> (s + c0)) + (lo >> (s + 1)));
+  }
+};
+
+// Shuffle level (layers 4 ..) of a segment, and its cross-warp level (layers 9 ..).
+template <class A>
+__device__ __forceinline__ XLevel<A> shuffle_level(const ParallelArgs& a, int seg_base) {
+  XLevel<A> lv;
+  lv.base = seg_base;
+  lv.sh = kLogChunk;
+  lv.d = static_cast<int>(a.d);
+  lv.off = a.off + 4;
+  lv.n = a.T;
+  return lv;
+}
+template <class A>
+__device__ __forceinline__ XLevel<A> cross_warp_level(const ParallelArgs& a, int seg_base) {
+  XLevel<A> lv;
+  lv.base = seg_base;
+  lv.sh = 5 + kLogChunk;
+  lv.d = static_cast<int>(a.d);
+  lv.off = a.off + 9;
+  lv.n = a.T;
+  lv.c0 = 5;
+  return lv;
+}
+// Top level of a segmented row: participant q is segment q's start (counted in segments: the pair of
+// segments lo, lo + m exists when lo + m < nseg).
+template <class A>
+__device__ __forceinline__ XLevel<A> top_level(const ParallelArgs& a) {
+  XLevel<A> lv;
+  lv.d = a.nseg;
+  lv.off = a.top_off;
+  lv.n = kMaxTopLanes;
+  return lv;
+}
+
+// Forward through the first `layers` layers of a level (all 32 lanes of the warp must call it);
+// participant `pos` holds v. With kTape, tape[s] receives v as it was before layer s.
+template <bool kTape, class A>
+__device__ __forceinline__ A level_forward(const XLevel<A>& lv, int layers, int pos, bool active,
+                                           const A* blocks, A v, A (&tape)[5]) {
+#pragma unroll
+  for (int s = 0; s < 5; ++s) {
+    if (s < layers) {
+      const int m = 1 << s;
+      const A w = __shfl_xor_sync(kFullMask, v, m);
+      if constexpr (kTape) tape[s] = v;
+      if (active && (pos & (m - 1)) == 0) {
+        const bool upper = (pos & m) != 0;
+        const int p = lv.pair(s, upper ? pos - m : pos);
+        if (p >= 0) {
+          A g0, g1, g2, g3;
+          load_block(blocks, p, g0, g1, g2, g3);
+          v = upper ? g1 * w + g3 * v : g0 * v + g2 * w;  // the own half of rotate_pair
+        }
+      }
+    }
+  }
+  return v;
+}
+
+// Backward through the layers of a level, last first: g is this participant's gradient; with kTape,
+// tape[s] is its value before layer s and the lower participant of each pair accumulates the block
+// gradient into acc[lv.acc_at(s, lo)] (when lv.acc >= 0).
+template <bool kTape, class A>
+__device__ __forceinline__ A level_backward(const XLevel<A>& lv, int layers, int pos, bool active,
+                                            const A* blocks, A* acc, A g, const A (&tape)[5]) {
+#pragma unroll
+  for (int s = 4; s >= 0; --s) {
+    if (s < layers) {
+      const int m = 1 << s;
+      const A gw = __shfl_xor_sync(kFullMask, g, m);
+      A uw = A(0);
+      if constexpr (kTape) uw = __shfl_xor_sync(kFullMask, tape[s], m);
+      if (active && (pos & (m - 1)) == 0) {
+        const bool upper = (pos & m) != 0;
+        const int lo = upper ? pos - m : pos;
+        const int p = lv.pair(s, lo);
+        if (p >= 0) {
+          A g0, g1, g2, g3;
+          load_block(blocks, p, g0, g1, g2, g3);
+          if (!upper) {
+            if constexpr (kTape) {
+              if (lv.acc >= 0) accumulate_outer(acc + lv.acc_at(s, lo), tape[s], uw, g, gw);
+            }
+            g = g0 * g + g1 * gw;  // the own half of rotate_pair<true>
+          } else {
+            g = g2 * gw + g3 * g;
+          }
+        }
+      }
+    }
+  }
+  return g;
+}
+
+// The cross-warp level through shared memory: lane 0 of every warp stores its word at xch[idx], warp 0
+// computes f(q, q < words, word q) for word q and stores the results back; returns this thread's new
+// word (lane 0; the others keep `mine`). Must be reached by all threads of the block.
+template <class A, class F>
+__device__ __forceinline__ A via_warp0(A mine, int tid, int idx, int words, A* xch, F&& f) {
+  const bool lane0 = (tid & 31) == 0;
+  if (lane0) xch[idx] = mine;
+  __syncthreads();
+  if (tid < 32) {
+    const bool qv = tid < words;
+    const A u = f(tid, qv, qv ? xch[tid] : A(0));
+    if (qv) xch[tid] = u;
+  }
+  __syncthreads();
+  if (lane0) mine = xch[idx];
+  return mine;
+}
+
+// Where a thread of a parallel kernel sits: row slot, thread t of the row segment, its chunk's first
+// element (base) and the segment's (seg_base).
+struct Lanes {
+  int tid, slot, t, sigma, seg_base, base;
+  __device__ __forceinline__ explicit Lanes(const ParallelArgs& a) {
+    tid = threadIdx.x;
+    slot = tid >> a.logT;
+    t = tid & (a.T - 1);
+    sigma = blockIdx.y;
+    seg_base = sigma << (a.logT + kLogChunk);
+    base = seg_base + (t << kLogChunk);
+  }
+};
+
+// Applies layers 1 .. log2(8 T) to a row segment (forward direction), optionally recording the tape.
+// Must be reached by all threads of the block (shuffles with the full mask, __syncthreads).
+template <class A, bool kTape>
+__device__ __forceinline__ void parallel_forward_local(const ParallelArgs& a, const Lanes& ln, A (&v)[kChunk],
+                                                       A* xch, Tape<A>& tp) {
+  const A* blocks = static_cast<const A*>(a.blocks);
+  const int d = static_cast<int>(a.d);
+#pragma unroll
+  for (int li = 0; li < kLogChunk; ++li) {  // in-thread layers 1-3
+    if constexpr (kTape) {
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) tp.x[li][e] = v[e];
+    }
+    const int h = 1 << li;
+#pragma unroll
+    for (int e = 0; e < kChunk; e += 2 * h) {
+      const int i = ln.base + e;
+      if (i + h < d) rotate_pair(blocks, a.off[li + 1] + (i >> (li + 1)), v[e], v[e + h]);
+    }
+  }
+  const int LS = a.logT < 5 ? a.logT : 5;
+  v[0] = level_forward<kTape>(shuffle_level<A>(a, ln.seg_base), LS, ln.t, true, blocks, v[0], tp.sh);
+  if (a.logT > 5) {
+    const int nw = a.T >> 5;
+    const XLevel<A> lv = cross_warp_level<A>(a, ln.seg_base);
+    v[0] = via_warp0(v[0], ln.tid, ln.slot * nw + (ln.t >> 5), a.R * nw, xch, [&](int q, bool qv, A u) {
+      return level_forward<kTape>(lv, a.logT - 5, q & (nw - 1), qv, blocks, u, tp.top);
+    });
+  }
+}
+
+// Forward: y = scale * chain(x) on row segments (blockIdx.y = segment). Segmented rows also write
+// the local result of every segment start to `top` (parallel_top_forward_kernel finishes them).
+template <class S, bool kVec>
+__global__ void __launch_bounds__(1024) parallel_forward_kernel(const ParallelArgs a) {
+  using A = typename Elem<S>::A;
+  QGOFT_DYNAMIC_SMEM(smem_raw);
+  A* xch = reinterpret_cast<A*>(smem_raw);
+  const Lanes ln(a);
+  const int d = static_cast<int>(a.d);
+  const S* x = static_cast<const S*>(a.x);
+  S* y = static_cast<S*>(a.out);
+  for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
+    const int64_t row = g * a.R + ln.slot;
+    const bool valid = row < a.rows;
+    A v[kChunk];
+    load_chunk<S, kVec>(x + row * a.x_ld, ln.base, d, valid, v);
+    Tape<A> tp;
+    parallel_forward_local<A, false>(a, ln, v, xch, tp);
+    if (a.nseg > 1 && ln.t == 0 && valid) static_cast<A*>(a.top)[row * a.nseg + ln.sigma] = v[0];
+    if (a.store) {
+      scale_chunk(static_cast<const A*>(a.scale), ln.base, d, v);
+      store_chunk<S, kVec>(y + row * d, ln.base, d, valid, v);
+    }
+  }
+}
+
+// Segmented forward, second step: the top layers on the segment starts of each row (one warp per row,
+// lane q = segment q), then the scale; overwrites y at the segment starts.
+template <class S>
+__global__ void __launch_bounds__(32 * kTopRowsPerBlock) parallel_top_forward_kernel(const ParallelArgs a) {
+  using A = typename Elem<S>::A;
+  const A* blocks = static_cast<const A*>(a.blocks);
+  const A* scale = static_cast<const A*>(a.scale);
+  const A* top = static_cast<const A*>(a.top);
+  S* y = static_cast<S*>(a.out);
+  const int q = threadIdx.x & 31;
+  const bool qv = q < a.nseg;
+  const int c = q << (a.logT + kLogChunk);
+  const XLevel<A> lv = top_level<A>(a);
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kTopRowsPerBlock + (threadIdx.x >> 5);
+       row < a.rows; row += static_cast<int64_t>(gridDim.x) * kTopRowsPerBlock) {
+    A unused[5];
+    A u = level_forward<false>(lv, a.top_layers, q, qv, blocks, qv ? top[row * a.nseg + q] : A(0), unused);
+    if (qv) {
+      if (scale != nullptr) u *= __ldg(scale + c);
+      y[row * a.d + c] = Elem<S>::from(u);
+    }
+  }
+}
+
+// Backward through the top layers of a segmented row (warp 0 of every backward block, lane q = segment
+// q): recomputes the segment starts' values from the forward kernel's `top` results (kGrads), adds the
+// scale gradient of the segment starts and back-propagates their gradients; returns segment `sigma`'s
+// gradient (in every lane). Only blocks of segment 0 accumulate the top pairs' gradients (tacc).
+template <class S, bool kGrads>
+__device__ __forceinline__ typename Elem<S>::A top_backward(const ParallelArgs& a, int64_t row, bool valid,
+                                                            int sigma, typename Elem<S>::A* tacc) {
+  using A = typename Elem<S>::A;
+  const A* blocks = static_cast<const A*>(a.blocks);
+  const A* scale = static_cast<const A*>(a.scale);
+  const S* grad = static_cast<const S*>(a.grad);
+  const int q = threadIdx.x;
+  const bool qv = q < a.nseg && valid;
+  XLevel<A> lv = top_level<A>(a);
+  A u = A(0);
+  A tt[5];
+  if constexpr (kGrads) {
+    u = level_forward<true>(lv, a.top_layers, q, qv, blocks,
+                            qv ? static_cast<const A*>(a.top)[row * a.nseg + q] : A(0), tt);
+  }
+  const int c = q << (a.logT + kLogChunk);
+  A gq = qv ? Elem<S>::to(grad[row * a.grad_ld + c]) : A(0);
+  if (kGrads && a.want_scale && sigma == 0 && qv) tacc[4 * (kMaxTopLanes - 1) + q] += gq * u;
+  if (scale != nullptr && qv) gq *= __ldg(scale + c);
+  if (kGrads && a.want_blocks && sigma == 0) lv.acc = 0;
+  gq = level_backward<kGrads>(lv, a.top_layers, q, qv, blocks, tacc, gq, tt);
+  return __shfl_sync(kFullMask, gq, sigma);
+}
+
+// End of the backward: every thread writes the sums it owns into its slot's row of sums (R > 1: the
+// block's per-slot rows in shared memory, then summed in slot order; R == 1: partial row blockIdx.x).
+// In-thread pairs come from registers, cross-thread pairs of layer c + 4 from cacc (thread t owns local
+// pair t), the top pairs and the segment starts' scale sums from tacc (warp 0 of segment 0).
+template <class A>
+__device__ __forceinline__ void parallel_write_sums(const ParallelArgs& a, const Lanes& ln,
+                                                    const ParallelBackwardSmem& layout, A* sm,
+                                                    const A (&acc_in)[kChunk - 1][4],
+                                                    const A (&acc_s)[kChunk]) {
+  const int T = a.T, R = a.R, d = static_cast<int>(a.d), P = static_cast<int>(a.num_pairs);
+  const int width = 4 * P + d;
+  const bool segmented = a.nseg > 1;
+  const A* cacc = sm + layout.cacc;
+  const A* tacc = sm + layout.tacc;
+  A* red = sm + layout.red;
+  A* dst = R > 1 ? red + static_cast<int64_t>(ln.slot) * width
+                 : static_cast<A*>(a.partial) + static_cast<int64_t>(blockIdx.x) * a.partial_ld;
+  auto put = [&](int p, const A* ca) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) dst[4 * p + k] = ca[k];
+  };
+  if (a.want_blocks) {
+#pragma unroll
+    for (int li = 0; li < kLogChunk; ++li) {
+      const int h = 1 << li;
+#pragma unroll
+      for (int e = 0; e < kChunk; e += 2 * h) {
+        const int i = ln.base + e;
+        constexpr int kFirst[3] = {0, 4, 6};
+        if (i + h < d) put(a.off[li + 1] + (i >> (li + 1)), acc_in[kFirst[li] + e / (2 * h)]);
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < 10; ++c) {
+      if (c < a.logT && ln.t < (T >> (c + 1))) {
+        const int i = ln.seg_base + (ln.t << (c + 4));
+        if (i + (kChunk << c) < d) {
+          put(a.off[c + 4] + (i >> (c + 4)), cacc + 4 * (ln.slot * (T - 1) + (T - (T >> c)) + ln.t));
+        }
+      }
+    }
+  }
+  if (a.want_scale) {
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) {
+      if (ln.base + e < d && !(segmented && ln.t == 0 && e == 0)) dst[4 * P + ln.base + e] = acc_s[e];
+    }
+  }
+  if (segmented && ln.sigma == 0 && ln.tid < 32) {
+    const int q = ln.tid;
+    if (a.want_blocks) {
+#pragma unroll
+      for (int s = 0; s < 5; ++s) {
+        const int m = 1 << s;
+        if (s < a.top_layers && (q & (2 * m - 1)) == 0 && q + m < a.nseg) {
+          put(a.top_off[s] + (q >> (s + 1)), tacc + 4 * ((kMaxTopLanes - (kMaxTopLanes >> s)) + (q >> (s + 1))));
+        }
+      }
+    }
+    if (a.want_scale && q < a.nseg) dst[4 * P + (q << (a.logT + kLogChunk))] = tacc[4 * (kMaxTopLanes - 1) + q];
+  }
+  if (R > 1) {
+    __syncthreads();
+    A* out = static_cast<A*>(a.partial) + static_cast<int64_t>(blockIdx.x) * a.partial_ld;
+    const int begin = a.want_blocks ? 0 : 4 * P, end = a.want_scale ? width : 4 * P;
+    for (int k = begin + ln.tid; k < end; k += blockDim.x) {
+      A s = red[k];
+      for (int r = 1; r < R; ++r) s += red[static_cast<int64_t>(r) * width + k];
+      out[k] = s;
+    }
+  }
+}
+
+// Backward: grad_x = chain^T(scale * grad) and (kGrads) the parameter gradients of the rows this block
+// owns (groups blockIdx.x, blockIdx.x + gridDim.x, ... of segment blockIdx.y) into partial row
+// blockIdx.x. Accumulators: in-thread pairs in registers, cross-thread pairs in shared memory, each
+// owned by one thread (no atomics); row slots of a block are summed in slot order at the end.
+template <class S, bool kVec, bool kGrads>
+__global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelArgs a) {
+  using A = typename Elem<S>::A;
+  QGOFT_DYNAMIC_SMEM(smem_raw);
+  A* sm = reinterpret_cast<A*>(smem_raw);
+  const Lanes ln(a);
+  const int T = a.T, R = a.R;
+  const bool segmented = a.nseg > 1;
+  const int d = static_cast<int>(a.d);
+  const int P = static_cast<int>(a.num_pairs);
+  const int width = 4 * P + d;
+  const ParallelBackwardSmem layout(R, T, a.nseg, width, kGrads);
+  A* xch = sm;
+  A* cacc = sm + layout.cacc;  // [R][T-1][4]: cross-thread pairs of each slot
+  A* tacc = sm + layout.tacc;  // [31][4] top pairs, then [32] segment-start scale
+  const A* blocks = static_cast<const A*>(a.blocks);
+  const S* x = static_cast<const S*>(a.x);
+  const S* grad = static_cast<const S*>(a.grad);
+  S* gx = static_cast<S*>(a.out);
+  const bool acc_blocks = kGrads && a.want_blocks;
+  const bool acc_scale = kGrads && a.want_scale;
+
+  A acc_in[kChunk - 1][4];  // in-thread pairs: layer 1 -> 0..3, layer 2 -> 4..5, layer 3 -> 6
+  A acc_s[kChunk];
+#pragma unroll
+  for (int k = 0; k < kChunk - 1; ++k) acc_in[k][0] = acc_in[k][1] = acc_in[k][2] = acc_in[k][3] = A(0);
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) acc_s[e] = A(0);
+  if constexpr (kGrads) {
+    for (int k = ln.tid; k < static_cast<int>(layout.red - layout.cacc); k += blockDim.x) cacc[k] = A(0);
+  }
+  __syncthreads();
+
+  const int LS = a.logT < 5 ? a.logT : 5;
+  for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
+    const int64_t row = g * R + ln.slot;
+    const bool valid = row < a.rows;
+    A gv[kChunk];
+    load_chunk<S, kVec>(grad + row * a.grad_ld, ln.base, d, valid, gv);
+    Tape<A> tp;
+    if constexpr (kGrads) {  // recompute the forward, recording the tape
+      A v[kChunk];
+      load_chunk<S, kVec>(x + row * a.x_ld, ln.base, d, valid, v);
+      parallel_forward_local<A, true>(a, ln, v, xch, tp);
+      if (acc_scale && valid) {
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) {
+          if (!(segmented && ln.t == 0 && e == 0)) acc_s[e] += gv[e] * v[e];
+        }
+      }
+    }
+    scale_chunk(static_cast<const A*>(a.scale), ln.base, d, gv);
+
+    if (segmented && ln.tid < 32) {
+      const A mine = top_backward<S, kGrads>(a, row, valid, ln.sigma, tacc);
+      if (ln.tid == 0) gv[0] = mine;
+    }
+    if (a.logT > 5) {  // cross-warp layers, reversed
+      const int nw = T >> 5;
+      XLevel<A> lv = cross_warp_level<A>(a, ln.seg_base);
+      gv[0] = via_warp0(gv[0], ln.tid, ln.slot * nw + (ln.t >> 5), R * nw, xch, [&](int q, bool qv, A gq) {
+        const int qslot = q >> (a.logT - 5);
+        if (acc_blocks && qv && g * R + qslot < a.rows) lv.acc = 4 * qslot * (T - 1);
+        return level_backward<kGrads>(lv, a.logT - 5, q & (nw - 1), qv, blocks, cacc, gq, tp.top);
+      });
+    }
+    {  // shuffle layers, reversed
+      XLevel<A> lv = shuffle_level<A>(a, ln.seg_base);
+      if (acc_blocks && valid) lv.acc = 4 * ln.slot * (T - 1);
+      gv[0] = level_backward<kGrads>(lv, LS, ln.t, true, blocks, cacc, gv[0], tp.sh);
+    }
+#pragma unroll
+    for (int li = kLogChunk - 1; li >= 0; --li) {  // in-thread layers 3, 2, 1
+      const int h = 1 << li;
+#pragma unroll
+      for (int e = 0; e < kChunk; e += 2 * h) {
+        const int i = ln.base + e;
+        if (i + h < d) {
+          A g0, g1, g2, g3;
+          load_block(blocks, a.off[li + 1] + (i >> (li + 1)), g0, g1, g2, g3);
+          const A gi = gv[e], gj = gv[e + h];
+          if constexpr (kGrads) {
+            constexpr int kFirst[3] = {0, 4, 6};
+            if (acc_blocks && valid) accumulate_outer(acc_in[kFirst[li] + e / (2 * h)], tp.x[li][e], tp.x[li][e + h], gi, gj);
+          }
+          gv[e] = g0 * gi + g1 * gj;
+          gv[e + h] = g2 * gi + g3 * gj;
+        }
+      }
+    }
+    if (gx != nullptr) store_chunk<S, kVec>(gx + row * d, ln.base, d, valid, gv);
+  }
+
+  if constexpr (kGrads) {
+    __syncthreads();
+    parallel_write_sums(a, ln, layout, sm, acc_in, acc_s);
+  }
+}
+
+}  // namespace qgoft::cuda::detail

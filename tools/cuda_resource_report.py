@@ -1,0 +1,147 @@
+"""Resource report of the CUDA chain kernels without a GPU: compiles each csrc/cuda/chain_<dtype>.cu for one
+architecture with the build's CUDA flags, then prints per kernel the ptxas figures (registers, spill bytes,
+stack frame, shared memory) and SASS instruction counts (all, 16-byte global loads / stores, local-memory
+accesses, shuffles, barriers).
+
+    python tools/cuda_resource_report.py [--arch sm_90] [--out report.json] [--compare old.json]
+
+Needs nvcc; SASS counts need cuobjdump (CUDA toolkit, or `pip install nvidia-cuda-cuobjdump`; found on
+PATH, next to nvcc, or through $CUOBJDUMP). --compare prints the differences against an earlier report.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
+# the flags CMakeLists.txt gives the CUDA sources (QGOFT_CUDA_FLAGS), plus the C++ standard and -O3
+FLAGS = ["-std=c++20", "-O3", "-lineinfo", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+         "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
+
+
+def find_tool(name: str, env: str, near: str | None) -> str | None:
+    if os.environ.get(env):
+        return os.environ[env]
+    cands = [shutil.which(name)]
+    if near:
+        cands.append(os.path.join(os.path.dirname(os.path.realpath(near)), name))
+    cands.append(f"/usr/local/cuda/bin/{name}")
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def demangle_short(name: str) -> str:
+    """parallel_backward_kernel<__nv_bfloat16, true, true> from the mangled name, via c++filt."""
+    try:
+        out = subprocess.run(["c++filt", name], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return name
+    out = re.sub(r"^void qgoft::cuda::detail::", "", out)
+    out = re.sub(r"\(qgoft::cuda::\w+\)$", "", out)
+    return out
+
+
+def compile_one(nvcc: str, cuobjdump: str | None, src: str, arch: str, tmp: str) -> dict:
+    cubin = os.path.join(tmp, os.path.basename(src) + ".cubin")
+    proc = subprocess.run([nvcc, *FLAGS, f"-arch={arch}", "-cubin", "-Xptxas=-v", "-I", CUDA_DIR, src,
+                           "-o", cubin], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"nvcc failed for {src}:\n{proc.stderr[-4000:]}")
+    kernels: dict[str, dict] = {}
+    name = None
+    for line in proc.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line)
+        if m:
+            name = m.group(1)
+            kernels[name] = {}
+            continue
+        if name is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            kernels[name].update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            kernels[name]["regs"] = int(m.group(1))
+            m2 = re.search(r"(\d+) bytes smem", line)
+            kernels[name]["smem"] = int(m2.group(1)) if m2 else 0
+    if cuobjdump:
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
+        cur = None
+        for line in sass.splitlines():
+            m = re.search(r"Function : (\S+)", line)
+            if m:
+                cur = kernels.setdefault(m.group(1), {})
+                cur.update(sass=0, ldg128=0, stg128=0, local=0, shfl=0, bar=0)
+                continue
+            if cur is None or not re.match(r"\s+/\*[0-9a-f]{4,}\*/", line):
+                continue
+            ins = line.split("*/", 1)[1].strip()
+            op = re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0] if ins.split() else ""
+            if op in ("", "NOP"):
+                continue
+            cur["sass"] += 1
+            if op.startswith("LDG") and ".128" in op:
+                cur["ldg128"] += 1
+            if op.startswith("STG") and ".128" in op:
+                cur["stg128"] += 1
+            if op.startswith(("LDL", "STL")):
+                cur["local"] += 1
+            if op.startswith("SHFL"):
+                cur["shfl"] += 1
+            if op.startswith("BAR"):
+                cur["bar"] += 1
+    return {demangle_short(k): v for k, v in kernels.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--out", help="write the report as JSON")
+    ap.add_argument("--compare", help="an earlier JSON report: print the per-kernel differences")
+    ap.add_argument("--sources", nargs="*", help="the .cu files (default: csrc/cuda/chain_*.cu)")
+    args = ap.parse_args()
+    nvcc = find_tool("nvcc", "CUDACXX", None)
+    if nvcc is None:
+        sys.exit("nvcc not found (set CUDACXX)")
+    cuobjdump = find_tool("cuobjdump", "CUOBJDUMP", nvcc)
+    if cuobjdump is None:
+        print("cuobjdump not found: no SASS counts (pip install nvidia-cuda-cuobjdump)", file=sys.stderr)
+    srcs = args.sources or sorted(glob.glob(os.path.join(CUDA_DIR, "chain_*.cu")))
+    report: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex:
+        for part in ex.map(lambda s: compile_one(nvcc, cuobjdump, s, args.arch, tmp), srcs):
+            report.update(part)
+    old = json.load(open(args.compare)) if args.compare else {}
+    cols = ["regs", "spill_st", "spill_ld", "stack", "smem", "sass", "ldg128", "stg128", "local", "shfl", "bar"]
+    print(f"{'kernel':<70} " + " ".join(f"{c:>8}" for c in cols))
+    for name in sorted(report):
+        r = report[name]
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            if name in old and c in old[name] and old[name][c] != v:
+                v = f"{old[name][c]}>{v}"
+            cells.append(f"{v:>8}")
+        print(f"{name[:70]:<70} " + " ".join(cells))
+    for name in sorted(set(old) - set(report)):
+        print(f"{name[:70]:<70} (gone)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1, sort_keys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
