@@ -65,6 +65,10 @@ struct ParallelArgs {
   int want_blocks = 0;
   int want_scale = 0;
   int store = 1;               // forward: 0 = only write `top` (recomputation for the backward)
+  // > 0 (the "table" variant, = 8 T): every block first copies the blocks of its segment's layers
+  // 1 .. log2(8 T) into shared memory (ParallelTable in chain_sizes.h) and reads them from there for all
+  // the rows it owns; 0: every row reads them from the global (P, 4) table.
+  int table = 0;
 };
 
 struct GeneralArgs {

@@ -35,15 +35,23 @@ inline void launch(K* kernel, const LaunchConfig& c, cudaStream_t stream, const 
 }
 
 // The kernel instantiation for the run-time switches (vec: 16-byte row accesses; grads: parameter
-// gradients wanted).
+// gradients wanted; table: the shared-memory block table variant, ParallelArgs::table > 0).
 template <class S>
 struct Kernels {
-  static auto parallel_forward(bool vec) {
-    return vec ? parallel_forward_kernel<S, true> : parallel_forward_kernel<S, false>;
+  template <bool kVec>
+  static auto parallel_forward(bool table) {
+    return table ? parallel_forward_kernel<S, kVec, true> : parallel_forward_kernel<S, kVec, false>;
   }
-  static auto parallel_backward(bool vec, bool grads) {
-    if (vec) return grads ? parallel_backward_kernel<S, true, true> : parallel_backward_kernel<S, true, false>;
-    return grads ? parallel_backward_kernel<S, false, true> : parallel_backward_kernel<S, false, false>;
+  static auto parallel_forward(bool vec, bool table) {
+    return vec ? parallel_forward<true>(table) : parallel_forward<false>(table);
+  }
+  template <bool kVec, bool kGrads>
+  static auto parallel_backward(bool table) {
+    return table ? parallel_backward_kernel<S, kVec, kGrads, true> : parallel_backward_kernel<S, kVec, kGrads, false>;
+  }
+  static auto parallel_backward(bool vec, bool grads, bool table) {
+    if (vec) return grads ? parallel_backward<true, true>(table) : parallel_backward<true, false>(table);
+    return grads ? parallel_backward<false, true>(table) : parallel_backward<false, false>(table);
   }
   static auto general_backward(bool grads) {
     return grads ? general_backward_kernel<S, true> : general_backward_kernel<S, false>;
@@ -53,7 +61,7 @@ struct Kernels {
 // Launchers<S> (chain_launch.h): each launches exactly one kernel.
 template <class S>
 void Launchers<S>::parallel_forward(bool vec, const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s) {
-  launch(Kernels<S>::parallel_forward(vec), c, s, a);
+  launch(Kernels<S>::parallel_forward(vec, a.table > 0), c, s, a);
 }
 template <class S>
 void Launchers<S>::parallel_top_forward(const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s) {
@@ -62,11 +70,12 @@ void Launchers<S>::parallel_top_forward(const ParallelArgs& a, const LaunchConfi
 template <class S>
 void Launchers<S>::parallel_backward(bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                                      cudaStream_t s) {
-  launch(Kernels<S>::parallel_backward(vec, grads), c, s, a);
+  launch(Kernels<S>::parallel_backward(vec, grads, a.table > 0), c, s, a);
 }
 template <class S>
 int Launchers<S>::parallel_backward_occupancy(bool vec, bool grads, int threads, size_t smem) {
-  return occupancy(Kernels<S>::parallel_backward(vec, grads), threads, smem);
+  // the base kernel's (the table variant has the same register budget; smem covers its table)
+  return occupancy(Kernels<S>::parallel_backward(vec, grads, false), threads, smem);
 }
 template <class S>
 void Launchers<S>::general_forward(const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {

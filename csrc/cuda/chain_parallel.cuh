@@ -29,18 +29,23 @@ struct Tape {
 // One level of up to five cross-thread layers. Participant k of the level (a lane, or a warp's word)
 // holds element base + (k << sh); its exchange layer s (partners at distance m = 2^s) pairs participant
 // lo (lo % 2m == 0) with lo + m through block off[s] + ((base + (lo << sh)) >> (s + 1 + sh)), present when
-// the upper element is < d. Gradient accumulators of those pairs (backward; acc < 0: not accumulated):
-// element acc + 4 * (n - (n >> (s + c0)) + (lo >> (s + 1))) of the kernel's accumulator array.
-template <class A>
+// the upper element is < d. kTable: the block is read from the segment's shared-memory table
+// (ParallelTable, S = table; base is the segment start) instead. Gradient accumulators of those pairs
+// (backward; acc < 0: not accumulated): element acc + 4 * (n - (n >> (s + c0)) + (lo >> (s + 1))) of the
+// kernel's accumulator array.
+template <class A, bool kTable = false>
 struct XLevel {
   int base = 0, sh = 0, d = 0;
   const int32_t* off = nullptr;  // into the kernel's ParallelArgs (off + 4, off + 9 or top_off)
+  int table = 0;
   int acc = -1;
   int n = 0, c0 = 0;
 
   __device__ __forceinline__ int pair(int s, int lo) const {
     const int i = base + (lo << sh);
-    return i + ((1 << s) << sh) < d ? off[s] + (i >> (s + 1 + sh)) : -1;
+    if (i + ((1 << s) << sh) >= d) return -1;
+    if constexpr (kTable) return ParallelTable::first(table, s + 1 + sh) + ((lo << sh) >> (s + 1 + sh));
+    return off[s] + (i >> (s + 1 + sh));
   }
   __device__ __forceinline__ int acc_at(int s, int lo) const {
     return acc + 4 * (n - (n >> (s + c0)) + (lo >> (s + 1)));
@@ -48,9 +53,10 @@ struct XLevel {
 };
 
 // Shuffle level (layers 4 ..) of a segment, and its cross-warp level (layers 9 ..).
-template <class A>
-__device__ __forceinline__ XLevel<A> shuffle_level(const ParallelArgs& a, int seg_base) {
-  XLevel<A> lv;
+template <class A, bool kTable>
+__device__ __forceinline__ XLevel<A, kTable> shuffle_level(const ParallelArgs& a, int seg_base) {
+  XLevel<A, kTable> lv;
+  lv.table = a.table;
   lv.base = seg_base;
   lv.sh = kLogChunk;
   lv.d = static_cast<int>(a.d);
@@ -58,9 +64,10 @@ __device__ __forceinline__ XLevel<A> shuffle_level(const ParallelArgs& a, int se
   lv.n = a.T;
   return lv;
 }
-template <class A>
-__device__ __forceinline__ XLevel<A> cross_warp_level(const ParallelArgs& a, int seg_base) {
-  XLevel<A> lv;
+template <class A, bool kTable>
+__device__ __forceinline__ XLevel<A, kTable> cross_warp_level(const ParallelArgs& a, int seg_base) {
+  XLevel<A, kTable> lv;
+  lv.table = a.table;
   lv.base = seg_base;
   lv.sh = 5 + kLogChunk;
   lv.d = static_cast<int>(a.d);
@@ -82,8 +89,8 @@ __device__ __forceinline__ XLevel<A> top_level(const ParallelArgs& a) {
 
 // Forward through the first `layers` layers of a level (all 32 lanes of the warp must call it);
 // participant `pos` holds v. With kTape, tape[s] receives v as it was before layer s.
-template <bool kTape, class A>
-__device__ __forceinline__ A level_forward(const XLevel<A>& lv, int layers, int pos, bool active,
+template <bool kTape, class A, bool kTable>
+__device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int layers, int pos, bool active,
                                            const A* blocks, A v, A (&tape)[5]) {
 #pragma unroll
   for (int s = 0; s < 5; ++s) {
@@ -108,8 +115,8 @@ __device__ __forceinline__ A level_forward(const XLevel<A>& lv, int layers, int 
 // Backward through the layers of a level, last first: g is this participant's gradient; with kTape,
 // tape[s] is its value before layer s and the lower participant of each pair accumulates the block
 // gradient into acc[lv.acc_at(s, lo)] (when lv.acc >= 0).
-template <bool kTape, class A>
-__device__ __forceinline__ A level_backward(const XLevel<A>& lv, int layers, int pos, bool active,
+template <bool kTape, class A, bool kTable>
+__device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int layers, int pos, bool active,
                                             const A* blocks, A* acc, A g, const A (&tape)[5]) {
 #pragma unroll
   for (int s = 4; s >= 0; --s) {
@@ -172,12 +179,42 @@ struct Lanes {
   }
 };
 
+// Block of in-thread layer r (1 .. 3) for the pair that starts at chunk element e of this thread: in the
+// global table, or (kTable) in the segment's shared-memory table.
+template <bool kTable>
+__device__ __forceinline__ int in_thread_pair(const ParallelArgs& a, const Lanes& ln, int r, int e) {
+  if constexpr (kTable) return ParallelTable::first(a.table, r) + (e >> r) * a.T + ln.t;
+  return a.off[r] + ((ln.base + e) >> r);
+}
+
+// Table variant: the block copies its segment's blocks of layers 1 .. log2 S from the global table into
+// tab (ParallelTable layout; zeros for pairs past d, which are never read). The caller synchronises.
+template <class A>
+__device__ __forceinline__ void fill_table(const ParallelArgs& a, int seg_base, A* tab) {
+  const int S = a.table, d = static_cast<int>(a.d);
+  const A* blocks = static_cast<const A*>(a.blocks);
+  for (int idx = threadIdx.x; idx < S - 1; idx += blockDim.x) {
+    int r = 1;
+    while (idx >= ParallelTable::first(S, r + 1)) ++r;
+    int k = idx - ParallelTable::first(S, r);  // pair k of the segment's layer r
+    if (r <= kLogChunk) k = (k % a.T) * (kChunk >> r) + k / a.T;
+    const int i = seg_base + (k << r);
+    A g0 = A(0), g1 = A(0), g2 = A(0), g3 = A(0);
+    if (i + (1 << (r - 1)) < d) load_block(blocks, a.off[r] + (i >> r), g0, g1, g2, g3);
+    A* e = tab + 4 * static_cast<int64_t>(idx);
+    e[0] = g0;
+    e[1] = g1;
+    e[2] = g2;
+    e[3] = g3;
+  }
+}
+
 // Applies layers 1 .. log2(8 T) to a row segment (forward direction), optionally recording the tape.
 // Must be reached by all threads of the block (shuffles with the full mask, __syncthreads).
-template <class A, bool kTape>
-__device__ __forceinline__ void parallel_forward_local(const ParallelArgs& a, const Lanes& ln, A (&v)[kChunk],
-                                                       A* xch, Tape<A>& tp) {
-  const A* blocks = static_cast<const A*>(a.blocks);
+// blocks: the global table, or (kTable) the segment's shared-memory table.
+template <class A, bool kTape, bool kTable>
+__device__ __forceinline__ void parallel_forward_local(const ParallelArgs& a, const Lanes& ln, const A* blocks,
+                                                       A (&v)[kChunk], A* xch, Tape<A>& tp) {
   const int d = static_cast<int>(a.d);
 #pragma unroll
   for (int li = 0; li < kLogChunk; ++li) {  // in-thread layers 1-3
@@ -189,14 +226,14 @@ __device__ __forceinline__ void parallel_forward_local(const ParallelArgs& a, co
 #pragma unroll
     for (int e = 0; e < kChunk; e += 2 * h) {
       const int i = ln.base + e;
-      if (i + h < d) rotate_pair(blocks, a.off[li + 1] + (i >> (li + 1)), v[e], v[e + h]);
+      if (i + h < d) rotate_pair(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), v[e], v[e + h]);
     }
   }
   const int LS = a.logT < 5 ? a.logT : 5;
-  v[0] = level_forward<kTape>(shuffle_level<A>(a, ln.seg_base), LS, ln.t, true, blocks, v[0], tp.sh);
+  v[0] = level_forward<kTape>(shuffle_level<A, kTable>(a, ln.seg_base), LS, ln.t, true, blocks, v[0], tp.sh);
   if (a.logT > 5) {
     const int nw = a.T >> 5;
-    const XLevel<A> lv = cross_warp_level<A>(a, ln.seg_base);
+    const XLevel<A, kTable> lv = cross_warp_level<A, kTable>(a, ln.seg_base);
     v[0] = via_warp0(v[0], ln.tid, ln.slot * nw + (ln.t >> 5), a.R * nw, xch, [&](int q, bool qv, A u) {
       return level_forward<kTape>(lv, a.logT - 5, q & (nw - 1), qv, blocks, u, tp.top);
     });
@@ -205,12 +242,19 @@ __device__ __forceinline__ void parallel_forward_local(const ParallelArgs& a, co
 
 // Forward: y = scale * chain(x) on row segments (blockIdx.y = segment). Segmented rows also write
 // the local result of every segment start to `top` (parallel_top_forward_kernel finishes them).
-template <class S, bool kVec>
+// kTable: the block's segment of the block table is copied to shared memory first (after xch).
+template <class S, bool kVec, bool kTable>
 __global__ void __launch_bounds__(1024) parallel_forward_kernel(const ParallelArgs a) {
   using A = typename Elem<S>::A;
   QGOFT_DYNAMIC_SMEM(smem_raw);
   A* xch = reinterpret_cast<A*>(smem_raw);
   const Lanes ln(a);
+  const A* blocks = static_cast<const A*>(a.blocks);
+  if constexpr (kTable) {
+    fill_table(a, ln.seg_base, xch + 32);
+    blocks = xch + 32;
+    __syncthreads();
+  }
   const int d = static_cast<int>(a.d);
   const S* x = static_cast<const S*>(a.x);
   S* y = static_cast<S*>(a.out);
@@ -220,7 +264,7 @@ __global__ void __launch_bounds__(1024) parallel_forward_kernel(const ParallelAr
     A v[kChunk];
     load_chunk<S, kVec>(x + row * a.x_ld, ln.base, d, valid, v);
     Tape<A> tp;
-    parallel_forward_local<A, false>(a, ln, v, xch, tp);
+    parallel_forward_local<A, false, kTable>(a, ln, blocks, v, xch, tp);
     if (a.nseg > 1 && ln.t == 0 && valid) static_cast<A*>(a.top)[row * a.nseg + ln.sigma] = v[0];
     if (a.store) {
       scale_chunk(static_cast<const A*>(a.scale), ln.base, d, v);
@@ -359,7 +403,7 @@ __device__ __forceinline__ void parallel_write_sums(const ParallelArgs& a, const
 // owns (groups blockIdx.x, blockIdx.x + gridDim.x, ... of segment blockIdx.y) into partial row
 // blockIdx.x. Accumulators: in-thread pairs in registers, cross-thread pairs in shared memory, each
 // owned by one thread (no atomics); row slots of a block are summed in slot order at the end.
-template <class S, bool kVec, bool kGrads>
+template <class S, bool kVec, bool kGrads, bool kTable>
 __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelArgs a) {
   using A = typename Elem<S>::A;
   QGOFT_DYNAMIC_SMEM(smem_raw);
@@ -370,11 +414,15 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
   const int d = static_cast<int>(a.d);
   const int P = static_cast<int>(a.num_pairs);
   const int width = 4 * P + d;
-  const ParallelBackwardSmem layout(R, T, a.nseg, width, kGrads);
+  const ParallelBackwardSmem layout(R, T, a.nseg, width, kGrads, kTable ? a.table : 0);
   A* xch = sm;
   A* cacc = sm + layout.cacc;  // [R][T-1][4]: cross-thread pairs of each slot
   A* tacc = sm + layout.tacc;  // [31][4] top pairs, then [32] segment-start scale
-  const A* blocks = static_cast<const A*>(a.blocks);
+  const A* blocks = static_cast<const A*>(a.blocks);  // layers 1 .. log2 S (global or the table)
+  if constexpr (kTable) {
+    fill_table(a, ln.seg_base, sm + layout.tab);
+    blocks = sm + layout.tab;
+  }
   const S* x = static_cast<const S*>(a.x);
   const S* grad = static_cast<const S*>(a.grad);
   S* gx = static_cast<S*>(a.out);
@@ -402,7 +450,7 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
     if constexpr (kGrads) {  // recompute the forward, recording the tape
       A v[kChunk];
       load_chunk<S, kVec>(x + row * a.x_ld, ln.base, d, valid, v);
-      parallel_forward_local<A, true>(a, ln, v, xch, tp);
+      parallel_forward_local<A, true, kTable>(a, ln, blocks, v, xch, tp);
       if (acc_scale && valid) {
 #pragma unroll
         for (int e = 0; e < kChunk; ++e) {
@@ -418,7 +466,7 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
     }
     if (a.logT > 5) {  // cross-warp layers, reversed
       const int nw = T >> 5;
-      XLevel<A> lv = cross_warp_level<A>(a, ln.seg_base);
+      XLevel<A, kTable> lv = cross_warp_level<A, kTable>(a, ln.seg_base);
       gv[0] = via_warp0(gv[0], ln.tid, ln.slot * nw + (ln.t >> 5), R * nw, xch, [&](int q, bool qv, A gq) {
         const int qslot = q >> (a.logT - 5);
         if (acc_blocks && qv && g * R + qslot < a.rows) lv.acc = 4 * qslot * (T - 1);
@@ -426,7 +474,7 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
       });
     }
     {  // shuffle layers, reversed
-      XLevel<A> lv = shuffle_level<A>(a, ln.seg_base);
+      XLevel<A, kTable> lv = shuffle_level<A, kTable>(a, ln.seg_base);
       if (acc_blocks && valid) lv.acc = 4 * ln.slot * (T - 1);
       gv[0] = level_backward<kGrads>(lv, LS, ln.t, true, blocks, cacc, gv[0], tp.sh);
     }
@@ -438,7 +486,7 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
         const int i = ln.base + e;
         if (i + h < d) {
           A g0, g1, g2, g3;
-          load_block(blocks, a.off[li + 1] + (i >> (li + 1)), g0, g1, g2, g3);
+          load_block(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), g0, g1, g2, g3);
           const A gi = gv[e], gj = gv[e + h];
           if constexpr (kGrads) {
             constexpr int kFirst[3] = {0, 4, 6};

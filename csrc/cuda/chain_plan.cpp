@@ -2,6 +2,9 @@
 #include "chain_plan.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
 #include <string>
 
 #include "chain_sizes.h"
@@ -85,13 +88,35 @@ void fill_general(GeneralArgs& a, const Problem& p) {
 
 std::string str(int64_t v) { return std::to_string(v); }
 
+// Resident blocks per SM of a kernel that needs `smem` bytes of dynamic shared memory and few registers
+// (the table-variant forward): the thread and shared-memory limits (1 KiB reserved per block).
+int64_t estimated_occupancy(int threads, int64_t smem, const Limits& lim) {
+  const int64_t by_threads = 2048 / std::max(threads, 1);
+  const int64_t by_smem = (lim.smem_optin + 1024) / (smem + 1024);
+  return std::max<int64_t>(1, std::min({by_threads, by_smem, int64_t(32)}));
+}
+
+bool table_variant(const Knobs& k) {
+  return (k.variant == Variant::FromEnv ? variant_from_env() : k.variant) == Variant::Table;
+}
+
 }  // namespace
+
+Variant variant_from_env() {
+  const char* v = std::getenv("QGOFT_CUDA_VARIANT");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "base") == 0) return Variant::Base;
+  if (std::strcmp(v, "table") == 0) return Variant::Table;
+  throw std::invalid_argument(std::string("QGOFT_CUDA_VARIANT must be base or table, got '") + v + "'");
+}
 
 ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs) {
   ForwardPlan plan;
   const int64_t es = acc_size(p.dtype);
   if (use_parallel(p, knobs)) {
-    const ParallelShape s = parallel_shape(p.d, kParallelForwardMaxThreads, knobs.segment);
+    // table variant: segments of at most 4096 elements (a table of <= 64 KiB in float32)
+    const bool table = table_variant(knobs);
+    const ParallelShape s =
+        parallel_shape(p.d, table ? kParallelBackwardMaxThreads : kParallelForwardMaxThreads, knobs.segment);
     plan.parallel = true;
     ParallelArgs& a = plan.pa;
     fill_parallel(a, p, s);
@@ -102,6 +127,13 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
     plan.main.grid = dim3(static_cast<unsigned>(std::min(a.groups, kMaxGridX)), s.nseg);
     plan.main.threads = s.R * s.T;
     plan.main.smem = static_cast<size_t>(32 * es);
+    if (table && detail::parallel_forward_smem(kChunk * s.T) * es <= lim.smem_optin) {
+      a.table = kChunk * s.T;
+      plan.main.smem = static_cast<size_t>(detail::parallel_forward_smem(a.table) * es);
+      const int64_t occ = estimated_occupancy(plan.main.threads, plan.main.smem, lim);
+      plan.main.grid.x = static_cast<unsigned>(
+          std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ / s.nseg)));
+    }
     if (s.nseg > 1) {
       plan.top_pass = true;
       plan.top_elems = p.rows * s.nseg;
@@ -110,7 +142,7 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
       plan.top.smem = 0;
     }
     plan.describe = "path=parallel T=" + str(s.T) + " R=" + str(s.R) + " nseg=" + str(s.nseg) +
-                    " vec=" + str(plan.vec) + " grid=" + str(plan.main.grid.x);
+                    " vec=" + str(plan.vec) + " table=" + str(a.table) + " grid=" + str(plan.main.grid.x);
     return plan;
   }
   GeneralArgs& a = plan.ga;
@@ -154,6 +186,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
   const int64_t partial_cap = std::max<int64_t>(1, kPartialCapBytes / (plan.partial_ld * es));
 
   if (use_parallel(p, knobs)) {
+    const bool table = table_variant(knobs);
     const ParallelShape s = parallel_shape(p.d, kParallelBackwardMaxThreads, knobs.segment);
     plan.parallel = true;
     ParallelArgs& a = plan.pa;
@@ -171,18 +204,31 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
       vec = vec && p.x_ld % kChunk == 0 && aligned16(p.x);
     }
     plan.vec = vec;
-    if (grads && s.nseg > 1) {
+    const int threads = s.R * s.T;
+    if (table && detail::ParallelBackwardSmem(s.R, s.T, s.nseg, width, grads, kChunk * s.T).total * es <=
+                     lim.smem_optin) {
+      a.table = kChunk * s.T;
+    }
+    if (grads && s.nseg > 1) {  // the forward kernel, with the same variant, recomputes the segment starts
       plan.top_pass = true;
       plan.top_elems = p.rows * s.nseg;
       plan.top.grid = dim3(static_cast<unsigned>(std::min(a.groups, kMaxGridX)), s.nseg);
       plan.top.threads = s.T;
-      plan.top.smem = static_cast<size_t>(32 * es);
+      plan.top.smem = static_cast<size_t>(detail::parallel_forward_smem(a.table) * es);
+      if (a.table > 0) {
+        const int64_t occ = estimated_occupancy(s.T, plan.top.smem, lim);
+        plan.top.grid.x = static_cast<unsigned>(
+            std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ / s.nseg)));
+      }
     }
-    const int threads = s.R * s.T;
-    const detail::ParallelBackwardSmem sm(s.R, s.T, s.nseg, width, grads);
+    const detail::ParallelBackwardSmem sm(s.R, s.T, s.nseg, width, grads, a.table);
     plan.main.threads = threads;
     plan.main.smem = static_cast<size_t>(sm.total * es);
     int64_t blocks = std::min(a.groups, kMaxGridX);
+    if (a.table > 0 && !grads) {  // persistent grid: the table is read once per block
+      const int occ = occupancy(true, vec, grads, threads, plan.main.smem);
+      blocks = std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ / s.nseg));
+    }
     if (grads) {
       const int occ = occupancy(true, vec, grads, threads, plan.main.smem);
       blocks = std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ / s.nseg));
@@ -192,7 +238,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     }
     plan.main.grid = dim3(static_cast<unsigned>(blocks), s.nseg);
     plan.describe = "path=parallel T=" + str(s.T) + " R=" + str(s.R) + " nseg=" + str(s.nseg) +
-                    " vec=" + str(vec) + " grads=" + str(grads) + " grid=" + str(blocks) +
+                    " vec=" + str(vec) + " table=" + str(a.table) + " grads=" + str(grads) + " grid=" + str(blocks) +
                     " smem=" + str(plan.main.smem);
     return plan;
   }

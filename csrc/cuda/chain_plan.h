@@ -13,10 +13,19 @@ namespace qgoft::cuda {
 
 // Debug / testing knobs (environment variables QGOFT_CUDA_PATH and QGOFT_CUDA_SEGMENT in the glue).
 enum class ForcedPath { Auto, General, Global };
+// Kernel variants of the parallel layout (docs/CUDA.md, "Variants"): Base reads the block table from
+// global memory for every row; Table copies each block's segment of it into shared memory once and runs a
+// persistent grid. FromEnv: QGOFT_CUDA_VARIANT=base|table (default base), read by the planner.
+enum class Variant { FromEnv, Base, Table };
 struct Knobs {
   ForcedPath path = ForcedPath::Auto;
   int segment = 0;  // 0 or a power of two in [256, 8192]: segment width of the parallel kernels
+  Variant variant = Variant::FromEnv;
 };
+
+// The variant named by QGOFT_CUDA_VARIANT (unset or empty: Base); throws std::invalid_argument for any
+// other value than base or table.
+Variant variant_from_env();
 
 struct Limits {
   int sm_count = 1;

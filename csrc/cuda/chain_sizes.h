@@ -13,16 +13,35 @@
 
 namespace qgoft::cuda::detail {
 
+// Block table of one row segment of S = 8 T elements in shared memory (the "table" variant of the
+// parallel kernels, ParallelArgs::table = S): layers 1 .. log2 S, layer r's S >> r blocks (4 entries
+// each) from block first(S, r) = S - (S >> (r - 1)) on, S - 1 blocks in all. The in-thread layers
+// (r <= 3, 8 >> r pairs per thread) are stored transposed, pair j of thread t at first(S, r) + j T + t,
+// so that the threads of a warp read consecutive blocks; layers r > 3 in pair order.
+struct ParallelTable {
+  static QGOFT_HOST_DEVICE int64_t blocks(int S) { return S > 0 ? S - 1 : 0; }
+  static QGOFT_HOST_DEVICE int first(int S, int r) { return S - (S >> (r - 1)); }
+};
+
+// Shared memory of the parallel forward kernel, in accumulation-type elements: [32] exchange words |
+// [4 (S - 1)] the segment's block table (table variant, S = ParallelArgs::table > 0).
+QGOFT_HOST_DEVICE inline int64_t parallel_forward_smem(int table) {
+  return 32 + 4 * ParallelTable::blocks(table);
+}
+
 // Shared memory of the parallel backward kernel, in accumulation-type elements:
 // [32] exchange words | [R][T-1][4] cross-thread pair accumulators | [31 * 4 + 32] top-layer
-// accumulators (segmented rows) | [R][width] per-slot sums (R > 1).
+// accumulators (segmented rows) | [R][width] per-slot sums (R > 1) | (table variant, from a multiple
+// of 4 elements) [4 (S - 1)] the segment's block table.
 struct ParallelBackwardSmem {
-  int64_t cacc, tacc, red, total;
-  QGOFT_HOST_DEVICE ParallelBackwardSmem(int R, int T, int nseg, int64_t width, bool grads) {
+  int64_t cacc, tacc, red, tab, total;
+  QGOFT_HOST_DEVICE ParallelBackwardSmem(int R, int T, int nseg, int64_t width, bool grads, int table) {
     cacc = 32;
     tacc = cacc + (grads ? static_cast<int64_t>(R) * (T - 1) * 4 : 0);
     red = tacc + (grads && nseg > 1 ? 5 * kMaxTopLanes : 0);
-    total = red + (grads && R > 1 ? static_cast<int64_t>(R) * width : 0);
+    const int64_t end = red + (grads && R > 1 ? static_cast<int64_t>(R) * width : 0);
+    tab = table > 0 ? (end + 3) / 4 * 4 : end;
+    total = tab + 4 * ParallelTable::blocks(table);
   }
 };
 

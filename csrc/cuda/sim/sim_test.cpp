@@ -259,8 +259,43 @@ struct Options {
   int64_t pad = 0;     // extra elements per input row (row stride d + pad)
   int64_t offset = 0;  // elements before the first input row (0: 16-byte aligned)
   bool mask_x = true, mask_params = true, mask_scale = true;
-  Knobs knobs;
+  Knobs knobs = {ForcedPath::Auto, 0, Variant::Base};
 };
+
+// The problem the glue would describe for this layout and these rows (pointers set by the caller).
+Problem make_problem(DType dtype, const Layout& lay, int64_t rows) {
+  Problem p;
+  p.dtype = dtype;
+  p.rows = rows;
+  p.d = lay.d;
+  p.num_pairs = lay.P();
+  p.num_layers = lay.L();
+  p.parallel_layout = lay.parallel;
+  return p;
+}
+
+// The parallel kernels' instantiation for a plan's switches, run over the plan's grid.
+template <class S>
+void run_parallel_forward(const LaunchConfig& c, bool vec, const ParallelArgs& a) {
+  run_kernel(c, [&] {
+    if (a.table > 0) {
+      if (vec) detail::parallel_forward_kernel<S, true, true>(a);
+      else detail::parallel_forward_kernel<S, false, true>(a);
+    } else {
+      if (vec) detail::parallel_forward_kernel<S, true, false>(a);
+      else detail::parallel_forward_kernel<S, false, false>(a);
+    }
+  });
+}
+template <class S, bool kTable>
+void run_parallel_backward(const LaunchConfig& c, bool vec, bool grads, const ParallelArgs& a) {
+  run_kernel(c, [&] {
+    if (vec && grads) detail::parallel_backward_kernel<S, true, true, kTable>(a);
+    else if (vec) detail::parallel_backward_kernel<S, true, false, kTable>(a);
+    else if (grads) detail::parallel_backward_kernel<S, false, true, kTable>(a);
+    else detail::parallel_backward_kernel<S, false, false, kTable>(a);
+  });
+}
 
 // Runs forward + backward through plan + kernels, like chain_cuda.cpp, and checks them.
 template <class S>
@@ -274,6 +309,7 @@ void run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
                     " rows=" + std::to_string(rows) + (o.quasi ? " quasi" : " givens") +
                     (o.with_scale ? "+scale" : "") + " pad=" + std::to_string(o.pad) +
                     " off=" + std::to_string(o.offset) + " path=" + std::to_string(int(o.knobs.path)) +
+                    " variant=" + std::to_string(int(o.knobs.variant)) +
                     " seg=" + std::to_string(o.knobs.segment) + " mask=" + std::to_string(o.mask_x) +
                     std::to_string(o.mask_params) + std::to_string(o.mask_scale);
 
@@ -342,13 +378,7 @@ void run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
   // ---- forward ----
   {
     std::vector<S> y = poisoned<S>(rows * d);
-    Problem p;
-    p.dtype = Traits<S>::dtype;
-    p.rows = rows;
-    p.d = d;
-    p.num_pairs = P;
-    p.num_layers = lay.L();
-    p.parallel_layout = lay.parallel;
+    Problem p = make_problem(Traits<S>::dtype, lay, rows);
     p.x = xs.data() + o.offset;
     p.x_ld = ld;
     p.out = y.data();
@@ -361,8 +391,7 @@ void run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
     std::vector<A> top = poisoned<A>(plan.top_elems), ws = poisoned<A>(plan.workspace_elems);
     if (plan.parallel) {
       plan.pa.top = top.data();
-      if (plan.vec) run_kernel(plan.main, [&] { detail::parallel_forward_kernel<S, true>(plan.pa); });
-      else run_kernel(plan.main, [&] { detail::parallel_forward_kernel<S, false>(plan.pa); });
+      run_parallel_forward<S>(plan.main, plan.vec, plan.pa);
       if (plan.top_pass) run_kernel(plan.top, [&] { detail::parallel_top_forward_kernel<S>(plan.pa); });
     } else {
       if (plan.workspace_elems) plan.ga.workspace = ws.data();
@@ -377,13 +406,7 @@ void run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
   std::vector<double> first;
   for (int rep = 0; rep < 2; ++rep) {
     std::vector<S> gx = poisoned<S>(rows * d);
-    Problem p;
-    p.dtype = Traits<S>::dtype;
-    p.rows = rows;
-    p.d = d;
-    p.num_pairs = P;
-    p.num_layers = lay.L();
-    p.parallel_layout = lay.parallel;
+    Problem p = make_problem(Traits<S>::dtype, lay, rows);
     p.grad = gs.data() + o.offset;
     p.grad_ld = ld;
     p.out = o.mask_x ? gx.data() : nullptr;
@@ -411,16 +434,10 @@ void run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
         ParallelArgs fa = plan.pa;
         fa.store = 0;
         fa.out = nullptr;
-        if (plan.vec) run_kernel(plan.top, [&] { detail::parallel_forward_kernel<S, true>(fa); });
-        else run_kernel(plan.top, [&] { detail::parallel_forward_kernel<S, false>(fa); });
+        run_parallel_forward<S>(plan.top, plan.vec, fa);
       }
-      const bool v = plan.vec, gr = plan.grads;
-      run_kernel(plan.main, [&] {
-        if (v && gr) detail::parallel_backward_kernel<S, true, true>(plan.pa);
-        else if (v) detail::parallel_backward_kernel<S, true, false>(plan.pa);
-        else if (gr) detail::parallel_backward_kernel<S, false, true>(plan.pa);
-        else detail::parallel_backward_kernel<S, false, false>(plan.pa);
-      });
+      if (plan.pa.table > 0) run_parallel_backward<S, true>(plan.main, plan.vec, plan.grads, plan.pa);
+      else run_parallel_backward<S, false>(plan.main, plan.vec, plan.grads, plan.pa);
     } else {
       if (plan.workspace_elems) plan.ga.workspace = ws.data();
       if (plan.grads) run_kernel(plan.main, [&] { detail::general_backward_kernel<S, true>(plan.ga); });
@@ -510,6 +527,25 @@ void suite(bool full, std::mt19937_64& rng) {
   lays.push_back(empty);
   for (const Layout& lay : lays) {
     for (bool quasi : {true, false}) {
+      if (lay.parallel) {  // the table variant: every mask, aligned and unaligned, segmented
+        Options o;
+        o.quasi = quasi;
+        o.with_scale = quasi;
+        o.knobs.variant = Variant::Table;
+        o.rows = lay.d >= 2048 ? 3 : 17;
+        run_all_masks<S>(lay, o, rng);
+        o.pad = 3;
+        o.offset = 1;
+        o.with_scale = !quasi;
+        o.rows = 3;
+        run_case_counted<S>(lay, o, rng);
+        if (lay.d > 256) {
+          o.pad = 0;
+          o.offset = 0;
+          o.knobs.segment = 256;
+          run_all_masks<S>(lay, o, rng);
+        }
+      }
       Options o;
       o.quasi = quasi;
       o.with_scale = quasi;
@@ -561,6 +597,9 @@ int main(int argc, char** argv) {
     Options o;
     o.rows = 2;
     run_case_counted<float>(parallel_layout(4096), o, rng);  // 512 threads, cross-warp layers
+    o.knobs.variant = Variant::Table;
+    run_case_counted<float>(parallel_layout(4096), o, rng);
+    run_case_counted<float>(parallel_layout(300), o, rng);
   } else {
     suite<float>(full, rng);
     suite<double>(full, rng);
@@ -571,6 +610,10 @@ int main(int argc, char** argv) {
       o.rows = 2;
       run_case_counted<float>(parallel_layout(65536), o, rng);  // 16 backward segments, 8 forward
       run_case_counted<__nv_bfloat16>(parallel_layout(12288), o, rng);
+      o.knobs.variant = Variant::Table;
+      run_case_counted<float>(parallel_layout(65536), o, rng);
+      run_case_counted<__nv_bfloat16>(parallel_layout(11008), o, rng);
+      run_case_counted<double>(parallel_layout(4096), o, rng);
     }
   }
   std::printf("cuda host emulation: %d cases, %d failed checks\n", g_cases, g_failures);
