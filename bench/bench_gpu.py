@@ -1,13 +1,14 @@
-"""GPU benchmarks: the fused CUDA chain against a device-to-device copy of the same tensor, and
-qgoft.nn.Linear against a frozen nn.Linear. Contenders run side by side in one process, in interleaved
-rounds, timed with CUDA events after warm-up; medians are reported.
+"""GPU timings of qgoft's CUDA chain kernels, every kernel variant side by side, and of qgoft.nn.Linear
+against a frozen nn.Linear, PEFT LoRA r=8 and PEFT OFT (targets 1-4 of docs/CUDA.md, "GPU targets").
+Contenders of a table run in one process, in interleaved rounds, timed with CUDA events after warm-up;
+medians are reported. The kernel variant of each chain call is chosen with QGOFT_CUDA_VARIANT (read by the
+planner per call), so the variants share every round.
 
-    python bench/bench_gpu.py [--rounds 25] [--out DIR] [--quick]
+    python bench/bench_gpu.py [--rounds 15] [--out DIR] [--quick] [--variants base,table]
+    python bench/bench_gpu.py --dry-run     # no GPU: tiny shapes on the CPU, CPU timers (checks the script)
 
-Targets: chain forward on 8192 x 4096 (bf16 and fp32) >= 60 % of the copy bandwidth of the same
-tensor (i.e. time <= copy / 0.6), backward <= 3x the copy time, qgoft.nn.Linear 4096 x 4096 bf16
-forward + backward with 8192 rows <= 1.10x a frozen nn.Linear. Writes bench_gpu.md and bench_gpu.json
-into --out (default $OUT when set).
+Writes bench_gpu.md and bench_gpu.json (header, tables, targets with met / missed and the number) into
+--out (default $OUT when set).
 """
 from __future__ import annotations
 
@@ -16,43 +17,89 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
-from typing import Callable
+import time
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 import qgoft
 from qgoft import layouts
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench_common as bc  # noqa: E402
+import bench_layer as bl  # noqa: E402
 
-def timed(contenders: dict[str, Callable[[], object]], rounds: int, inner: int) -> dict[str, float]:
-    """Median milliseconds per call of each contender: interleaved rounds, CUDA events around `inner`
-    back-to-back calls."""
-    for fn in contenders.values():  # warm-up (also validates and caches the layouts)
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    samples: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(rounds):
-        events = []
-        for name, fn in contenders.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
+VARIANTS = ("base", "table")
+COPY = "copy (buf.copy_(x))"
+FWD_TARGET = 0.80   # target 1: >= 80 % of the copy bandwidth of the same tensor
+BWD_TARGET = 2.0    # target 2: <= 2.0x the copy time of x
+STACK_TARGET = 1.5  # target 3: stack=2 (parallel) <= 1.5x the single parallel layout
+BUTTERFLY_TARGET = 2.0
+LINEAR_TARGET = 1.20  # target 4: qgoft.nn.Linear fwd+bwd <= 1.20x frozen, below LoRA r=8 and OFT
+
+
+class Clock:
+    """Per-call milliseconds of interleaved contenders: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def timed(self, contenders: Dict[str, Callable[[], object]], rounds: int, inner: int) -> Dict[str, float]:
+        """Median ms per call of each contender over `rounds` interleaved rounds of `inner` calls."""
+        for fn in contenders.values():  # warm-up (also validates and caches the layouts)
+            for _ in range(3):
                 fn()
-            end.record()
-            events.append((name, start, end))
-        torch.cuda.synchronize()
-        for name, start, end in events:
-            samples[name].append(start.elapsed_time(end) / inner)
-    return {k: statistics.median(v) for k, v in samples.items()}
+        self.sync()
+        samples: Dict[str, List[float]] = {k: [] for k in contenders}
+        for _ in range(rounds):
+            marks = []
+            for name, fn in contenders.items():
+                if self.cuda:
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(inner):
+                        fn()
+                    end.record()
+                    marks.append((name, start, end))
+                else:
+                    t0 = time.perf_counter()
+                    for _ in range(inner):
+                        fn()
+                    samples[name].append((time.perf_counter() - t0) * 1e3 / inner)
+            self.sync()
+            for name, start, end in marks:
+                samples[name].append(start.elapsed_time(end) / inner)
+        return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int) -> list[dict]:
-    dev = "cuda"
+def with_variant(variant: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run with QGOFT_CUDA_VARIANT=variant (the planner reads it on every call)."""
+    def run() -> object:
+        os.environ["QGOFT_CUDA_VARIANT"] = variant
+        try:
+            return fn()
+        finally:
+            os.environ.pop("QGOFT_CUDA_VARIANT", None)
+    return run
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: List[str], dev: str,
+               clock: Clock) -> List[dict]:
+    """Targets 1-2: the parallel-layout chain ops against a copy of x, per variant."""
+    gen = torch.Generator(device=dev).manual_seed(0)
     lay = layouts.parallel(d)
     pairs, offs = lay.pairs_tensor(dev), lay.layer_offsets_tensor(dev)
-    gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(rows, d, device=dev, dtype=dtype, generator=gen)
     g = torch.randn(rows, d, device=dev, dtype=dtype, generator=gen)
     buf = torch.empty_like(x)
@@ -61,8 +108,7 @@ def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int) -> list[dict]
         lay.num_pairs, 2, 2, device=dev, generator=gen)
     scale = 1 + 0.1 * torch.randn(d, device=dev, generator=gen)
     ops = torch.ops.qgoft
-    contenders = {
-        "copy (buf.copy_(x))": lambda: buf.copy_(x),
+    calls = {
         "goft forward": lambda: ops.givens_chain(x, angles, pairs, offs, None),
         "qgoft forward": lambda: ops.quasi_givens_chain(x, blocks, pairs, offs, None),
         "goft backward (dx, dθ)": lambda: ops.givens_chain_backward(g, x, angles, pairs, offs, None,
@@ -74,164 +120,217 @@ def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int) -> list[dict]
         "adjoint (dx only)": lambda: ops.givens_chain_backward(g, x, angles, pairs, offs, None,
                                                                [True, False, False]),
     }
-    med = timed(contenders, rounds, inner=5)
-    copy = med["copy (buf.copy_(x))"]
+    contenders: Dict[str, Callable[[], object]] = {COPY: lambda: buf.copy_(x)}
+    for v in variants:
+        for name, fn in calls.items():
+            contenders[f"{name} [{v}]"] = with_variant(v, fn)
+    med = clock.timed(contenders, rounds, inner=5)
+    copy = med[COPY]
     nbytes = x.numel() * x.element_size()
     out = []
-    for name, ms in med.items():
-        moved = 3 * nbytes if "backward" in name else 2 * nbytes  # backward reads x and g, writes dx
-        if name.startswith("adjoint"):
-            moved = 2 * nbytes
-        out.append({"case": f"{rows}x{d} {str(dtype).replace('torch.', '')}", "contender": name, "ms": ms,
-                    "vs_copy": ms / copy, "GBps": moved / ms / 1e6,
+    for key, ms in med.items():
+        name, _, variant = key.partition(" [")
+        backward = "backward" in name
+        moved = 3 * nbytes if backward else 2 * nbytes  # backward reads x and g, writes dx
+        out.append({"case": f"{rows}x{d} {dtype_name(dtype)}", "contender": name, "variant": variant.rstrip("]"),
+                    "ms": ms, "vs_copy": ms / copy, "GBps": moved / ms / 1e6,
                     "copy_bw_fraction": (moved / ms) / (2 * nbytes / copy)})
     return out
 
 
-def general_path_rows(rows: int, d: int, dtype: torch.dtype, rounds: int) -> list[dict]:
-    """The same parallel layout through the general kernels (forced), and other layouts: for reference."""
-    dev = "cuda"
-    out = []
+def layout_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: List[str], dev: str,
+                clock: Clock) -> List[dict]:
+    """Target 3: butterfly and stack=2 (parallel) against the single parallel layout (goft, dx + dθ)."""
     x = torch.randn(rows, d, device=dev, dtype=dtype)
     g = torch.randn(rows, d, device=dev, dtype=dtype)
-    buf = torch.empty_like(x)
-    for kind in ("parallel", "butterfly", "parallel*2"):
-        lay = {"parallel": layouts.parallel, "butterfly": layouts.butterfly,
-               "parallel*2": lambda n: layouts.stack(layouts.parallel(n), 2)}[kind](d)
+    ops = torch.ops.qgoft
+    contenders: Dict[str, Callable[[], object]] = {}
+    for kind, lay in (("parallel", layouts.parallel(d)), ("butterfly", layouts.butterfly(d)),
+                      ("parallel*2", layouts.stack(layouts.parallel(d), 2))):
         pairs, offs = lay.pairs_tensor(dev), lay.layer_offsets_tensor(dev)
         angles = 0.1 * torch.randn(lay.num_pairs, device=dev)
-        ops = torch.ops.qgoft
-
-        def fwd():
-            return ops.givens_chain(x, angles, pairs, offs, None)
-
-        def bwd():
-            return ops.givens_chain_backward(g, x, angles, pairs, offs, None, [True, True, False])
-
-        paths = ["auto", "general"] if kind == "parallel" else ["auto"]
-        for path in paths:
-            os.environ["QGOFT_CUDA_PATH"] = path
-            try:
-                med = timed({"copy": lambda: buf.copy_(x), "forward": fwd, "backward": bwd}, max(5, rounds // 3), 3)
-            finally:
-                os.environ.pop("QGOFT_CUDA_PATH", None)
-            for name in ("forward", "backward"):
-                out.append({"case": f"{rows}x{d} {str(dtype).replace('torch.', '')} {kind} path={path}",
-                            "contender": f"goft {name}", "ms": med[name], "vs_copy": med[name] / med["copy"]})
+        fwd = (lambda p=pairs, o=offs, a=angles: ops.givens_chain(x, a, p, o, None))
+        bwd = (lambda p=pairs, o=offs, a=angles: ops.givens_chain_backward(g, x, a, p, o, None, [True, True, False]))
+        for v in variants:
+            contenders[f"{kind} forward [{v}]"] = with_variant(v, fwd)
+            contenders[f"{kind} backward [{v}]"] = with_variant(v, bwd)
+    med = clock.timed(contenders, max(3, rounds // 3), 2)
+    out = []
+    for key, ms in med.items():
+        name, _, variant = key.partition(" [")
+        kind, direction = name.split(" ")
+        variant = variant.rstrip("]")
+        single = med[f"parallel {direction} [{variant}]"]
+        out.append({"case": f"{rows}x{d} {dtype_name(dtype)} {kind}", "contender": f"goft {direction}",
+                    "variant": variant, "ms": ms, "vs_parallel": ms / single})
     return out
 
 
-def linear_rows(rows: int, d: int, n: int, rounds: int) -> list[dict]:
-    dev = "cuda"
-    torch.manual_seed(0)
-    base = torch.nn.Linear(d, n, device=dev, dtype=torch.bfloat16)
-    base.requires_grad_(False)
-    x = torch.randn(rows, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
-    gy = torch.randn(rows, n, device=dev, dtype=torch.bfloat16)
-    modules: dict[str, torch.nn.Module] = {"frozen nn.Linear": base}
-    for method in ("goft", "goft_scaled", "qgoft"):
-        m = qgoft.nn.Linear(d, n, device=dev, dtype=torch.bfloat16, method=method)
-        with torch.no_grad():
-            m.weight.copy_(base.weight)
-            m.bias.copy_(base.bias)
-            for p in m.adapter_parameters():
-                p.add_(0.01 * torch.randn_like(p))
-        modules[f"qgoft.nn.Linear {method}"] = m
+def linear_rows(rows: int, d: int, rounds: int, variants: List[str], dev: str, dtype: torch.dtype,
+                clock: Clock) -> List[dict]:
+    """Target 4: forward + backward of one adapted Linear (frozen base, input requires grad) per
+    contender; qgoft's layers once per kernel variant."""
+    target = bc.Target(dev, dtype)
+    skip = {bl.REFERENCE: "not timed here", bl.BOFT: "not timed here", bl.ROAD: "not timed here"}
+    base, contenders, skipped = bl.build_contenders(d, d, target, extra_layouts=False, log=print, skip=skip)
+    x = torch.randn(rows, d, device=dev, dtype=dtype, requires_grad=True)
+    gy = torch.randn(rows, d, device=dev, dtype=dtype)
+    fns: Dict[str, Callable[[], object]] = {}
+    for c in contenders:
+        step = bl.train_step(c.module, x, gy)
+        if c.name.startswith("qgoft"):
+            for v in variants:
+                fns[f"{c.name} [{v}]"] = with_variant(v, step)
+        else:
+            fns[c.name] = step
+    med = clock.timed(fns, rounds, inner=3)
+    ref = med[bl.FROZEN]
+    flops = 2 * 2 * rows * d * d  # forward + input-gradient matmuls
+    out = [{"case": f"Linear {d}x{d} {dtype_name(dtype)}, {rows} rows, fwd+bwd", "contender": k.partition(" [")[0],
+            "variant": k.partition(" [")[2].rstrip("]"), "ms": v, "vs_frozen": v / ref, "TFLOPs": flops / v / 1e9}
+           for k, v in med.items()]
+    for name, why in skipped.items():
+        if name in (bl.LORA, bl.OFT):
+            out.append({"case": out[0]["case"], "contender": name, "variant": "", "skipped": why})
+    return out
 
-    def step(m):
-        def run():
-            x.grad = None
-            for p in m.parameters():
-                p.grad = None
-            m(x).backward(gy)
-        return run
 
-    med = timed({k: step(m) for k, m in modules.items()}, rounds, inner=3)
-    ref = med["frozen nn.Linear"]
-    flops = 2 * 2 * rows * d * n  # forward + input-gradient matmuls
-    return [{"case": f"Linear {d}x{n} bf16, {rows} rows, fwd+bwd", "contender": k, "ms": v, "vs_frozen": v / ref,
-             "TFLOPs": flops / v / 1e9} for k, v in med.items()]
+def verdict(ok: Optional[bool]) -> str:
+    return "not run" if ok is None else ("met" if ok else "MISSED")
+
+
+def evaluate(chain: List[dict], lays: List[dict], lin: List[dict], variants: List[str]) -> List[dict]:
+    """Targets 1-4 per variant: {"target", "variant", "met": True/False/None, "measured"}."""
+    def find(rows, case, contender, variant):
+        for r in rows:
+            if r["case"] == case and r["contender"] == contender and r.get("variant") == variant:
+                return r
+        return None
+
+    out = []
+    cases = sorted({r["case"] for r in chain})
+    for v in variants:
+        for case in cases:
+            for name in ("goft forward", "qgoft forward"):
+                r = find(chain, case, name, v)
+                if r:
+                    out.append({"target": 1, "what": f"{name} {case}: >= {FWD_TARGET:.0%} of copy bandwidth",
+                                "variant": v, "met": r["copy_bw_fraction"] >= FWD_TARGET,
+                                "measured": f"{r['copy_bw_fraction']:.0%} ({r['ms']:.3f} ms)"})
+            for name in ("goft backward (dx, dθ)", "goft_scaled backward (dx, dθ, ds)", "qgoft backward (dx, dblocks)"):
+                r = find(chain, case, name, v)
+                if r:
+                    out.append({"target": 2, "what": f"{name} {case}: <= {BWD_TARGET}x copy time",
+                                "variant": v, "met": r["vs_copy"] <= BWD_TARGET,
+                                "measured": f"{r['vs_copy']:.2f}x ({r['ms']:.3f} ms)"})
+        for r in lays:
+            if r.get("variant") != v or r["case"].endswith(" parallel"):
+                continue
+            limit = BUTTERFLY_TARGET if "butterfly" in r["case"] else STACK_TARGET
+            out.append({"target": 3, "what": f"{r['case']} {r['contender']}: <= {limit}x the parallel layout",
+                        "variant": v, "met": r["vs_parallel"] <= limit,
+                        "measured": f"{r['vs_parallel']:.2f}x ({r['ms']:.3f} ms)"})
+        peers = {r["contender"]: r for r in lin if "ms" in r and not r["variant"]}
+        for r in lin:
+            if r.get("variant") != v or "ms" not in r:
+                continue
+            ok = r["vs_frozen"] <= LINEAR_TARGET
+            text = f"{r['vs_frozen']:.3f}x frozen ({r['ms']:.3f} ms)"
+            for peer in (bl.LORA, bl.OFT):
+                if peer in peers:
+                    ok = ok and r["ms"] < peers[peer]["ms"]
+                    text += f"; {bl.SHORT[peer]} {peers[peer]['vs_frozen']:.3f}x"
+                else:
+                    ok = None if ok else ok
+                    text += f"; {bl.SHORT[peer]} not timed"
+            out.append({"target": 4, "what": f"{r['contender']} {r['case']}: <= {LINEAR_TARGET}x frozen, below LoRA and OFT",
+                        "variant": v, "met": ok, "measured": text})
+    return out
+
+
+def render(header: dict, chain: List[dict], lays: List[dict], lin: List[dict], targets: List[dict]) -> str:
+    lines = [f"# qgoft CUDA kernels ({header['date']})", "",
+             ", ".join(f"{k}: {v}" for k, v in header.items()), "",
+             "Medians over interleaved rounds (CUDA events) after warm-up; `variant` is QGOFT_CUDA_VARIANT.", "",
+             "| case | contender | variant | ms | x copy | GB/s | % of copy bandwidth |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in chain:
+        lines.append(f"| {r['case']} | {r['contender']} | {r['variant']} | {r['ms']:.3f} | {r['vs_copy']:.2f} | "
+                     f"{r['GBps']:.0f} | {r['copy_bw_fraction']:.0%} |")
+    if lays:
+        lines += ["", "| case | contender | variant | ms | x parallel layout |", "| --- | --- | --- | ---: | ---: |"]
+        lines += [f"| {r['case']} | {r['contender']} | {r['variant']} | {r['ms']:.3f} | {r['vs_parallel']:.2f} |"
+                  for r in lays]
+    if lin:
+        lines += ["", "| case | contender | variant | ms | x frozen nn.Linear | TFLOP/s (2 matmuls) |",
+                  "| --- | --- | --- | ---: | ---: | ---: |"]
+        for r in lin:
+            if "skipped" in r:
+                lines.append(f"| {r['case']} | {r['contender']} | | skipped: {r['skipped']} | | |")
+            else:
+                lines.append(f"| {r['case']} | {r['contender']} | {r['variant']} | {r['ms']:.3f} | "
+                             f"{r['vs_frozen']:.3f} | {r['TFLOPs']:.0f} |")
+    lines += ["", "| target | what | variant | result | measured |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {t['target']} | {t['what']} | {t['variant']} | {verdict(t['met'])} | {t['measured']} |"
+              for t in targets]
+    return "\n".join(lines)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=25)
-    ap.add_argument("--quick", action="store_true", help="fewer rounds, no extra layouts")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="fewer rounds, d = 4096 only, no layout table")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated QGOFT_CUDA_VARIANT values")
+    ap.add_argument("--dry-run", action="store_true", help="no GPU: tiny shapes on the CPU (checks the script)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device", file=sys.stderr)
+    variants = [v for v in args.variants.split(",") if v]
+    dev = "cpu" if args.dry_run else "cuda"
+    if not args.dry_run and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device (use --dry-run to check the script on the CPU)", file=sys.stderr)
         return 2
-    if not qgoft.extension_loaded() or not qgoft.build_info().get("cuda_compiled"):
-        print(f"bench_gpu: qgoft's CUDA kernels are not loaded: {qgoft.build_info()}", file=sys.stderr)
+    info = qgoft.build_info()
+    if not qgoft.extension_loaded() or (not args.dry_run and not info.get("cuda_compiled")):
+        print(f"bench_gpu: qgoft's {'CUDA ' if not args.dry_run else ''}kernels are not loaded: {info}", file=sys.stderr)
         return 2
-    rounds = 7 if args.quick else args.rounds
-    prop = torch.cuda.get_device_properties(0)
-    header = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": prop.name, "sm_count": prop.multi_processor_count,
-        "memory_GiB": round(prop.total_memory / 2 ** 30, 1),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "qgoft": qgoft.__version__,
-    }
-    rows: list[dict] = []
-    for dtype in (torch.bfloat16, torch.float32):
-        rows += chain_rows(8192, 4096, dtype, rounds)
-    rows += chain_rows(8192, 11008, torch.bfloat16, max(5, rounds // 2))  # segmented (LLaMA MLP width)
-    if not args.quick:
-        rows += general_path_rows(8192, 4096, torch.bfloat16, rounds)
-    lin = linear_rows(8192, 4096, 4096, rounds)
-
-    def get(case_prefix, contender):
-        for r in rows + lin:
-            if r["case"].startswith(case_prefix) and r["contender"] == contender:
-                return r
-        return None
-
-    checks = []
-    for dt in ("bfloat16", "float32"):
-        for name in ("goft forward", "qgoft forward"):
-            r = get(f"8192x4096 {dt}", name)
-            checks.append((f"{name} {dt}: bandwidth >= 60% of copy", r["copy_bw_fraction"] >= 0.60,
-                           f"{100 * r['copy_bw_fraction']:.0f}% ({r['ms']:.3f} ms)"))
-        for name in ("goft backward (dx, dθ)", "qgoft backward (dx, dblocks)"):
-            r = get(f"8192x4096 {dt}", name)
-            checks.append((f"{name} {dt}: <= 3x copy time", r["vs_copy"] <= 3.0,
-                           f"{r['vs_copy']:.2f}x ({r['ms']:.3f} ms)"))
-    # Floor of the unfused design: the chain must stream x twice in the forward (read, write) and three
-    # times in the backward (read x and g, write dx): 2.5 copies of x on top of the two matmuls.
-    copy_bf16 = get("8192x4096 bfloat16", "copy (buf.copy_(x))")["ms"]
-    frozen = get("Linear", "frozen nn.Linear")["ms"]
-    floor = 1 + 2.5 * copy_bf16 / frozen
-    checks.append(("(info) bandwidth floor of chain + frozen Linear, unfused", floor <= 1.10,
-                   f"{floor:.3f}x = 1 + 2.5 x copy {copy_bf16:.3f} ms / frozen {frozen:.3f} ms"))
-    for method in ("goft", "goft_scaled", "qgoft"):
-        r = get("Linear", f"qgoft.nn.Linear {method}")
-        checks.append((f"qgoft.nn.Linear {method} fwd+bwd <= 1.10x frozen", r["vs_frozen"] <= 1.10,
-                       f"{r['vs_frozen']:.3f}x ({r['ms']:.3f} ms)"))
-
-    lines = [f"# qgoft CUDA benchmark ({header['date']})", "",
-             ", ".join(f"{k}: {v}" for k, v in header.items()), "",
-             "Medians over interleaved rounds, CUDA events, after warm-up.", "",
-             "| case | contender | ms | x copy | GB/s | % of copy bandwidth |", "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        gbps = f"{r['GBps']:.0f}" if "GBps" in r else ""
-        frac = f"{100 * r['copy_bw_fraction']:.0f}%" if "copy_bw_fraction" in r else ""
-        lines.append(f"| {r['case']} | {r['contender']} | {r['ms']:.3f} | {r['vs_copy']:.2f} | {gbps} | {frac} |")
-    lines += ["", "| case | contender | ms | x frozen nn.Linear | TFLOP/s (2 matmuls) |", "| --- | --- | ---: | ---: | ---: |"]
-    for r in lin:
-        lines.append(f"| {r['case']} | {r['contender']} | {r['ms']:.3f} | {r['vs_frozen']:.3f} | {r['TFLOPs']:.0f} |")
-    lines += ["", "| target | met | measured |", "| --- | --- | --- |"]
-    for what, ok, val in checks:
-        lines.append(f"| {what} | {'yes' if ok else 'NO'} | {val} |")
-    text = "\n".join(lines)
+    rounds = 3 if args.dry_run else (7 if args.quick else args.rounds)
+    clock = Clock(dev)
+    header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "commit": git_commit(), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "qgoft": qgoft.__version__}
+    if args.dry_run:
+        header["device"] = "CPU (dry run: the numbers mean nothing)"
+        rows, widths, lin_rows, lin_d = 64, (256, 344), 16, 256
+    else:
+        prop = torch.cuda.get_device_properties(0)
+        header.update(device=prop.name, sm_count=prop.multi_processor_count,
+                      memory_GiB=round(prop.total_memory / 2 ** 30, 1))
+        rows, widths, lin_rows, lin_d = 8192, ((4096,) if args.quick else (4096, 11008)), 8192, 4096
+    chain: List[dict] = []
+    for d in widths:
+        for dtype in (torch.bfloat16, torch.float32):
+            chain += chain_rows(rows, d, dtype, rounds if d == widths[0] else max(5, rounds // 2), variants, dev, clock)
+            print(f"bench_gpu: chain {rows}x{d} {dtype_name(dtype)} done", flush=True)
+    lays = [] if args.quick else layout_rows(rows, widths[0], torch.bfloat16, rounds, variants, dev, clock)
+    lin = linear_rows(lin_rows, lin_d, rounds, variants, dev, torch.bfloat16, clock)
+    targets = evaluate(chain, lays, lin, variants)
+    text = render(header, chain, lays, lin, targets)
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_gpu.md"), "w") as f:
             f.write(text + "\n")
         with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
-            json.dump({"header": header, "chain": rows, "linear": lin,
-                       "targets": [{"target": w, "met": ok, "measured": v} for w, ok, v in checks]}, f, indent=1)
+            json.dump({"header": header, "chain": chain, "layouts": lays, "linear": lin, "targets": targets}, f,
+                      indent=1)
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debugging aid for the CUDA glue on a GPU machine (run from the repository root; no network; python3 with
 # a CUDA build of torch). About 1-3 minutes:
-#   1. the in-tree build (via bench/gpu_check.sh with tests/sanitizer/bench skipped) unless
+#   1. the in-tree build (tools/gpu_check.sh with every part but the build skipped) unless
 #      QGOFT_GPU_DEBUG_NO_BUILD=1 and qgoft/libqgoft_ops.so exists;
 #   2. an invalid-layout call on CUDA tensors (must raise RuntimeError) and a few other TORCH_CHECK
 #      failures, under python's faulthandler, then the same under `cuda-gdb -batch -ex run -ex bt`
@@ -20,8 +20,8 @@ START=$(date +%s)
 say() { echo "gpu_debug [$(( $(date +%s) - START ))s]: $*"; }
 
 if [ "${QGOFT_GPU_DEBUG_NO_BUILD:-0}" != "1" ] || ! ls qgoft/libqgoft_ops.so >/dev/null 2>&1; then
-  say "build (bench/gpu_check.sh, tests/sanitize/bench skipped)"
-  OUT="$OUTDIR/check" QGOFT_GPU_CHECK_SKIP="tests sanitize bench" timeout 300 bash bench/gpu_check.sh \
+  say "build (tools/gpu_check.sh, every part but the build skipped)"
+  OUT="$OUTDIR/check" QGOFT_GPU_CHECK_SKIP="ptxas load chain tests sanitize layer model" timeout 300 bash tools/gpu_check.sh \
     > "$OUTDIR/gpu_check_build.log" 2>&1
   echo "gpu_check.sh exit $?"; tail -5 "$OUTDIR/gpu_check_build.log"
 fi

@@ -1,0 +1,239 @@
+#!/usr/bin/env bash
+# The GPU check of qgoft's CUDA backend: ONE command on a CUDA machine, under 9 minutes on an H100. Every
+# part runs under `timeout` (one hang loses that part only) and the whole run under a budget
+# (QGOFT_GPU_CHECK_BUDGET seconds, default 530): a part that no longer fits is reported as not run.
+#
+#   bash tools/gpu_check.sh              # on the GPU machine; outputs under $OUT (else build/gpu-check/out)
+#   bash tools/gpu_check.sh --dry-run    # without a GPU: runs every part that can run on a CPU (bash -n, the
+#                                        # timing script on tiny CPU shapes, the sanitizer case list,
+#                                        # bench/run.py --smoke, the summary) so a slip cannot waste GPU time
+#
+# Parts, in order (time box in seconds; outputs in the output folder):
+#   env       40  GPU, driver, python, torch, nvcc, cmake, compute-sanitizer            env.log
+#   build    150  the extension from this tree for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), in-tree like
+#                 `pip install -e .`                                                  build.log
+#   ptxas     60  registers, spills, SASS counts of every kernel (tools/cuda_resource_report.py) ptxas.txt
+#   load      30  the four ops have CUDA kernels; an identity chain is the identity     load.log
+#   chain    100  bench/bench_gpu.py: chain kernels with every QGOFT_CUDA_VARIANT side by side, butterfly
+#                 and stack=2, qgoft.nn.Linear vs frozen / PEFT LoRA r=8 / PEFT OFT (targets 1-4)
+#                                                                                     bench_gpu.md/.json
+#   tests    120  tests/test_cuda.py and tests/test_determinism.py, QGOFT_REQUIRE_CUDA=1 (target 7)
+#   sanitize 120  compute-sanitizer memcheck, racecheck, initcheck, synccheck, concurrently, on
+#                 tools/gpu_sanitize_case.py (every path, variant, dtype, mask; target 6) sanitizer_*.log
+#   layer     60  bench/run.py --quick --only layer --device cuda (with PEFT LoRA r=8, OFT) run/
+#   model     90  bench/run.py --quick --only model --device cuda (MiniLM step; target 5) run/
+#   extra         the checks listed in extra_checks() below, one line each
+#   summary       targets 1-7, met / missed / not run with the numbers: targets.md, targets.json
+# Exit status 0 when every part that ran passed (a missed speed target is not a failure of the check).
+# Environment: PYTHON (default python3), QGOFT_BUILD_JOBS (default nproc), QGOFT_GPU_CHECK_SKIP="part ..."
+# (e.g. "layer model"), QGOFT_GPU_CHECK_BUDGET (seconds).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+# The in-tree build is not pip-installed: `import qgoft` must find it from every script.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+DRY=0; [ "${1:-}" = "--dry-run" ] && DRY=1
+START=$(date +%s)
+BUDGET="${QGOFT_GPU_CHECK_BUDGET:-530}"
+PYTHON="${PYTHON:-python3}"
+JOBS="${QGOFT_BUILD_JOBS:-$(nproc)}"
+OUTDIR="${OUT:-$ROOT/build/gpu-check/out}"
+BUILD="$ROOT/build/gpu-check"
+SKIP=" ${QGOFT_GPU_CHECK_SKIP:-} "
+mkdir -p "$OUTDIR" "$BUILD"
+PARTS="$OUTDIR/parts.tsv"
+: > "$PARTS"
+FAILED=0
+
+elapsed() { echo $(( $(date +%s) - START )); }
+log() { echo "gpu_check [$(elapsed)s]: $*"; }
+# record NAME STATUS SECONDS DETAIL   (STATUS: PASS, FAIL, TIMEOUT, SKIP)
+record() {
+  printf "%s\t%s\t%s\t%s\n" "$1" "$2" "$3" "$4" >> "$PARTS"
+  printf "%-22s %-8s %5ss  %s\n" "$1" "$2" "$3" "$4"
+  case "$2" in FAIL|TIMEOUT) FAILED=1 ;; esac
+}
+# box SECONDS: the time box of the next part, clipped to what is left of the budget (20 s kept for the
+# summary); 0 when nothing is left.
+box() {
+  local left=$(( BUDGET - $(elapsed) - 20 ))
+  if [ "$left" -le 5 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
+# part NAME SECONDS LOG COMMAND...: runs the command under its time box, output to LOG, and records it.
+part() {
+  local name="$1" secs; secs="$(box "$2")"; local logf="$OUTDIR/$3"; shift 3
+  case "$SKIP" in *" $name "*) record "$name" SKIP 0 "QGOFT_GPU_CHECK_SKIP"; return 0 ;; esac
+  if [ "$secs" = 0 ]; then record "$name" SKIP 0 "not run: budget of ${BUDGET}s spent"; return 0; fi
+  log "$name (time box ${secs}s)"
+  local t0; t0=$(elapsed)
+  if declare -F "$1" > /dev/null; then  # a function of this script: through bash (exported below)
+    timeout --kill-after=10 "$secs" bash -c "$1" > "$logf" 2>&1
+  else
+    timeout --kill-after=10 "$secs" "$@" > "$logf" 2>&1
+  fi
+  local rc=$?
+  local last; last="$(grep -v '^\s*$' "$logf" | tail -1 | cut -c1-150)"
+  if [ $rc = 0 ]; then record "$name" PASS "$(( $(elapsed) - t0 ))" "$last"
+  elif [ $rc = 124 ] || [ $rc = 137 ]; then tail -5 "$logf"; record "$name" TIMEOUT "$(( $(elapsed) - t0 ))" "after ${secs}s; $last"
+  else tail -15 "$logf"; record "$name" FAIL "$(( $(elapsed) - t0 ))" "rc=$rc; $last ($3)"
+  fi
+  return $rc
+}
+# dry NAME REASON: a GPU-only part in a dry run.
+dry() { record "$1" SKIP 0 "dry run: $2"; }
+
+# ------------------------------------------------------------------------------------------------
+# Extra checks: one line per check, `part NAME SECONDS LOGFILE COMMAND...` (runs under the budget like
+# the parts above; its result is listed in the summary). GPU-only checks go inside the `if`.
+# ------------------------------------------------------------------------------------------------
+extra_checks() {
+  if [ "$DRY" = 0 ]; then
+    part quantized 150 quantized.log "$PYTHON" tools/gpu_quantized_check.py --device cuda
+  fi
+}
+
+# ------------------------------------------------------------------------------------------------
+env_report() {
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi: none"
+  "$PYTHON" - <<'EOF'
+import sys, torch
+print("python", sys.version.split()[0], sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "capability %d.%d" % (p.major, p.minor), "SMs", p.multi_processor_count,
+          "memory %.1f GiB" % (p.total_memory / 2**30))
+for mod in ("pytest", "xdist", "peft", "transformers"):
+    try:
+        m = __import__(mod); print(mod, getattr(m, "__version__", "present"))
+    except ImportError:
+        print(mod, "MISSING")
+EOF
+  echo "nvcc: ${NVCC:-MISSING} $([ -n "$NVCC" ] && "$NVCC" --version | tail -1)"
+  echo "cmake: ${CMAKE:-MISSING} ninja: ${NINJA:-MISSING} compute-sanitizer: ${SANITIZER:-MISSING}"
+}
+
+build_extension() {
+  [ -n "$NVCC" ] && [ -n "$CMAKE" ] || { echo "nvcc or cmake missing"; return 1; }
+  local prefix inc suffix gen=()
+  prefix="$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')" || return 1
+  inc="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
+  suffix="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+  [ -n "$NINJA" ] && gen=(-G Ninja -DCMAKE_MAKE_PROGRAM="$NINJA")
+  rm -rf "$BUILD/cmake"
+  TORCH_CUDA_ARCH_LIST=9.0 "$CMAKE" -S "$ROOT" -B "$BUILD/cmake" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_CUDA_COMPILER="$NVCC" -DQGOFT_CUDA=ON \
+    -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/qgoft" -DQGOFT_PYTHON_INCLUDE_DIR="$inc" \
+    -DQGOFT_PYTHON_EXT_SUFFIX="$suffix" -DPython3_EXECUTABLE="$(command -v "$PYTHON")" || return 1
+  "$CMAKE" --build "$BUILD/cmake" --parallel "$JOBS" || return 1
+  "$PYTHON" - "$ROOT/qgoft/_build_meta.py" <<'EOF'
+import sys, torch
+with open(sys.argv[1], "w") as f:
+    f.write("# Written by tools/gpu_check.sh.\n"
+            f"TORCH_VERSION = {torch.__version__!r}\nCUDA_REQUESTED = 'ON'\n")
+EOF
+}
+
+load_check() {
+  "$PYTHON" - <<'EOF'
+import torch, qgoft
+assert qgoft.extension_loaded(), qgoft._extension.extension_error()
+info = qgoft.build_info()
+print(info)
+assert info["cuda_compiled"], "built without CUDA kernels"
+for n in ("givens_chain", "givens_chain_backward", "quasi_givens_chain", "quasi_givens_chain_backward"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qgoft::{n}", "CUDA"), n
+lay = qgoft.layouts.parallel(4096)
+x = torch.randn(8, 4096, device="cuda")
+y = torch.ops.qgoft.givens_chain(x, torch.zeros(4095, device="cuda"), lay.pairs_tensor("cuda"),
+                                 lay.layer_offsets_tensor("cuda"), None)
+torch.cuda.synchronize()
+assert torch.equal(x, y), "identity chain is not the identity"
+print("load check OK")
+EOF
+}
+
+run_tests() {
+  local xdist=() tests=(tests/test_cuda.py)
+  "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  [ -f tests/test_determinism.py ] && tests+=(tests/test_determinism.py)
+  QGOFT_REQUIRE_CUDA=1 "$PYTHON" -m pytest "${tests[@]}" -q -rfE -p no:cacheprovider "${xdist[@]}" \
+    --junitxml="$OUTDIR/tests.xml"
+}
+
+# The four compute-sanitizer tools at once (they share the GPU; each has its own log and exit status).
+sanitize_all() {
+  [ -n "$SANITIZER" ] || { echo "compute-sanitizer not found"; return 1; }
+  local pids=() tool rc=0
+  for tool in memcheck racecheck initcheck synccheck; do
+    local extra=(); [ "$tool" = racecheck ] && extra=(--racecheck-report all)
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" "${extra[@]}" --error-exitcode 97 \
+      --print-limit 20 "$PYTHON" tools/gpu_sanitize_case.py > "$OUTDIR/sanitizer_$tool.log" 2>&1 &
+    pids+=("$!")
+  done
+  local i=0
+  for tool in memcheck racecheck initcheck synccheck; do
+    wait "${pids[$i]}"; local r=$?; i=$((i + 1))
+    local summary; summary="$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUTDIR/sanitizer_$tool.log" | tail -1)"
+    local done_line; done_line="$(grep -E "^sanitize case OK|^case [0-9]+/" "$OUTDIR/sanitizer_$tool.log" | tail -1)"
+    echo "$tool: rc=$r; ${summary:-no summary}; ${done_line:-no case ran}"
+    if [ $r != 0 ] || ! grep -q "^sanitize case OK" "$OUTDIR/sanitizer_$tool.log"; then rc=1; fi
+  done
+  return $rc
+}
+
+# ------------------------------------------------------------------------------------------------
+PYBIN="$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')")"
+NVCC="${CUDACXX:-}"
+if [ -z "$NVCC" ]; then
+  for c in "${CUDA_HOME:+$CUDA_HOME/bin/nvcc}" /usr/local/cuda/bin/nvcc "$(command -v nvcc || true)"; do
+    if [ -n "$c" ] && [ -x "$c" ]; then NVCC="$c"; break; fi
+  done
+fi
+CMAKE="$(command -v cmake || true)"; [ -x "$PYBIN/cmake" ] && CMAKE="$PYBIN/cmake"
+NINJA="$(command -v ninja || true)"; [ -x "$PYBIN/ninja" ] && NINJA="$PYBIN/ninja"
+SANITIZER="$(command -v compute-sanitizer || true)"
+for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+  [ -z "$SANITIZER" ] && [ -x "$c" ] && SANITIZER="$c"
+done
+export NVCC CMAKE NINJA SANITIZER ROOT OUTDIR BUILD PYTHON JOBS
+export -f env_report build_extension load_check run_tests sanitize_all
+
+part env 40 env.log env_report
+cat "$OUTDIR/env.log"
+GPU=0
+"$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null && GPU=1
+if [ "$DRY" = 1 ]; then
+  log "dry run: GPU-only parts are skipped"
+  part script 10 script.log bash -n "$0"
+  dry build "needs the CUDA toolchain of the GPU machine"
+  part ptxas 120 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --sources csrc/cuda/chain_launch.cu
+  dry load "needs a GPU"
+  part chain 300 bench_gpu.log "$PYTHON" bench/bench_gpu.py --dry-run --out "$OUTDIR"
+  dry tests "needs a GPU"
+  part sanitize-list 30 sanitizer_list.log "$PYTHON" tools/gpu_sanitize_case.py --list
+  dry sanitize "compute-sanitizer needs a GPU"
+  part layer 120 run_layer.log "$PYTHON" bench/run.py --smoke --device cpu --only layer --out-dir "$OUTDIR/run" --no-readme
+  dry model "bench/run.py's model part needs a GPU for target 5"
+elif [ "$GPU" = 0 ]; then
+  record gpu FAIL "$(elapsed)" "torch sees no GPU (use --dry-run on a machine without one)"
+else
+  part build 150 build.log build_extension
+  part ptxas 60 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --out "$OUTDIR/ptxas.json"
+  part load 30 load.log load_check
+  part chain 100 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --out "$OUTDIR"
+  part tests 120 tests.log run_tests
+  part sanitize 120 sanitize.log sanitize_all
+  part layer 60 run_layer.log "$PYTHON" bench/run.py --quick --device cuda --only layer --out-dir "$OUTDIR/run" --no-readme
+  part model 90 run_model.log "$PYTHON" bench/run.py --quick --device cuda --only model --out-dir "$OUTDIR/run" --no-readme
+fi
+extra_checks
+
+echo
+echo "================ gpu_check ($(elapsed)s, outputs in $OUTDIR) ================"
+column -t -s $'\t' "$PARTS" 2>/dev/null || cat "$PARTS"
+"$PYTHON" tools/gpu_check_summary.py "$OUTDIR" || FAILED=1
+if [ $FAILED = 0 ]; then echo "gpu_check: every part that ran passed"; else echo "gpu_check: SOME PARTS FAILED" >&2; fi
+exit $FAILED

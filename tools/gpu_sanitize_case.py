@@ -1,0 +1,110 @@
+"""Small cases through every CUDA kernel path of qgoft, for compute-sanitizer (run by tools/gpu_check.sh):
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tools/gpu_sanitize_case.py
+
+Paths: parallel (rows sharing a block, one row of 512 threads, scalar loads of an unaligned input),
+segmented parallel (forward top kernel, backward recomputation and top layers in warp 0), each in both
+kernel variants (QGOFT_CUDA_VARIANT=base|table); general in shared memory and in global memory; forward,
+full backward and the three single-output masks; goft with a scale and qgoft without; float32, bfloat16,
+float16 (parallel paths) and float64. Prints "sanitize case OK: N cases" at the end (checked by
+gpu_check.sh) after a loose correctness check of each forward against the float64 reference.
+With --list it prints the cases without running them (no GPU needed).
+"""
+import os
+import sys
+
+import torch
+
+import qgoft
+from qgoft import layouts
+from qgoft import reference as ref
+
+DEV = "cuda"
+KNOBS = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT")
+MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
+
+
+def cases():
+    """(name, layout, rows, dtype, quasi, with_scale, env, unaligned) of every path."""
+    out = []
+    parallel = [  # (name, layout, rows, env, unaligned)
+        ("R>1 row slots", layouts.parallel(100), 37, {}, False),
+        ("512 threads", layouts.parallel(4096), 3, {}, False),
+        ("scalar loads", layouts.parallel(1000), 5, {}, True),
+        ("segmented 256", layouts.parallel(1000), 3, {"QGOFT_CUDA_SEGMENT": "256"}, False),
+        ("segmented default", layouts.parallel(9000), 2, {}, False),
+    ]
+    general = [
+        ("general smem butterfly", layouts.butterfly(64), 9, {}, False),
+        ("general smem sequential", layouts.sequential(40), 4, {}, False),
+        ("general global forced", layouts.parallel(300), 3, {"QGOFT_CUDA_PATH": "global"}, False),
+    ]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for quasi, with_scale in ((False, True), (True, False)):
+            for variant in ("base", "table"):
+                for name, lay, rows, env, unaligned in parallel:
+                    out.append((f"{name} [{variant}]", lay, rows, dtype, quasi, with_scale,
+                                {**env, "QGOFT_CUDA_VARIANT": variant}, unaligned))
+            if dtype != torch.float16:
+                for name, lay, rows, env, unaligned in general:
+                    out.append((name, lay, rows, dtype, quasi, with_scale, env, unaligned))
+    for variant in ("base", "table"):
+        out.append((f"float64 parallel [{variant}]", layouts.parallel(513), 5, torch.float64, True, True,
+                    {"QGOFT_CUDA_VARIANT": variant}, False))
+    out.append(("general global (natural)", layouts.butterfly(8192), 2, torch.float32, False, True, {}, False))
+    return out
+
+
+def run(lay, rows, dtype, quasi, with_scale, env, unaligned):
+    for k in KNOBS:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    try:
+        d = lay.d
+        pairs, offs = lay.pairs_tensor(DEV), lay.layer_offsets_tensor(DEV)
+        pd = torch.float64 if dtype == torch.float64 else torch.float32
+        if quasi:
+            params = torch.eye(2, dtype=pd, device=DEV) + 0.3 * torch.randn(lay.num_pairs, 2, 2, dtype=pd, device=DEV)
+        else:
+            params = torch.randn(lay.num_pairs, dtype=pd, device=DEV)
+        scale = 1 + 0.2 * torch.randn(d, dtype=pd, device=DEV) if with_scale else None
+        if unaligned:
+            x = torch.randn(rows, d + 3, device=DEV, dtype=dtype)[:, 1:d + 1]
+        else:
+            x = torch.randn(rows, d, device=DEV, dtype=dtype)
+        g = torch.randn(rows, d, device=DEV, dtype=dtype)
+        fwd = torch.ops.qgoft.quasi_givens_chain if quasi else torch.ops.qgoft.givens_chain
+        bwd = torch.ops.qgoft.quasi_givens_chain_backward if quasi else torch.ops.qgoft.givens_chain_backward
+        y = fwd(x, params, pairs, offs, scale)
+        outs = [bwd(g, x, params, pairs, offs, scale, list(m)) for m in MASKS]
+        torch.cuda.synchronize()
+    finally:
+        for k in KNOBS:
+            os.environ.pop(k, None)
+    fn = ref.quasi_givens_chain_reference if quasi else ref.givens_chain_reference
+    want = fn(x.double(), params.double(), pairs, offs, None if scale is None else scale.double())
+    err = (y.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
+    assert err < 0.05, err
+    assert all(torch.isfinite(t).all() for t in outs[0] if t.numel()), "non-finite backward"
+
+
+def main():
+    all_cases = cases()
+    if "--list" in sys.argv:
+        for c in all_cases:
+            print(f"{c[0]}: d={c[1].d} rows={c[2]} {c[3]} {'qgoft' if c[4] else 'goft'} scale={c[5]} env={c[6]}")
+        print(f"{len(all_cases)} cases")
+        return
+    assert qgoft.build_info().get("cuda_compiled"), qgoft.build_info()
+    torch.manual_seed(0)
+    for k, (name, lay, rows, dtype, quasi, with_scale, env, unaligned) in enumerate(all_cases):
+        print(f"case {k + 1}/{len(all_cases)}: {name} d={lay.d} {dtype}", flush=True)
+        try:
+            run(lay, rows, dtype, quasi, with_scale, env, unaligned)
+        except AssertionError as err:
+            raise AssertionError(f"{name} d={lay.d} {dtype} quasi={quasi}: {err}") from err
+    print(f"sanitize case OK: {len(all_cases)} cases")
+
+
+if __name__ == "__main__":
+    main()
