@@ -1,5 +1,5 @@
 """qGOFT adapters on quantized bases on CUDA: torchao int8 / int4 weight-only and bitsandbytes Linear8bitLt /
-Linear4bit (each checked where its package is installed, reported SKIP otherwise). Run by bench/gpu_check.sh.
+Linear4bit (each checked where its package is installed, reported SKIP otherwise). Run by tools/gpu_check.sh.
 
 For every base: the adapted model equals the quantized base at initialization, three AdamW steps reach every
 adapter parameter and leave the quantized weights bitwise unchanged, merge either requantizes (torchao: the
