@@ -242,9 +242,10 @@ __device__ __forceinline__ void parallel_forward_local(const ParallelArgs& a, co
 
 // Forward: y = scale * chain(x) on row segments (blockIdx.y = segment). Segmented rows also write
 // the local result of every segment start to `top` (parallel_top_forward_kernel finishes them).
-// kTable: the block's segment of the block table is copied to shared memory first (after xch).
+// kTable: the block's segment of the block table is copied to shared memory first (after xch); its
+// segments have at most 4096 elements (512 threads).
 template <class S, bool kVec, bool kTable>
-__global__ void __launch_bounds__(1024) parallel_forward_kernel(const ParallelArgs a) {
+__global__ void __launch_bounds__(kTable ? 512 : 1024, kTable ? 3 : 1) parallel_forward_kernel(const ParallelArgs a) {
   using A = typename Elem<S>::A;
   QGOFT_DYNAMIC_SMEM(smem_raw);
   A* xch = reinterpret_cast<A*>(smem_raw);
