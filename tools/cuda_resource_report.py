@@ -4,9 +4,12 @@ stack frame, shared memory) and SASS instruction counts (all, 16-byte global loa
 accesses, shuffles, barriers).
 
     python tools/cuda_resource_report.py [--arch sm_90] [--out report.json] [--compare old.json]
+    python tools/cuda_resource_report.py --binary qgoft/libqgoft_ops.so    # a built library: no compiling
 
 Needs nvcc; SASS counts need cuobjdump (CUDA toolkit, or `pip install nvidia-cuda-cuobjdump`; found on
 PATH, next to nvcc, or through $CUOBJDUMP). --compare prints the differences against an earlier report.
+--binary reads an already built library or object instead (registers and stack from `cuobjdump -res-usage`;
+spill bytes are only in ptxas's report).
 """
 from __future__ import annotations
 
@@ -77,32 +80,55 @@ def compile_one(nvcc: str, cuobjdump: str | None, src: str, arch: str, tmp: str)
             m2 = re.search(r"(\d+) bytes smem", line)
             kernels[name]["smem"] = int(m2.group(1)) if m2 else 0
     if cuobjdump:
-        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
-        cur = None
-        for line in sass.splitlines():
-            m = re.search(r"Function : (\S+)", line)
-            if m:
-                cur = kernels.setdefault(m.group(1), {})
-                cur.update(sass=0, ldg128=0, stg128=0, local=0, shfl=0, bar=0)
-                continue
-            if cur is None or not re.match(r"\s+/\*[0-9a-f]{4,}\*/", line):
-                continue
-            ins = line.split("*/", 1)[1].strip()
-            op = re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0] if ins.split() else ""
-            if op in ("", "NOP"):
-                continue
-            cur["sass"] += 1
-            if op.startswith("LDG") and ".128" in op:
-                cur["ldg128"] += 1
-            if op.startswith("STG") and ".128" in op:
-                cur["stg128"] += 1
-            if op.startswith(("LDL", "STL")):
-                cur["local"] += 1
-            if op.startswith("SHFL"):
-                cur["shfl"] += 1
-            if op.startswith("BAR"):
-                cur["bar"] += 1
+        sass_counts(cuobjdump, cubin, kernels)
     return {demangle_short(k): v for k, v in kernels.items()}
+
+
+def from_binary(cuobjdump: str, path: str) -> dict:
+    """Registers and stack of every kernel in a built library (cuobjdump -res-usage), plus SASS counts."""
+    kernels: dict[str, dict] = {}
+    out = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+    name = None
+    for line in out.splitlines():
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            name = m.group(1)
+            continue
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if m and name:
+            kernels[name] = {"regs": int(m.group(1)), "stack": int(m.group(2)), "smem": int(m.group(3))}
+            name = None
+    sass_counts(cuobjdump, path, kernels)
+    return {demangle_short(k): v for k, v in kernels.items() if "qgoft" in k}
+
+
+def sass_counts(cuobjdump: str, path: str, kernels: dict) -> None:
+    """Adds the SASS counts of every function of `path` to `kernels` (by mangled name)."""
+    sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
+    cur = None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = kernels.setdefault(m.group(1), {})
+            cur.update(sass=0, ldg128=0, stg128=0, local=0, shfl=0, bar=0)
+            continue
+        if cur is None or not re.match(r"\s+/\*[0-9a-f]{4,}\*/", line):
+            continue
+        ins = line.split("*/", 1)[1].strip()
+        op = re.sub(r"^@!?U?P\w+\s+", "", ins).split()[0] if ins.split() else ""
+        if op in ("", "NOP"):
+            continue
+        cur["sass"] += 1
+        if op.startswith("LDG") and ".128" in op:
+            cur["ldg128"] += 1
+        if op.startswith("STG") and ".128" in op:
+            cur["stg128"] += 1
+        if op.startswith(("LDL", "STL")):
+            cur["local"] += 1
+        if op.startswith("SHFL"):
+            cur["shfl"] += 1
+        if op.startswith("BAR"):
+            cur["bar"] += 1
 
 
 def main() -> int:
@@ -111,18 +137,29 @@ def main() -> int:
     ap.add_argument("--out", help="write the report as JSON")
     ap.add_argument("--compare", help="an earlier JSON report: print the per-kernel differences")
     ap.add_argument("--sources", nargs="*", help="the .cu files (default: csrc/cuda/chain_*.cu)")
+    ap.add_argument("--binary", help="report on this built library / object instead of compiling")
     args = ap.parse_args()
+    report: dict[str, dict] = {}
     nvcc = find_tool("nvcc", "CUDACXX", None)
+    if args.binary:
+        cuobjdump = find_tool("cuobjdump", "CUOBJDUMP", nvcc)
+        if cuobjdump is None:
+            sys.exit("cuobjdump not found (set CUOBJDUMP)")
+        report = from_binary(cuobjdump, args.binary)
+        return print_report(report, args)
     if nvcc is None:
         sys.exit("nvcc not found (set CUDACXX)")
     cuobjdump = find_tool("cuobjdump", "CUOBJDUMP", nvcc)
     if cuobjdump is None:
         print("cuobjdump not found: no SASS counts (pip install nvidia-cuda-cuobjdump)", file=sys.stderr)
     srcs = args.sources or sorted(glob.glob(os.path.join(CUDA_DIR, "chain_*.cu")))
-    report: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex:
         for part in ex.map(lambda s: compile_one(nvcc, cuobjdump, s, args.arch, tmp), srcs):
             report.update(part)
+    return print_report(report, args)
+
+
+def print_report(report: dict, args: argparse.Namespace) -> int:
     old = json.load(open(args.compare)) if args.compare else {}
     cols = ["regs", "spill_st", "spill_ld", "stack", "smem", "sass", "ldg128", "stg128", "local", "shfl", "bar"]
     print(f"{'kernel':<70} " + " ".join(f"{c:>8}" for c in cols))

@@ -12,14 +12,17 @@
 #   env       40  GPU, driver, python, torch, nvcc, cmake, compute-sanitizer            env.log
 #   build    150  the extension from this tree for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), in-tree like
 #                 `pip install -e .`                                                  build.log
-#   ptxas     60  registers, spills, SASS counts of every kernel (tools/cuda_resource_report.py) ptxas.txt
+#   ptxas     60  registers, stack, SASS counts of every kernel of the built library
+#                 (tools/cuda_resource_report.py --binary)                             ptxas.txt
 #   load      30  the four ops have CUDA kernels; an identity chain is the identity     load.log
 #   chain    100  bench/bench_gpu.py: chain kernels with every QGOFT_CUDA_VARIANT side by side, butterfly
 #                 and stack=2, qgoft.nn.Linear vs frozen / PEFT LoRA r=8 / PEFT OFT (targets 1-4)
 #                                                                                     bench_gpu.md/.json
 #   tests    120  tests/test_cuda.py and tests/test_determinism.py, QGOFT_REQUIRE_CUDA=1 (target 7)
 #   sanitize 120  compute-sanitizer memcheck, racecheck, initcheck, synccheck, concurrently, on
-#                 tools/gpu_sanitize_case.py (every path, variant, dtype, mask; target 6) sanitizer_*.log
+#                 tools/gpu_sanitize_case.py: every path, variant, dtype and mask for memcheck and
+#                 initcheck; every path and variant in float32 for racecheck and synccheck (the slow tools;
+#                 their hazards do not depend on the dtype) (target 6)             sanitizer_*.log
 #   layer     60  bench/run.py --quick --only layer --device cuda (with PEFT LoRA r=8, OFT) run/
 #   model     90  bench/run.py --quick --only model --device cuda (MiniLM step; target 5) run/
 #   extra         the checks listed in extra_checks() below, one line each
@@ -85,7 +88,8 @@ dry() { record "$1" SKIP 0 "dry run: $2"; }
 
 # ------------------------------------------------------------------------------------------------
 # Extra checks: one line per check, `part NAME SECONDS LOGFILE COMMAND...` (runs under the budget like
-# the parts above; its result is listed in the summary). GPU-only checks go inside the `if`.
+# the parts above, after them: what the budget leaves; its result is listed in the summary). GPU-only
+# checks go inside the `if`.
 # ------------------------------------------------------------------------------------------------
 extra_checks() {
   if [ "$DRY" = 0 ]; then
@@ -168,9 +172,11 @@ sanitize_all() {
   [ -n "$SANITIZER" ] || { echo "compute-sanitizer not found"; return 1; }
   local pids=() tool rc=0
   for tool in memcheck racecheck initcheck synccheck; do
-    local extra=(); [ "$tool" = racecheck ] && extra=(--racecheck-report all)
+    local extra=() subset=()
+    [ "$tool" = racecheck ] && extra=(--racecheck-report all)
+    case "$tool" in racecheck|synccheck) subset=(--float32-only) ;; esac
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" "${extra[@]}" --error-exitcode 97 \
-      --print-limit 20 "$PYTHON" tools/gpu_sanitize_case.py > "$OUTDIR/sanitizer_$tool.log" 2>&1 &
+      --print-limit 20 "$PYTHON" tools/gpu_sanitize_case.py "${subset[@]}" > "$OUTDIR/sanitizer_$tool.log" 2>&1 &
     pids+=("$!")
   done
   local i=0
@@ -221,7 +227,7 @@ elif [ "$GPU" = 0 ]; then
   record gpu FAIL "$(elapsed)" "torch sees no GPU (use --dry-run on a machine without one)"
 else
   part build 150 build.log build_extension
-  part ptxas 60 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --out "$OUTDIR/ptxas.json"
+  part ptxas 60 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --binary qgoft/libqgoft_ops.so --out "$OUTDIR/ptxas.json"
   part load 30 load.log load_check
   part chain 100 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --out "$OUTDIR"
   part tests 120 tests.log run_tests

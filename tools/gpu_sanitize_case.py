@@ -8,7 +8,8 @@ kernel variants (QGOFT_CUDA_VARIANT=base|table); general in shared memory and in
 full backward and the three single-output masks; goft with a scale and qgoft without; float32, bfloat16,
 float16 (parallel paths) and float64. Prints "sanitize case OK: N cases" at the end (checked by
 gpu_check.sh) after a loose correctness check of each forward against the float64 reference.
-With --list it prints the cases without running them (no GPU needed).
+With --list it prints the cases without running them (no GPU needed); --float32-only keeps the float32
+cases (every path and variant: for the slow tools, racecheck and synccheck).
 """
 import os
 import sys
@@ -90,6 +91,8 @@ def run(lay, rows, dtype, quasi, with_scale, env, unaligned):
 
 def main():
     all_cases = cases()
+    if "--float32-only" in sys.argv:
+        all_cases = [c for c in all_cases if c[3] == torch.float32]
     if "--list" in sys.argv:
         for c in all_cases:
             print(f"{c[0]}: d={c[1].d} rows={c[2]} {c[3]} {'qgoft' if c[4] else 'goft'} scale={c[5]} env={c[6]}")
