@@ -28,15 +28,14 @@ from qgoft import reference as ref
 from qgoft.nn import Linear
 import chain_helpers  # noqa: E402
 from chain_helpers import (I32, OP_VARIANTS, is_quasi, kernel_backward, kernel_chain, make_layout,  # noqa: E402
-                           ops_chain, raises_same_on_every_device, ref_adjoint, ref_chain, tensors_from_layers,
-                           to_device)
+                           ops_chain, raises_same_on_every_device, ref_adjoint, ref_chain, require_cuda_or_skip,
+                           tensors_from_layers)
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 LINEAR_METHODS = ["goft", "goft_scaled", "qgoft"]
 TIGHT = dict(rtol=1e-12, atol=1e-12)
 
 needs_ops = pytest.mark.skipif(not qgoft.extension_loaded(), reason="compiled extension not loaded")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def params_name(method):
@@ -383,9 +382,9 @@ def test_linear_on_different_devices(device, method):
         layer.merge()
 
 
-@needs_cuda
 @pytest.mark.parametrize("method", ["goft", "qgoft"])
 def test_cuda_and_cpu_arguments_mixed(method):
+    require_cuda_or_skip()
     a = _device_args(method, "cuda", "cpu", "x")
     for name in (params_name(method), "pairs", "layer_offsets", "scale"):
         b = dict(a)
@@ -396,9 +395,9 @@ def test_cuda_and_cpu_arguments_mixed(method):
             ref_chain(method, b["x"], b[params_name(method)], b["pairs"], b["layer_offsets"], b["scale"])
 
 
-@needs_cuda
 @pytest.mark.parametrize("method", LINEAR_METHODS)
 def test_cuda_linear_on_different_devices(method):
+    require_cuda_or_skip()
     layer = Linear(8, 4, method=method).cuda()
     with pytest.raises(ValueError, match="x must be on the device of the layer's weight"):
         layer(torch.randn(3, 8))
