@@ -29,7 +29,7 @@ from qgoft.nn import Linear
 import chain_helpers  # noqa: E402
 from chain_helpers import (I32, OP_VARIANTS, is_quasi, kernel_backward, kernel_chain, make_layout,  # noqa: E402
                            ops_chain, raises_same_on_every_device, ref_adjoint, ref_chain, require_cuda_or_skip,
-                           tensors_from_layers)
+                           tensors_from_layers, to_device)
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 LINEAR_METHODS = ["goft", "goft_scaled", "qgoft"]
@@ -869,3 +869,46 @@ def test_message_prefixes_name_the_op(device):
             fn(x, torch.zeros(2, device=device), pairs, offsets, None)
         assert str(info.value).startswith(prefix), str(info.value)
         assert re.search(r"must have shape .* got \[2\]", str(info.value))
+
+
+# How the C++ checks spell a dtype (c10::ScalarType) where the Python ones print torch's name.
+_CPP_DTYPE_NAMES = {"torch.int32": "Int", "torch.int64": "Long", "torch.float32": "Float", "torch.float64": "Double",
+                    "torch.float16": "Half", "torch.bfloat16": "BFloat16", "torch.bool": "Bool",
+                    "torch.uint8": "Byte", "torch.complex64": "ComplexFloat", "torch.complex128": "ComplexDouble"}
+
+
+def _without_op(err):
+    """The message after the op's name, with dtypes spelled the C++ way."""
+    text = str(err).split(": ", 1)[1]
+    return re.sub(r"torch\.\w+", lambda m: _CPP_DTYPE_NAMES.get(m.group(0), m.group(0)), text)
+
+
+# Arguments with two or more faults: every implementation must name the same first one.
+SEVERAL_FAULTS = [
+    # (x, params, pairs, offsets, scale), all for the strict op (angles)
+    lambda: (torch.ones(3, 8, dtype=I32), torch.zeros(6), *layout_tensors(8), torch.ones(7)),  # x, angles, scale
+    lambda: (torch.randn(3, 8), torch.zeros(7, dtype=I32), layout_tensors(8)[0].long(), layout_tensors(8)[1], None),
+    lambda: (torch.randn(3, 8), torch.zeros(6), layout_tensors(8)[0], layout_tensors(8)[1].long(), None),
+    lambda: (torch.randn(3, 8), torch.zeros(6), *layout_tensors(8), torch.ones(7, dtype=I32)),
+    lambda: (torch.randn(3, 8), torch.zeros(6), *layout_tensors(8), torch.ones(7)),
+    lambda: (torch.randn(3, 6), torch.zeros(6), *layout_tensors(8), None),  # angles shape before pair values
+]
+
+
+@needs_ops
+@pytest.mark.parametrize("case", range(len(SEVERAL_FAULTS)))
+def test_checks_run_in_the_same_order_everywhere(device, case):
+    """The value-free checks are written twice, in Python (qgoft/_checks.py: fake kernels and reference) and in
+    C++ (csrc/common/checks.cpp: both backends), in one order: for arguments with several faults the compiled
+    op, its fake (meta) kernel and the reference report the same one, in the same words (dtypes aside: C++
+    prints ``Int`` where Python prints ``torch.int32``)."""
+    args = to_device(SEVERAL_FAULTS[case](), device)
+    messages = []
+    for fn in (torch.ops.qgoft.givens_chain, ref.givens_chain_reference):
+        with pytest.raises(RuntimeError) as info:
+            fn(*args)
+        messages.append(_without_op(info.value))
+    with pytest.raises(RuntimeError) as info:
+        torch.ops.qgoft.givens_chain(*to_device(args, "meta"))
+    messages.append(_without_op(info.value))
+    assert messages[0] == messages[1] == messages[2], messages
