@@ -527,11 +527,15 @@ void suite(bool full, std::mt19937_64& rng) {
   lays.push_back(empty);
   for (const Layout& lay : lays) {
     for (bool quasi : {true, false}) {
-      if (lay.parallel) {  // the table variant: every mask, aligned and unaligned, segmented
+      // every variant the layout has (the parallel layout: base and table), with: every mask, unaligned
+      // rows with a row stride (scalar loads, no scale), segmented parallel kernels (256-element
+      // segments); the base variant also through the forced general paths
+      for (Variant variant : {Variant::Base, Variant::Table}) {
+        if (variant == Variant::Table && !lay.parallel) continue;
         Options o;
         o.quasi = quasi;
         o.with_scale = quasi;
-        o.knobs.variant = Variant::Table;
+        o.knobs.variant = variant;
         o.rows = lay.d >= 2048 ? 3 : 17;
         run_all_masks<S>(lay, o, rng);
         o.pad = 3;
@@ -539,37 +543,19 @@ void suite(bool full, std::mt19937_64& rng) {
         o.with_scale = !quasi;
         o.rows = 3;
         run_case_counted<S>(lay, o, rng);
-        if (lay.d > 256) {
-          o.pad = 0;
-          o.offset = 0;
+        o.pad = 0;
+        o.offset = 0;
+        if (variant == Variant::Base) {
+          for (ForcedPath fp : {ForcedPath::General, ForcedPath::Global}) {
+            o.knobs.path = fp;
+            run_case_counted<S>(lay, o, rng);
+          }
+          o.knobs.path = ForcedPath::Auto;
+        }
+        if (lay.parallel && lay.d > 256) {
           o.knobs.segment = 256;
           run_all_masks<S>(lay, o, rng);
         }
-      }
-      Options o;
-      o.quasi = quasi;
-      o.with_scale = quasi;
-      o.rows = lay.d >= 2048 ? 3 : 17;
-      run_all_masks<S>(lay, o, rng);
-      // unaligned rows with a row stride (scalar loads); no scale
-      o.pad = 3;
-      o.offset = 1;
-      o.with_scale = !quasi;
-      o.rows = 3;
-      run_case_counted<S>(lay, o, rng);
-      // forced general paths
-      o.pad = 0;
-      o.offset = 0;
-      for (ForcedPath fp : {ForcedPath::General, ForcedPath::Global}) {
-        o.knobs.path = fp;
-        run_case_counted<S>(lay, o, rng);
-      }
-      o.knobs.path = ForcedPath::Auto;
-      // segmented parallel kernels (256-element segments)
-      if (lay.parallel && lay.d > 256) {
-        o.knobs.segment = 256;
-        run_all_masks<S>(lay, o, rng);
-        o.knobs.segment = 0;
       }
     }
   }
