@@ -243,9 +243,10 @@ __device__ __forceinline__ void parallel_forward_local(const ParallelArgs& a, co
 // Forward: y = scale * chain(x) on row segments (blockIdx.y = segment). Segmented rows also write
 // the local result of every segment start to `top` (parallel_top_forward_kernel finishes them).
 // kTable: the block's segment of the block table is copied to shared memory first (after xch); its
-// segments have at most 4096 elements (512 threads).
+// segments have at most 4096 elements (512 threads), three blocks per SM (float64: its 128 KiB table
+// allows one).
 template <class S, bool kVec, bool kTable>
-__global__ void __launch_bounds__(kTable ? 512 : 1024, kTable ? 3 : 1) parallel_forward_kernel(const ParallelArgs a) {
+__global__ void __launch_bounds__(kTable ? 512 : 1024, kTable && sizeof(S) < 8 ? 3 : 1) parallel_forward_kernel(const ParallelArgs a) {
   using A = typename Elem<S>::A;
   QGOFT_DYNAMIC_SMEM(smem_raw);
   A* xch = reinterpret_cast<A*>(smem_raw);
@@ -467,8 +468,8 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
     }
     if (a.logT > 5) {  // cross-warp layers, reversed
       const int nw = T >> 5;
-      XLevel<A, kTable> lv = cross_warp_level<A, kTable>(a, ln.seg_base);
       gv[0] = via_warp0(gv[0], ln.tid, ln.slot * nw + (ln.t >> 5), R * nw, xch, [&](int q, bool qv, A gq) {
+        XLevel<A, kTable> lv = cross_warp_level<A, kTable>(a, ln.seg_base);
         const int qslot = q >> (a.logT - 5);
         if (acc_blocks && qv && g * R + qslot < a.rows) lv.acc = 4 * qslot * (T - 1);
         return level_backward<kGrads>(lv, a.logT - 5, q & (nw - 1), qv, blocks, cacc, gq, tp.top);
