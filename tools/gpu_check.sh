@@ -94,6 +94,7 @@ dry() { record "$1" SKIP 0 "dry run: $2"; }
 extra_checks() {
   if [ "$DRY" = 0 ]; then
     part quantized 150 quantized.log "$PYTHON" tools/gpu_quantized_check.py --device cuda
+    part soak 120 soak.log "$PYTHON" tools/soak.py --device cuda --json "$OUTDIR/soak_cuda.json"
   fi
 }
 
