@@ -1,5 +1,6 @@
-"""GPU timings of qgoft's CUDA chain kernels, every kernel variant side by side, and of qgoft.nn.Linear
-against a frozen nn.Linear, PEFT LoRA r=8 and PEFT OFT (targets 1-4 of docs/CUDA.md, "GPU targets").
+"""GPU timings of qgoft's CUDA chain kernels, every kernel variant side by side, of qgoft.nn.Linear against a
+frozen nn.Linear, PEFT LoRA r=8 and PEFT OFT, and of a LLaMA-shaped stack's training step against LoRA
+(targets 1-4 and the second half of 5 of docs/CUDA.md, "GPU targets").
 Contenders of a table run in one process, in interleaved rounds, timed with CUDA events after warm-up;
 medians are reported. The kernel variant of each chain call is chosen with QGOFT_CUDA_VARIANT (read by the
 planner per call), so the variants share every round.
@@ -195,12 +196,112 @@ def linear_rows(rows: int, d: int, rounds: int, variants: List[str], dev: str, d
     return out
 
 
+LLAMA_LINEARS = ["q", "k", "v", "o", "gate", "up", "down"]
+FLOOR = "frozen floor (input grad)"
+
+
+class LlamaBlock(torch.nn.Module):
+    """A LLaMA-shaped decoder block without pretrained weights: RMSNorm, causal attention (q, k, v, o),
+    RMSNorm, SwiGLU MLP (gate, up, down); no biases."""
+
+    def __init__(self, d: int, mlp: int, heads: int) -> None:
+        super().__init__()
+        lin = lambda i, o: torch.nn.Linear(i, o, bias=False)  # noqa: E731
+        self.heads = heads
+        self.n1, self.n2 = torch.nn.RMSNorm(d), torch.nn.RMSNorm(d)
+        self.q, self.k, self.v, self.o = lin(d, d), lin(d, d), lin(d, d), lin(d, d)
+        self.gate, self.up, self.down = lin(d, mlp), lin(d, mlp), lin(mlp, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.n1(x)
+        q, k, v = (m(h).view(b, t, self.heads, d // self.heads).transpose(1, 2) for m in (self.q, self.k, self.v))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(b, t, d))
+        h = self.n2(x)
+        return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def llama_rows(blocks: int, d: int, mlp: int, heads: int, batch: int, seq: int, steps: int, dev: str,
+               dtype: torch.dtype, variants: List[str]) -> List[dict]:
+    """Target 5 (second half): one AdamW training step of a LLaMA-shaped stack with every Linear adapted
+    (qgoft GOFT and qGOFT per kernel variant, PEFT LoRA r=8) against the frozen floor (the same stack,
+    frozen, backward to its input). One method at a time: median step time (CUDA events) and peak memory
+    (max_memory_allocated over the timed steps, the model, optimizer state and activations included)."""
+    import qgoft as q
+
+    def build(method: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*[LlamaBlock(d, mlp, heads) for _ in range(blocks)]).to(dev, dtype)
+        model.requires_grad_(False)
+        if method in ("goft", "qgoft"):
+            model = q.get_qgoft_model(model, q.QGoftConfig(method=method, target_modules=LLAMA_LINEARS))
+        elif method == "lora":
+            from peft import LoraConfig, inject_adapter_in_model
+
+            inject_adapter_in_model(LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LLAMA_LINEARS),
+                                    model)
+        return model
+
+    contenders = [(FLOOR, "floor", "")] + [(f"qgoft {m.upper() if m == 'goft' else 'qGOFT'}", m, v)
+                                           for m in ("goft", "qgoft") for v in variants]
+    if bl.peft_missing() is None:
+        contenders.append((bl.LORA, "lora", ""))
+    out = []
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for name, method, variant in contenders:
+        torch.cuda.empty_cache() if dev.startswith("cuda") else None
+        model = build(method)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+        x = torch.randn(batch, seq, d, device=dev, dtype=dtype, generator=gen, requires_grad=method == "floor")
+
+        def step() -> None:
+            y = model(x)
+            y.float().square().mean().backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            x.grad = None
+
+        run = with_variant(variant, step) if variant else step
+        for _ in range(2):
+            run()
+        times = []
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            if dev.startswith("cuda"):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - t0) * 1e3)
+        peak = torch.cuda.max_memory_allocated() if dev.startswith("cuda") else None
+        out.append({"case": f"LLaMA-shaped {blocks} blocks d={d} mlp={mlp} {dtype_name(dtype)}, {batch}x{seq} tokens",
+                    "contender": name, "variant": variant, "ms": statistics.median(times), "peak_bytes": peak,
+                    "trainable": sum(p.numel() for p in params)})
+        del model, opt, x, params
+    floor = next(r["ms"] for r in out if r["contender"] == FLOOR)
+    for r in out:
+        r["vs_floor"] = r["ms"] / floor
+    return out
+
+
 def verdict(ok: Optional[bool]) -> str:
     return "not run" if ok is None else ("met" if ok else "MISSED")
 
 
-def evaluate(chain: List[dict], lays: List[dict], lin: List[dict], variants: List[str]) -> List[dict]:
-    """Targets 1-4 per variant: {"target", "variant", "met": True/False/None, "measured"}."""
+def evaluate(chain: List[dict], lays: List[dict], lin: List[dict], llama: List[dict],
+             variants: List[str]) -> List[dict]:
+    """Targets 1-4 and the LLaMA half of 5 per variant: {"target", "variant", "met": True/False/None,
+    "measured"}."""
     def find(rows, case, contender, variant):
         for r in rows:
             if r["case"] == case and r["contender"] == contender and r.get("variant") == variant:
@@ -245,10 +346,25 @@ def evaluate(chain: List[dict], lays: List[dict], lin: List[dict], variants: Lis
                     text += f"; {bl.SHORT[peer]} not timed"
             out.append({"target": 4, "what": f"{r['contender']} {r['case']}: <= {LINEAR_TARGET}x frozen, below LoRA and OFT",
                         "variant": v, "met": ok, "measured": text})
+        lora = next((r for r in llama if r["contender"] == bl.LORA), None)
+        for r in llama:
+            if r.get("variant") != v:
+                continue
+            text = f"{r['ms']:.1f} ms, {r['vs_floor']:.2f}x floor"
+            ok: Optional[bool] = None
+            if lora is not None:
+                ok = r["ms"] <= lora["ms"]
+                text += f"; LoRA {lora['ms']:.1f} ms"
+                if r["peak_bytes"] is not None and lora["peak_bytes"] is not None:
+                    ok = ok and r["peak_bytes"] <= lora["peak_bytes"]
+                    text += f"; peak {r['peak_bytes'] / 2 ** 30:.2f} vs {lora['peak_bytes'] / 2 ** 30:.2f} GiB"
+            out.append({"target": 5, "what": f"{r['contender']} {r['case']}: step time and peak memory <= PEFT LoRA r=8",
+                        "variant": v, "met": ok, "measured": text})
     return out
 
 
-def render(header: dict, chain: List[dict], lays: List[dict], lin: List[dict], targets: List[dict]) -> str:
+def render(header: dict, chain: List[dict], lays: List[dict], lin: List[dict], llama: List[dict],
+           targets: List[dict]) -> str:
     lines = [f"# qgoft CUDA kernels ({header['date']})", "",
              ", ".join(f"{k}: {v}" for k, v in header.items()), "",
              "Medians over interleaved rounds (CUDA events) after warm-up; `variant` is QGOFT_CUDA_VARIANT.", "",
@@ -270,6 +386,13 @@ def render(header: dict, chain: List[dict], lays: List[dict], lin: List[dict], t
             else:
                 lines.append(f"| {r['case']} | {r['contender']} | {r['variant']} | {r['ms']:.3f} | "
                              f"{r['vs_frozen']:.3f} | {r['TFLOPs']:.0f} |")
+    if llama:
+        lines += ["", "| case | contender | variant | ms per step | x frozen floor | peak GiB | trainable |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+        for r in llama:
+            peak = "" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2 ** 30:.2f}"
+            lines.append(f"| {r['case']} | {r['contender']} | {r['variant']} | {r['ms']:.1f} | {r['vs_floor']:.2f} | "
+                         f"{peak} | {r['trainable']} |")
     lines += ["", "| target | what | variant | result | measured |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {t['target']} | {t['what']} | {t['variant']} | {verdict(t['met'])} | {t['measured']} |"
               for t in targets]
@@ -321,16 +444,21 @@ def main() -> int:
             print(f"bench_gpu: chain {rows}x{d} {dtype_name(dtype)} done", flush=True)
     lays = [] if args.quick else layout_rows(rows, widths[0], torch.bfloat16, rounds, variants, dev, clock)
     lin = linear_rows(lin_rows, lin_d, rounds, variants, dev, torch.bfloat16, clock)
-    targets = evaluate(chain, lays, lin, variants)
-    text = render(header, chain, lays, lin, targets)
+    print("bench_gpu: Linear done", flush=True)
+    if args.dry_run:
+        llama = llama_rows(2, 64, 172, 4, 2, 16, 2, dev, torch.float32, variants)
+    else:
+        llama = [] if args.quick else llama_rows(4, 4096, 11008, 32, 8, 1024, 7, dev, torch.bfloat16, variants)
+    targets = evaluate(chain, lays, lin, llama, variants)
+    text = render(header, chain, lays, lin, llama, targets)
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_gpu.md"), "w") as f:
             f.write(text + "\n")
         with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
-            json.dump({"header": header, "chain": chain, "layouts": lays, "linear": lin, "targets": targets}, f,
-                      indent=1)
+            json.dump({"header": header, "chain": chain, "layouts": lays, "linear": lin, "llama": llama,
+                       "targets": targets}, f, indent=1)
     return 0
 
 

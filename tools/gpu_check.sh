@@ -15,8 +15,9 @@
 #   ptxas     60  registers, stack, SASS counts of every kernel of the built library
 #                 (tools/cuda_resource_report.py --binary)                             ptxas.txt
 #   load      30  the four ops have CUDA kernels; an identity chain is the identity     load.log
-#   chain    100  bench/bench_gpu.py: chain kernels with every QGOFT_CUDA_VARIANT side by side, butterfly
-#                 and stack=2, qgoft.nn.Linear vs frozen / PEFT LoRA r=8 / PEFT OFT (targets 1-4)
+#   chain    150  bench/bench_gpu.py: chain kernels with every QGOFT_CUDA_VARIANT side by side, butterfly
+#                 and stack=2, qgoft.nn.Linear vs frozen / PEFT LoRA r=8 / PEFT OFT, a LLaMA-shaped
+#                 stack's training step vs LoRA (targets 1-4, half of 5)
 #                                                                                     bench_gpu.md/.json
 #   tests    120  tests/test_cuda.py and tests/test_determinism.py, QGOFT_REQUIRE_CUDA=1 (target 7)
 #   sanitize 120  compute-sanitizer memcheck, racecheck, initcheck, synccheck, concurrently, on
@@ -230,7 +231,7 @@ else
   part build 150 build.log build_extension
   part ptxas 60 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --binary qgoft/libqgoft_ops.so --out "$OUTDIR/ptxas.json"
   part load 30 load.log load_check
-  part chain 100 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --out "$OUTDIR"
+  part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --out "$OUTDIR"
   part tests 120 tests.log run_tests
   part sanitize 120 sanitize.log sanitize_all
   part layer 60 run_layer.log "$PYTHON" bench/run.py --quick --device cuda --only layer --out-dir "$OUTDIR/run" --no-readme

@@ -5,8 +5,8 @@ or not run, with its number, from the files the check wrote into its output fold
 
 parts.tsv (the check's parts: name, status, seconds, detail), bench_gpu.json (targets 1-4, per kernel
 variant: a target counts as met when some variant meets every case of it, and that variant is named),
-run/*only-model*.json (bench/run.py's model part: target 5), sanitizer_<tool>.log (target 6), and the
-tests part (target 7). Exit status 1 when the folder holds no parts.tsv.
+run/*only-model*.json (bench/run.py's model part, MiniLM) and bench_gpu.json's LLaMA-shaped stack (target 5),
+the sanitize part (target 6) and the tests part (target 7). Exit status 1 when the folder holds no parts.tsv.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ NAMES = {
     2: "chain backward <= 2.0x copy time (goft, goft_scaled, qgoft)",
     3: "butterfly <= 2x and stack=2 <= 1.5x the parallel layout, forward and backward",
     4: "qgoft.nn.Linear 4096^2 bf16, 8192 rows, fwd+bwd <= 1.20x frozen, below PEFT LoRA r=8 and OFT",
-    5: "model step (MiniLM on cuda): qGOFT and GOFT <= PEFT LoRA r=8 in time and peak memory",
+    5: "model step (MiniLM; LLaMA-shaped stack, 4 blocks d=4096, bf16): qGOFT and GOFT <= PEFT LoRA r=8 in "
+       "time and peak memory",
     6: "compute-sanitizer memcheck / racecheck / initcheck / synccheck: 0 errors on every path",
     7: "tests/test_cuda.py and determinism green on the GPU",
 }
@@ -109,6 +110,13 @@ def from_model(outdir: str) -> Tuple[Optional[bool], str]:
     return ok, f"batch {m.get('batch')} x {m.get('seq')}: " + "; ".join(text)
 
 
+def combine(halves: List[Tuple[str, Tuple[Optional[bool], str]]]) -> Tuple[Optional[bool], str]:
+    """Met when every half is met; missed when one is missed; else not run."""
+    oks = [ok for _, (ok, _) in halves]
+    ok = False if False in oks else (True if all(o is True for o in oks) else None)
+    return ok, " / ".join(f"{name}: {text}" for name, (_, text) in halves)
+
+
 def from_part(parts: Dict[str, Tuple[str, str, str]], name: str) -> Tuple[Optional[bool], str]:
     if name not in parts:
         return None, f"part {name} not run"
@@ -126,8 +134,10 @@ def main() -> int:
     parts = read_parts(outdir)
     results: Dict[int, Tuple[Optional[bool], str]] = {k: (None, "bench/bench_gpu.py did not finish")
                                                       for k in (1, 2, 3, 4)}
-    results.update(from_bench(outdir))
-    results[5] = from_model(outdir)
+    bench = from_bench(outdir)
+    results.update(bench)
+    results[5] = combine([("MiniLM (bench/run.py)", from_model(outdir)),
+                          ("LLaMA-shaped stack (bench_gpu.py)", bench.get(5, (None, "not run")))])
     results[6] = from_part(parts, "sanitize")
     results[7] = from_part(parts, "tests")
     header = {}
