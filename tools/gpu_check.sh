@@ -27,7 +27,9 @@
 #   layer     60  bench/run.py --quick --only layer --device cuda (with PEFT LoRA r=8, OFT) run/
 #   model     90  bench/run.py --quick --only model --device cuda (MiniLM step; target 5) run/
 #   extra         the checks listed in extra_checks() below, one line each
-#   summary       targets 1-7, met / missed / not run with the numbers: targets.md, targets.json
+#   summary       targets 1-7, met / missed / not run with the numbers: targets.md, targets.json; with
+#                 $OUT set (the lent GPU machine returns at most 8 files) every other file is packed into
+#                 logs.tar.gz
 # Exit status 0 when every part that ran passed (a missed speed target is not a failure of the check).
 # Environment: PYTHON (default python3), QGOFT_BUILD_JOBS (default nproc), QGOFT_GPU_CHECK_SKIP="part ..."
 # (e.g. "layer model"), QGOFT_GPU_CHECK_BUDGET (seconds).
@@ -243,5 +245,13 @@ echo
 echo "================ gpu_check ($(elapsed)s, outputs in $OUTDIR) ================"
 column -t -s $'\t' "$PARTS" 2>/dev/null || cat "$PARTS"
 "$PYTHON" tools/gpu_check_summary.py "$OUTDIR" || FAILED=1
+# The device machine returns at most 8 files from $OUT: keep the tables, pack every log into one archive.
+if [ -n "${OUT:-}" ]; then
+  (cd "$OUTDIR" && shopt -s nullglob &&
+   keep=" targets.md targets.json bench_gpu.md bench_gpu.json parts.tsv logs.tar.gz " &&
+   pack=() && for f in * .[!.]*; do case "$keep" in *" $f "*) ;; *) pack+=("$f") ;; esac; done &&
+   if [ ${#pack[@]} -gt 0 ]; then tar czf logs.tar.gz "${pack[@]}" && rm -rf "${pack[@]}"; fi)
+  log "outputs: $(cd "$OUTDIR" && ls | tr '\n' ' ')(every log in logs.tar.gz)"
+fi
 if [ $FAILED = 0 ]; then echo "gpu_check: every part that ran passed"; else echo "gpu_check: SOME PARTS FAILED" >&2; fi
 exit $FAILED
