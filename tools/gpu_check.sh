@@ -61,10 +61,11 @@ record() {
   case "$2" in FAIL|TIMEOUT) FAILED=1 ;; esac
 }
 # box SECONDS: the time box of the next part, clipped to what is left of the budget (20 s kept for the
-# summary); 0 when nothing is left.
+# summary); 0 (the part is not started) when less than half of its box is left.
 box() {
   local left=$(( BUDGET - $(elapsed) - 20 ))
-  if [ "$left" -le 5 ]; then echo 0; elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+  if [ "$left" -le 5 ] || [ $(( 2 * left )) -lt "$1" ]; then echo 0
+  elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
 }
 # part NAME SECONDS LOG COMMAND...: runs the command under its time box, output to LOG, and records it.
 part() {
