@@ -71,7 +71,7 @@ box() {
 part() {
   local name="$1" secs; secs="$(box "$2")"; local logf="$OUTDIR/$3"; shift 3
   case "$SKIP" in *" $name "*) record "$name" SKIP 0 "QGOFT_GPU_CHECK_SKIP"; return 0 ;; esac
-  if [ "$secs" = 0 ]; then record "$name" SKIP 0 "not run: budget of ${BUDGET}s spent"; return 0; fi
+  if [ "$secs" = 0 ]; then record "$name" SKIP 0 "not run: under half its ${2}s box left of the ${BUDGET}s budget"; return 0; fi
   log "$name (time box ${secs}s)"
   local t0; t0=$(elapsed)
   if declare -F "$1" > /dev/null; then  # a function of this script: through bash (exported below)
