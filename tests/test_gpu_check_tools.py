@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["bench/bench_gpu.py", "tools/gpu_sanitize_case.py", "tools/gpu_check_summary.py",
-           "tools/cuda_resource_report.py"]
+           "tools/cuda_resource_report.py", "tools/gpu_variant_check.py"]
 
 
 def test_shell_syntax():

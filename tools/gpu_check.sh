@@ -15,6 +15,8 @@
 #   ptxas     60  registers, stack, SASS counts of every kernel of the built library
 #                 (tools/cuda_resource_report.py --binary)                             ptxas.txt
 #   load      30  the four ops have CUDA kernels; an identity chain is the identity     load.log
+#   variants  60  every QGOFT_CUDA_VARIANT against base and the float64 reference
+#                 (tools/gpu_variant_check.py)                                          variants.log
 #   chain    150  bench/bench_gpu.py: chain kernels with every QGOFT_CUDA_VARIANT side by side, butterfly
 #                 and stack=2, qgoft.nn.Linear vs frozen / PEFT LoRA r=8 / PEFT OFT, a LLaMA-shaped
 #                 stack's training step vs LoRA (targets 1-4, half of 5)
@@ -222,6 +224,7 @@ if [ "$DRY" = 1 ]; then
   dry build "needs the CUDA toolchain of the GPU machine"
   part ptxas 120 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --sources csrc/cuda/chain_launch.cu
   dry load "needs a GPU"
+  dry variants "needs a GPU"
   part chain 300 bench_gpu.log "$PYTHON" bench/bench_gpu.py --dry-run --out "$OUTDIR"
   dry tests "needs a GPU"
   part sanitize-list 30 sanitizer_list.log "$PYTHON" tools/gpu_sanitize_case.py --list
@@ -234,6 +237,7 @@ else
   part build 150 build.log build_extension
   part ptxas 60 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --binary qgoft/libqgoft_ops.so --out "$OUTDIR/ptxas.json"
   part load 30 load.log load_check
+  part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py
   part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --out "$OUTDIR"
   part tests 120 tests.log run_tests
   part sanitize 120 sanitize.log sanitize_all

@@ -1,0 +1,93 @@
+"""Every CUDA kernel variant (QGOFT_CUDA_VARIANT) against the base kernels and the float64 reference on the
+GPU (run by tools/gpu_check.sh before the variants are timed): forward, and backward with every output
+mask, goft with a scale and qgoft without, float32 and bfloat16, widths with rows sharing a block, one
+segment, several segments and odd d, aligned and unaligned rows, fresh random inputs each case.
+
+    python tools/gpu_variant_check.py [--variants table]      # prints "variant check OK: N cases"
+
+A variant runs the same arithmetic in the same order as base (only where the blocks are read from
+differs), so it must agree with base to a few units of rounding; with the reference to the dtype's
+tolerance. Exit status 1 on the first disagreement, naming the case.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+import qgoft  # noqa: F401  (loads the ops)
+from qgoft import layouts
+from qgoft import reference as ref
+
+DEV = "cuda"
+MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
+SHAPES = ((100, 37), (1000, 5), (4096, 64), (9000, 3), (11008, 16))  # (d, rows)
+
+
+def call(variant, fn):
+    os.environ["QGOFT_CUDA_VARIANT"] = variant
+    try:
+        return fn()
+    finally:
+        os.environ.pop("QGOFT_CUDA_VARIANT", None)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def case(variant, d, rows, dtype, quasi, unaligned, gen):
+    lay = layouts.parallel(d)
+    pairs, offs = lay.pairs_tensor(DEV), lay.layer_offsets_tensor(DEV)
+    if quasi:
+        params = torch.eye(2, device=DEV) + 0.2 * torch.randn(lay.num_pairs, 2, 2, device=DEV, generator=gen)
+        scale, fwd, bwd = None, torch.ops.qgoft.quasi_givens_chain, torch.ops.qgoft.quasi_givens_chain_backward
+        want_fn = ref.quasi_givens_chain_reference
+    else:
+        params = torch.randn(lay.num_pairs, device=DEV, generator=gen)
+        scale = 1 + 0.2 * torch.randn(d, device=DEV, generator=gen)
+        fwd, bwd, want_fn = torch.ops.qgoft.givens_chain, torch.ops.qgoft.givens_chain_backward, ref.givens_chain_reference
+    width = d + 3 if unaligned else d
+    x = torch.randn(rows, width, device=DEV, dtype=dtype, generator=gen)[:, 1:d + 1] if unaligned else \
+        torch.randn(rows, d, device=DEV, dtype=dtype, generator=gen)
+    g = torch.randn(rows, d, device=DEV, dtype=dtype, generator=gen)
+    same_tol = 1e-5 if dtype == torch.float32 else 2e-2  # a different FMA contraction moves a bf16 ulp
+    ref_tol = 1e-4 if dtype == torch.float32 else 3e-2
+    y_base = call("base", lambda: fwd(x, params, pairs, offs, scale))
+    y_var = call(variant, lambda: fwd(x, params, pairs, offs, scale))
+    want = want_fn(x.double(), params.double(), pairs, offs, None if scale is None else scale.double())
+    errs = {"y vs base": (rel(y_var, y_base), same_tol), "y vs reference": (rel(y_var, want), ref_tol)}
+    for m in MASKS:
+        b_base = call("base", lambda: bwd(g, x, params, pairs, offs, scale, list(m)))
+        b_var = call(variant, lambda: bwd(g, x, params, pairs, offs, scale, list(m)))
+        for k, (tb, tv) in enumerate(zip(b_base, b_var)):
+            if tb is not None and tv is not None and tb.numel():
+                errs[f"backward mask {m} output {k} vs base"] = (rel(tv, tb), same_tol)
+    torch.cuda.synchronize()
+    return {k: v for k, v in errs.items() if not v[0] <= v[1]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variants", default="table")
+    args = ap.parse_args()
+    gen = torch.Generator(device=DEV).manual_seed(torch.seed() % 2 ** 31)
+    n = 0
+    for variant in args.variants.split(","):
+        for d, rows in SHAPES:
+            for dtype in (torch.float32, torch.bfloat16):
+                for quasi in (False, True):
+                    for unaligned in ((False, True) if d in (1000, 4096) else (False,)):
+                        bad = case(variant, d, rows, dtype, quasi, unaligned, gen)
+                        n += 1
+                        if bad:
+                            print(f"FAIL variant {variant} d={d} rows={rows} {dtype} {'qgoft' if quasi else 'goft'} "
+                                  f"unaligned={unaligned}: " + "; ".join(f"{k} {e:.2e} > {t:.0e}" for k, (e, t) in bad.items()))
+                            return 1
+    print(f"variant check OK: {n} cases")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
