@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from . import layouts as _layouts
 from . import serialization as _files
 from .config import ALL_LINEAR, QGoftConfig
-from .methods import ADAPTER_TORCH_DTYPES, PARAMETER_NAMES, parameter_shapes
+from .methods import ADAPTER_TORCH_DTYPES, PARAMETER_NAMES, QUASI_METHOD, parameter_shapes
 from .nn.input_adapter import InputAdapter, base_description
 from .nn.linear import GivensAdapterMixin
 from .nn.linear import Linear as QGoftLinear
@@ -385,7 +385,7 @@ class QGoftModel(nn.Module):
         layers = [layer for _, layer in self.named_qgoft_layers()]
         first = next(layers[0].adapter_parameters()) if layers else None
         weight = self.qgoft_config.orthogonality_weight
-        if first is None or self.qgoft_config.method != "qgoft" or weight == 0.0:
+        if first is None or self.qgoft_config.method != QUASI_METHOD or weight == 0.0:
             return torch.zeros((), dtype=first.dtype if first is not None else torch.float32,
                                device=first.device if first is not None else None)
         total = torch.stack([layer.orthogonality_penalty().to(first.device) for layer in layers]).sum()

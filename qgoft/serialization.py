@@ -518,7 +518,13 @@ def _read_exactly(fd: int, size: int, offset: int, path: str) -> bytearray:
     view = memoryview(buffer)
     done = 0
     while done < size:
-        got = os.preadv(fd, [view[done:]], offset + done)
+        if hasattr(os, "preadv"):
+            got = os.preadv(fd, [view[done:]], offset + done)
+        else:  # pragma: no cover - platforms without preadv
+            os.lseek(fd, offset + done, os.SEEK_SET)
+            chunk = os.read(fd, size - done)
+            got = len(chunk)
+            view[done:done + got] = chunk
         if got == 0:
             raise AdapterFormatError(f"{path}: file is truncated (it shrank while being read)")
         done += got
@@ -739,10 +745,10 @@ def _write_file(path: str, payload: bytes) -> None:
 
 
 def _carry_over(source: str, destination: str, skip: Tuple[str, ...]) -> None:
-    """Reproduce ``source``'s entries (except ``skip``) in ``destination``: hard links for files (copies where
-    links fail), the same symlinks, recursively for directories."""
+    """Reproduce ``source``'s entries (except ``skip`` and names starting with one of them) in ``destination``:
+    hard links for files (copies where links fail), the same symlinks, recursively for directories."""
     for entry in os.scandir(source):
-        if entry.name in skip:
+        if entry.name.startswith(skip):
             continue
         target = os.path.join(destination, entry.name)
         try:
@@ -863,7 +869,15 @@ def write_adapter(directory: str, document: Dict[str, Any], tensors: Dict[str, T
 
     _clean_leftovers(parent, name, target)
     staging = _sibling(parent, name, "tmp")
-    os.mkdir(staging)
+    try:
+        if os.path.ismount(target):
+            raise OSError(errno.EBUSY, "a mount point cannot be swapped", target)
+        os.mkdir(staging)
+    except OSError as err:
+        if not os.path.isdir(target):
+            raise
+        _write_in_place(target, {WEIGHTS_NAME: weights_bytes, CONFIG_NAME: config_bytes}, err)
+        return
     lock_fd = os.open(staging, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     garbage = [staging]
     try:
@@ -873,8 +887,10 @@ def write_adapter(directory: str, document: Dict[str, Any], tensors: Dict[str, T
         _write_file(os.path.join(staging, CONFIG_NAME), config_bytes)
         if os.path.isdir(target):
             os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
-            stale = tuple(n + ".tmp" for n in (CONFIG_NAME, WEIGHTS_NAME))  # leftovers of qgoft < format 2
-            _carry_over(target, staging, (CONFIG_NAME, WEIGHTS_NAME) + stale)
+            # Not carried: the old files, leftovers of qgoft < format 2 ("<name>.tmp") and of killed in-place
+            # saves (".<name>.qgoft-tmp-*").
+            ours = (CONFIG_NAME, WEIGHTS_NAME)
+            _carry_over(target, staging, ours + tuple(f".{n}.qgoft-tmp-" for n in ours))
         os.fsync(lock_fd)
         garbage = _swap_in(staging, target, parent, name)
         _fsync_directory(parent)
@@ -882,6 +898,25 @@ def write_adapter(directory: str, document: Dict[str, Any], tensors: Dict[str, T
         os.close(lock_fd)
         for path in garbage:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_in_place(target: str, files: Dict[str, bytes], reason: OSError) -> None:
+    """Fallback when no sibling directory can be swapped in (the directory is a mount point, or its parent is
+    not writable): each file is written to a temporary name, fsynced and renamed over the old one, weights
+    first. Not atomic as a pair: a crash between the two renames leaves the new weights beside the old config,
+    whose checksums then refuse them (the load fails rather than mixing two adapters)."""
+    warnings.warn(f"save_pretrained: cannot replace {target} as a whole ({reason.strerror or reason}); writing "
+                  "its files one by one, so a crash during this save can leave an adapter that does not load",
+                  UserWarning, stacklevel=4)
+    for file_name, payload in files.items():
+        temporary = os.path.join(target, f".{file_name}.qgoft-tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            _write_file(temporary, payload)
+            os.replace(temporary, os.path.join(target, file_name))
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+    _fsync_directory(target)
 
 
 def iter_leftovers(directory: str) -> Iterator[str]:

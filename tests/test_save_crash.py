@@ -211,3 +211,18 @@ def test_live_savers_temporaries_are_left_alone(tmp_path):
     os.utime(staging, (0, 0))  # old and unlocked: removed next time
     models[2].save_pretrained(path)
     assert not os.path.exists(staging)
+
+
+def test_directory_that_cannot_be_swapped_is_written_file_by_file(tmp_path, monkeypatch):
+    """A mount point (or a directory whose parent is read-only) cannot be replaced: the files are replaced
+    one by one, with a warning that this save is not atomic."""
+    models = _versions()
+    states = [{k: v.detach().clone() for k, v in m.get_adapter_state_dict().items()} for m in models]
+    path = tmp_path / "mnt"
+    models[0].save_pretrained(path)
+    (path / "other.txt").write_text("kept")
+    monkeypatch.setattr(serialization.os.path, "ismount", lambda p: os.fspath(p) == str(path))
+    with pytest.warns(UserWarning, match="one by one"):
+        models[1].save_pretrained(path)
+    assert _which_version(path, states) == 1
+    assert sorted(os.listdir(path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, "other.txt"])
