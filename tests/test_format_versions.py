@@ -22,16 +22,29 @@ from qgoft.serialization import (CONFIG_NAME, WEIGHTS_NAME, AdapterFormatError, 
 from tiny_models import Classifier, assert_same_snapshot, snapshot, token_batch  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
-EARLIER = {"format1_no_checksums": (1, False), "format1_checksums": (1, True)}
+# name -> (format version, whether it has tensor checksums), read from the fixture itself.
+ALL = {path.name: (json.loads((path / CONFIG_NAME).read_text())["format_version"],
+                   "tensor_sha256" in json.loads((path / CONFIG_NAME).read_text()))
+       for path in sorted(FIXTURES.iterdir()) if (path / CONFIG_NAME).is_file()}
+EARLIER = {name: info for name, info in ALL.items() if info[0] < qgoft.FORMAT_VERSION}
+CURRENT = [name for name, info in ALL.items() if info[0] == qgoft.FORMAT_VERSION]
 
 
 def _record(name):
     return json.loads((FIXTURES / f"{name}.json").read_text())
 
 
-def test_every_earlier_format_has_a_fixture():
-    found = {json.loads((FIXTURES / name / CONFIG_NAME).read_text())["format_version"] for name in EARLIER}
-    assert found == set(range(1, qgoft.FORMAT_VERSION))
+def test_every_format_has_a_fixture():
+    assert {version for version, _ in ALL.values()} == set(range(1, qgoft.FORMAT_VERSION + 1))
+    assert {name for name, (_, checksums) in EARLIER.items() if not checksums}  # the format without checksums
+
+
+@pytest.mark.parametrize("name", CURRENT)
+def test_current_format_fixture_loads_without_a_warning(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = qgoft.QGoftModel.from_pretrained(Classifier(), str(FIXTURES / name))
+    assert torch.equal(model(*token_batch()), torch.tensor(_record(name)["logits"]))
 
 
 @pytest.mark.parametrize("name", sorted(EARLIER))
@@ -65,6 +78,7 @@ def test_saving_a_migrated_adapter_writes_the_current_format(tmp_path, name):
 
 
 def test_earlier_format_with_checksums_still_verifies_them(tmp_path):
+    assert EARLIER["format1_checksums"] == (1, True)
     directory = tmp_path / "a"
     shutil.copytree(FIXTURES / "format1_checksums", directory)
     raw = bytearray((directory / WEIGHTS_NAME).read_bytes())
