@@ -7,8 +7,9 @@ adapted layer computes ``y = W_lin (s * (R^T x)) + b`` input-centrically: the ch
 
 # No ``from __future__ import annotations`` here: TorchScript reads the class-level attribute annotations
 # below as objects (it cannot resolve them from strings).
+import re
 import warnings
-from typing import Callable, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,8 @@ from ..methods import METHODS, check_adapter_dtype, check_method, parameter_shap
 from ..methods import PARAMETER_NAMES as ADAPTER_PARAMETER_NAMES
 from ..reference import orthogonality_penalty_reference
 
-__all__ = ["Linear", "METHODS", "GivensAdapterMixin", "ADAPTER_PARAMETER_NAMES"]
+__all__ = ["Linear", "METHODS", "GivensAdapterMixin", "AdapterSlot", "ADAPTER_PARAMETER_NAMES", "DEFAULT_ADAPTER",
+           "check_adapter_name"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -104,6 +106,57 @@ class GivensAdapterMixin:
     def disable_adapters(self) -> None:
         """Make forward compute the base layer only (uses the kept original weight when merged)."""
         self._adapters_enabled = False
+
+    # ------------------------------------------------------------------------------------------------
+    # Named adapters: the active one is this module's own parameters and buffers (so forward is the same
+    # code with one adapter or many); the others wait in ``qgoft_adapters`` (an nn.ModuleDict of
+    # :class:`AdapterSlot`, created with the second adapter) and are swapped in by :meth:`set_adapter`.
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def active_adapter(self) -> str:
+        """Name of the adapter forward applies (``"default"`` unless :meth:`set_adapter` chose another)."""
+        return self.__dict__.get("_active_adapter", DEFAULT_ADAPTER)
+
+    def adapter_names(self) -> List[str]:
+        """The active adapter's name, then the others' in the order they were added."""
+        slots = self._modules.get("qgoft_adapters")
+        return [self.active_adapter] + (list(slots.keys()) if slots is not None else [])
+
+    def add_adapter(self, name: str, method: str, layout: _layouts.LayoutSpec, stack: int = 1,
+                    adapter_dtype: torch.dtype = torch.float32) -> None:
+        """Add an identity-initialized adapter ``name`` (inactive; any method and layout) on this layer's device."""
+        check_adapter_name(name)
+        if name in self.adapter_names():
+            raise ValueError(f"{type(self).__name__}: an adapter named {name!r} exists already")
+        slot = AdapterSlot(self.in_features, method, layout, stack, adapter_dtype, self.givens_pairs.device)
+        if "qgoft_adapters" not in self._modules:
+            self.add_module("qgoft_adapters", torch.nn.ModuleDict())
+        self.qgoft_adapters[name] = slot
+
+    def set_adapter(self, name: str) -> None:
+        """Make adapter ``name`` the active one (the previously active one waits in ``qgoft_adapters``)."""
+        if name == self.active_adapter:
+            return
+        if name not in self.adapter_names():
+            raise ValueError(f"{type(self).__name__}: no adapter named {name!r}; adapters: {self.adapter_names()}")
+        if self._merged:
+            raise RuntimeError(f"{type(self).__name__}.set_adapter({name!r}): the active adapter "
+                               f"{self.active_adapter!r} is merged; unmerge it first")
+        slot = self.qgoft_adapters[name]
+        del self.qgoft_adapters[name]
+        _swap_adapter_state(self, slot)
+        self.qgoft_adapters[self.active_adapter] = slot
+        self.__dict__["_active_adapter"] = name
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove the inactive adapter ``name`` (the active one cannot be deleted)."""
+        if name == self.active_adapter:
+            raise ValueError(f"{type(self).__name__}: cannot delete the active adapter {name!r}; set_adapter() "
+                             "another one first")
+        if name not in self.adapter_names():
+            raise ValueError(f"{type(self).__name__}: no adapter named {name!r}; adapters: {self.adapter_names()}")
+        del self.qgoft_adapters[name]
 
     # ------------------------------------------------------------------------------------------------
     # Math.
@@ -200,6 +253,46 @@ class GivensAdapterMixin:
         return super()._apply(keep_adapter_dtype, recurse)  # type: ignore[misc]
 
 
+DEFAULT_ADAPTER = "default"
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_adapter_name(name: Any) -> str:
+    """An adapter name becomes a directory name and a module key: 1-64 characters of letters, digits, ``_``
+    and ``-``, starting with a letter or digit (so no ``..``, ``/``, ``.`` or hidden names)."""
+    if not isinstance(name, str) or _ADAPTER_NAME.fullmatch(name) is None:
+        raise ValueError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a "
+                         "letter or digit (it becomes a directory name)")
+    return name
+
+
+def _swap_adapter_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Exchange the adapter state (method, layout, parameters, layout buffers) of two adapter holders; the
+    tensor objects move, nothing is copied."""
+    for name in ADAPTER_PARAMETER_NAMES:
+        a._parameters[name], b._parameters[name] = b._parameters[name], a._parameters[name]
+    for name in ("givens_pairs", "givens_layer_offsets"):
+        a._buffers[name], b._buffers[name] = b._buffers[name], a._buffers[name]
+    for name in ("method", "layout"):
+        first, second = a.__dict__[name], b.__dict__[name]
+        a.__dict__[name], b.__dict__[name] = second, first
+
+
+class AdapterSlot(GivensAdapterMixin, torch.nn.Module):
+    """An inactive named adapter of a layer: its parameters and layout buffers (no forward)."""
+
+    __jit_unused_properties__ = ["num_adapter_parameters", "active_adapter"]
+
+    def __init__(self, in_features: int, method: str, layout: _layouts.LayoutSpec, stack: int,
+                 adapter_dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self._init_adapter(method, layout, stack, adapter_dtype, device)
+
+    def extra_repr(self) -> str:
+        return self._adapter_repr(f"in_features={self.in_features}")
+
+
 class Linear(GivensAdapterMixin, torch.nn.Linear):
     """A ``torch.nn.Linear`` with a frozen base and a trainable (quasi-)Givens adapter.
 
@@ -233,7 +326,7 @@ class Linear(GivensAdapterMixin, torch.nn.Linear):
     _merged: bool
     _adapters_enabled: bool
     # Properties TorchScript must not compile (Python-only helpers).
-    __jit_unused_properties__ = ["num_adapter_parameters"]
+    __jit_unused_properties__ = ["num_adapter_parameters", "active_adapter"]
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  device: Optional[Union[torch.device, str]] = None, dtype: Optional[torch.dtype] = None, *,
