@@ -18,7 +18,9 @@ parameters are frozen, except those of ``modules_to_save``, which stay trainable
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -31,7 +33,7 @@ from . import serialization as _files
 from .config import ALL_LINEAR, QGoftConfig
 from .methods import ADAPTER_TORCH_DTYPES, PARAMETER_NAMES, QUASI_METHOD, parameter_shapes
 from .nn.input_adapter import InputAdapter, base_description
-from .nn.linear import GivensAdapterMixin
+from .nn.linear import DEFAULT_ADAPTER, GivensAdapterMixin, check_adapter_name
 from .nn.linear import Linear as QGoftLinear
 from .serialization import KIND_CONV1D, KIND_LINEAR, AdapterFormatError, is_known_kind
 
@@ -155,6 +157,26 @@ def _inside(path: str, ancestors: Sequence[str]) -> bool:
     return any(path == a or path.startswith(a + ".") for a in ancestors)
 
 
+def _modules_to_save_paths(model: nn.Module, config: QGoftConfig) -> List[str]:
+    """Paths of the modules ``config.modules_to_save`` selects (outermost ones); ValueError when an entry
+    matches nothing."""
+    save_paths: List[str] = []
+    if config.modules_to_save is None:
+        return save_paths
+    for path, _ in model.named_modules():
+        if path and config.matches_modules_to_save(path) and not _inside(path, save_paths):
+            save_paths.append(path)
+    if isinstance(config.modules_to_save, list):
+        module_paths = [path for path, _ in model.named_modules() if path]
+        for name in config.modules_to_save:
+            if not any(p == name or p.endswith("." + name) for p in module_paths):
+                raise ValueError(f"modules_to_save entry {name!r} matches no module of {type(model).__name__}")
+    elif not save_paths:
+        raise ValueError(f"modules_to_save regex {config.modules_to_save!r} matches no module of "
+                         f"{type(model).__name__}")
+    return save_paths
+
+
 def plan_adaptation(model: nn.Module, config: QGoftConfig) -> _Plan:
     """Decide which layers ``config`` adapts in ``model`` and which modules it saves, without touching
     ``model``. Raises ValueError (nothing changed) when no layer matches, a ``modules_to_save`` entry matches
@@ -167,21 +189,7 @@ def plan_adaptation(model: nn.Module, config: QGoftConfig) -> _Plan:
             raise ValueError(f"the model already contains qgoft layers (e.g. {path!r}); adapt a model once "
                              "(QGoftModel.unload() or merge_and_unload() give back a plain model)")
 
-    save_paths: List[str] = []
-    if config.modules_to_save is not None:
-        for path, _ in model.named_modules():
-            if path and config.matches_modules_to_save(path) and not _inside(path, save_paths):
-                save_paths.append(path)
-        if isinstance(config.modules_to_save, list):
-            module_paths = [path for path, _ in model.named_modules() if path]
-            for name in config.modules_to_save:
-                if not any(p == name or p.endswith("." + name) for p in module_paths):
-                    raise ValueError(f"modules_to_save entry {name!r} matches no module of "
-                                     f"{type(model).__name__}")
-        elif not save_paths:
-            raise ValueError(f"modules_to_save regex {config.modules_to_save!r} matches no module of "
-                             f"{type(model).__name__}")
-
+    save_paths = _modules_to_save_paths(model, config)
     output_embeddings = _output_embedding_module(model) if config.target_modules == ALL_LINEAR else None
     layers: List[LayerSpec] = []
     matched_unsupported: List[str] = []
@@ -273,16 +281,18 @@ class QGoftModel(nn.Module):
         * Adapter parameters live in ``adapter_dtype`` (float32 by default, also for bf16/fp16 models).
     """
 
-    def __init__(self, model: nn.Module, config: QGoftConfig) -> None:
+    def __init__(self, model: nn.Module, config: QGoftConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
         super().__init__()
         if isinstance(model, QGoftModel):
             raise ValueError("model is already a QGoftModel")
         if not isinstance(config, QGoftConfig):
             raise TypeError(f"config must be a QGoftConfig, got {type(config).__name__}")
+        check_adapter_name(adapter_name)
         config.validate()
         plan = plan_adaptation(model, config)  # raises before anything is changed
         self.base_model = model
-        self.qgoft_config = config
+        self._active_adapter = adapter_name
+        self._adapter_configs: Dict[str, QGoftConfig] = {adapter_name: config}
         self._layer_kinds: Dict[str, str] = {}
         self._modules_to_save: List[str] = list(plan.modules_to_save)
         self._inject(plan)
@@ -306,6 +316,7 @@ class QGoftModel(nn.Module):
             else:
                 adapted = InputAdapter(original, spec.in_features, method=config.method, layout=spec.layout,
                                        adapter_dtype=config.torch_adapter_dtype)
+            adapted.__dict__["_active_adapter"] = self._active_adapter
             setattr(parent, name, adapted)
             self._layer_kinds[spec.path] = spec.kind
         for path in self._modules_to_save:
@@ -335,7 +346,7 @@ class QGoftModel(nn.Module):
         """``(path, layer)`` for every adapted layer (a ``qgoft.nn.Linear`` or ``qgoft.nn.InputAdapter``),
         paths relative to ``base_model``."""
         for path, module in self.base_model.named_modules():
-            if isinstance(module, GivensAdapterMixin):
+            if isinstance(module, (QGoftLinear, InputAdapter)):
                 yield path, module
 
     def layer_specs(self) -> List[LayerSpec]:
@@ -374,6 +385,133 @@ class QGoftModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         percent = 100.0 * trainable / total if total else 0.0
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
+
+    # ------------------------------------------------------------------------------------------------
+    # Named adapters (PEFT style). Every adapter adapts the same layers and has the same modules to save;
+    # methods and layouts may differ. The active adapter's tensors sit in the layers and in the model (so
+    # training, merging, forward see one adapter); the others wait in the layers' ``qgoft_adapters`` and,
+    # for modules to save, in ``qgoft_saved_modules`` (their own copies).
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def qgoft_config(self) -> QGoftConfig:
+        """The active adapter's configuration."""
+        return self._adapter_configs[self._active_adapter]
+
+    @qgoft_config.setter
+    def qgoft_config(self, config: QGoftConfig) -> None:
+        self._adapter_configs[self._active_adapter] = config
+
+    @property
+    def qgoft_configs(self) -> Dict[str, QGoftConfig]:
+        """``{adapter name: config}`` of every adapter (PEFT's ``peft_config``)."""
+        return dict(self._adapter_configs)
+
+    @property
+    def active_adapter(self) -> str:
+        """Name of the adapter in use (``"default"`` unless named otherwise)."""
+        return self._active_adapter
+
+    def adapter_names(self) -> List[str]:
+        """Every adapter's name, the active one first."""
+        return [self._active_adapter] + [n for n in self._adapter_configs if n != self._active_adapter]
+
+    def _check_adapter_exists(self, name: str) -> None:
+        if name not in self._adapter_configs:
+            raise ValueError(f"no adapter named {name!r}; this model has {self.adapter_names()}")
+
+    def add_adapter(self, adapter_name: str, config: QGoftConfig) -> None:
+        """Add an identity-initialized adapter ``adapter_name`` described by ``config`` (any method, layout,
+        stack); it stays inactive (frozen) until :meth:`set_adapter`. ``config`` must target the same layers
+        and name the same modules to save as the existing adapters; its modules to save start as copies of
+        the active adapter's. Raises ValueError, changing nothing, otherwise."""
+        check_adapter_name(adapter_name)
+        if adapter_name in self._adapter_configs:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already")
+        if not isinstance(config, QGoftConfig):
+            raise TypeError(f"config must be a QGoftConfig, got {type(config).__name__}")
+        config.validate()
+        layers = dict(self.named_qgoft_layers())
+        targeted = {path for path in layers if config.matches_target(path) and not config.matches_exclude(path)}
+        if targeted != set(layers):
+            raise ValueError(f"adapter {adapter_name!r}: every adapter of a QGoftModel adapts the same layers; its "
+                             f"target_modules miss {sorted(set(layers) - targeted)[:6]}")
+        save_paths = _modules_to_save_paths(self.base_model, config)
+        if sorted(save_paths) != sorted(self._modules_to_save):
+            raise ValueError(f"adapter {adapter_name!r}: modules_to_save select {sorted(save_paths)}, the model's "
+                             f"adapters have {sorted(self._modules_to_save)} (they must be the same)")
+        layouts = {path: _layouts.get_layout(config.layout, layer.in_features, config.stack)
+                   for path, layer in layers.items()}
+        # Validated: from here on nothing fails.
+        for path, layer in layers.items():
+            layer.add_adapter(adapter_name, config.method, layouts[path], 1, config.torch_adapter_dtype)
+            layer.qgoft_adapters[adapter_name].requires_grad_(False)
+        if self._modules_to_save:
+            copies = nn.ModuleDict({str(i): copy.deepcopy(self.base_model.get_submodule(path))
+                                    for i, path in enumerate(self._modules_to_save)})
+            copies.requires_grad_(False)
+            self._saved_module_store()[adapter_name] = copies
+        self._adapter_configs[adapter_name] = config
+
+    def _saved_module_store(self) -> nn.ModuleDict:
+        if "qgoft_saved_modules" not in self._modules:
+            self.add_module("qgoft_saved_modules", nn.ModuleDict())
+        return self.qgoft_saved_modules
+
+    def _activate(self, adapter_name: str) -> None:
+        """Swap ``adapter_name``'s tensors into the layers and modules to save (no copies, no grad changes)."""
+        if adapter_name == self._active_adapter:
+            return
+        merged = [path for path, layer in self.named_qgoft_layers() if layer.merged]
+        if merged:
+            raise RuntimeError(f"cannot switch adapters while the active adapter {self._active_adapter!r} is "
+                               f"merged (e.g. {merged[0]!r}); unmerge_adapter() first")
+        for _, layer in self.named_qgoft_layers():
+            layer.set_adapter(adapter_name)
+        if self._modules_to_save:
+            store = self._saved_module_store()
+            incoming = store[adapter_name]
+            del store[adapter_name]
+            outgoing = nn.ModuleDict()
+            for i, path in enumerate(self._modules_to_save):
+                parent, name = _get_submodule_parent(self.base_model, path)
+                outgoing[str(i)] = getattr(parent, name)
+                setattr(parent, name, incoming[str(i)])
+            store[self._active_adapter] = outgoing
+        self._active_adapter = adapter_name
+
+    def _freeze_inactive(self) -> None:
+        for _, layer in self.named_qgoft_layers():
+            slots = layer._modules.get("qgoft_adapters")
+            if slots is not None:
+                slots.requires_grad_(False)
+        if "qgoft_saved_modules" in self._modules:
+            self.qgoft_saved_modules.requires_grad_(False)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter: forward, training, merging and ``save_pretrained``'s top
+        level use it. It becomes trainable if the previously active one was; the others are frozen. Raises
+        ValueError for an unknown name and RuntimeError while merged (nothing changed)."""
+        self._check_adapter_exists(adapter_name)
+        trainable = any(p.requires_grad for p in self.adapter_parameters())
+        self._activate(adapter_name)
+        for param in self.adapter_parameters():
+            param.requires_grad_(trainable)
+        for path in self._modules_to_save:
+            self.base_model.get_submodule(path).requires_grad_(trainable)
+        self._freeze_inactive()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the adapter ``adapter_name``; the active adapter cannot be deleted (ValueError)."""
+        self._check_adapter_exists(adapter_name)
+        if adapter_name == self._active_adapter:
+            raise ValueError(f"cannot delete the active adapter {adapter_name!r}; set_adapter() another one "
+                             f"first (adapters: {self.adapter_names()})")
+        for _, layer in self.named_qgoft_layers():
+            layer.delete_adapter(adapter_name)
+        if "qgoft_saved_modules" in self._modules and adapter_name in self.qgoft_saved_modules:
+            del self.qgoft_saved_modules[adapter_name]
+        del self._adapter_configs[adapter_name]
 
     # ------------------------------------------------------------------------------------------------
     # Training helpers.
@@ -518,14 +656,38 @@ class QGoftModel(nn.Module):
                 state[f"{path}.{key}"] = value.detach()
         return state
 
-    def save_pretrained(self, save_directory: str) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``save_directory`` (created
-        if needed). Only adapter parameters and modules to save are stored; no pickle.
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[Sequence[str]] = None) -> None:
+        """Write each adapter (all, or ``selected_adapters``) as ``adapter_config.json`` and
+        ``adapter_model.safetensors``: the one named ``"default"`` into ``save_directory`` itself, the others
+        into subfolders named after them (as PEFT does). Only adapter parameters and modules to save are
+        stored; no pickle. Each directory is written as below; the subfolders first, so the top
+        level's swap keeps them.
 
         Crash-safe: the directory is replaced as a whole in one atomic step (see ``qgoft.serialization``), so
         it always holds the complete previous or the complete new adapter; other files in it are kept. On a
         model sharded with FSDP2 (``fully_shard``) call it on every rank: the adapter is gathered, rank 0
         writes it and the other ranks wait until it is written."""
+        names = self.adapter_names() if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            self._check_adapter_exists(name)
+        names.sort(key=lambda name: name == DEFAULT_ADAPTER)  # the top level last
+        if names == [self._active_adapter]:
+            self._save_active(self._adapter_directory(save_directory, names[0]))
+            return
+        active = self._active_adapter
+        try:
+            for name in names:
+                self._activate(name)
+                self._save_active(self._adapter_directory(save_directory, name))
+        finally:
+            self._activate(active)
+
+    @staticmethod
+    def _adapter_directory(save_directory: str, adapter_name: str) -> str:
+        root = os.fspath(save_directory)
+        return root if adapter_name == DEFAULT_ADAPTER else os.path.join(root, check_adapter_name(adapter_name))
+
+    def _save_active(self, save_directory: str) -> None:
         state = self.get_adapter_state_dict()
         sharded = any(hasattr(value, "full_tensor") for value in state.values())
         if sharded:
@@ -563,13 +725,41 @@ class QGoftModel(nn.Module):
             "modules_to_save": modules_to_save,
         }
 
-    def load_adapter(self, adapter_directory: str, *, is_trainable: bool = True) -> None:
-        """Load a saved adapter into this model's adapted layers and modules to save.
+    def load_adapter(self, adapter_directory: str, adapter_name: Optional[str] = None, *,
+                     is_trainable: bool = True) -> None:
+        """Load a saved adapter into the active adapter (``adapter_name`` None or the active one's name), into
+        the existing inactive adapter ``adapter_name``, or as a new adapter ``adapter_name`` (added with the
+        saved configuration; the active adapter does not change, as in PEFT; inactive adapters stay frozen).
+        On any error the new adapter is removed again and the model is as it was.
+
+        Loading into the active adapter:
 
         The saved adapter must describe exactly this model's adapted layers (paths, shapes, method, layout)
         and modules to save. Everything is validated before anything changes, and the tensor data is read only
         once its description matches this model; on error (``qgoft.serialization.AdapterFormatError``, a
         ValueError, or FileNotFoundError) the model is unchanged. Merged layers must be unmerged first."""
+        if adapter_name is None or adapter_name == self._active_adapter:
+            self._load_into_active(adapter_directory, is_trainable)
+            return
+        check_adapter_name(adapter_name)
+        added = adapter_name not in self._adapter_configs
+        if added:
+            with _files.open_adapter(adapter_directory) as files:
+                config = files.saved.config
+            self.add_adapter(adapter_name, config)
+        active = self._active_adapter
+        try:
+            self._activate(adapter_name)
+            self._load_into_active(adapter_directory, is_trainable)
+        except BaseException:
+            self._activate(active)
+            if added:
+                self.delete_adapter(adapter_name)
+            raise
+        self._activate(active)
+        self._freeze_inactive()
+
+    def _load_into_active(self, adapter_directory: str, is_trainable: bool) -> None:
         with _files.open_adapter(adapter_directory) as files:
             saved = files.saved
             where = saved.config_path
@@ -591,7 +781,7 @@ class QGoftModel(nn.Module):
         _set_trainable(self, is_trainable)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, adapter_directory: str, *,
+    def from_pretrained(cls, model: nn.Module, adapter_directory: str, *, adapter_name: str = DEFAULT_ADAPTER,
                         is_trainable: bool = False) -> "QGoftModel":
         """Adapt ``model`` (a fresh base model) as described by a saved adapter and load its tensors.
 
@@ -600,7 +790,8 @@ class QGoftModel(nn.Module):
         model is put in eval mode. Everything is validated before ``model`` is touched, and the tensor data is
         read only once its description matches ``model``: on error (``qgoft.serialization.AdapterFormatError``,
         a ValueError, or FileNotFoundError, naming the file and the problem) ``model`` is unchanged. Adapters
-        of earlier format versions load with a ``FormatMigrationWarning``."""
+        of earlier format versions load with a ``FormatMigrationWarning``. The adapter is named
+        ``adapter_name``; others saved in subfolders load with :meth:`load_adapter`."""
         if isinstance(model, QGoftModel):
             raise ValueError("from_pretrained expects a plain base model, got a QGoftModel (use load_adapter)")
         with _files.open_adapter(adapter_directory) as files:
@@ -614,15 +805,18 @@ class QGoftModel(nn.Module):
             _check_modules_to_save(saved, model, plan.modules_to_save, f"this {type(model).__name__}")
             files.read_tensors()
         # Everything is validated: from here on nothing can fail.
-        adapted = cls(model, saved.config)
+        adapted = cls(model, saved.config, adapter_name)
         _copy_into(adapted, saved)
         _set_trainable(adapted, is_trainable)
         return adapted
 
     def extra_repr(self) -> str:
         c = self.qgoft_config
-        return (f"method={c.method!r}, layout={c.layout!r}, stack={c.stack}, "
+        text = (f"method={c.method!r}, layout={c.layout!r}, stack={c.stack}, "
                 f"adapted_layers={len(self._layer_kinds)}, modules_to_save={self._modules_to_save}")
+        if len(self._adapter_configs) > 1:
+            text += f", active_adapter={self._active_adapter!r}, adapters={self.adapter_names()}"
+        return text
 
 
 # ------------------------------------------------------------------------------------------------
@@ -691,10 +885,11 @@ def _set_trainable(model: QGoftModel, is_trainable: bool) -> None:
         model.eval()
 
 
-def get_qgoft_model(model: nn.Module, config: QGoftConfig) -> QGoftModel:
+def get_qgoft_model(model: nn.Module, config: QGoftConfig, adapter_name: str = DEFAULT_ADAPTER) -> QGoftModel:
     """Adapt ``model`` in place as ``config`` says and return the :class:`QGoftModel` wrapper.
 
     Every matching ``nn.Linear`` / transformers ``Conv1D`` becomes an identity-initialized ``qgoft.nn.Linear``
     (the outputs are unchanged until training); all parameters are frozen except the adapters and the
-    ``modules_to_save``. Raises ValueError before changing anything when nothing matches."""
-    return QGoftModel(model, config)
+    ``modules_to_save``. Raises ValueError before changing anything when nothing matches. The adapter is
+    named ``adapter_name``; :meth:`QGoftModel.add_adapter` adds more."""
+    return QGoftModel(model, config, adapter_name)
