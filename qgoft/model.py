@@ -672,18 +672,20 @@ class QGoftModel(nn.Module):
             self._check_adapter_exists(name)
         names.sort(key=lambda name: name == DEFAULT_ADAPTER)  # the top level last
         if names == [self._active_adapter]:
-            self._save_active(self._adapter_directory(save_directory, names[0]))
+            self._save_active(self.adapter_save_directory(save_directory, names[0]))
             return
         active = self._active_adapter
         try:
             for name in names:
                 self._activate(name)
-                self._save_active(self._adapter_directory(save_directory, name))
+                self._save_active(self.adapter_save_directory(save_directory, name))
         finally:
             self._activate(active)
 
     @staticmethod
-    def _adapter_directory(save_directory: str, adapter_name: str) -> str:
+    def adapter_save_directory(save_directory: str, adapter_name: str) -> str:
+        """Where :meth:`save_pretrained` puts adapter ``adapter_name``: ``save_directory`` itself for
+        ``"default"``, the subfolder named after it otherwise."""
         root = os.fspath(save_directory)
         return root if adapter_name == DEFAULT_ADAPTER else os.path.join(root, check_adapter_name(adapter_name))
 

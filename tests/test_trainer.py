@@ -115,6 +115,38 @@ def test_resume_refuses_a_checkpoint_of_another_adapter_and_changes_nothing(tmp_
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_named_adapters_are_checkpointed_in_their_folders_and_resumed(tmp_path):
+    data = synthetic_dataset(16)
+
+    def two_adapters(seed: int) -> qgoft.QGoftModel:
+        model = qgoft_model()
+        with torch.no_grad():  # the inactive "default" adapter: different in each model, restored by resume
+            for block in model.adapter_parameters():
+                block.add_(0.1 * torch.randn(block.shape, generator=torch.Generator().manual_seed(seed)))
+        model.add_adapter("task", qgoft.QGoftConfig(method="goft", target_modules=["query", "value", "dense"],
+                                                    modules_to_save=["classifier"]))
+        model.set_adapter("task")
+        return model
+
+    first = two_adapters(1)
+    QGoftTrainer(model=first, args=arguments(tmp_path, max_steps=2, save_steps=2), train_dataset=data).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "adapter_config.json").is_file() and (checkpoint / "task" / "adapter_config.json").is_file()
+    resumed = two_adapters(2)
+    def default_blocks(model: qgoft.QGoftModel) -> torch.Tensor:
+        return model.base_model.bert.encoder.layer[0].attention.self.query.qgoft_adapters["default"].givens_blocks
+
+    assert not torch.equal(default_blocks(first), default_blocks(resumed))
+    QGoftTrainer(model=resumed, args=arguments(tmp_path, max_steps=2, save_steps=2),
+                 train_dataset=data).train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.active_adapter == "task"
+    for name in ("task", "default"):
+        first.set_adapter(name)
+        resumed.set_adapter(name)
+        want, got = trained_state(first), trained_state(resumed)
+        assert all(torch.equal(want[k], got[k]) for k in want), name
+
+
 def test_trainer_refuses_a_model_without_qgoft_adapters(tmp_path):
     with pytest.raises(TypeError, match="QGoftModel"):
         QGoftTrainer(model=tiny_bert_classifier(0), args=arguments(tmp_path), train_dataset=synthetic_dataset(4))

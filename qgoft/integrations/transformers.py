@@ -14,8 +14,8 @@ What it changes against ``transformers.Trainer`` (nothing else; ``accelerate lau
 * ``save_model`` and every checkpoint write the adapter only (``QGoftModel.save_pretrained``:
   ``adapter_config.json`` + ``adapter_model.safetensors``, adapter parameters and modules to save), never
   the base weights; the Trainer adds its own optimizer / scheduler / RNG state files to checkpoints as usual;
-* ``resume_from_checkpoint`` and ``load_best_model_at_end`` load those adapter files back into the model
-  (validated before anything changes, like ``QGoftModel.load_adapter``);
+* ``resume_from_checkpoint`` and ``load_best_model_at_end`` load those adapter files back into the model,
+  every named adapter from its folder (each validated before it changes, like ``QGoftModel.load_adapter``);
 * columns, label names and loss keyword arguments are read from the base model's ``forward`` (the wrapper's
   ``forward(*args, **kwargs)`` says nothing about them).
 
@@ -128,10 +128,21 @@ class QGoftTrainer(transformers.Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
         target = find_qgoft_model(model) if model is not None else self._qgoft_model
-        logger.info("loading the qgoft adapter of checkpoint %s", resume_from_checkpoint)
-        target.load_adapter(resume_from_checkpoint, is_trainable=True)
+        logger.info("loading the qgoft adapters of checkpoint %s", resume_from_checkpoint)
+        _load_adapters(target, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         checkpoint = self.state.best_model_checkpoint
-        logger.info("loading the best qgoft adapter from %s (score %s)", checkpoint, self.state.best_metric)
-        self._qgoft_model.load_adapter(checkpoint, is_trainable=True)
+        logger.info("loading the best qgoft adapters from %s (score %s)", checkpoint, self.state.best_metric)
+        _load_adapters(self._qgoft_model, checkpoint)
+
+
+def _load_adapters(model: QGoftModel, checkpoint: str) -> None:
+    """Load every adapter of ``model`` from where ``save_pretrained`` put it in ``checkpoint`` (the default
+    one at the top level, the others in their subfolders); the active one stays active and trainable."""
+    for name in model.adapter_names():
+        directory = model.adapter_save_directory(checkpoint, name)
+        if name == model.active_adapter:
+            model.load_adapter(directory, is_trainable=True)
+        else:
+            model.load_adapter(directory, adapter_name=name)
