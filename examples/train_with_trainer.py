@@ -98,8 +98,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     else:
         model, tokenizer, train, test = minilm_and_data(args.max_length)
         collator = transformers.DataCollatorWithPadding(tokenizer)
+    # BertForSequenceClassification classifies the pooler's output; the sentence-transformers checkpoint has
+    # no trained pooler, so the pooler is trained in full with the head (and not adapted).
     config = qgoft.QGoftConfig(method="qgoft", target_modules=["query", "key", "value", "dense"],
-                               modules_to_save=["classifier"], orthogonality_weight=args.ortho_weight)
+                               modules_to_save=["classifier", "pooler"], orthogonality_weight=args.ortho_weight)
     model = qgoft.get_qgoft_model(model, config)
     training_args = transformers.TrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
