@@ -19,7 +19,7 @@ from qgoft import QGoftConfig, QGoftModel, get_qgoft_model  # noqa: E402
 from qgoft.serialization import CONFIG_NAME, WEIGHTS_NAME, read_adapter, tensor_sha256  # noqa: E402
 from tiny_models import Classifier, assert_same_snapshot, snapshot, tiny_gpt2, token_batch  # noqa: E402
 
-METHODS = ["goft", "goft_scaled", "qgoft"]
+METHODS = qgoft.methods.METHODS
 
 
 # ------------------------------------------------------------------------------------------------
