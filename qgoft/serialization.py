@@ -42,7 +42,9 @@ folders) are carried over as hard links (copies where the filesystem refuses lin
 ``RENAME_EXCHANGE`` is missing (not Linux, or filesystems such as some network ones) the swap is two renames,
 and a crash between them leaves the complete old adapter at ``.<name>.qgoft-old-*``, which the next save puts
 back and the next load reads; a file created inside the directory by another program during the save may be
-lost. Leftover temporaries of killed saves are removed by the next save and ignored by loads.
+lost; processes whose working directory is inside the directory keep the old (deleted) one (a shell
+``cd``-ed into it sees it empty until it ``cd``-s again; the saving process itself follows to the new one).
+Leftover temporaries of killed saves are removed by the next save and ignored by loads.
 
 Loading validates everything before the first change to the model and before any allocation larger than the
 adapter itself: both files are read from one directory (also during a concurrent save), their size is bounded
@@ -57,6 +59,7 @@ file and the problem.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -809,6 +812,17 @@ def _clean_leftovers(parent: str, name: str, target: str) -> None:
             shutil.rmtree(entry.path, ignore_errors=True)
 
 
+def _cwd_inside(target: str) -> Optional[str]:
+    """The working directory relative to ``target`` when it is ``target`` or below it, else None."""
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:
+        return None
+    if cwd == target or cwd.startswith(target + os.sep):
+        return os.path.relpath(cwd, target)
+    return None
+
+
 def _sibling(parent: str, name: str, kind: str) -> str:
     return os.path.join(parent, f".{name}.qgoft-{kind}-{os.getpid()}-{secrets.token_hex(4)}")
 
@@ -892,7 +906,11 @@ def write_adapter(directory: str, document: Dict[str, Any], tensors: Dict[str, T
             ours = (CONFIG_NAME, WEIGHTS_NAME)
             _carry_over(target, staging, ours + tuple(f".{n}.qgoft-tmp-" for n in ours))
         os.fsync(lock_fd)
+        inside = _cwd_inside(target)
         garbage = _swap_in(staging, target, parent, name)
+        if inside is not None:  # this process worked inside the replaced directory: follow it to the new one
+            with contextlib.suppress(OSError):
+                os.chdir(os.path.join(target, inside))
         _fsync_directory(parent)
     finally:
         os.close(lock_fd)

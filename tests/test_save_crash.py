@@ -226,3 +226,15 @@ def test_directory_that_cannot_be_swapped_is_written_file_by_file(tmp_path, monk
         models[1].save_pretrained(path)
     assert _which_version(path, states) == 1
     assert sorted(os.listdir(path)) == sorted([CONFIG_NAME, WEIGHTS_NAME, "other.txt"])
+
+
+def test_saving_into_the_working_directory_follows_it(tmp_path, monkeypatch):
+    models = _versions()
+    (tmp_path / "work" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work" / "sub")
+    models[0].save_pretrained(str(tmp_path / "work"))
+    assert os.getcwd() == str((tmp_path / "work" / "sub").resolve())  # not a deleted directory
+    assert os.path.isfile(os.path.join("..", CONFIG_NAME))
+    monkeypatch.chdir(tmp_path / "work")
+    models[1].save_pretrained(".")
+    assert os.path.isfile(CONFIG_NAME) and os.path.isdir("sub")
