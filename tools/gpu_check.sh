@@ -174,6 +174,16 @@ run_tests() {
     --junitxml="$OUTDIR/tests.xml"
 }
 
+# The device-parameterised op tests (ops, bad input with CPU/CUDA error parity, determinism, fuzz, backends):
+# their CUDA cases only.
+run_op_tests() {
+  local xdist=()
+  "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  QGOFT_REQUIRE_CUDA=1 "$PYTHON" -m pytest tests/test_ops.py tests/test_bad_input.py tests/test_determinism.py \
+    tests/test_fuzz.py tests/test_backends.py -k cuda -q -rfE -p no:cacheprovider "${xdist[@]}" \
+    --junitxml="$OUTDIR/op_tests.xml"
+}
+
 # The four compute-sanitizer tools at once (they share the GPU; each has its own log and exit status).
 sanitize_all() {
   [ -n "$SANITIZER" ] || { echo "compute-sanitizer not found"; return 1; }
@@ -212,7 +222,7 @@ for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer
   [ -z "$SANITIZER" ] && [ -x "$c" ] && SANITIZER="$c"
 done
 export NVCC CMAKE NINJA SANITIZER ROOT OUTDIR BUILD PYTHON JOBS
-export -f env_report build_extension load_check run_tests sanitize_all
+export -f env_report build_extension load_check run_tests run_op_tests sanitize_all
 
 part env 40 env.log env_report
 cat "$OUTDIR/env.log"
@@ -227,6 +237,7 @@ if [ "$DRY" = 1 ]; then
   dry variants "needs a GPU"
   part chain 300 bench_gpu.log "$PYTHON" bench/bench_gpu.py --dry-run --out "$OUTDIR"
   dry tests "needs a GPU"
+  dry op-tests "needs a GPU"
   part sanitize-list 30 sanitizer_list.log "$PYTHON" tools/gpu_sanitize_case.py --list
   dry sanitize "compute-sanitizer needs a GPU"
   part layer 120 run_layer.log "$PYTHON" bench/run.py --smoke --device cpu --only layer --out-dir "$OUTDIR/run" --no-readme
@@ -243,6 +254,7 @@ else
   part sanitize 120 sanitize.log sanitize_all
   part layer 60 run_layer.log "$PYTHON" bench/run.py --quick --device cuda --only layer --out-dir "$OUTDIR/run" --no-readme
   part model 90 run_model.log "$PYTHON" bench/run.py --quick --device cuda --only model --out-dir "$OUTDIR/run" --no-readme
+  part op-tests 150 op_tests.log run_op_tests
 fi
 extra_checks
 
