@@ -230,6 +230,64 @@ def plan_adaptation(model: nn.Module, config: QGoftConfig) -> _Plan:
     return _Plan(layers, save_paths)
 
 
+BASE_ROWS = "__base__"
+"""``adapter_names`` entry for rows that use no adapter (the base layers; modules to save as active)."""
+
+
+def _scatter_rows(parts: List[Tuple[Tensor, Tensor]], batch: int) -> Tensor:
+    """Rows ``(index, values)`` of several groups back into one tensor of ``batch`` rows."""
+    first = parts[0][1]
+    out = first.new_empty((batch,) + tuple(first.shape[1:]))
+    for index, values in parts:
+        out = out.index_copy(0, index.to(values.device), values)
+    return out
+
+
+def _check_batch(x: Tensor, batch: int, where: str) -> None:
+    if x.dim() < 2 or x.shape[0] != batch:
+        raise ValueError(f"adapter_names has {batch} entries but the input of {where} has shape {tuple(x.shape)}; "
+                         "the first dimension must be the batch")
+
+
+class _RowwiseLayer:
+    """An adapted layer's forward for one ``adapter_names`` call: each group of rows through its adapter."""
+
+    def __init__(self, layer: nn.Module, groups: Dict[str, Tensor], batch: int) -> None:
+        self.layer, self.groups, self.batch = layer, groups, batch
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        layer = self.layer
+        _check_batch(x, self.batch, type(layer).__name__)
+        base = layer.base_layer if isinstance(layer, InputAdapter) else (
+            lambda rows: torch.nn.functional.linear(rows, layer.weight, layer.bias))
+        parts = []
+        for name, index in self.groups.items():
+            rows = x.index_select(0, index.to(x.device))
+            if name != BASE_ROWS:
+                holder = layer if name == layer.active_adapter else layer.qgoft_adapters[name]
+                rows = holder._chain(rows)
+            parts.append((index, base(rows, *args, **kwargs) if isinstance(layer, InputAdapter) else base(rows)))
+        return _scatter_rows(parts, self.batch)
+
+
+class _RowwiseModule:
+    """A module to save's forward for one ``adapter_names`` call: each group of rows through its adapter's copy."""
+
+    def __init__(self, module: nn.Module, copies: Dict[str, nn.Module], groups: Dict[str, Tensor],
+                 batch: int) -> None:
+        self.module, self.copies, self.groups, self.batch = module, copies, groups, batch
+
+    def __call__(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        _check_batch(x, self.batch, type(self.module).__name__)
+        own = type(self.module).forward.__get__(self.module)
+        parts = []
+        for name, index in self.groups.items():
+            rows = x.index_select(0, index.to(x.device))
+            run = self.copies[name] if name in self.copies else own
+            parts.append((index, run(rows, *args, **kwargs)))
+        return _scatter_rows(parts, self.batch)
+
+
 def _get_submodule_parent(model: nn.Module, path: str) -> Tuple[nn.Module, str]:
     parent_path, _, name = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), name
@@ -330,9 +388,42 @@ class QGoftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """``base_model(*args, **kwargs)``."""
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Optional[Sequence[str]] = None, **kwargs: Any) -> Any:
+        """``base_model(*args, **kwargs)``. ``adapter_names`` (one name per row of the batch, i.e. per index of
+        the first dimension of every adapted layer's input; ``"__base__"`` for no adapter) runs each row
+        through its own adapter and modules to save, for serving several tasks in one batch; without it
+        (the default) nothing is added to the forward."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        return self._mixed_forward(list(adapter_names), args, kwargs)
+
+    def _mixed_forward(self, names: List[str], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        unknown = sorted(set(names) - set(self._adapter_configs) - {BASE_ROWS})
+        if unknown:
+            raise ValueError(f"adapter_names: unknown adapters {unknown}; this model has {self.adapter_names()}")
+        merged = [path for path, layer in self.named_qgoft_layers() if layer.merged]
+        if merged:
+            raise RuntimeError("adapter_names needs unmerged layers; call unmerge_adapter() first")
+        groups: Dict[str, Tensor] = {}
+        for row, name in enumerate(names):
+            groups.setdefault(name, []).append(row)
+        groups = {name: torch.tensor(rows) for name, rows in groups.items()}
+        patched: List[nn.Module] = []
+        try:
+            for _, layer in self.named_qgoft_layers():
+                layer.forward = _RowwiseLayer(layer, groups, len(names))
+                patched.append(layer)
+            store = self._modules.get("qgoft_saved_modules")
+            for i, path in enumerate(self._modules_to_save):
+                module = self.base_model.get_submodule(path)
+                copies = {name: store[name][str(i)] for name in groups
+                          if name not in (self._active_adapter, BASE_ROWS)}
+                module.forward = _RowwiseModule(module, copies, groups, len(names))
+                patched.append(module)
+            return self.base_model(*args, **kwargs)
+        finally:
+            for module in patched:
+                del module.forward
 
     def get_base_model(self) -> nn.Module:
         """The wrapped (adapted) model."""

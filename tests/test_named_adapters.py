@@ -167,3 +167,33 @@ def test_layer_state_moves_without_copies():
     model.set_adapter("default")
     assert layer.givens_blocks is blocks
     assert isinstance(layer, qgoft.nn.Linear)
+
+
+def test_adapter_names_runs_each_row_through_its_adapter():
+    ids, mask = token_batch(batch=5)
+    model = two_adapters()
+    per_adapter = {}
+    for name in ("default", "sst"):
+        model.set_adapter(name)
+        per_adapter[name] = model(ids, mask)
+    model.set_adapter("default")
+    with model.disable_adapter():
+        base_rows = model(ids, mask)  # base layers, the active adapter's head
+    names = ["sst", "default", "__base__", "sst", "default"]
+    mixed = model(ids, mask, adapter_names=names)
+    for row, name in enumerate(names):
+        want = base_rows[row] if name == "__base__" else per_adapter[name][row]
+        torch.testing.assert_close(mixed[row], want, rtol=1e-5, atol=1e-6)
+    # the forward is restored afterwards; gradients reach the adapters of the rows that used them
+    assert "forward" not in vars(model.base_model.encoder.encoder.layer[0].attention.self.query)
+    assert torch.equal(model(ids, mask), per_adapter["default"])
+    for _, adapted in model.named_qgoft_layers():
+        adapted.qgoft_adapters["sst"].requires_grad_(True)  # inactive adapters are frozen by default
+    model(ids, mask, adapter_names=["sst"] * 5).sum().backward()
+    layer = model.base_model.encoder.encoder.layer[0].attention.self.query
+    assert layer.qgoft_adapters["sst"].givens_angles.grad is not None and layer.givens_blocks.grad is None
+    with pytest.raises(ValueError, match="unknown adapters \\['nope'\\]"):
+        model(ids, mask, adapter_names=["nope"] * 5)
+    with pytest.raises(ValueError, match="first dimension must be the batch"):
+        model(ids, mask, adapter_names=["sst"] * 4)
+    assert "forward" not in vars(layer)

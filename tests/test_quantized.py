@@ -236,3 +236,18 @@ def test_float_linear_path_is_unchanged():
         model = get_qgoft_model(net, config())
     assert all(type(layer) is qgoft.nn.Linear for _, layer in model.named_qgoft_layers())
     assert {spec.kind for spec in model.layer_specs()} == {"linear"}
+
+
+def test_named_adapters_and_rowwise_selection_on_a_quantized_base():
+    model = get_qgoft_model(quantized_classifier("int8"), config())
+    perturb(model, seed=1)
+    model.add_adapter("other", config().copy(method="goft"))
+    model.set_adapter("other")
+    perturb(model, seed=2)
+    ids, mask = token_batch()
+    other = model(ids, mask)
+    model.set_adapter("default")
+    default = model(ids, mask)
+    mixed = model(ids, mask, adapter_names=["other", "default", "other"])
+    for row, want in enumerate((other, default, other)):
+        torch.testing.assert_close(mixed[row], want[row], rtol=1e-5, atol=1e-6)
