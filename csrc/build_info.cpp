@@ -1,10 +1,9 @@
 #include "build_info.h"
 
-#include <stdexcept>
-
-#include <ATen/Parallel.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <initializer_list>
+#include <stdexcept>
 
 #include "cpu/chain_kernel.h"
 
@@ -14,6 +13,9 @@
 #ifndef QGOFT_TORCH_VERSION
 #define QGOFT_TORCH_VERSION "unknown"
 #endif
+#ifndef QGOFT_TORCH_ABI_FLOOR
+#define QGOFT_TORCH_ABI_FLOOR "unknown"
+#endif
 
 namespace qgoft {
 
@@ -21,21 +23,20 @@ BuildInfo build_info() {
   BuildInfo info;
   info.version = QGOFT_VERSION;
   info.torch_version = QGOFT_TORCH_VERSION;
+  info.abi = "stable";
+  info.torch_abi_floor = QGOFT_TORCH_ABI_FLOOR;
   for (cpu::Isa isa : {cpu::Isa::Generic, cpu::Isa::Avx2, cpu::Isa::Avx512}) {
     if (!cpu::isa_compiled(isa)) continue;
     info.cpu_isas_compiled.emplace_back(cpu::isa_name(isa));
     if (cpu::isa_supported_by_cpu(isa)) info.cpu_isas_supported.emplace_back(cpu::isa_name(isa));
   }
   info.cpu_isa_selected = cpu::isa_name(cpu::selected_isa());
-#ifdef QGOFT_WITH_CUDA
-  info.cuda_compiled = true;
-#endif
 #if defined(__clang__)
   info.compiler = "clang " __clang_version__;
 #elif defined(__GNUC__)
   info.compiler = "gcc " __VERSION__;
 #endif
-  info.num_threads = at::get_num_threads();
+  info.num_threads = static_cast<int>(torch::stable::get_num_threads());
   info.cpu_tile_rows = cpu::tile_rows(cpu::DType::Float32, 4096);
   return info;
 }

@@ -12,12 +12,13 @@ namespace qgoft {
 struct BuildInfo {
   std::string version;                     // qgoft version
   std::string torch_version;               // torch the library was built against
+  std::string abi;                         // "stable": PyTorch's stable ABI (docs/BUILD.md)
+  std::string torch_abi_floor;             // the oldest torch the library loads under
   std::vector<std::string> cpu_isas_compiled;
   std::string cpu_isa_selected;            // chosen at run time (QGOFT_CPU_ISA overrides)
   std::vector<std::string> cpu_isas_supported;  // by this CPU, among the compiled ones
-  bool cuda_compiled = false;
   std::string compiler;
-  int num_threads = 1;                     // at::get_num_threads()
+  int num_threads = 1;                     // torch's intra-op threads (torch::stable::get_num_threads)
   int cpu_tile_rows = 0;                   // rows per tile of the selected CPU kernel, float32, d = 4096
 };
 

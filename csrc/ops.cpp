@@ -1,9 +1,10 @@
-// The operator schemas of qgoft, in one place. Backends register kernels with
-// TORCH_LIBRARY_IMPL(qgoft, <backend>, m); autograd and fake (meta) kernels are registered from
-// Python (qgoft/ops.py). Conventions: docs/CONTRACT.md and docs/MATH.md (Sec. 1-3).
-#include <torch/library.h>
+// The operator schemas of qgoft, in one place (stable ABI: torch/csrc/stable/library.h). Backends register
+// kernels with STABLE_TORCH_LIBRARY_IMPL (CPU) or TORCH_LIBRARY_IMPL (CUDA); autograd and fake (meta)
+// kernels are registered from Python (qgoft/ops.py). Conventions: docs/CONTRACT.md and docs/MATH.md
+// (Sec. 1-3).
+#include <torch/csrc/stable/library.h>
 
-TORCH_LIBRARY(qgoft, m) {
+STABLE_TORCH_LIBRARY(qgoft, m) {
   // x (..., d) -> s * (R^T x) per row, R = P_1 ... P_L of strict Givens rotations G(angles[p]).
   m.def("givens_chain(Tensor x, Tensor angles, Tensor pairs, Tensor layer_offsets, Tensor? scale)"
         " -> Tensor");

@@ -1,13 +1,18 @@
-"""Locating and loading the compiled part of qgoft.
+"""Locating and loading the compiled part of qgoft (docs/BUILD.md).
 
-Two binaries are built next to this file:
+Built next to this file:
 
-* ``libqgoft_ops.so``: the ops library. It registers ``torch.ops.qgoft.*`` (schemas and CPU kernels,
-  CUDA kernels when built with them) and depends on libtorch only, so C++ programs can link it.
+* ``libqgoft_ops.so``: the ops library. It registers ``torch.ops.qgoft.*`` (schemas and CPU kernels) and is
+  written against PyTorch's stable ABI, so it loads under every torch from ``TORCH_ABI_FLOOR`` (2.10) on,
+  whichever torch it was compiled against; it depends on libtorch only, so C++ programs can link it.
+* ``libqgoft_cuda.so`` (with a CUDA build of torch): the CUDA kernels. Their glue uses torch's
+  version-specific C++ API, so it is loaded only under the torch release it was built against.
 * ``_C``: a small pybind11 module that reports build information.
+* ``_build_meta.py``: what they were built against (written by CMake).
 
-If they are missing or were built against another torch, importing qgoft warns once and every op falls
-back to the pure-PyTorch reference in :mod:`qgoft.reference` (slow but correct).
+If the ops library is missing, fails to load or the running torch is older than the floor, importing qgoft
+warns once and every op falls back to the pure-PyTorch reference in :mod:`qgoft.reference` (slow but
+correct); likewise CUDA tensors when only the CUDA library cannot be used.
 """
 from __future__ import annotations
 
@@ -23,7 +28,10 @@ OPS_LIBRARY_NAME = "libqgoft_ops.so"
 
 _loaded = False
 _load_error: str | None = None
+_cuda_loaded = False
+_cuda_error: str | None = None
 _C: Any = None
+_meta: Any = None
 
 
 def ops_library_path() -> Path:
@@ -31,28 +39,48 @@ def ops_library_path() -> Path:
     return _PACKAGE_DIR / OPS_LIBRARY_NAME
 
 
-def _torch_release(version: str) -> str:
-    """'2.13.0+cpu' -> '2.13.0' (the local tag does not change the C++ ABI we rely on)."""
-    return version.split("+")[0]
+def _release(version: str) -> tuple[int, ...]:
+    """'2.13.0+cpu' -> (2, 13): the local tag and the patch level do not change the C++ ABI."""
+    return tuple(int(part) for part in version.split("+")[0].split(".")[:2])
+
+
+def _load_cuda_library() -> None:
+    global _cuda_loaded, _cuda_error
+    name = getattr(_meta, "CUDA_LIBRARY", "")
+    if not name:
+        return
+    if _release(_meta.TORCH_VERSION) != _release(torch.__version__):
+        _cuda_error = (
+            f"the CUDA kernels were built against torch {_meta.TORCH_VERSION} (their glue uses torch's "
+            f"version-specific C++ API) but torch {torch.__version__} is installed; rebuild qgoft "
+            "(pip install --no-build-isolation .)")
+        return
+    try:
+        torch.ops.load_library(str(_PACKAGE_DIR / name))
+    except (OSError, RuntimeError) as exc:
+        _cuda_error = f"loading the CUDA kernels ({name}) failed: {exc}"
+        return
+    _cuda_loaded = True
 
 
 def _load() -> None:
-    global _loaded, _load_error, _C
+    global _loaded, _load_error, _C, _meta
     if os.environ.get("QGOFT_DISABLE_EXTENSION", "0") == "1":
         _load_error = "disabled by QGOFT_DISABLE_EXTENSION=1"
         return
     try:
-        from . import _build_meta  # written by setup.py at build time
+        from . import _build_meta  # written by CMake at build time
     except ImportError:
         _load_error = "qgoft was not built (no qgoft/_build_meta.py); install it with pip"
         return
-    built_for = _torch_release(_build_meta.TORCH_VERSION)
-    running = _torch_release(torch.__version__)
-    if built_for != running:
-        _load_error = (
-            f"qgoft was built against torch {_build_meta.TORCH_VERSION} but torch {torch.__version__} "
-            "is installed; rebuild qgoft (pip install --no-build-isolation .)"
-        )
+    floor = getattr(_build_meta, "TORCH_ABI_FLOOR", None)
+    if floor is None:
+        _load_error = ("qgoft/_build_meta.py is of an older qgoft build (no TORCH_ABI_FLOOR); rebuild qgoft "
+                       "(pip install .)")
+        return
+    if _release(torch.__version__) < _release(floor):
+        _load_error = (f"qgoft's ops library needs torch >= {floor} (the stable ABI it uses), but torch "
+                       f"{torch.__version__} is installed; pip install 'torch>={floor}'")
         return
     lib = ops_library_path()
     if not lib.exists():
@@ -64,8 +92,9 @@ def _load() -> None:
     except (OSError, ImportError, RuntimeError) as exc:  # undefined symbols, ABI mismatch, ...
         _load_error = f"loading the compiled qgoft library failed: {exc}"
         return
-    _C = c_module
+    _C, _meta = c_module, _build_meta
     _loaded = True
+    _load_cuda_library()
 
 
 _load()
@@ -76,6 +105,9 @@ if not _loaded:
         RuntimeWarning,
         stacklevel=2,
     )
+elif _cuda_error is not None and torch.cuda.is_available():
+    warnings.warn(f"qgoft: {_cuda_error}. CUDA tensors use the pure-PyTorch reference implementation "
+                  "(correct but slow).", RuntimeWarning, stacklevel=2)
 
 
 def extension_loaded() -> bool:
@@ -95,12 +127,14 @@ def has_kernel(device_type: str) -> bool:
     if device_type == "cpu":
         return True
     if device_type == "cuda":
-        return bool(_C.cuda_compiled())
+        return _cuda_loaded
     return False
 
 
 def build_info() -> dict[str, Any]:
-    """Build and run-time information of the compiled library (or why it is not in use)."""
+    """Build and run-time information of the compiled library (or why it is not in use): among others
+    ``abi`` (the ops library's: PyTorch's stable ABI, loading under torch >= ``torch_abi_floor``),
+    ``torch_version_built`` (the torch it was compiled against), ``cuda_compiled`` / ``cuda_loaded``."""
     from . import __version__
 
     info: dict[str, Any] = {
@@ -112,5 +146,12 @@ def build_info() -> dict[str, Any]:
         info["extension_error"] = _load_error
         return info
     info.update(_C.build_info())
+    info["cuda_compiled"] = bool(getattr(_meta, "CUDA_LIBRARY", ""))
+    info["cuda_loaded"] = _cuda_loaded
+    if info["cuda_compiled"]:
+        info["cuda_abi"] = f"torch {_meta.TORCH_VERSION} only (version-specific C++ API)"
+        info["torch_cuda_version_built"] = _meta.TORCH_CUDA_VERSION
+        if _cuda_error is not None:
+            info["cuda_error"] = _cuda_error
     info["ops_library"] = str(ops_library_path())
     return info

@@ -38,6 +38,10 @@ def release(version: str) -> str:
     return version.split("+")[0]
 
 
+def release_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in release(version).split(".")[:2])
+
+
 # ------------------------------------------------------------------------------------------------
 # build_info()
 # ------------------------------------------------------------------------------------------------
@@ -46,13 +50,17 @@ def release(version: str) -> str:
 def test_build_info_keys_and_values():
     info = qgoft.build_info()
     for key in ("qgoft_version", "torch_version_running", "extension_loaded", "version", "torch_version_built",
-                "cpu_isas_compiled", "cpu_isas_supported", "cpu_isa_selected", "cpu_tile_rows",
-                "cuda_compiled", "compiler", "num_threads", "ops_library"):
+                "abi", "torch_abi_floor", "cpu_isas_compiled", "cpu_isas_supported", "cpu_isa_selected",
+                "cpu_tile_rows", "cuda_compiled", "cuda_loaded", "compiler", "num_threads", "ops_library"):
         assert key in info, key
     assert info["extension_loaded"] is True
     assert info["version"] == info["qgoft_version"] == qgoft.__version__
     assert info["torch_version_running"] == torch.__version__
-    assert release(info["torch_version_built"]) == release(torch.__version__)
+    # the ops library is on the stable ABI: built against any torch >= the floor, running under any such torch
+    assert info["abi"] == "stable"
+    assert release_tuple(info["torch_abi_floor"]) >= (2, 10)
+    assert release_tuple(info["torch_version_built"]) >= release_tuple(info["torch_abi_floor"])
+    assert release_tuple(torch.__version__) >= release_tuple(info["torch_abi_floor"])
     compiled, supported = info["cpu_isas_compiled"], info["cpu_isas_supported"]
     assert "generic" in compiled and "generic" in supported
     assert set(compiled) <= {"generic", "avx2", "avx512"}
@@ -65,9 +73,11 @@ def test_build_info_keys_and_values():
     if not os.environ.get("QGOFT_CPU_ISA"):
         assert info["cpu_isa_selected"] == best
     assert isinstance(info["cpu_tile_rows"], int) and info["cpu_tile_rows"] >= 1
-    if torch.version.cuda is None:  # a CPU-only torch cannot have CUDA kernels built against it
-        assert info["cuda_compiled"] is False
-    assert isinstance(info["cuda_compiled"], bool)
+    if torch.version.cuda is None:  # a CPU-only torch cannot run the CUDA kernels
+        assert info["cuda_loaded"] is False
+    assert isinstance(info["cuda_compiled"], bool) and isinstance(info["cuda_loaded"], bool)
+    if info["cuda_loaded"]:
+        assert info["cuda_compiled"] and release(info["torch_version_built"]) == release(torch.__version__)
     assert isinstance(info["compiler"], str) and info["compiler"]
     assert info["num_threads"] == torch.get_num_threads()
     assert Path(info["ops_library"]) == qgoft.ops_library_path() and qgoft.ops_library_path().is_file()
@@ -207,6 +217,83 @@ def test_ops_library_does_not_depend_on_python():
 
 
 @needs_extension
+def test_ops_library_uses_only_the_stable_abi():
+    """libqgoft_ops.so references no C++ symbol of torch (c10::, at::, torch::), only PyTorch's stable C
+    shims, and needs libtorch_cpu alone of torch's libraries: what lets it load under every torch >= 2.10."""
+    nm, readelf = shutil.which("nm"), shutil.which("readelf")
+    if nm is None or readelf is None or not sys.platform.startswith("linux"):
+        pytest.skip("needs nm and readelf on Linux")
+    lib = str(qgoft.ops_library_path())
+    undefined = subprocess.run([nm, "-D", "-C", "--undefined-only", lib], capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    unstable = [line for line in undefined if any(ns in line for ns in ("c10::", "at::", "torch::", "caffe2::"))]
+    assert not unstable, unstable
+    shims = [line.split()[-1] for line in undefined if line.split()[-1].startswith(("aoti_torch_", "torch_"))]
+    assert "torch_parallel_for" in shims and "torch_call_dispatcher" in shims, shims
+    dynamic = subprocess.run([readelf, "-d", lib], capture_output=True, text=True, check=True).stdout
+    torch_needed = [line.split("[")[-1].rstrip("]") for line in dynamic.splitlines()
+                    if "(NEEDED)" in line and ("torch" in line or "c10" in line)]
+    assert torch_needed == ["libtorch_cpu.so"], torch_needed
+
+
+# ------------------------------------------------------------------------------------------------
+# Build-time refusals (setup.py): a build that could not serve the installed torch stops with the command
+# that works.
+# ------------------------------------------------------------------------------------------------
+
+def _setup_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("qgoft_setup", Path(__file__).resolve().parents[1] / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the checks; setup() runs only as __main__
+    return module
+
+
+class _FakeTorch:
+    def __init__(self, version, cuda=None):
+        self.__version__ = version
+        self.version = type("version", (), {"cuda": cuda})
+
+
+@pytest.mark.parametrize("build, installed, cuda, expected", [
+    (("2.14.1+cu130", "13.0"), ("2.9.1", None), False, "pip install 'torch>=2.10' && pip install ."),
+    (("2.9.0", None), ("2.13.0", None), False, "pip install 'torch>=2.10' && pip install --no-build-isolation ."),
+    (("2.14.1+cu130", "13.0"), ("2.13.0+cu128", "12.8"), True, "pip install --no-build-isolation ."),
+    (("2.14.1+cpu", None), ("2.14.1+cu130", "13.0"), True, "QGOFT_CUDA=0 pip install ."),
+])
+def test_setup_refuses_builds_that_cannot_serve_the_installed_torch(build, installed, cuda, expected):
+    setup = _setup_module()
+    target = {"version": installed[0], "cuda": installed[1], "file": ""}
+    with pytest.raises(SystemExit) as info:
+        setup._check_torch(_FakeTorch(*build), target, cuda)
+    assert expected in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("build, installed", [
+    (("2.14.1+cu130", "13.0"), ("2.13.0+cpu", None)),  # the isolated build of the README's first command
+    (("2.10.0", None), ("2.14.1+cu130", "13.0")),      # CPU kernels only for a CUDA torch (QGOFT_CUDA=0)
+])
+def test_setup_accepts_a_stable_abi_build_for_another_torch(build, installed):
+    setup = _setup_module()
+    setup._check_torch(_FakeTorch(*build), {"version": installed[0], "cuda": installed[1], "file": ""}, False)
+
+
+@pytest.mark.parametrize("env, installed_cuda, want", [
+    (None, None, False), (None, "13.0", True), ("AUTO", "12.8", True), ("0", "13.0", False), ("1", None, True),
+    ("off", "13.0", False)])
+def test_setup_builds_cuda_kernels_for_a_cuda_torch(monkeypatch, env, installed_cuda, want):
+    setup = _setup_module()
+    if env is None:
+        monkeypatch.delenv("QGOFT_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("QGOFT_CUDA", env)
+    assert setup._want_cuda({"cuda": installed_cuda}) is want
+    monkeypatch.setenv("QGOFT_CUDA", "maybe")
+    with pytest.raises(SystemExit, match="QGOFT_CUDA must be AUTO, ON or OFF"):
+        setup._want_cuda({"cuda": installed_cuda})
+
+
+@needs_extension
 def test_isa_environment_variable(tmp_path):
     out = run_python("""
         import qgoft
@@ -277,19 +364,54 @@ def _package_copy(tmp_path: Path) -> Path:
     return root
 
 
-def test_fallback_when_built_against_another_torch(tmp_path):
+def _with_build_meta(tmp_path: Path, **values: str) -> Path:
+    """A copy of the package whose _build_meta.py has these values."""
     root = _package_copy(tmp_path)
     meta = root / "qgoft" / "_build_meta.py"
     if not meta.exists():
         pytest.skip("qgoft was not built (no _build_meta.py)")
-    text = meta.read_text()
-    lines = [("TORCH_VERSION = '1.0.0+other'" if line.startswith("TORCH_VERSION") else line)
-             for line in text.splitlines()]
-    assert lines != text.splitlines(), "no TORCH_VERSION in _build_meta.py"
+    lines = meta.read_text().splitlines()
+    for key, value in values.items():
+        assert any(line.startswith(f"{key} =") for line in lines), f"no {key} in _build_meta.py"
+        lines = [f"{key} = {value!r}" if line.startswith(f"{key} =") else line for line in lines]
     meta.write_text("\n".join(lines) + "\n")
-    out = run_python(FALLBACK_CHECK.format(expected="built against torch", package_dir=str(root)), root,
+    return root
+
+
+def test_fallback_when_torch_is_older_than_the_abi_floor(tmp_path):
+    root = _with_build_meta(tmp_path, TORCH_ABI_FLOOR="99.0")
+    out = run_python(FALLBACK_CHECK.format(expected="needs torch >= 99.0", package_dir=str(root)), root,
                      {"PYTHONPATH": str(root)})
     assert "FALLBACK-OK" in out
+
+
+@needs_extension
+def test_ops_library_loads_under_another_torch_than_built(tmp_path):
+    """The loader ties the stable-ABI ops library to the floor only, not to the torch it was built against;
+    a CUDA library built for another torch release is not loaded (its reason is reported)."""
+    root = _with_build_meta(tmp_path, TORCH_VERSION="2.10.0+cu999", CUDA_LIBRARY="libqgoft_cuda.so")
+    out = run_python(f"""
+        import warnings
+        import torch
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import qgoft
+        assert not [w for w in caught if "Falling back" in str(w.message)], [str(w.message) for w in caught]
+        assert qgoft.__file__.startswith({str(root)!r}), qgoft.__file__
+        assert qgoft.extension_loaded(), qgoft._extension.extension_error()
+        info = qgoft.build_info()
+        assert info["torch_version_built"] != "2.10.0+cu999"  # the library's own record (C++)
+        assert info["cuda_compiled"] and not info["cuda_loaded"]
+        assert "built against torch 2.10.0+cu999" in info["cuda_error"], info["cuda_error"]
+        assert not qgoft._extension.has_kernel("cuda") and qgoft._extension.has_kernel("cpu")
+        x = torch.randn(3, 4, dtype=torch.float64)
+        pairs = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+        y = torch.ops.qgoft.givens_chain(x, torch.zeros(2, dtype=torch.float64), pairs,
+                                         torch.tensor([0, 2], dtype=torch.int32), None)
+        assert torch.equal(x, y)
+        print("LOADED-OK")
+    """, root, {"PYTHONPATH": str(root)})
+    assert "LOADED-OK" in out
 
 
 def test_fallback_when_not_built(tmp_path):

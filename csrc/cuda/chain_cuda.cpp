@@ -227,18 +227,33 @@ struct Operands {
   Tensor scale;   // (d,) acc contiguous, or undefined
 };
 
+// What the shared checks (common/checks.h) need to know of a tensor.
+TensorMeta meta_of(const Tensor& t) {
+  TensorMeta m;
+  m.dtype = t.scalar_type();
+  m.sizes = t.sizes().vec();
+  m.device = t.device().str();
+  return m;
+}
+
+// x (..., d) as rows (rows, d) with unit stride along d (common/checks.h: num_rows, rows_need_copy).
+Tensor rows_view(const Tensor& x, int64_t d) {
+  Tensor x2 = x.reshape({num_rows(x.sizes().vec()), d});
+  return rows_need_copy(d, x2.stride(1), x2.is_contiguous()) ? x2.contiguous() : x2;
+}
+
 // Checks every argument (common/checks.h) and the layout; the blocks are made by the caller.
 Operands prepare(const Tensor& x, const Tensor& params, bool givens, const Tensor& pairs,
                  const Tensor& offsets, const std::optional<Tensor>& scale, const Tensor* grad_out,
                  const char* op) {
   Operands o;
-  o.dtype = check_chain_args(x, params, givens, pairs, offsets, scale, grad_out, op);
+  o.dtype = check_chain_tensors(meta_of, x, params, givens, pairs, offsets, scale, grad_out, op);
   // Every tensor is on x's device; the dispatcher only sends CUDA work here.
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
   o.d = x.size(-1);
   o.acc = accumulation_type(o.dtype);
   o.layout = checked_layout(pairs, offsets, x, o.d, op);
-  o.rows = num_rows(x);
+  o.rows = num_rows(x.sizes().vec());
   if (scale.has_value()) o.scale = scale->to(o.acc).contiguous();
   return o;
 }
