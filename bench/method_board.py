@@ -410,7 +410,8 @@ def _classifier_of(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def sentence_embeddings(model: nn.Module, data: TokenizedSplit, device: torch.device) -> Tensor:
-    """Unit-norm mean-pooled encoder outputs ``(N, hidden)`` (the sentence-transformers MiniLM embedding)."""
+    """Unit-norm mean-pooled encoder outputs ``(N, hidden)``, float64 (the sentence-transformers MiniLM
+    embedding: mean pooling, then L2 normalisation)."""
     encoder = _classifier_of(model).encoder
     was_training = model.training
     model.eval()
@@ -420,7 +421,7 @@ def sentence_embeddings(model: nn.Module, data: TokenizedSplit, device: torch.de
         ids, mask = ids.to(device), mask.to(device)
         out.append(_pooled(encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask).float().cpu())
     model.train(was_training)
-    return nn.functional.normalize(torch.cat(out), dim=-1)
+    return nn.functional.normalize(torch.cat(out).double(), dim=-1)
 
 
 def pairwise_angles(unit_rows: Tensor) -> Tensor:
@@ -611,7 +612,10 @@ def run_task(task: Task, methods: Sequence[Method], args, tokenizer, make_classi
     result: Dict[str, object] = {"note": task.note, "sizes": counts, "labels": task.label_names,
                                  "test_majority": majority, "methods": {}}
     for method in methods:
-        lrs = method.lrs[3 - args.sweep_size:] if args.sweep else (method.lrs[1],)
+        if args.lr is not None:
+            lrs = (args.lr,)
+        else:
+            lrs = method.lrs[3 - args.sweep_size:] if args.sweep and args.sweep_size > 1 else (method.lrs[1],)
         sweep: List[Run] = []
         best_model = None
         for lr in lrs:
@@ -729,6 +733,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="use each method's default lr")
     ap.add_argument("--sweep-size", type=int, default=2, choices=(1, 2, 3),
                     help="learning rates per method: 3 = (low, default, high), 2 = (default, high), 1 = default")
+    ap.add_argument("--lr", type=float, default=None, help="one learning rate for every method (no sweep)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=32, help="truncate texts to this many tokens")

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .layouts import Layout
-from .reference import blocks_from_angles, dense_chain_matrix
+from .reference import givens_chain_reference
 
 __all__ = [
     "gather_schedule",
@@ -236,10 +236,11 @@ def chain_jacobian_rank(layout: Layout, angles: Optional[Tensor] = None, seed: i
         generator = torch.Generator().manual_seed(seed)
         angles = (torch.rand(layout.num_pairs, generator=generator, dtype=torch.float64) * 2 - 1) * math.pi
     pairs, offsets = layout.pairs_tensor(), layout.layer_offsets_tensor()
+    eye = torch.eye(layout.d, dtype=torch.float64)
 
-    def matrix(theta: Tensor) -> Tensor:
-        return dense_chain_matrix(blocks_from_angles(theta), pairs, offsets, layout.d).reshape(-1)
+    def matrix(theta: Tensor) -> Tensor:  # the rows of I R are the rows of R
+        return givens_chain_reference(eye, theta, pairs, offsets).reshape(-1)
 
-    jacobian = torch.autograd.functional.jacobian(matrix, angles.to(torch.float64))
+    jacobian = torch.func.jacfwd(matrix)(angles.to(torch.float64))  # forward mode: P columns, P << d * d
     singular = torch.linalg.svdvals(jacobian)
     return int((singular > rtol * singular.max()).sum()) if singular.numel() else 0
