@@ -351,18 +351,8 @@ def memory_probe(method: "Method", make_classifier, args, device: torch.device) 
             handle.write("5")  # VmHWM := VmRSS
         base = _proc_status_bytes("VmRSS")
     for _ in range(3):
-        if method.frozen_encoder:
-            with torch.no_grad():
-                pooled = _pooled(classifier.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
-            logits = classifier.classifier(pooled)
-        else:
-            logits = model(ids, mask)
-        loss = nn.functional.cross_entropy(logits, labels)
-        if penalty is not None:
-            loss = loss + penalty()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        demo.training_step(classifier if method.frozen_encoder else model, optimizer, ids, mask, labels, penalty,
+                           method.frozen_encoder)
     if device.type == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device) - base
@@ -396,11 +386,6 @@ def measure_peak_memory(method: "Method", make_classifier, args, device: torch.d
     return result
 
 
-def _pooled(hidden: Tensor, mask: Tensor) -> Tensor:
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
 def _classifier_of(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, demo.SentimentClassifier):
@@ -412,14 +397,14 @@ def _classifier_of(model: nn.Module) -> nn.Module:
 def sentence_embeddings(model: nn.Module, data: TokenizedSplit, device: torch.device) -> Tensor:
     """Unit-norm mean-pooled encoder outputs ``(N, hidden)``, float64 (the sentence-transformers MiniLM
     embedding: mean pooling, then L2 normalisation)."""
-    encoder = _classifier_of(model).encoder
+    classifier = _classifier_of(model)
     was_training = model.training
     model.eval()
     out = []
     for start in range(0, len(data), 128):
         ids, mask, _ = data.batch(list(range(start, min(len(data), start + 128))))
         ids, mask = ids.to(device), mask.to(device)
-        out.append(_pooled(encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask).float().cpu())
+        out.append(classifier.embed(ids, mask).float().cpu())
     model.train(was_training)
     return nn.functional.normalize(torch.cat(out).double(), dim=-1)
 
@@ -532,22 +517,13 @@ def train_run(method: Method, make_classifier, lr: float, seed: int, data: Dict[
     for indices in batches:
         start = time.perf_counter()
         ids, mask, labels = (t.to(device) for t in data["train"].batch(indices))
-        if method.frozen_encoder:
-            with torch.no_grad():
-                pooled = _pooled(classifier.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
-            logits = classifier.classifier(pooled)
-        else:
-            logits = model(ids, mask)
-        loss = nn.functional.cross_entropy(logits, labels)
-        total = loss + penalty() if penalty is not None else loss
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        loss = demo.training_step(classifier if method.frozen_encoder else model, optimizer, ids, mask, labels,
+                                  penalty, method.frozen_encoder)
         schedule.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        losses.append(loss.item())
+        losses.append(loss)
     del optimizer, schedule
     skip = min(3, len(times) - 1)
     run = Run(lr, seed, accuracy(model, data["validation"], device), trainable, statistics.median(times[skip:]),

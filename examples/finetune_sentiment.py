@@ -161,11 +161,14 @@ class SentimentClassifier(nn.Module):
         self.encoder = encoder
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Mean of the encoder's last hidden states over non-padding tokens: ``(B, hidden)``."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        return self.classifier(pooled)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.classifier(self.embed(input_ids, attention_mask))
 
 
 def quantize_encoder(model: SentimentClassifier, scheme: str) -> None:
@@ -272,6 +275,25 @@ def accuracy(logits: Tensor, data: TokenizedSplit) -> float:
     return (logits.argmax(-1) == data.labels).float().mean().item()
 
 
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: Tensor, mask: Tensor, labels: Tensor,
+                  penalty: Optional[Callable[[], Tensor]] = None, encoder_frozen: bool = False) -> float:
+    """One optimizer step on cross-entropy (+ ``penalty()``) for a :class:`SentimentClassifier` ``model``
+    (or a wrapper that forwards ``embed``/``classifier``); a frozen encoder runs without autograd. Returns the
+    cross-entropy."""
+    if encoder_frozen:
+        with torch.no_grad():
+            pooled = model.embed(ids, mask)
+        logits = model.classifier(pooled)
+    else:
+        logits = model(ids, mask)
+    loss = nn.functional.cross_entropy(logits, labels)
+    total = loss + penalty() if penalty is not None else loss
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def train(name: str, model: nn.Module, param_groups: List[dict], train_data: TokenizedSplit,
           test_data: TokenizedSplit, args: argparse.Namespace, penalty: Optional[Callable[[], Tensor]] = None,
           encoder_frozen: bool = False) -> Tuple[RunResult, Tensor]:
@@ -298,22 +320,10 @@ def train(name: str, model: nn.Module, param_groups: List[dict], train_data: Tok
     for indices in bar:
         start = time.perf_counter()
         ids, mask, labels = train_data.batch(indices)
-        if encoder_frozen:
-            with torch.no_grad():
-                hidden = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                m = mask.unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-            logits = model.classifier(pooled)
-        else:
-            logits = model(ids, mask)
-        loss = nn.functional.cross_entropy(logits, labels)
-        total = loss + penalty() if penalty is not None else loss
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        loss = training_step(model, optimizer, ids, mask, labels, penalty, encoder_frozen)
         schedule.step()
         step_times.append(time.perf_counter() - start)
-        losses.append(loss.item())
+        losses.append(loss)
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}",
                         s_per_step=f"{sum(step_times[-20:]) / len(step_times[-20:]):.2f}", refresh=False)
     bar.close()
