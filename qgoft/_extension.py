@@ -64,7 +64,7 @@ def _load_cuda_library() -> None:
 
 
 def _load() -> None:
-    global _loaded, _load_error, _C, _meta
+    global _loaded, _load_error, _C, _meta, _cuda_loaded
     if os.environ.get("QGOFT_DISABLE_EXTENSION", "0") == "1":
         _load_error = "disabled by QGOFT_DISABLE_EXTENSION=1"
         return
@@ -74,10 +74,12 @@ def _load() -> None:
         _load_error = "qgoft was not built (no qgoft/_build_meta.py); install it with pip"
         return
     floor = getattr(_build_meta, "TORCH_ABI_FLOOR", None)
-    if floor is None:
-        _load_error = ("qgoft/_build_meta.py is of an older qgoft build (no TORCH_ABI_FLOOR); rebuild qgoft "
-                       "(pip install .)")
-        return
+    if floor is None:  # binaries of a build before the stable ABI: tied to the torch release they were built for
+        floor = _build_meta.TORCH_VERSION
+        if _release(floor) != _release(torch.__version__):
+            _load_error = (f"qgoft was built against torch {floor} but torch {torch.__version__} is installed; "
+                           "rebuild qgoft (pip install .)")
+            return
     if _release(torch.__version__) < _release(floor):
         _load_error = (f"qgoft's ops library needs torch >= {floor} (the stable ABI it uses), but torch "
                        f"{torch.__version__} is installed; pip install 'torch>={floor}'")
@@ -94,6 +96,9 @@ def _load() -> None:
         return
     _C, _meta = c_module, _build_meta
     _loaded = True
+    if getattr(_build_meta, "TORCH_ABI_FLOOR", None) is None:  # pre-stable-ABI binaries: CUDA kernels inside
+        _cuda_loaded = bool(c_module.build_info().get("cuda_compiled", False))
+        return
     _load_cuda_library()
 
 
@@ -146,7 +151,7 @@ def build_info() -> dict[str, Any]:
         info["extension_error"] = _load_error
         return info
     info.update(_C.build_info())
-    info["cuda_compiled"] = bool(getattr(_meta, "CUDA_LIBRARY", ""))
+    info["cuda_compiled"] = bool(getattr(_meta, "CUDA_LIBRARY", "")) or _cuda_loaded
     info["cuda_loaded"] = _cuda_loaded
     if info["cuda_compiled"]:
         info["cuda_abi"] = f"torch {_meta.TORCH_VERSION} only (version-specific C++ API)"
