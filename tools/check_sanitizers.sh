@@ -108,8 +108,10 @@ step "building with $JOBS jobs"
   { tail -60 "$BUILD/build.log"; fail "build (full log: $BUILD/build.log)"; }
 for lib in "$STAGE/qgoft/libqgoft_ops.so" "$STAGE/qgoft/_C$EXT_SUFFIX"; do
   [ -f "$lib" ] || fail "$lib was not built"
-  nm -D --undefined-only "$lib" | grep -q "__asan_init\|__asan_report" || fail "$lib is not instrumented by ASan"
-  nm -D --undefined-only "$lib" | grep -q "__ubsan_handle" || fail "$lib is not instrumented by UBSan"
+  # (nm's output captured first: with pipefail, grep -q closing the pipe early would fail the pipeline)
+  undefined="$(nm -D --undefined-only "$lib")"
+  grep -q "__asan_init\|__asan_report" <<< "$undefined" || fail "$lib is not instrumented by ASan"
+  grep -q "__ubsan_handle" <<< "$undefined" || fail "$lib is not instrumented by UBSan"
 done
 step "built and staged in $STAGE"
 
