@@ -326,6 +326,11 @@ def _plain_layer(kind: str, weight: Tensor, bias: Optional[nn.Parameter], traini
     return layer
 
 
+def _is_sharded(tensor: Tensor) -> bool:
+    """A DTensor (FSDP2 shard): its full value is gathered with ``full_tensor()``, a collective."""
+    return hasattr(tensor, "full_tensor")
+
+
 class QGoftModel(nn.Module):
     """A model with (q)GOFT adapters, wrapping ``base_model`` (adapted in place).
 
@@ -780,13 +785,17 @@ class QGoftModel(nn.Module):
         root = os.fspath(save_directory)
         return root if adapter_name == DEFAULT_ADAPTER else os.path.join(root, check_adapter_name(adapter_name))
 
+    def adapters_sharded(self) -> bool:
+        """Whether the active adapter's tensors are sharded DTensors (FSDP2): then :meth:`save_pretrained` is
+        a collective that every rank must call."""
+        return any(_is_sharded(value) for value in self.get_adapter_state_dict().values())
+
     def _save_active(self, save_directory: str) -> None:
         state = self.get_adapter_state_dict()
-        sharded = any(hasattr(value, "full_tensor") for value in state.values())
+        sharded = any(_is_sharded(value) for value in state.values())
         if sharded:
             # DTensors (FSDP2): gathering is a collective, so every rank takes part.
-            state = {key: value.full_tensor() if hasattr(value, "full_tensor") else value
-                     for key, value in state.items()}
+            state = {key: value.full_tensor() if _is_sharded(value) else value for key, value in state.items()}
         distributed = sharded and torch.distributed.is_available() and torch.distributed.is_initialized()
         rank = torch.distributed.get_rank() if distributed else 0
         error: Optional[BaseException] = None

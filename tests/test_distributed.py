@@ -153,6 +153,14 @@ def _train_one(mode: str, method: str, optimizer_name: str, out_dir: Path, rank:
         # writes it, and no rank returns before it is complete on disk.
         model.save_pretrained(str(out_dir / "adapter_sharded"))
         report["saved_when_returned"] = (out_dir / "adapter_sharded" / "adapter_model.safetensors").is_file()
+        # QGoftTrainer's checkpoint save, as transformers calls it on every rank (should_save on rank 0
+        # only): the non-main ranks take part in the gather instead of leaving rank 0 hanging in it.
+        from types import SimpleNamespace
+        from qgoft.integrations.transformers import QGoftTrainer
+        trainer = SimpleNamespace(args=SimpleNamespace(should_save=rank == 0, output_dir=str(out_dir / "trainer"),
+                                                       process_index=rank),
+                                  _qgoft_model=model, processing_class=None)
+        QGoftTrainer._save(trainer)
     else:
         raise ValueError(mode)
     report["losses"] = losses
@@ -284,6 +292,7 @@ def test_fsdp2_gloo_two_processes_match_single_process(torchrun_results, method,
     # the one saved from the gathered full state dict, complete when it returned on every rank.
     assert report["saved_when_returned"] == [True] * WORLD_SIZE, report["saved_when_returned"]
     _check_saved_adapter(config_dir, model, "adapter_sharded")
+    _check_saved_adapter(config_dir, model, "trainer")
     a = qgoft.serialization.read_adapter(str(config_dir / "adapter")).tensors
     b = qgoft.serialization.read_adapter(str(config_dir / "adapter_sharded")).tensors
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -117,9 +117,12 @@ class QGoftTrainer(transformers.Trainer):
     # ------------------------------------------------------------------------------------------------
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        """Write the adapter (not the base model) to ``output_dir``, from the main process only."""
+        """Write the adapter (not the base model) to ``output_dir`` from the main process. With FSDP2-sharded
+        adapters the save gathers them (a collective): every rank takes part and the main process writes."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
+            if self._qgoft_model.adapters_sharded():
+                self._qgoft_model.save_pretrained(output_dir)  # gathers; rank 0 writes, this rank waits
             return
         self._qgoft_model.save_pretrained(output_dir)
         logger.info("qgoft adapter saved to %s (process %d)", output_dir, self.args.process_index)
