@@ -220,46 +220,30 @@ std::tuple<Tensor, Tensor, Tensor> backward_outputs(Grads g, const Operands& o, 
   return {gx, gp, gs};
 }
 
-Tensor givens_chain_cpu(Tensor x, Tensor angles, Tensor pairs, Tensor layer_offsets,
-                        std::optional<Tensor> scale) {
-  const Operands o =
-      prepare(x, angles, /*givens=*/true, pairs, layer_offsets, scale, nullptr, "qgoft::givens_chain");
+// The entry points: params are the angles (P,) (kGivens) or the quasi-Givens blocks (P, 2, 2).
+template <bool kGivens>
+Tensor chain_cpu(Tensor x, Tensor params, Tensor pairs, Tensor layer_offsets, std::optional<Tensor> scale) {
+  const char* op = kGivens ? "qgoft::givens_chain" : "qgoft::quasi_givens_chain";
+  const Operands o = prepare(x, params, kGivens, pairs, layer_offsets, scale, nullptr, op);
   return forward(o, x);
 }
 
-std::tuple<Tensor, Tensor, Tensor> givens_chain_backward_cpu(Tensor grad_out, Tensor x, Tensor angles,
-                                                             Tensor pairs, Tensor layer_offsets,
-                                                             std::optional<Tensor> scale,
-                                                             std::vector<bool> output_mask) {
-  const Operands o = prepare(x, angles, /*givens=*/true, pairs, layer_offsets, scale, &grad_out,
-                             "qgoft::givens_chain_backward");
+template <bool kGivens>
+std::tuple<Tensor, Tensor, Tensor> chain_backward_cpu(Tensor grad_out, Tensor x, Tensor params, Tensor pairs,
+                                                      Tensor layer_offsets, std::optional<Tensor> scale,
+                                                      std::vector<bool> output_mask) {
+  const char* op = kGivens ? "qgoft::givens_chain_backward" : "qgoft::quasi_givens_chain_backward";
+  const Operands o = prepare(x, params, kGivens, pairs, layer_offsets, scale, &grad_out, op);
   Grads g = backward(o, grad_out, x, output_mask[0], output_mask[1], output_mask[2]);
-  return backward_outputs(std::move(g), o, x, angles, /*givens=*/true, scale);
-}
-
-Tensor quasi_givens_chain_cpu(Tensor x, Tensor blocks, Tensor pairs, Tensor layer_offsets,
-                              std::optional<Tensor> scale) {
-  const Operands o = prepare(x, blocks, /*givens=*/false, pairs, layer_offsets, scale, nullptr,
-                             "qgoft::quasi_givens_chain");
-  return forward(o, x);
-}
-
-std::tuple<Tensor, Tensor, Tensor> quasi_givens_chain_backward_cpu(Tensor grad_out, Tensor x, Tensor blocks,
-                                                                   Tensor pairs, Tensor layer_offsets,
-                                                                   std::optional<Tensor> scale,
-                                                                   std::vector<bool> output_mask) {
-  const Operands o = prepare(x, blocks, /*givens=*/false, pairs, layer_offsets, scale, &grad_out,
-                             "qgoft::quasi_givens_chain_backward");
-  Grads g = backward(o, grad_out, x, output_mask[0], output_mask[1], output_mask[2]);
-  return backward_outputs(std::move(g), o, x, blocks, /*givens=*/false, scale);
+  return backward_outputs(std::move(g), o, x, params, kGivens, scale);
 }
 
 }  // namespace
 }  // namespace qgoft
 
 STABLE_TORCH_LIBRARY_IMPL(qgoft, CPU, m) {
-  m.impl("givens_chain", TORCH_BOX(&qgoft::givens_chain_cpu));
-  m.impl("givens_chain_backward", TORCH_BOX(&qgoft::givens_chain_backward_cpu));
-  m.impl("quasi_givens_chain", TORCH_BOX(&qgoft::quasi_givens_chain_cpu));
-  m.impl("quasi_givens_chain_backward", TORCH_BOX(&qgoft::quasi_givens_chain_backward_cpu));
+  m.impl("givens_chain", TORCH_BOX(&qgoft::chain_cpu<true>));
+  m.impl("givens_chain_backward", TORCH_BOX(&qgoft::chain_backward_cpu<true>));
+  m.impl("quasi_givens_chain", TORCH_BOX(&qgoft::chain_cpu<false>));
+  m.impl("quasi_givens_chain_backward", TORCH_BOX(&qgoft::chain_backward_cpu<false>));
 }
