@@ -75,6 +75,13 @@ def _kill_rounds(tmp_path, rounds, savers, max_delay_s):
     path = tmp_path / "adapter"
     models[0].save_pretrained(path)
     (path / "tokenizer.json").write_text("{}")  # a file of the user's beside the adapter: kept by every save
+    # Kill delays scale with this machine's save time (a loaded machine saves several times slower), so
+    # that the kills keep landing inside running saves rather than before the first one completes.
+    started = time.monotonic()
+    for i in range(5):
+        models[i % VERSIONS].save_pretrained(path)
+    max_delay_s = max(max_delay_s, 4 * (time.monotonic() - started) / 5)
+    models[0].save_pretrained(path)
     rng = random.Random(1234)
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
