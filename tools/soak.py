@@ -60,20 +60,22 @@ def build_model(device: torch.device, width: int = 64, method: str = "qgoft") ->
 
 def soak(device: str = "cpu", steps: int = 5000, warmup: int = 500, sample_every: int = 100,
          save_every: int = 500, batch: int = 32, width: int = 64, method: str = "qgoft",
-         max_growth_bytes: int = -1) -> Dict[str, Any]:
-    """Run the soak; returns a report dict with ``passed``, ``growth_bytes``, ``samples`` and ``problems``."""
+         max_growth_bytes: int = -1, leak_bytes_per_step: int = 0) -> Dict[str, Any]:
+    """Run the soak; returns a report dict with ``passed``, ``growth_bytes``, ``samples`` and ``problems``.
+    ``leak_bytes_per_step`` > 0 keeps that many bytes per step alive on purpose (to show the check fails)."""
     dev = torch.device(device)
     threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(1)  # tiny matrices: threads only add scheduling noise (and oversubscription)
     try:
-        return _soak(dev, steps, warmup, sample_every, save_every, batch, width, method, max_growth_bytes)
+        return _soak(dev, steps, warmup, sample_every, save_every, batch, width, method, max_growth_bytes,
+                     leak_bytes_per_step)
     finally:
         torch.set_num_threads(threads)
 
 
 def _soak(dev: torch.device, steps: int, warmup: int, sample_every: int, save_every: int, batch: int, width: int,
-          method: str, max_growth_bytes: int) -> Dict[str, Any]:
+          method: str, max_growth_bytes: int, leak_bytes_per_step: int) -> Dict[str, Any]:
     if max_growth_bytes < 0:
         max_growth_bytes = CUDA_MAX_GROWTH if dev.type == "cuda" else CPU_MAX_GROWTH
     model = build_model(dev, width, method)
@@ -85,6 +87,7 @@ def _soak(dev: torch.device, steps: int, warmup: int, sample_every: int, save_ev
     samples: List[List[int]] = []
     losses: List[float] = []
     baseline = None
+    leaked: List[torch.Tensor] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for step in range(1, steps + 1):
@@ -94,6 +97,8 @@ def _soak(dev: torch.device, steps: int, warmup: int, sample_every: int, save_ev
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if leak_bytes_per_step:
+                leaked.append(torch.ones(leak_bytes_per_step, dtype=torch.uint8, device=dev))
             if save_every and step % save_every == 0:
                 model.save_pretrained(os.path.join(tmp, "adapter"))
             if step % sample_every == 0:
@@ -139,8 +144,12 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--method", default="qgoft", choices=qgoft.nn.METHODS)
     parser.add_argument("--json", help="also write the report here")
+    parser.add_argument("--save-every", type=int, default=500, help="save the adapter every N steps (0: never)")
+    parser.add_argument("--leak-bytes-per-step", type=int, default=0,
+                        help="keep this many bytes per step alive on purpose: the check must then fail")
     args = parser.parse_args(argv)
-    report = soak(args.device, steps=args.steps, warmup=args.warmup, method=args.method)
+    report = soak(args.device, steps=args.steps, warmup=args.warmup, method=args.method,
+                  save_every=args.save_every, leak_bytes_per_step=args.leak_bytes_per_step)
     summary = {k: v for k, v in report.items() if k != "samples"}
     print(json.dumps(summary))
     if args.json:
