@@ -41,7 +41,8 @@ def assert_well_formed(layout):
 # parallel
 # ------------------------------------------------------------------------------------------------
 
-def test_parallel_d6_example_from_design():
+def test_parallel_d6_example_of_docs_math():
+    """The worked example `parallel(6)` of docs/MATH.md."""
     layout = layouts.parallel(6)
     assert layout.layers == (((0, 1), (2, 3), (4, 5)), ((0, 2),), ((0, 4),))
     assert layout.name == "parallel"
