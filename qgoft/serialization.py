@@ -503,7 +503,7 @@ def _validate_header(raw: bytes, path: str, file_size: int, header_len: int,
 # Reading: one consistent snapshot of the directory.
 # --------------------------------------------------------------------------------------------------
 
-_LEFTOVER = re.compile(r"\.(?P<name>.+)\.qgoft-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}")
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.qgoft-(?P<kind>tmp|old|del)-(?P<pid>\d+)-[0-9a-f]{8}")
 
 
 def _open_regular(name: str, dir_fd: int, path: str) -> int:
@@ -541,10 +541,15 @@ def _previous_copy(directory: str) -> Optional[str]:
         entries = list(os.scandir(parent or "."))
     except OSError:
         return None
-    olds = [e for e in entries if (m := _LEFTOVER.fullmatch(e.name)) and m["name"] == name and m["kind"] == "old"]
-    if not olds:
-        return None
-    return max(olds, key=lambda e: e.stat(follow_symlinks=False).st_mtime).path
+    olds = []
+    for entry in entries:
+        match = _LEFTOVER.fullmatch(entry.name)
+        if match and match["name"] == name and match["kind"] == "old":
+            try:
+                olds.append((entry.stat(follow_symlinks=False).st_mtime, entry.path))
+            except FileNotFoundError:
+                continue  # put back or deleted meanwhile
+    return max(olds)[1] if olds else None
 
 
 class AdapterFiles:
@@ -560,6 +565,7 @@ class AdapterFiles:
         for attempt in range(self._ATTEMPTS):
             if self._open(last=attempt == self._ATTEMPTS - 1):
                 break
+            time.sleep(0.001 * attempt)  # a concurrent save is between two steps: let it finish
         try:
             self._validate()
         except BaseException:
@@ -572,12 +578,21 @@ class AdapterFiles:
         if not os.path.isdir(directory):
             previous = _previous_copy(directory)
             if previous is None:
+                if not last and os.path.isdir(directory):  # a two-rename save put the new one in place
+                    return False
                 raise FileNotFoundError(f"qgoft adapter directory not found: {directory}")
             warnings.warn(f"{directory} is missing (a save was interrupted between its two renames); reading the "
                           f"complete previous adapter left at {previous}", UserWarning, stacklevel=4)
             directory = previous
         use_dir_fd = os.open in os.supports_dir_fd
-        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if use_dir_fd else -1
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if use_dir_fd else -1
+        except FileNotFoundError:
+            # Renamed away by a two-rename save since the check above (or the previous copy was removed
+            # by the save that completed): look again.
+            if not last:
+                return False
+            raise FileNotFoundError(f"qgoft adapter directory not found: {self.directory}") from None
         try:
             config_fd = weights_fd = -1
             try:
@@ -747,27 +762,87 @@ def _write_file(path: str, payload: bytes) -> None:
         os.close(fd)
 
 
-def _carry_over(source: str, destination: str, skip: Tuple[str, ...]) -> None:
-    """Reproduce ``source``'s entries (except ``skip`` and names starting with one of them) in ``destination``:
-    hard links for files (copies where links fail), the same symlinks, recursively for directories."""
-    for entry in os.scandir(source):
-        if entry.name.startswith(skip):
-            continue
-        target = os.path.join(destination, entry.name)
+def _carry_over(target: str, destination: str, skip: Tuple[str, ...]) -> None:
+    """Reproduce the entries of the adapter directory now at ``target`` (or, while a two-rename save is
+    between its renames, of the complete previous one beside it) in ``destination``, except ``skip`` and names
+    starting with one of them: hard links for files (copies where links fail), the same symlinks,
+    recursively for directories; ``destination`` gets the source's permissions.
+
+    The source is read through one directory descriptor, and the copy is redone when the source was replaced
+    meanwhile (a concurrent save swapped it out and may be deleting it, so its listing can miss entries)."""
+    for _ in range(100):
+        source = target if os.path.isdir(target) else _previous_copy(target)
+        if source is None:
+            return  # nothing to carry over (a first save)
         try:
-            if entry.is_symlink():
-                os.symlink(os.readlink(entry.path), target)
-            elif entry.is_dir(follow_symlinks=False):
-                os.mkdir(target)
-                _carry_over(entry.path, target, ())
-                shutil.copystat(entry.path, target, follow_symlinks=False)
-            elif entry.is_file(follow_symlinks=False):
+            fd = os.open(source, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except FileNotFoundError:
+            continue  # moved meanwhile: look again
+        try:
+            os.chmod(destination, stat.S_IMODE(os.fstat(fd).st_mode))
+            carried = _carry_entries(fd, destination, skip)
+            try:
+                now = os.stat(source)
+            except FileNotFoundError:
+                now = None
+            before = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if now is not None and (now.st_ino, now.st_dev) == (before.st_ino, before.st_dev):
+            return
+        for path in carried:  # copied from a directory that was being replaced: start again
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+    raise OSError(errno.EBUSY, f"could not copy the other files of {source}: too many concurrent saves")
+
+
+def _carry_entries(source_fd: int, destination: str, skip: Tuple[str, ...]) -> List[str]:
+    """One pass of :func:`_carry_over` over the directory open at ``source_fd``; returns what it created."""
+    carried: List[str] = []
+    with os.scandir(source_fd) as entries:
+        listing = [(entry.name, entry.is_symlink(), entry.is_dir(follow_symlinks=False),
+                    entry.is_file(follow_symlinks=False)) for entry in entries if not entry.name.startswith(skip)]
+    for name, is_symlink, is_dir, is_file in listing:
+        target = os.path.join(destination, name)
+        try:
+            if is_symlink:
+                os.symlink(os.readlink(name, dir_fd=source_fd), target)
+            elif is_dir:
+                sub_fd = os.open(name, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0), dir_fd=source_fd)
                 try:
-                    os.link(entry.path, target, follow_symlinks=False)
-                except OSError:
-                    shutil.copy2(entry.path, target, follow_symlinks=False)
+                    os.mkdir(target)
+                    carried.append(target)
+                    _carry_entries(sub_fd, target, ())
+                    stat_ = os.fstat(sub_fd)
+                    os.chmod(target, stat.S_IMODE(stat_.st_mode))
+                    os.utime(target, ns=(stat_.st_atime_ns, stat_.st_mtime_ns))
+                finally:
+                    os.close(sub_fd)
+                continue
+            elif is_file:
+                try:
+                    os.link(name, target, src_dir_fd=source_fd, follow_symlinks=False)
+                except OSError as err:
+                    if isinstance(err, FileNotFoundError):
+                        raise
+                    src_fd = os.open(name, os.O_RDONLY, dir_fd=source_fd)
+                    try:
+                        with os.fdopen(src_fd, "rb", closefd=False) as src, open(target, "wb") as dst:
+                            shutil.copyfileobj(src, dst)
+                        stat_ = os.fstat(src_fd)
+                        os.chmod(target, stat.S_IMODE(stat_.st_mode))
+                        os.utime(target, ns=(stat_.st_atime_ns, stat_.st_mtime_ns))
+                    finally:
+                        os.close(src_fd)
+            else:
+                continue
+            carried.append(target)
         except FileNotFoundError:
             continue  # removed meanwhile
+    return carried
 
 
 def _in_use(path: str, pid: int) -> bool:
@@ -809,7 +884,7 @@ def _clean_leftovers(parent: str, name: str, target: str) -> None:
             except OSError:
                 pass
         if not _in_use(entry.path, int(match["pid"])):
-            shutil.rmtree(entry.path, ignore_errors=True)
+            _discard(entry.path, parent, name)
 
 
 def _cwd_inside(target: str) -> Optional[str]:
@@ -825,6 +900,20 @@ def _cwd_inside(target: str) -> Optional[str]:
 
 def _sibling(parent: str, name: str, kind: str) -> str:
     return os.path.join(parent, f".{name}.qgoft-{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _discard(path: str, parent: str, name: str) -> None:
+    """Delete a replaced adapter directory. It is first renamed to a ``del`` name, so that a deletion cut
+    short by a crash never leaves a partial directory under an ``old`` name, where loads and the next save
+    would take it for a complete previous adapter."""
+    if _LEFTOVER.fullmatch(os.path.basename(path))["kind"] != "del":
+        doomed = _sibling(parent, name, "del")
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return
+        path = doomed
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _swap_in(staging: str, target: str, parent: str, name: str) -> List[str]:
@@ -899,12 +988,10 @@ def write_adapter(directory: str, document: Dict[str, Any], tensors: Dict[str, T
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         _write_file(os.path.join(staging, WEIGHTS_NAME), weights_bytes)
         _write_file(os.path.join(staging, CONFIG_NAME), config_bytes)
-        if os.path.isdir(target):
-            os.chmod(staging, stat.S_IMODE(os.stat(target).st_mode))
-            # Not carried: the old files, leftovers of qgoft < format 2 ("<name>.tmp") and of killed in-place
-            # saves (".<name>.qgoft-tmp-*").
-            ours = (CONFIG_NAME, WEIGHTS_NAME)
-            _carry_over(target, staging, ours + tuple(f".{n}.qgoft-tmp-" for n in ours))
+        # Not carried: the old files, leftovers of qgoft < format 2 ("<name>.tmp") and of killed in-place
+        # saves (".<name>.qgoft-tmp-*").
+        ours = (CONFIG_NAME, WEIGHTS_NAME)
+        _carry_over(target, staging, ours + tuple(f".{n}.qgoft-tmp-" for n in ours))
         os.fsync(lock_fd)
         inside = _cwd_inside(target)
         garbage = _swap_in(staging, target, parent, name)
@@ -915,7 +1002,7 @@ def write_adapter(directory: str, document: Dict[str, Any], tensors: Dict[str, T
     finally:
         os.close(lock_fd)
         for path in garbage:
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(path, parent, name)
 
 
 def _write_in_place(target: str, files: Dict[str, bytes], reason: OSError) -> None:
@@ -938,7 +1025,7 @@ def _write_in_place(target: str, files: Dict[str, bytes], reason: OSError) -> No
 
 
 def iter_leftovers(directory: str) -> Iterator[str]:
-    """Paths of the temporaries (``.<name>.qgoft-tmp-*`` / ``-old-*``) of saves to ``directory``."""
+    """Paths of the temporaries (``.<name>.qgoft-tmp-*`` / ``-old-*`` / ``-del-*``) of saves to ``directory``."""
     target = os.path.realpath(os.fspath(directory))
     parent, name = os.path.split(target)
     for entry in os.scandir(parent):

@@ -12,6 +12,7 @@ import random
 import signal
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,7 +104,10 @@ def _kill_rounds(tmp_path, rounds, savers, max_delay_s):
         for pid in pids:
             os.waitpid(pid, 0)
         seen.add(_which_version(path, states))  # and after the kill
-        assert (path / "tokenizer.json").read_text() == "{}"
+        # The user's file is kept too: at the path, or (two-rename fallback killed between its renames) in the
+        # complete previous adapter beside it, which loads read and the next save puts back.
+        holder = path if path.is_dir() else serialization._previous_copy(str(path))
+        assert holder is not None and (Path(holder) / "tokenizer.json").read_text() == "{}"
         try:
             completed += len(os.read(read_fd, 1 << 16))
         except BlockingIOError:
