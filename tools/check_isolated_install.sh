@@ -46,7 +46,7 @@ for i in "${!TORCHES[@]}"; do
     "$PY" -m pip install -q "torch==${TORCHES[$i]}"
   fi
   # From an empty directory: the checkout's qgoft/ must not shadow the installed package.
-  (cd "$DIR/run" && "$PY" - "$DIR/venv") <<'EOF' || fail "the installed qgoft did not load its compiled ops"
+  (cd "$DIR/run" && "$PY" - "$DIR/venv" "$DIR/src") <<'EOF' || fail "the installed qgoft did not load its compiled ops"
 import sys
 from pathlib import Path
 import torch
@@ -55,6 +55,11 @@ assert Path(qgoft.__file__).resolve().is_relative_to(Path(sys.argv[1]).resolve()
 info = qgoft.build_info()
 assert info["extension_loaded"], info.get("extension_error")
 assert info["abi"] == "stable", info
+# Every package of the source tree was installed (a subpackage missing from the packaging config is not).
+src = Path(sys.argv[2]) / "qgoft"
+wanted = {str(p.parent.relative_to(src.parent)) for p in src.rglob("__init__.py")}
+have = {str(p.parent.relative_to(Path(qgoft.__file__).parent.parent)) for p in Path(qgoft.__file__).parent.rglob("__init__.py")}
+assert wanted <= have, f"packages missing from the installed qgoft: {sorted(wanted - have)}"
 print(f"check_isolated_install: torch {torch.__version__} running, qgoft built against torch "
       f"{info['torch_version_built']} (stable ABI, torch >= {info['torch_abi_floor']}), CPU kernels "
       f"{info['cpu_isa_selected']}")
