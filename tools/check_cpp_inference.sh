@@ -25,8 +25,10 @@ fi
 echo "== configure and build $EXAMPLE in $BUILD_DIR (in the background)"
 (
   # Explicit locations (a reused build directory must follow the current torch and qgoft).
-  torch_prefix="$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')" &&
-  ops_library="$("$PYTHON" -c 'import qgoft; print(qgoft.ops_library_path())')" &&
+  # Asked from the example's folder, where export_model.py runs: the same qgoft (an installed package, an
+  # editable install or PYTHONPATH), never the checkout's qgoft/ by accident of the working directory.
+  torch_prefix="$(cd "$EXAMPLE" && "$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')" &&
+  ops_library="$(cd "$EXAMPLE" && "$PYTHON" -c 'import qgoft; print(qgoft.ops_library_path())')" &&
   cmake -S "$EXAMPLE" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$torch_prefix" \
         -DQGOFT_OPS_LIBRARY="$ops_library" -DQGOFT_WITH_AOTI="$([ "$AOTI" = 1 ] && echo ON || echo OFF)" &&
   cmake --build "$BUILD_DIR" --parallel "${QGOFT_BUILD_JOBS:-2}"
