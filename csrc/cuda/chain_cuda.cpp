@@ -87,7 +87,7 @@ struct Layout {
   Tensor pairs;                     // (P, 2) int32 contiguous, 8-byte aligned, on the device
   Tensor offsets;                   // (L + 1,) int32 contiguous, on the device
   int64_t d = 0, num_pairs = 0, num_layers = 0;
-  bool parallel = false;            // exactly layouts.parallel(d)
+  int64_t parallel_reps = 0;        // k when exactly layouts.stack(layouts.parallel(d), k) (k = 1: the layout)
 };
 
 struct LayoutKey {
@@ -150,21 +150,26 @@ LayoutCache& layout_cache() {
   return *cache;
 }
 
-bool is_parallel_layout(const int32_t* pp, const int32_t* off, int64_t num_pairs,
-                        int64_t num_layers, int64_t d) {
+// k >= 1 when the layout is exactly layouts.parallel(d) repeated k times (layouts.stack; k = 1: the
+// layout itself), else 0. The values were validated (check_layout_values) already.
+int64_t parallel_reps(const int32_t* pp, const int32_t* off, int64_t num_pairs, int64_t num_layers, int64_t d) {
   int64_t levels = 0;
   while ((int64_t(1) << levels) < d) ++levels;
-  if (d < 1 || num_layers != levels || num_pairs != std::max<int64_t>(d - 1, 0)) return false;
+  if (d < 2 || levels == 0 || num_layers % levels != 0 || num_layers == 0) return 0;
+  const int64_t reps = num_layers / levels;
+  if (num_pairs != reps * (d - 1)) return 0;
   int64_t p = 0;
-  for (int64_t r = 1; r <= num_layers; ++r) {
-    if (off[r - 1] != p) return false;
-    const int64_t h = int64_t(1) << (r - 1), step = int64_t(1) << r;
-    for (int64_t i = 0; i + h < d; i += step, ++p) {
-      if (pp[2 * p] != i || pp[2 * p + 1] != i + h) return false;
+  for (int64_t k = 0; k < reps; ++k) {
+    for (int64_t r = 1; r <= levels; ++r) {
+      if (off[k * levels + r - 1] != p) return 0;
+      const int64_t h = int64_t(1) << (r - 1), step = int64_t(1) << r;
+      for (int64_t i = 0; i + h < d; i += step, ++p) {
+        if (pp[2 * p] != i || pp[2 * p + 1] != i + h) return 0;
+      }
+      if (off[k * levels + r] != p) return 0;
     }
-    if (off[r] != p) return false;
   }
-  return p == num_pairs;
+  return p == num_pairs ? reps : 0;
 }
 
 // Validates the values of pairs / layer_offsets against d (common/checks.h) on a host copy, once per
@@ -198,7 +203,7 @@ std::shared_ptr<const Layout> checked_layout(const Tensor& pairs, const Tensor& 
   layout->d = d;
   layout->num_pairs = num_pairs;
   layout->num_layers = num_layers;
-  layout->parallel = is_parallel_layout(pp, off, num_pairs, num_layers, d);
+  layout->parallel_reps = parallel_reps(pp, off, num_pairs, num_layers, d);
   layout->pairs = pairs.contiguous();
   if (reinterpret_cast<uintptr_t>(layout->pairs.data_ptr()) % 8 != 0) {
     layout->pairs = layout->pairs.clone(at::MemoryFormat::Contiguous);
@@ -301,9 +306,15 @@ qc::Limits device_limits() {
   return lim;
 }
 
-int occupancy(qc::DType dtype, bool parallel, bool vec, bool grads, int threads, size_t smem) {
-  const int blocks = parallel ? qc::parallel_backward_occupancy(dtype, vec, grads, threads, smem)
-                              : qc::general_backward_occupancy(dtype, grads, threads, smem);
+int occupancy(qc::DType dtype, qc::BackwardKernel kernel, bool vec, bool grads, int threads, size_t smem) {
+  int blocks = 1;
+  switch (kernel) {
+    case qc::BackwardKernel::Parallel: blocks = qc::parallel_backward_occupancy(dtype, vec, grads, threads, smem); break;
+    case qc::BackwardKernel::ParallelStack:
+      blocks = qc::parallel_stack_backward_occupancy(dtype, vec, grads, threads, smem);
+      break;
+    case qc::BackwardKernel::General: blocks = qc::general_backward_occupancy(dtype, grads, threads, smem); break;
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();  // surfaces a failed cudaFuncSetAttribute
   return blocks;
 }
@@ -319,7 +330,8 @@ qc::Problem problem(const Operands& o) {
   p.d = o.d;
   p.num_pairs = o.layout->num_pairs;
   p.num_layers = o.layout->num_layers;
-  p.parallel_layout = o.layout->parallel;
+  p.parallel_layout = o.layout->parallel_reps == 1;
+  p.parallel_reps = o.layout->parallel_reps > 1 ? static_cast<int>(o.layout->parallel_reps) : 0;
   return p;
 }
 
@@ -356,7 +368,11 @@ void run_forward(const Operands& o, const Tensor& x2, Tensor& y, const char* op)
       top = at::empty({plan.top_elems}, acc_opts);
       plan.pa.top = top.mutable_data_ptr();
     }
-    qc::parallel_forward(o.dtype, plan.vec, plan.pa, plan.main, stream);
+    if (plan.pa.reps > 1) {
+      qc::parallel_stack_forward(o.dtype, plan.vec, plan.pa, plan.main, stream);
+    } else {
+      qc::parallel_forward(o.dtype, plan.vec, plan.pa, plan.main, stream);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (plan.top_pass) {
       qc::parallel_top_forward(o.dtype, plan.pa, plan.top, stream);
@@ -418,8 +434,8 @@ BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& gr
   p.want_scale = want_scale;
   const qc::DType dtype = o.dtype;
   qc::BackwardPlan plan = qc::plan_backward(
-      p, lim, knobs(), [dtype](bool parallel, bool vec, bool g, int threads, size_t smem) {
-        return occupancy(dtype, parallel, vec, g, threads, smem);
+      p, lim, knobs(), [dtype](qc::BackwardKernel kernel, bool vec, bool g, int threads, size_t smem) {
+        return occupancy(dtype, kernel, vec, g, threads, smem);
       });
   log_plan(op, "backward", plan.describe);
   set_params(o, plan.pa, plan.ga);
@@ -440,7 +456,11 @@ BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& gr
       qc::parallel_forward(dtype, plan.vec, fa, plan.top, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    qc::parallel_backward(dtype, plan.vec, plan.grads, plan.pa, plan.main, stream);
+    if (plan.pa.reps > 1) {
+      qc::parallel_stack_backward(dtype, plan.vec, plan.grads, plan.pa, plan.main, stream);
+    } else {
+      qc::parallel_backward(dtype, plan.vec, plan.grads, plan.pa, plan.main, stream);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     if (plan.workspace_elems > 0) {

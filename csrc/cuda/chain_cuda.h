@@ -13,6 +13,8 @@
 //   shuffles, the last ones go through a few words of shared memory. Rows wider than one block's
 //   segment (S = 8 * threads) are cut into segments; the layers above the segment size (whose pairs
 //   only join segment starts) run in a small second step (forward) or redundantly per block (backward).
+// * "stack": stack(parallel(d), k), k >= 2, rows of one segment: the parallel kernels' per-layer
+//   machinery run k times over the same registers (chain_stack.cuh), one pass over x.
 // * "general": any layout. A block holds R rows in shared memory (or, when they do not fit, in a
 //   global-memory workspace), threads take the pairs of a layer, a barrier separates layers.
 // Parameter gradients: every block accumulates the rows it owns (a fixed, launch-independent set) in a
@@ -69,6 +71,10 @@ struct ParallelArgs {
   // 1 .. log2(8 T) into shared memory (ParallelTable in chain_sizes.h) and reads them from there for all
   // the rows it owns; 0: every row reads them from the global (P, 4) table.
   int table = 0;
+  // Repetitions of the parallel layout: 1, or k for stack(parallel(d), k) run by the stacked kernels
+  // (chain_stack.cuh; rows of one segment, nseg == 1): repetition j uses blocks j (d - 1) .. (j + 1)(d - 1) - 1
+  // of the table, the off[] of one repetition, and num_pairs = k (d - 1).
+  int reps = 1;
 };
 
 struct GeneralArgs {
@@ -128,6 +134,9 @@ void parallel_forward(DType t, bool vec, const ParallelArgs& a, const LaunchConf
 void parallel_top_forward(DType t, const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s);
 void parallel_backward(DType t, bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                        cudaStream_t s);
+void parallel_stack_forward(DType t, bool vec, const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s);
+void parallel_stack_backward(DType t, bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
+                             cudaStream_t s);
 void general_forward(DType t, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s);
 void general_backward(DType t, bool grads, const GeneralArgs& a, const LaunchConfig& c,
                       cudaStream_t s);
@@ -136,6 +145,7 @@ void reduce_partials(bool acc_double, bool givens, const ReduceArgs& a, cudaStre
 
 // Resident blocks per SM of the backward kernels (for sizing their persistent grids); >= 1.
 int parallel_backward_occupancy(DType t, bool vec, bool grads, int threads, size_t smem);
+int parallel_stack_backward_occupancy(DType t, bool vec, bool grads, int threads, size_t smem);
 int general_backward_occupancy(DType t, bool grads, int threads, size_t smem);
 
 }  // namespace qgoft::cuda

@@ -189,13 +189,13 @@ __device__ __forceinline__ void rotate_pair(const A* blocks, int64_t p, A& xi, A
   xj = (kTransposed ? g2 : g1) * a + g3 * b;
 }
 
-// acc[0..3] += (ui gi, ui gj, uj gi, uj gj)
+// acc[0], acc[stride], acc[2 stride], acc[3 stride] += (ui gi, ui gj, uj gi, uj gj)
 template <class A>
-__device__ __forceinline__ void accumulate_outer(A* acc, A ui, A uj, A gi, A gj) {
+__device__ __forceinline__ void accumulate_outer(A* acc, A ui, A uj, A gi, A gj, int stride = 1) {
   acc[0] += ui * gi;
-  acc[1] += ui * gj;
-  acc[2] += uj * gi;
-  acc[3] += uj * gj;
+  acc[stride] += ui * gj;
+  acc[2 * stride] += uj * gi;
+  acc[3 * stride] += uj * gj;
 }
 
 }  // namespace qgoft::cuda::detail

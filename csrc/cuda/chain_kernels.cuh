@@ -1,6 +1,7 @@
 // All device code of the CUDA Givens chain (the host emulation in sim/ includes this one header):
 //   chain_device.cuh    element types, chunk I/O, block loads, the 2 x 2 pair updates
 //   chain_parallel.cuh  the parallel layout's register / shuffle kernels
+//   chain_stack.cuh     stack(parallel(d), k): the parallel machinery k times over the registers
 //   chain_general.cuh   any layout, rows in shared or global memory
 //   chain_params.cuh    blocks from angles, the deterministic reduction of partial rows
 // The launchers (chain_launch.cuh) instantiate them per activation dtype. Design: docs/CUDA.md.
@@ -10,3 +11,4 @@
 #include "chain_general.cuh"
 #include "chain_parallel.cuh"
 #include "chain_params.cuh"
+#include "chain_stack.cuh"

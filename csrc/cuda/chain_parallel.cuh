@@ -187,12 +187,12 @@ __device__ __forceinline__ int in_thread_pair(const ParallelArgs& a, const Lanes
   return a.off[r] + ((ln.base + e) >> r);
 }
 
-// Table variant: the block copies its segment's blocks of layers 1 .. log2 S from the global table into
-// tab (ParallelTable layout; zeros for pairs past d, which are never read). The caller synchronises.
+// Table variant: the block copies its segment's blocks of layers 1 .. log2 S from the global table
+// `blocks` (one repetition's (d - 1, 4) blocks) into tab (ParallelTable layout; zeros for pairs past d,
+// which are never read). The caller synchronises.
 template <class A>
-__device__ __forceinline__ void fill_table(const ParallelArgs& a, int seg_base, A* tab) {
+__device__ __forceinline__ void fill_table(const ParallelArgs& a, const A* blocks, int seg_base, A* tab) {
   const int S = a.table, d = static_cast<int>(a.d);
-  const A* blocks = static_cast<const A*>(a.blocks);
   for (int idx = threadIdx.x; idx < S - 1; idx += blockDim.x) {
     int r = 1;
     while (idx >= ParallelTable::first(S, r + 1)) ++r;
@@ -253,7 +253,7 @@ __global__ void __launch_bounds__(kTable ? 512 : 1024, kTable && sizeof(S) < 8 ?
   const Lanes ln(a);
   const A* blocks = static_cast<const A*>(a.blocks);
   if constexpr (kTable) {
-    fill_table(a, ln.seg_base, xch + 32);
+    fill_table(a, static_cast<const A*>(a.blocks), ln.seg_base, xch + 32);
     blocks = xch + 32;
     __syncthreads();
   }
@@ -328,75 +328,154 @@ __device__ __forceinline__ typename Elem<S>::A top_backward(const ParallelArgs& 
   return __shfl_sync(kFullMask, gq, sigma);
 }
 
-// End of the backward: every thread writes the sums it owns into its slot's row of sums (R > 1: the
-// block's per-slot rows in shared memory, then summed in slot order; R == 1: partial row blockIdx.x).
-// In-thread pairs come from registers, cross-thread pairs of layer c + 4 from cacc (thread t owns local
-// pair t), the top pairs and the segment starts' scale sums from tacc (warp 0 of segment 0).
+// End of the backward, in pieces shared with the stacked-layout kernels (chain_stack.cuh). Every thread
+// writes the sums it owns into its slot's row of sums (sums_row: R > 1, the block's per-slot rows `red` in
+// shared memory, then summed in slot order by reduce_slot_rows; R == 1: partial row blockIdx.x).
+template <class A>
+__device__ __forceinline__ A* sums_row(const ParallelArgs& a, const Lanes& ln, A* red, int width) {
+  return a.R > 1 ? red + static_cast<int64_t>(ln.slot) * width
+                 : static_cast<A*>(a.partial) + static_cast<int64_t>(blockIdx.x) * a.partial_ld;
+}
+
+// The block sums of one layout repetition (pairs 0 .. d - 2 of dst): in-thread pair k (layer 1 -> 0..3,
+// layer 2 -> 4..5, layer 3 -> 6) entry c from in_sum(k, c), cross-thread pairs of layer c + 4 from cacc
+// ([R][T-1][4]; thread t owns local pair t).
+template <class A, class InSum>
+__device__ __forceinline__ void put_block_sums(const ParallelArgs& a, const Lanes& ln, A* dst, InSum&& in_sum,
+                                               const A* cacc) {
+  const int T = a.T, d = static_cast<int>(a.d);
+#pragma unroll
+  for (int li = 0; li < kLogChunk; ++li) {
+    const int h = 1 << li;
+#pragma unroll
+    for (int e = 0; e < kChunk; e += 2 * h) {
+      const int i = ln.base + e;
+      constexpr int kFirst[3] = {0, 4, 6};
+      if (i + h < d) {
+        A* out = dst + 4 * (a.off[li + 1] + (i >> (li + 1)));
+#pragma unroll
+        for (int c = 0; c < 4; ++c) out[c] = in_sum(kFirst[li] + e / (2 * h), c);
+      }
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < 10; ++c) {
+    if (c < a.logT && ln.t < (T >> (c + 1))) {
+      const int i = ln.seg_base + (ln.t << (c + 4));
+      if (i + (kChunk << c) < d) {
+        const A* ca = cacc + 4 * (ln.slot * (T - 1) + (T - (T >> c)) + ln.t);
+        A* out = dst + 4 * (a.off[c + 4] + (i >> (c + 4)));
+#pragma unroll
+        for (int k = 0; k < 4; ++k) out[k] = ca[k];
+      }
+    }
+  }
+}
+
+// The scale sums of this thread's elements (after the 4 P block entries; segmented rows: not the segment
+// starts, which warp 0 of segment 0 owns).
+template <class A>
+__device__ __forceinline__ void put_scale_sums(const ParallelArgs& a, const Lanes& ln, A* dst,
+                                               const A (&acc_s)[kChunk]) {
+  const int d = static_cast<int>(a.d), P = static_cast<int>(a.num_pairs);
+  const bool segmented = a.nseg > 1;
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) {
+    if (ln.base + e < d && !(segmented && ln.t == 0 && e == 0)) dst[4 * P + ln.base + e] = acc_s[e];
+  }
+}
+
+// R > 1: after a barrier, the slot rows `red` summed in slot order into partial row blockIdx.x.
+template <class A>
+__device__ __forceinline__ void reduce_slot_rows(const ParallelArgs& a, const Lanes& ln, const A* red, int width) {
+  if (a.R <= 1) return;
+  __syncthreads();
+  A* out = static_cast<A*>(a.partial) + static_cast<int64_t>(blockIdx.x) * a.partial_ld;
+  const int P = static_cast<int>(a.num_pairs);
+  const int begin = a.want_blocks ? 0 : 4 * P, end = a.want_scale ? width : 4 * P;
+  for (int k = begin + ln.tid; k < end; k += blockDim.x) {
+    A s = red[k];
+    for (int r = 1; r < a.R; ++r) s += red[static_cast<int64_t>(r) * width + k];
+    out[k] = s;
+  }
+}
+
+// The single layout's end of the backward: in-thread pairs from registers, cross-thread pairs from cacc,
+// the top pairs and the segment starts' scale sums from tacc (warp 0 of segment 0).
 template <class A>
 __device__ __forceinline__ void parallel_write_sums(const ParallelArgs& a, const Lanes& ln,
                                                     const ParallelBackwardSmem& layout, A* sm,
                                                     const A (&acc_in)[kChunk - 1][4],
                                                     const A (&acc_s)[kChunk]) {
-  const int T = a.T, R = a.R, d = static_cast<int>(a.d), P = static_cast<int>(a.num_pairs);
-  const int width = 4 * P + d;
-  const bool segmented = a.nseg > 1;
-  const A* cacc = sm + layout.cacc;
+  const int P = static_cast<int>(a.num_pairs);
+  const int width = 4 * P + static_cast<int>(a.d);
   const A* tacc = sm + layout.tacc;
   A* red = sm + layout.red;
-  A* dst = R > 1 ? red + static_cast<int64_t>(ln.slot) * width
-                 : static_cast<A*>(a.partial) + static_cast<int64_t>(blockIdx.x) * a.partial_ld;
-  auto put = [&](int p, const A* ca) {
-#pragma unroll
-    for (int k = 0; k < 4; ++k) dst[4 * p + k] = ca[k];
-  };
-  if (a.want_blocks) {
-#pragma unroll
-    for (int li = 0; li < kLogChunk; ++li) {
-      const int h = 1 << li;
-#pragma unroll
-      for (int e = 0; e < kChunk; e += 2 * h) {
-        const int i = ln.base + e;
-        constexpr int kFirst[3] = {0, 4, 6};
-        if (i + h < d) put(a.off[li + 1] + (i >> (li + 1)), acc_in[kFirst[li] + e / (2 * h)]);
-      }
-    }
-#pragma unroll
-    for (int c = 0; c < 10; ++c) {
-      if (c < a.logT && ln.t < (T >> (c + 1))) {
-        const int i = ln.seg_base + (ln.t << (c + 4));
-        if (i + (kChunk << c) < d) {
-          put(a.off[c + 4] + (i >> (c + 4)), cacc + 4 * (ln.slot * (T - 1) + (T - (T >> c)) + ln.t));
-        }
-      }
-    }
-  }
-  if (a.want_scale) {
-#pragma unroll
-    for (int e = 0; e < kChunk; ++e) {
-      if (ln.base + e < d && !(segmented && ln.t == 0 && e == 0)) dst[4 * P + ln.base + e] = acc_s[e];
-    }
-  }
-  if (segmented && ln.sigma == 0 && ln.tid < 32) {
+  A* dst = sums_row(a, ln, red, width);
+  if (a.want_blocks) put_block_sums(a, ln, dst, [&](int k, int c) { return acc_in[k][c]; }, sm + layout.cacc);
+  if (a.want_scale) put_scale_sums(a, ln, dst, acc_s);
+  if (a.nseg > 1 && ln.sigma == 0 && ln.tid < 32) {
     const int q = ln.tid;
     if (a.want_blocks) {
 #pragma unroll
       for (int s = 0; s < 5; ++s) {
         const int m = 1 << s;
         if (s < a.top_layers && (q & (2 * m - 1)) == 0 && q + m < a.nseg) {
-          put(a.top_off[s] + (q >> (s + 1)), tacc + 4 * ((kMaxTopLanes - (kMaxTopLanes >> s)) + (q >> (s + 1))));
+          const A* ca = tacc + 4 * ((kMaxTopLanes - (kMaxTopLanes >> s)) + (q >> (s + 1)));
+          A* out = dst + 4 * (a.top_off[s] + (q >> (s + 1)));
+#pragma unroll
+          for (int k = 0; k < 4; ++k) out[k] = ca[k];
         }
       }
     }
     if (a.want_scale && q < a.nseg) dst[4 * P + (q << (a.logT + kLogChunk))] = tacc[4 * (kMaxTopLanes - 1) + q];
   }
-  if (R > 1) {
-    __syncthreads();
-    A* out = static_cast<A*>(a.partial) + static_cast<int64_t>(blockIdx.x) * a.partial_ld;
-    const int begin = a.want_blocks ? 0 : 4 * P, end = a.want_scale ? width : 4 * P;
-    for (int k = begin + ln.tid; k < end; k += blockDim.x) {
-      A s = red[k];
-      for (int r = 1; r < R; ++r) s += red[static_cast<int64_t>(r) * width + k];
-      out[k] = s;
+  reduce_slot_rows(a, ln, red, width);
+}
+
+// Backward through layers log2(8 T) .. 1 of a row segment (cross-warp, shuffle, in-thread): the reverse of
+// parallel_forward_local. gv: the gradient of the segment's output (in: after the scale and the top
+// layers; out: grad of the segment's input); tp: the forward's tape (kTape). With acc_blocks, the rows of
+// valid slots accumulate the cross-thread pairs' gradients into cacc ([R][T-1][4]) and hand the in-thread
+// pairs' to in_acc(k, ui, uj, gi, gj) (k as in put_block_sums). Must be reached by all threads of the block.
+template <bool kTape, class A, bool kTable, class InAcc>
+__device__ __forceinline__ void parallel_backward_local(const ParallelArgs& a, const Lanes& ln, const A* blocks,
+                                                        int64_t group, bool valid, bool acc_blocks,
+                                                        A (&gv)[kChunk], const Tape<A>& tp, A* xch, A* cacc,
+                                                        InAcc&& in_acc) {
+  const int T = a.T, R = a.R, d = static_cast<int>(a.d);
+  const int LS = a.logT < 5 ? a.logT : 5;
+  if (a.logT > 5) {  // cross-warp layers, reversed
+    const int nw = T >> 5;
+    gv[0] = via_warp0(gv[0], ln.tid, ln.slot * nw + (ln.t >> 5), R * nw, xch, [&](int q, bool qv, A gq) {
+      XLevel<A, kTable> lv = cross_warp_level<A, kTable>(a, ln.seg_base);
+      const int qslot = q >> (a.logT - 5);
+      if (acc_blocks && qv && group * R + qslot < a.rows) lv.acc = 4 * qslot * (T - 1);
+      return level_backward<kTape>(lv, a.logT - 5, q & (nw - 1), qv, blocks, cacc, gq, tp.top);
+    });
+  }
+  {  // shuffle layers, reversed
+    XLevel<A, kTable> lv = shuffle_level<A, kTable>(a, ln.seg_base);
+    if (acc_blocks && valid) lv.acc = 4 * ln.slot * (T - 1);
+    gv[0] = level_backward<kTape>(lv, LS, ln.t, true, blocks, cacc, gv[0], tp.sh);
+  }
+#pragma unroll
+  for (int li = kLogChunk - 1; li >= 0; --li) {  // in-thread layers 3, 2, 1
+    const int h = 1 << li;
+#pragma unroll
+    for (int e = 0; e < kChunk; e += 2 * h) {
+      const int i = ln.base + e;
+      if (i + h < d) {
+        A g0, g1, g2, g3;
+        load_block(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), g0, g1, g2, g3);
+        const A gi = gv[e], gj = gv[e + h];
+        if constexpr (kTape) {
+          constexpr int kFirst[3] = {0, 4, 6};
+          if (acc_blocks && valid) in_acc(kFirst[li] + e / (2 * h), tp.x[li][e], tp.x[li][e + h], gi, gj);
+        }
+        gv[e] = g0 * gi + g1 * gj;
+        gv[e + h] = g2 * gi + g3 * gj;
+      }
     }
   }
 }
@@ -422,7 +501,7 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
   A* tacc = sm + layout.tacc;  // [31][4] top pairs, then [32] segment-start scale
   const A* blocks = static_cast<const A*>(a.blocks);  // layers 1 .. log2 S (global or the table)
   if constexpr (kTable) {
-    fill_table(a, ln.seg_base, sm + layout.tab);
+    fill_table(a, static_cast<const A*>(a.blocks), ln.seg_base, sm + layout.tab);
     blocks = sm + layout.tab;
   }
   const S* x = static_cast<const S*>(a.x);
@@ -442,7 +521,6 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
   }
   __syncthreads();
 
-  const int LS = a.logT < 5 ? a.logT : 5;
   for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
     const int64_t row = g * R + ln.slot;
     const bool valid = row < a.rows;
@@ -466,39 +544,10 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
       const A mine = top_backward<S, kGrads>(a, row, valid, ln.sigma, tacc);
       if (ln.tid == 0) gv[0] = mine;
     }
-    if (a.logT > 5) {  // cross-warp layers, reversed
-      const int nw = T >> 5;
-      gv[0] = via_warp0(gv[0], ln.tid, ln.slot * nw + (ln.t >> 5), R * nw, xch, [&](int q, bool qv, A gq) {
-        XLevel<A, kTable> lv = cross_warp_level<A, kTable>(a, ln.seg_base);
-        const int qslot = q >> (a.logT - 5);
-        if (acc_blocks && qv && g * R + qslot < a.rows) lv.acc = 4 * qslot * (T - 1);
-        return level_backward<kGrads>(lv, a.logT - 5, q & (nw - 1), qv, blocks, cacc, gq, tp.top);
-      });
-    }
-    {  // shuffle layers, reversed
-      XLevel<A, kTable> lv = shuffle_level<A, kTable>(a, ln.seg_base);
-      if (acc_blocks && valid) lv.acc = 4 * ln.slot * (T - 1);
-      gv[0] = level_backward<kGrads>(lv, LS, ln.t, true, blocks, cacc, gv[0], tp.sh);
-    }
-#pragma unroll
-    for (int li = kLogChunk - 1; li >= 0; --li) {  // in-thread layers 3, 2, 1
-      const int h = 1 << li;
-#pragma unroll
-      for (int e = 0; e < kChunk; e += 2 * h) {
-        const int i = ln.base + e;
-        if (i + h < d) {
-          A g0, g1, g2, g3;
-          load_block(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), g0, g1, g2, g3);
-          const A gi = gv[e], gj = gv[e + h];
-          if constexpr (kGrads) {
-            constexpr int kFirst[3] = {0, 4, 6};
-            if (acc_blocks && valid) accumulate_outer(acc_in[kFirst[li] + e / (2 * h)], tp.x[li][e], tp.x[li][e + h], gi, gj);
-          }
-          gv[e] = g0 * gi + g1 * gj;
-          gv[e + h] = g2 * gi + g3 * gj;
-        }
-      }
-    }
+    parallel_backward_local<kGrads, A, kTable>(a, ln, blocks, g, valid, acc_blocks, gv, tp, xch, cacc,
+                                               [&](int k, A ui, A uj, A gi, A gj) {
+                                                 accumulate_outer(acc_in[k], ui, uj, gi, gj);
+                                               });
     if (gx != nullptr) store_chunk<S, kVec>(gx + row * d, ln.base, d, valid, gv);
   }
 

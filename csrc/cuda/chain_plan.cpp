@@ -75,8 +75,17 @@ void fill_parallel(ParallelArgs& a, const Problem& p, const ParallelShape& s) {
   a.groups = ceil_div(p.rows, s.R);
 }
 
-bool use_parallel(const Problem& p, const Knobs& k) {
-  return p.parallel_layout && p.d <= kParallelMaxD && k.path == ForcedPath::Auto;
+bool xor_fused(const Knobs& k) {
+  return (k.xor_path == XorPath::FromEnv ? xor_path_from_env() : k.xor_path) == XorPath::Fused;
+}
+
+// Repetitions of the parallel layout the parallel kernels would run: 1 for layouts.parallel(d), k for
+// layouts.stack(parallel(d), k) on the fused XOR path (the caller still checks that a row fits one segment
+// and the shared memory); 0: the general kernels.
+int parallel_reps(const Problem& p, const Knobs& k) {
+  if (k.path != ForcedPath::Auto || p.d > kParallelMaxD) return 0;
+  if (p.parallel_layout) return 1;
+  return p.parallel_reps > 1 && xor_fused(k) ? p.parallel_reps : 0;
 }
 
 void fill_general(GeneralArgs& a, const Problem& p) {
@@ -109,17 +118,31 @@ Variant variant_from_env() {
   throw std::invalid_argument(std::string("QGOFT_CUDA_VARIANT must be base or table, got '") + v + "'");
 }
 
+XorPath xor_path_from_env() {
+  const char* v = std::getenv("QGOFT_CUDA_XOR");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "general") == 0) return XorPath::General;
+  if (std::strcmp(v, "fused") == 0) return XorPath::Fused;
+  throw std::invalid_argument(std::string("QGOFT_CUDA_XOR must be general or fused, got '") + v + "'");
+}
+
 ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs) {
   ForwardPlan plan;
   const int64_t es = acc_size(p.dtype);
-  if (use_parallel(p, knobs)) {
-    // table variant: segments of at most 4096 elements (a table of <= 64 KiB in float32)
-    const bool table = table_variant(knobs);
-    const ParallelShape s =
-        parallel_shape(p.d, table ? kParallelBackwardMaxThreads : kParallelForwardMaxThreads, knobs.segment);
+  const int reps = parallel_reps(p, knobs);
+  // table variant: segments of at most 4096 elements (a table of <= 64 KiB in float32)
+  bool table = reps > 0 && table_variant(knobs);
+  ParallelShape s = reps > 0 ? parallel_shape(p.d, table ? kParallelBackwardMaxThreads : kParallelForwardMaxThreads,
+                                              knobs.segment)
+                             : ParallelShape{};
+  if (reps > 1 && table && s.nseg > 1) {  // a stack keeps whole rows: 8192-element segments without a table
+    table = false;
+    s = parallel_shape(p.d, kParallelForwardMaxThreads, knobs.segment);
+  }
+  if (reps == 1 || (reps > 1 && s.nseg == 1)) {  // a stack needs whole rows in one block
     plan.parallel = true;
     ParallelArgs& a = plan.pa;
     fill_parallel(a, p, s);
+    a.reps = reps;
     a.x = p.x;
     a.x_ld = p.x_ld;
     a.out = const_cast<void*>(p.out);
@@ -127,9 +150,9 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
     plan.main.grid = dim3(static_cast<unsigned>(std::min(a.groups, kMaxGridX)), s.nseg);
     plan.main.threads = s.R * s.T;
     plan.main.smem = static_cast<size_t>(32 * es);
-    if (table && detail::parallel_forward_smem(kChunk * s.T) * es <= lim.smem_optin) {
+    if (table && detail::parallel_forward_smem(kChunk * s.T, reps) * es <= lim.smem_optin) {
       a.table = kChunk * s.T;
-      plan.main.smem = static_cast<size_t>(detail::parallel_forward_smem(a.table) * es);
+      plan.main.smem = static_cast<size_t>(detail::parallel_forward_smem(a.table, reps) * es);
       const int64_t occ = estimated_occupancy(plan.main.threads, plan.main.smem, lim);
       plan.main.grid.x = static_cast<unsigned>(
           std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ / s.nseg)));
@@ -141,8 +164,9 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
       plan.top.threads = 32 * kTopRowsPerBlock;
       plan.top.smem = 0;
     }
-    plan.describe = "path=parallel T=" + str(s.T) + " R=" + str(s.R) + " nseg=" + str(s.nseg) +
-                    " vec=" + str(plan.vec) + " table=" + str(a.table) + " grid=" + str(plan.main.grid.x);
+    plan.describe = std::string(reps > 1 ? "path=stack reps=" + str(reps) + " " : "path=parallel ") + "T=" + str(s.T) +
+                    " R=" + str(s.R) + " nseg=" + str(s.nseg) + " vec=" + str(plan.vec) + " table=" + str(a.table) +
+                    " grid=" + str(plan.main.grid.x);
     return plan;
   }
   GeneralArgs& a = plan.ga;
@@ -185,12 +209,20 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
   plan.partial_ld = round_up(width, 4);
   const int64_t partial_cap = std::max<int64_t>(1, kPartialCapBytes / (plan.partial_ld * es));
 
-  if (use_parallel(p, knobs)) {
+  const int reps = parallel_reps(p, knobs);
+  const ParallelShape s = reps > 0 ? parallel_shape(p.d, kParallelBackwardMaxThreads, knobs.segment) : ParallelShape{};
+  // shared memory (accumulation-type elements) of the parallel or stacked backward kernel with a table of S
+  auto smem_elems = [&](int S) {
+    return reps > 1 ? detail::StackBackwardSmem(reps, s.R, s.T, width, p.want_blocks, grads, S).total
+                    : detail::ParallelBackwardSmem(s.R, s.T, s.nseg, width, grads, S).total;
+  };
+  if (reps == 1 || (reps > 1 && s.nseg == 1 && smem_elems(0) * es <= lim.smem_optin)) {
     const bool table = table_variant(knobs);
-    const ParallelShape s = parallel_shape(p.d, kParallelBackwardMaxThreads, knobs.segment);
+    const BackwardKernel kernel = reps > 1 ? BackwardKernel::ParallelStack : BackwardKernel::Parallel;
     plan.parallel = true;
     ParallelArgs& a = plan.pa;
     fill_parallel(a, p, s);
+    a.reps = reps;
     a.grad = p.grad;
     a.grad_ld = p.grad_ld;
     a.out = p.want_x ? const_cast<void*>(p.out) : nullptr;
@@ -205,10 +237,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     }
     plan.vec = vec;
     const int threads = s.R * s.T;
-    if (table && detail::ParallelBackwardSmem(s.R, s.T, s.nseg, width, grads, kChunk * s.T).total * es <=
-                     lim.smem_optin) {
-      a.table = kChunk * s.T;
-    }
+    if (table && smem_elems(kChunk * s.T) * es <= lim.smem_optin) a.table = kChunk * s.T;
     if (grads && s.nseg > 1) {  // the forward kernel, with the same variant, recomputes the segment starts
       plan.top_pass = true;
       plan.top_elems = p.rows * s.nseg;
@@ -221,25 +250,24 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
             std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ / s.nseg)));
       }
     }
-    const detail::ParallelBackwardSmem sm(s.R, s.T, s.nseg, width, grads, a.table);
     plan.main.threads = threads;
-    plan.main.smem = static_cast<size_t>(sm.total * es);
+    plan.main.smem = static_cast<size_t>(smem_elems(a.table) * es);
     int64_t blocks = std::min(a.groups, kMaxGridX);
     if (a.table > 0 && !grads) {  // persistent grid: the table is read once per block
-      const int occ = occupancy(true, vec, grads, threads, plan.main.smem);
+      const int occ = occupancy(kernel, vec, grads, threads, plan.main.smem);
       blocks = std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ / s.nseg));
     }
     if (grads) {
-      const int occ = occupancy(true, vec, grads, threads, plan.main.smem);
+      const int occ = occupancy(kernel, vec, grads, threads, plan.main.smem);
       blocks = std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ / s.nseg));
       blocks = std::min(blocks, partial_cap);
       plan.slots = blocks;
       a.partial_ld = plan.partial_ld;
     }
     plan.main.grid = dim3(static_cast<unsigned>(blocks), s.nseg);
-    plan.describe = "path=parallel T=" + str(s.T) + " R=" + str(s.R) + " nseg=" + str(s.nseg) +
-                    " vec=" + str(vec) + " table=" + str(a.table) + " grads=" + str(grads) + " grid=" + str(blocks) +
-                    " smem=" + str(plan.main.smem);
+    plan.describe = std::string(reps > 1 ? "path=stack reps=" + str(reps) + " " : "path=parallel ") + "T=" + str(s.T) +
+                    " R=" + str(s.R) + " nseg=" + str(s.nseg) + " vec=" + str(vec) + " table=" + str(a.table) +
+                    " grads=" + str(grads) + " grid=" + str(blocks) + " smem=" + str(plan.main.smem);
     return plan;
   }
 
@@ -277,7 +305,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     plan.main.smem = static_cast<size_t>((R * row_elems + fixed) * es);
     blocks = std::min(a.groups, kMaxGridX);
     if (grads) {
-      const int occ = occupancy(false, false, grads, plan.main.threads, plan.main.smem);
+      const int occ = occupancy(BackwardKernel::General, false, grads, plan.main.threads, plan.main.smem);
       blocks = std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ));
     }
   } else {

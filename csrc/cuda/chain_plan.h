@@ -17,15 +17,23 @@ enum class ForcedPath { Auto, General, Global };
 // global memory for every row; Table copies each block's segment of it into shared memory once and runs a
 // persistent grid. FromEnv: QGOFT_CUDA_VARIANT=base|table (default base), read by the planner.
 enum class Variant { FromEnv, Base, Table };
+// Layouts pairing i with i XOR 2^k beyond the single parallel layout (today: stack(parallel(d), k), k >= 2):
+// General runs them on the general kernels, Fused on the register / shuffle kernels where they qualify
+// (docs/CUDA.md, "XOR layouts"). FromEnv: QGOFT_CUDA_XOR=general|fused (default general), read by the planner.
+enum class XorPath { FromEnv, General, Fused };
 struct Knobs {
   ForcedPath path = ForcedPath::Auto;
   int segment = 0;  // 0 or a power of two in [256, 8192]: segment width of the parallel kernels
   Variant variant = Variant::FromEnv;
+  XorPath xor_path = XorPath::FromEnv;
 };
 
 // The variant named by QGOFT_CUDA_VARIANT (unset or empty: Base); throws std::invalid_argument for any
 // other value than base or table.
 Variant variant_from_env();
+// The path named by QGOFT_CUDA_XOR (unset or empty: General); throws std::invalid_argument for any other
+// value than general or fused.
+XorPath xor_path_from_env();
 
 struct Limits {
   int sm_count = 1;
@@ -33,12 +41,14 @@ struct Limits {
 };
 
 // Resident blocks per SM of a backward kernel configuration (>= 1).
-using OccupancyFn = std::function<int(bool parallel, bool vec, bool grads, int threads, size_t smem)>;
+enum class BackwardKernel { General, Parallel, ParallelStack };
+using OccupancyFn = std::function<int(BackwardKernel kernel, bool vec, bool grads, int threads, size_t smem)>;
 
 struct Problem {
   DType dtype = DType::Float32;
   int64_t rows = 0, d = 0, num_pairs = 0, num_layers = 0;
   bool parallel_layout = false;  // the layout is exactly layouts.parallel(d)
+  int parallel_reps = 0;         // k >= 2 when the layout is exactly layouts.stack(layouts.parallel(d), k)
   // data pointers / row strides (elements) of the activations, for the vectorisation decision
   const void* x = nullptr;
   int64_t x_ld = 0;
@@ -57,6 +67,7 @@ constexpr int kGeneralMaxRows = 8;
 constexpr int64_t kWorkspaceCapBytes = int64_t(1) << 30;
 constexpr int64_t kPartialCapBytes = int64_t(1) << 29;
 
+// parallel: pa.reps > 1 selects the stacked kernels (parallel_stack_*), rows of one segment.
 struct ForwardPlan {
   bool parallel = false;
   bool vec = false;

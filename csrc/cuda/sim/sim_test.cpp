@@ -1,7 +1,7 @@
 // Runs the CUDA Givens-chain kernels (chain_kernels.cuh) and their launch planning (chain_plan.cpp) on the
 // CPU through the host emulation in cuda_host_sim.h, and checks them against a float64 reference:
-// forward, grad_x, block / angle / scale gradients, every path (parallel, segmented, general in shared
-// or global memory), every activation dtype, aligned and unaligned rows, the output masks; outputs and
+// forward, grad_x, block / angle / scale gradients, every path (parallel, segmented, stacked parallel,
+// general in shared or global memory), every activation dtype, aligned and unaligned rows, the output masks; outputs and
 // scratch buffers are poisoned with NaN bytes, shared memory too before every block; the backward runs
 // twice and must be bitwise identical. No GPU and no torch needed:
 //
@@ -55,6 +55,7 @@ struct Layout {
   std::vector<int32_t> pairs;  // (P, 2)
   std::vector<int32_t> off;    // (L + 1)
   bool parallel = false;
+  int reps = 0;  // k >= 2: stack(parallel(d), k)
   int64_t P() const { return static_cast<int64_t>(pairs.size() / 2); }
   int64_t L() const { return static_cast<int64_t>(off.size()) - 1; }
 };
@@ -104,7 +105,7 @@ Layout butterfly_layout(int64_t d) {
 }
 
 Layout stacked(const Layout& base, int times) {
-  Layout l{base.name + "*" + std::to_string(times), base.d, {}, {0}, false};
+  Layout l{base.name + "*" + std::to_string(times), base.d, {}, {0}, false, base.parallel && times > 1 ? times : 0};
   for (int t = 0; t < times; ++t) {
     for (int64_t r = 0; r < base.L(); ++r) {
       for (int64_t p = base.off[r]; p < base.off[r + 1]; ++p) {
@@ -259,7 +260,7 @@ struct Options {
   int64_t pad = 0;     // extra elements per input row (row stride d + pad)
   int64_t offset = 0;  // elements before the first input row (0: 16-byte aligned)
   bool mask_x = true, mask_params = true, mask_scale = true;
-  Knobs knobs = {ForcedPath::Auto, 0, Variant::Base};
+  Knobs knobs = {ForcedPath::Auto, 0, Variant::Base, XorPath::Fused};
 };
 
 // The problem the glue would describe for this layout and these rows (pointers set by the caller).
@@ -271,29 +272,40 @@ Problem make_problem(DType dtype, const Layout& lay, int64_t rows) {
   p.num_pairs = lay.P();
   p.num_layers = lay.L();
   p.parallel_layout = lay.parallel;
+  p.parallel_reps = lay.reps;
   return p;
 }
 
-// The parallel kernels' instantiation for a plan's switches, run over the plan's grid.
+// The parallel (a.reps > 1: stacked) kernels' instantiation for a plan's switches, run over the plan's grid.
+template <class S, bool kVec, bool kTable>
+void parallel_forward_instance(const ParallelArgs& a) {
+  if (a.reps > 1) detail::parallel_stack_forward_kernel<S, kVec, kTable>(a);
+  else detail::parallel_forward_kernel<S, kVec, kTable>(a);
+}
+template <class S, bool kVec, bool kGrads, bool kTable>
+void parallel_backward_instance(const ParallelArgs& a) {
+  if (a.reps > 1) detail::parallel_stack_backward_kernel<S, kVec, kGrads, kTable>(a);
+  else detail::parallel_backward_kernel<S, kVec, kGrads, kTable>(a);
+}
 template <class S>
 void run_parallel_forward(const LaunchConfig& c, bool vec, const ParallelArgs& a) {
   run_kernel(c, [&] {
     if (a.table > 0) {
-      if (vec) detail::parallel_forward_kernel<S, true, true>(a);
-      else detail::parallel_forward_kernel<S, false, true>(a);
+      if (vec) parallel_forward_instance<S, true, true>(a);
+      else parallel_forward_instance<S, false, true>(a);
     } else {
-      if (vec) detail::parallel_forward_kernel<S, true, false>(a);
-      else detail::parallel_forward_kernel<S, false, false>(a);
+      if (vec) parallel_forward_instance<S, true, false>(a);
+      else parallel_forward_instance<S, false, false>(a);
     }
   });
 }
 template <class S, bool kTable>
 void run_parallel_backward(const LaunchConfig& c, bool vec, bool grads, const ParallelArgs& a) {
   run_kernel(c, [&] {
-    if (vec && grads) detail::parallel_backward_kernel<S, true, true, kTable>(a);
-    else if (vec) detail::parallel_backward_kernel<S, true, false, kTable>(a);
-    else if (grads) detail::parallel_backward_kernel<S, false, true, kTable>(a);
-    else detail::parallel_backward_kernel<S, false, false, kTable>(a);
+    if (vec && grads) parallel_backward_instance<S, true, true, kTable>(a);
+    else if (vec) parallel_backward_instance<S, true, false, kTable>(a);
+    else if (grads) parallel_backward_instance<S, false, true, kTable>(a);
+    else parallel_backward_instance<S, false, false, kTable>(a);
   });
 }
 
@@ -370,7 +382,7 @@ void run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
   Limits lim;
   lim.sm_count = 3;
   lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
-  auto occupancy = [](bool, bool, bool, int, size_t) { return 2; };
+  auto occupancy = [](BackwardKernel, bool, bool, int, size_t) { return 2; };
   const double rtol_out = std::is_same_v<S, double> ? 1e-11 : std::is_same_v<S, float> ? 2e-5 : Traits<S>::eps();
   const double atol_out = std::is_same_v<S, double> ? 1e-11 : 2e-5;
   const double rtol_par = std::is_same_v<A, double> ? 1e-10 : 1e-4;
@@ -520,7 +532,12 @@ void suite(bool full, std::mt19937_64& rng) {
   lays.push_back(sequential_layout(40));
   lays.push_back(butterfly_layout(64));
   lays.push_back(butterfly_layout(100));
-  lays.push_back(stacked(parallel_layout(13), 2));
+  for (int64_t d : {2, 13, 64, 100, 257, 1000}) lays.push_back(stacked(parallel_layout(d), 2));
+  lays.push_back(stacked(parallel_layout(40), 3));
+  if (full) {
+    lays.push_back(stacked(parallel_layout(4096), 2));
+    lays.push_back(stacked(parallel_layout(5000), 2));  // rows of two backward segments: general kernels
+  }
   lays.push_back(custom_layout(50, rng));
   lays.push_back(custom_layout(7, rng));
   Layout empty{"empty", 11, {}, {0, 0}, false};
@@ -531,7 +548,7 @@ void suite(bool full, std::mt19937_64& rng) {
       // rows with a row stride (scalar loads, no scale), segmented parallel kernels (256-element
       // segments); the base variant also through the forced general paths
       for (Variant variant : {Variant::Base, Variant::Table}) {
-        if (variant == Variant::Table && !lay.parallel) continue;
+        if (variant == Variant::Table && !lay.parallel && lay.reps == 0) continue;
         Options o;
         o.quasi = quasi;
         o.with_scale = quasi;
@@ -552,9 +569,15 @@ void suite(bool full, std::mt19937_64& rng) {
           }
           o.knobs.path = ForcedPath::Auto;
         }
-        if (lay.parallel && lay.d > 256) {
+        if ((lay.parallel || lay.reps > 0) && lay.d > 256) {  // a stack: back to the general kernels
           o.knobs.segment = 256;
           run_all_masks<S>(lay, o, rng);
+          o.knobs.segment = 0;
+        }
+        if (lay.reps > 0 && variant == Variant::Base) {  // the same stack on the general kernels
+          o.knobs.xor_path = XorPath::General;
+          run_case_counted<S>(lay, o, rng);
+          o.knobs.xor_path = XorPath::Fused;
         }
       }
     }
@@ -586,6 +609,9 @@ int main(int argc, char** argv) {
     o.knobs.variant = Variant::Table;
     run_case_counted<float>(parallel_layout(4096), o, rng);
     run_case_counted<float>(parallel_layout(300), o, rng);
+    run_case_counted<float>(stacked(parallel_layout(300), 2), o, rng);  // stacked kernels, cross-warp layers
+    o.knobs.variant = Variant::Base;
+    run_case_counted<float>(stacked(parallel_layout(300), 2), o, rng);
   } else {
     suite<float>(full, rng);
     suite<double>(full, rng);

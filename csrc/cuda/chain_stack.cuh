@@ -1,0 +1,151 @@
+// Kernels of stack(parallel(d), k), k >= 2 (ParallelArgs::reps = k): the parallel layout's layers k times,
+// repetition j with its own blocks j (d - 1) .. (j + 1)(d - 1) - 1 (docs/MATH.md, layouts.stack). Rows fit one
+// segment (nseg == 1): the per-layer machinery of chain_parallel.cuh (parallel_forward_local,
+// parallel_backward_local, the sums writers) runs k times over the same registers, one pass over x and grad.
+// Design, counts and predictions: docs/CUDA.md ("XOR layouts").
+#pragma once
+
+#include "chain_parallel.cuh"
+
+namespace qgoft::cuda::detail {
+
+// Where repetition j's blocks are: in the global (P, 4) table, or (kTable) in the shared-memory tables
+// (one ParallelTable per repetition, filled by fill_stack_tables).
+template <class A>
+struct StackBlocks {
+  const A* base;
+  int64_t stride;  // accumulation-type elements between repetitions
+  __device__ __forceinline__ const A* rep(int j) const { return base + j * stride; }
+};
+
+// kTable: copies every repetition's segment table into tab (consecutive, 4 (S - 1) elements each) and
+// returns them; otherwise the global table. The caller synchronises.
+template <class A, bool kTable>
+__device__ __forceinline__ StackBlocks<A> stack_blocks(const ParallelArgs& a, const Lanes& ln, A* tab) {
+  const A* global = static_cast<const A*>(a.blocks);
+  const int64_t rep_global = 4 * (a.d - 1);
+  if constexpr (kTable) {
+    const int64_t rep_table = 4 * ParallelTable::blocks(a.table);
+    for (int j = 0; j < a.reps; ++j) fill_table(a, global + j * rep_global, ln.seg_base, tab + j * rep_table);
+    return {tab, rep_table};
+  }
+  return {global, rep_global};
+}
+
+// Forward: y = scale * chain(x), the reps repetitions in order over the registers. kTable: every
+// repetition's table in shared memory (segments of at most 4096 elements; the planner checks the size).
+template <class S, bool kVec, bool kTable>
+__global__ void __launch_bounds__(kTable ? 512 : 1024, kTable ? 2 : 1) parallel_stack_forward_kernel(const ParallelArgs a) {
+  using A = typename Elem<S>::A;
+  QGOFT_DYNAMIC_SMEM(smem_raw);
+  A* xch = reinterpret_cast<A*>(smem_raw);
+  const Lanes ln(a);
+  const StackBlocks<A> blocks = stack_blocks<A, kTable>(a, ln, xch + 32);
+  if constexpr (kTable) __syncthreads();
+  const int d = static_cast<int>(a.d);
+  const S* x = static_cast<const S*>(a.x);
+  S* y = static_cast<S*>(a.out);
+  for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
+    const int64_t row = g * a.R + ln.slot;
+    const bool valid = row < a.rows;
+    A v[kChunk];
+    load_chunk<S, kVec>(x + row * a.x_ld, ln.base, d, valid, v);
+    Tape<A> tp;
+    for (int j = 0; j < a.reps; ++j) parallel_forward_local<A, false, kTable>(a, ln, blocks.rep(j), v, xch, tp);
+    scale_chunk(static_cast<const A*>(a.scale), ln.base, d, v);
+    store_chunk<S, kVec>(y + row * d, ln.base, d, valid, v);
+  }
+}
+
+// Backward: grad_x = chain^T(scale * grad) and (kGrads) the parameter gradients of the rows this block owns
+// into partial row blockIdx.x. Per row: the forward through repetitions 0 .. reps-2, saving each one's input
+// (shared memory, per thread); then for j = reps-1 .. 0: the forward through repetition j from its input
+// with the tape, and the backward through it (parallel_backward_local). Every accumulator has one owner
+// thread (no atomics): cross-thread pairs in cacc, in-thread pairs in iacc (StackBackwardSmem), the scale in
+// registers; the block's sums are written per repetition at the end.
+template <class S, bool kVec, bool kGrads, bool kTable>
+__global__ void __launch_bounds__(512) parallel_stack_backward_kernel(const ParallelArgs a) {
+  using A = typename Elem<S>::A;
+  QGOFT_DYNAMIC_SMEM(smem_raw);
+  A* sm = reinterpret_cast<A*>(smem_raw);
+  const Lanes ln(a);
+  const int T = a.T, R = a.R, reps = a.reps;
+  const int d = static_cast<int>(a.d);
+  const int width = 4 * static_cast<int>(a.num_pairs) + d;
+  const int64_t rt = static_cast<int64_t>(R) * T;
+  const bool acc_blocks = kGrads && a.want_blocks;
+  const bool acc_scale = kGrads && a.want_scale;
+  const StackBackwardSmem layout(reps, R, T, width, acc_blocks, kGrads, kTable ? a.table : 0);
+  A* xch = sm;
+  A* cacc = sm + layout.cacc;
+  A* iacc = sm + layout.iacc;
+  A* vin = sm + layout.vin;
+  const int64_t rep_cacc = 4 * static_cast<int64_t>(R) * (T - 1);
+  const StackBlocks<A> blocks = stack_blocks<A, kTable>(a, ln, sm + layout.tab);
+  const S* x = static_cast<const S*>(a.x);
+  const S* grad = static_cast<const S*>(a.grad);
+  S* gx = static_cast<S*>(a.out);
+
+  A acc_s[kChunk];
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) acc_s[e] = A(0);
+  if (acc_blocks) {
+    for (int64_t k = ln.tid; k < layout.vin - layout.cacc; k += blockDim.x) cacc[k] = A(0);
+  }
+  __syncthreads();
+
+  for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
+    const int64_t row = g * R + ln.slot;
+    const bool valid = row < a.rows;
+    A gv[kChunk];
+    load_chunk<S, kVec>(grad + row * a.grad_ld, ln.base, d, valid, gv);
+    [[maybe_unused]] A v[kChunk];
+    Tape<A> tp;
+    if constexpr (kGrads) {  // inputs of repetitions 0 .. reps-2 saved; v: the input of the last one
+      load_chunk<S, kVec>(x + row * a.x_ld, ln.base, d, valid, v);
+      for (int j = 0; j + 1 < reps; ++j) {
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) vin[(j * kChunk + e) * rt + ln.tid] = v[e];
+        parallel_forward_local<A, false, kTable>(a, ln, blocks.rep(j), v, xch, tp);
+      }
+    }
+    for (int j = reps - 1; j >= 0; --j) {
+      if constexpr (kGrads) {  // recompute repetition j with its tape
+        if (j + 1 < reps) {
+#pragma unroll
+          for (int e = 0; e < kChunk; ++e) v[e] = vin[(j * kChunk + e) * rt + ln.tid];
+        }
+        parallel_forward_local<A, true, kTable>(a, ln, blocks.rep(j), v, xch, tp);
+        if (j == reps - 1 && acc_scale && valid) {
+#pragma unroll
+          for (int e = 0; e < kChunk; ++e) acc_s[e] += gv[e] * v[e];
+        }
+      }
+      if (j == reps - 1) scale_chunk(static_cast<const A*>(a.scale), ln.base, d, gv);
+      A* ia = iacc + static_cast<int64_t>(kChunk - 1) * 4 * j * rt + ln.tid;
+      parallel_backward_local<kGrads, A, kTable>(a, ln, blocks.rep(j), g, valid, acc_blocks, gv, tp, xch,
+                                                 cacc + j * rep_cacc, [&](int k, A ui, A uj, A gi, A gj) {
+                                                   accumulate_outer(ia + 4 * k * rt, ui, uj, gi, gj,
+                                                                    static_cast<int>(rt));
+                                                 });
+    }
+    if (gx != nullptr) store_chunk<S, kVec>(gx + row * d, ln.base, d, valid, gv);
+  }
+
+  if constexpr (kGrads) {
+    __syncthreads();
+    A* red = sm + layout.red;
+    A* dst = sums_row(a, ln, red, width);
+    if (a.want_blocks) {
+      for (int j = 0; j < reps; ++j) {
+        const A* ia = iacc + static_cast<int64_t>(kChunk - 1) * 4 * j * rt + ln.tid;
+        put_block_sums(a, ln, dst + 4 * (a.d - 1) * j, [&](int k, int c) { return ia[(4 * k + c) * rt]; },
+                       cacc + j * rep_cacc);
+      }
+    }
+    if (a.want_scale) put_scale_sums(a, ln, dst, acc_s);
+    reduce_slot_rows(a, ln, red, width);
+  }
+}
+
+}  // namespace qgoft::cuda::detail
