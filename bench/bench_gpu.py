@@ -80,14 +80,16 @@ class Clock:
         return {k: statistics.median(v) for k, v in samples.items()}
 
 
-def with_variant(variant: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """fn run with QGOFT_CUDA_VARIANT=variant (the planner reads it on every call)."""
+def with_variant(variant: str, fn: Callable[[], object], xor: str = "general") -> Callable[[], object]:
+    """fn run with QGOFT_CUDA_VARIANT=variant and QGOFT_CUDA_XOR=xor (the planner reads both on every call)."""
     def run() -> object:
         os.environ["QGOFT_CUDA_VARIANT"] = variant
+        os.environ["QGOFT_CUDA_XOR"] = xor
         try:
             return fn()
         finally:
             os.environ.pop("QGOFT_CUDA_VARIANT", None)
+            os.environ.pop("QGOFT_CUDA_XOR", None)
     return run
 
 
@@ -141,20 +143,24 @@ def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Lis
 
 def layout_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: List[str], dev: str,
                 clock: Clock) -> List[dict]:
-    """Target 3: butterfly and stack=2 (parallel) against the single parallel layout (goft, dx + dθ)."""
+    """Target 3: butterfly and stack=2 (parallel) against the single parallel layout (goft, dx + dθ); the
+    stack on the general kernels and on the fused XOR path (QGOFT_CUDA_XOR=general|fused) side by side (the
+    butterfly has only the general kernels so far: docs/CUDA.md, "XOR layouts")."""
     x = torch.randn(rows, d, device=dev, dtype=dtype)
     g = torch.randn(rows, d, device=dev, dtype=dtype)
     ops = torch.ops.qgoft
     contenders: Dict[str, Callable[[], object]] = {}
-    for kind, lay in (("parallel", layouts.parallel(d)), ("butterfly", layouts.butterfly(d)),
-                      ("parallel*2", layouts.stack(layouts.parallel(d), 2))):
+    stack2 = layouts.stack(layouts.parallel(d), 2)
+    for kind, lay, xor in (("parallel", layouts.parallel(d), "general"),
+                           ("butterfly/general", layouts.butterfly(d), "general"),
+                           ("parallel*2/general", stack2, "general"), ("parallel*2/fused", stack2, "fused")):
         pairs, offs = lay.pairs_tensor(dev), lay.layer_offsets_tensor(dev)
         angles = 0.1 * torch.randn(lay.num_pairs, device=dev)
         fwd = (lambda p=pairs, o=offs, a=angles: ops.givens_chain(x, a, p, o, None))
         bwd = (lambda p=pairs, o=offs, a=angles: ops.givens_chain_backward(g, x, a, p, o, None, [True, True, False]))
         for v in variants:
-            contenders[f"{kind} forward [{v}]"] = with_variant(v, fwd)
-            contenders[f"{kind} backward [{v}]"] = with_variant(v, bwd)
+            contenders[f"{kind} forward [{v}]"] = with_variant(v, fwd, xor)
+            contenders[f"{kind} backward [{v}]"] = with_variant(v, bwd, xor)
     med = clock.timed(contenders, max(3, rounds // 3), 2)
     out = []
     for key, ms in med.items():

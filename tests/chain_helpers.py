@@ -114,6 +114,7 @@ def make_layout(kind: str, d: int, device="cpu", generator: torch.Generator | No
         "sequential": layouts.sequential,
         "butterfly": layouts.butterfly,
         "parallel*2": lambda n: layouts.stack(layouts.parallel(n), 2),
+        "parallel*3": lambda n: layouts.stack(layouts.parallel(n), 3),
         "butterfly*2": lambda n: layouts.stack(layouts.butterfly(n), 2),
     }[kind](d)
     return lay.pairs_tensor(device).clone(), lay.layer_offsets_tensor(device).clone()

@@ -341,6 +341,25 @@ def test_general_paths_forced(gen, env, capfd, path, kind, d, method, dtype):
                         for line in seen), seen
 
 
+@pytest.mark.parametrize("variant", ["base", "table"])
+@pytest.mark.parametrize("kind,d,shape", [("parallel*2", 13, (17,)), ("parallel*2", 100, (3, 11)),
+                                          ("parallel*2", 1000, (5,)), ("parallel*2", 4096, (3,)),
+                                          ("parallel*3", 64, (37,)), ("parallel*2", 5000, (2,))])
+@pytest.mark.parametrize("method", OP_VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_xor_path(gen, env, capfd, variant, kind, d, shape, method, dtype):
+    """QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels (docs/CUDA.md, "XOR
+    layouts") against the float64 reference and the CPU kernels; rows wider than one segment (d = 5000
+    backward) and shared memory that does not fit (float64 backward at d = 4096) keep the general kernels."""
+    env(QGOFT_CUDA_XOR="fused", QGOFT_CUDA_VARIANT=variant, QGOFT_CUDA_VERBOSE=1)
+    run_and_check(method, kind, d, dtype, gen, shape=shape)
+    seen = plans(capfd)
+    reps = int(kind.rpartition("*")[2])
+    for line in seen:
+        fused = " forward " in line or not (d > 4096 or (dtype == F64 and d == 4096))
+        assert (f"path=stack reps={reps} " in line) == fused and ("path=general" in line) != fused, (d, seen)
+
+
 def test_path_selection(gen, env, capfd):
     env(QGOFT_CUDA_VERBOSE=1)
     for kind, d, want_fwd, want_bwd in [
@@ -350,6 +369,7 @@ def test_path_selection(gen, env, capfd):
         ("butterfly", 4096, "path=general(smem)", "path=general"),  # rows in smem iff the opt-in limit >= 224 KiB
         ("butterfly", 8192, "path=general(smem)", "path=general(global)"),
         ("sequential", 4096, "path=general(smem)", "path=general(smem) acc_in_smem=1"),
+        ("parallel*2", 4096, "path=general(smem)", "path=general"),  # QGOFT_CUDA_XOR unset: general
     ]:
         pairs, offsets = make_layout(kind, d, gen)
         params, _ = make_params("goft", pairs.shape[0], d, gen)

@@ -3,8 +3,9 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python tools/gpu_sanitize_case.py
 
 Paths: parallel (rows sharing a block, one row of 512 threads, scalar loads of an unaligned input),
-segmented parallel (forward top kernel, backward recomputation and top layers in warp 0), each in both
-kernel variants (QGOFT_CUDA_VARIANT=base|table); general in shared memory and in global memory; forward,
+segmented parallel (forward top kernel, backward recomputation and top layers in warp 0), stacked parallel
+(QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels), each in both kernel variants
+(QGOFT_CUDA_VARIANT=base|table); general in shared memory and in global memory; forward,
 full backward and the three single-output masks; goft with a scale and qgoft without; float32, bfloat16,
 float16 (parallel paths) and float64. Prints "sanitize case OK: N cases" at the end (checked by
 gpu_check.sh) after a loose correctness check of each forward against the float64 reference.
@@ -21,7 +22,7 @@ from qgoft import layouts
 from qgoft import reference as ref
 
 DEV = "cuda"
-KNOBS = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT")
+KNOBS = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR")
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
 
 
@@ -34,6 +35,9 @@ def cases():
         ("scalar loads", layouts.parallel(1000), 5, {}, True),
         ("segmented 256", layouts.parallel(1000), 3, {"QGOFT_CUDA_SEGMENT": "256"}, False),
         ("segmented default", layouts.parallel(9000), 2, {}, False),
+        ("stacked R>1", layouts.stack(layouts.parallel(100), 2), 37, {"QGOFT_CUDA_XOR": "fused"}, False),
+        ("stacked 512 threads", layouts.stack(layouts.parallel(4096), 2), 3, {"QGOFT_CUDA_XOR": "fused"}, False),
+        ("stacked*3 scalar loads", layouts.stack(layouts.parallel(300), 3), 5, {"QGOFT_CUDA_XOR": "fused"}, True),
     ]
     general = [
         ("general smem butterfly", layouts.butterfly(64), 9, {}, False),

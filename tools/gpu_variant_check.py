@@ -1,7 +1,9 @@
 """Every CUDA kernel variant (QGOFT_CUDA_VARIANT) against the base kernels and the float64 reference on the
 GPU (run by tools/gpu_check.sh before the variants are timed): forward, and backward with every output
 mask, goft with a scale and qgoft without, float32 and bfloat16, widths with rows sharing a block, one
-segment, several segments and odd d, aligned and unaligned rows, fresh random inputs each case.
+segment, several segments and odd d, aligned and unaligned rows, fresh random inputs each case. Then the
+fused XOR path (QGOFT_CUDA_XOR=fused, each variant) on stack(parallel(d), k) against the general kernels
+(QGOFT_CUDA_XOR=general) and the reference.
 
     python tools/gpu_variant_check.py [--variants table]      # prints "variant check OK: N cases"
 
@@ -22,14 +24,17 @@ from qgoft import reference as ref
 DEV = "cuda"
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
 SHAPES = ((100, 37), (1000, 5), (4096, 64), (9000, 3), (11008, 16))  # (d, rows)
+STACKS = ((100, 2, 37), (1000, 2, 5), (4096, 2, 64), (300, 3, 9))  # (d, repetitions, rows)
 
 
-def call(variant, fn):
+def call(variant, fn, xor="general"):
     os.environ["QGOFT_CUDA_VARIANT"] = variant
+    os.environ["QGOFT_CUDA_XOR"] = xor
     try:
         return fn()
     finally:
         os.environ.pop("QGOFT_CUDA_VARIANT", None)
+        os.environ.pop("QGOFT_CUDA_XOR", None)
 
 
 def rel(a, b):
@@ -37,8 +42,11 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def case(variant, d, rows, dtype, quasi, unaligned, gen):
-    lay = layouts.parallel(d)
+def case(variant, d, rows, dtype, quasi, unaligned, gen, reps=0):
+    """variant vs base on parallel(d); reps > 0: the fused XOR path (variant) vs the general kernels on
+    stack(parallel(d), reps)."""
+    lay = layouts.parallel(d) if reps == 0 else layouts.stack(layouts.parallel(d), reps)
+    mine = (lambda fn: call(variant, fn)) if reps == 0 else (lambda fn: call(variant, fn, xor="fused"))
     pairs, offs = lay.pairs_tensor(DEV), lay.layer_offsets_tensor(DEV)
     if quasi:
         params = torch.eye(2, device=DEV) + 0.2 * torch.randn(lay.num_pairs, 2, 2, device=DEV, generator=gen)
@@ -53,14 +61,16 @@ def case(variant, d, rows, dtype, quasi, unaligned, gen):
         torch.randn(rows, d, device=DEV, dtype=dtype, generator=gen)
     g = torch.randn(rows, d, device=DEV, dtype=dtype, generator=gen)
     same_tol = 1e-5 if dtype == torch.float32 else 2e-2  # a different FMA contraction moves a bf16 ulp
+    if reps and dtype == torch.float32:
+        same_tol = 1e-4  # the general kernels sum the parameter gradients in another order
     ref_tol = 1e-4 if dtype == torch.float32 else 3e-2
     y_base = call("base", lambda: fwd(x, params, pairs, offs, scale))
-    y_var = call(variant, lambda: fwd(x, params, pairs, offs, scale))
+    y_var = mine(lambda: fwd(x, params, pairs, offs, scale))
     want = want_fn(x.double(), params.double(), pairs, offs, None if scale is None else scale.double())
     errs = {"y vs base": (rel(y_var, y_base), same_tol), "y vs reference": (rel(y_var, want), ref_tol)}
     for m in MASKS:
         b_base = call("base", lambda: bwd(g, x, params, pairs, offs, scale, list(m)))
-        b_var = call(variant, lambda: bwd(g, x, params, pairs, offs, scale, list(m)))
+        b_var = mine(lambda: bwd(g, x, params, pairs, offs, scale, list(m)))
         for k, (tb, tv) in enumerate(zip(b_base, b_var)):
             if tb is not None and tv is not None and tb.numel():
                 errs[f"backward mask {m} output {k} vs base"] = (rel(tv, tb), same_tol)
@@ -70,7 +80,7 @@ def case(variant, d, rows, dtype, quasi, unaligned, gen):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="table")
+    ap.add_argument("--variants", default="table", help="variants against base; the XOR path runs base and these")
     args = ap.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(torch.seed() % 2 ** 31)
     n = 0
@@ -85,6 +95,17 @@ def main():
                             print(f"FAIL variant {variant} d={d} rows={rows} {dtype} {'qgoft' if quasi else 'goft'} "
                                   f"unaligned={unaligned}: " + "; ".join(f"{k} {e:.2e} > {t:.0e}" for k, (e, t) in bad.items()))
                             return 1
+    for variant in ["base"] + args.variants.split(","):
+        for d, reps, rows in STACKS:
+            for dtype in (torch.float32, torch.bfloat16):
+                for quasi in (False, True):
+                    bad = case(variant, d, rows, dtype, quasi, d == 300, gen, reps=reps)
+                    n += 1
+                    if bad:
+                        print(f"FAIL fused XOR path, variant {variant}, stack(parallel({d}), {reps}) rows={rows} "
+                              f"{dtype} {'qgoft' if quasi else 'goft'}: "
+                              + "; ".join(f"{k} {e:.2e} > {t:.0e}" for k, (e, t) in bad.items()))
+                        return 1
     print(f"variant check OK: {n} cases")
     return 0
 
