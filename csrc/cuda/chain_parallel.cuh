@@ -436,15 +436,17 @@ __device__ __forceinline__ void parallel_write_sums(const ParallelArgs& a, const
 // Backward through layers log2(8 T) .. 1 of a row segment (cross-warp, shuffle, in-thread): the reverse of
 // parallel_forward_local. gv: the gradient of the segment's output (in: after the scale and the top
 // layers; out: grad of the segment's input); tp: the forward's tape (kTape). With acc_blocks, the rows of
-// valid slots accumulate the cross-thread pairs' gradients into cacc ([R][T-1][4]) and hand the in-thread
-// pairs' to in_acc(k, ui, uj, gi, gj) (k as in put_block_sums). Must be reached by all threads of the block.
-template <bool kTape, class A, bool kTable, class InAcc>
+// valid slots accumulate the cross-thread pairs' gradients into cacc ([R][T-1][4]) and in-thread pair k
+// (as in put_block_sums) its entry c into acc[k kstride + c cstride] (the caller's register array: 4, 1).
+// T, R, d and LS = min(log2 T, 5) come from the caller's values hoisted out of the row loop (recomputing them
+// here from `a` moved the single layout's backward from 0 to 20-140 spill bytes at its 128-register cap).
+// Must be reached by all threads of the block.
+template <bool kTape, class A, bool kTable>
 __device__ __forceinline__ void parallel_backward_local(const ParallelArgs& a, const Lanes& ln, const A* blocks,
                                                         int64_t group, bool valid, bool acc_blocks,
                                                         A (&gv)[kChunk], const Tape<A>& tp, A* xch, A* cacc,
-                                                        InAcc&& in_acc) {
-  const int T = a.T, R = a.R, d = static_cast<int>(a.d);
-  const int LS = a.logT < 5 ? a.logT : 5;
+                                                        A* acc, int kstride, int cstride, int T, int R, int d,
+                                                        int LS) {
   if (a.logT > 5) {  // cross-warp layers, reversed
     const int nw = T >> 5;
     gv[0] = via_warp0(gv[0], ln.tid, ln.slot * nw + (ln.t >> 5), R * nw, xch, [&](int q, bool qv, A gq) {
@@ -471,7 +473,9 @@ __device__ __forceinline__ void parallel_backward_local(const ParallelArgs& a, c
         const A gi = gv[e], gj = gv[e + h];
         if constexpr (kTape) {
           constexpr int kFirst[3] = {0, 4, 6};
-          if (acc_blocks && valid) in_acc(kFirst[li] + e / (2 * h), tp.x[li][e], tp.x[li][e + h], gi, gj);
+          if (acc_blocks && valid) {
+            accumulate_outer(acc + (kFirst[li] + e / (2 * h)) * kstride, tp.x[li][e], tp.x[li][e + h], gi, gj, cstride);
+          }
         }
         gv[e] = g0 * gi + g1 * gj;
         gv[e + h] = g2 * gi + g3 * gj;
@@ -521,6 +525,7 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
   }
   __syncthreads();
 
+  const int LS = a.logT < 5 ? a.logT : 5;
   for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
     const int64_t row = g * R + ln.slot;
     const bool valid = row < a.rows;
@@ -544,10 +549,8 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
       const A mine = top_backward<S, kGrads>(a, row, valid, ln.sigma, tacc);
       if (ln.tid == 0) gv[0] = mine;
     }
-    parallel_backward_local<kGrads, A, kTable>(a, ln, blocks, g, valid, acc_blocks, gv, tp, xch, cacc,
-                                               [&](int k, A ui, A uj, A gi, A gj) {
-                                                 accumulate_outer(acc_in[k], ui, uj, gi, gj);
-                                               });
+    parallel_backward_local<kGrads, A, kTable>(a, ln, blocks, g, valid, acc_blocks, gv, tp, xch, cacc, &acc_in[0][0], 4, 1,
+                                               T, R, d, LS);
     if (gx != nullptr) store_chunk<S, kVec>(gx + row * d, ln.base, d, valid, gv);
   }
 

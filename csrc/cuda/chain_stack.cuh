@@ -94,6 +94,7 @@ __global__ void __launch_bounds__(512) parallel_stack_backward_kernel(const Para
   }
   __syncthreads();
 
+  const int LS = a.logT < 5 ? a.logT : 5;
   for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
     const int64_t row = g * R + ln.slot;
     const bool valid = row < a.rows;
@@ -123,11 +124,9 @@ __global__ void __launch_bounds__(512) parallel_stack_backward_kernel(const Para
       }
       if (j == reps - 1) scale_chunk(static_cast<const A*>(a.scale), ln.base, d, gv);
       A* ia = iacc + static_cast<int64_t>(kChunk - 1) * 4 * j * rt + ln.tid;
-      parallel_backward_local<kGrads, A, kTable>(a, ln, blocks.rep(j), g, valid, acc_blocks, gv, tp, xch,
-                                                 cacc + j * rep_cacc, [&](int k, A ui, A uj, A gi, A gj) {
-                                                   accumulate_outer(ia + 4 * k * rt, ui, uj, gi, gj,
-                                                                    static_cast<int>(rt));
-                                                 });
+      const A* bj = blocks.rep(j);
+      parallel_backward_local<kGrads, A, kTable>(a, ln, bj, g, valid, acc_blocks, gv, tp, xch, cacc + j * rep_cacc, ia,
+                                                 4 * static_cast<int>(rt), static_cast<int>(rt), T, R, d, LS);
     }
     if (gx != nullptr) store_chunk<S, kVec>(gx + row * d, ln.base, d, valid, gv);
   }
