@@ -368,11 +368,7 @@ void run_forward(const Operands& o, const Tensor& x2, Tensor& y, const char* op)
       top = at::empty({plan.top_elems}, acc_opts);
       plan.pa.top = top.mutable_data_ptr();
     }
-    if (plan.pa.reps > 1) {
-      qc::parallel_stack_forward(o.dtype, plan.vec, plan.pa, plan.main, stream);
-    } else {
-      qc::parallel_forward(o.dtype, plan.vec, plan.pa, plan.main, stream);
-    }
+    qc::parallel_forward(o.dtype, plan.vec, plan.pa, plan.main, stream);  // a.reps: repetitions
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (plan.top_pass) {
       qc::parallel_top_forward(o.dtype, plan.pa, plan.top, stream);

@@ -134,7 +134,6 @@ void parallel_forward(DType t, bool vec, const ParallelArgs& a, const LaunchConf
 void parallel_top_forward(DType t, const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s);
 void parallel_backward(DType t, bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                        cudaStream_t s);
-void parallel_stack_forward(DType t, bool vec, const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s);
 void parallel_stack_backward(DType t, bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                              cudaStream_t s);
 void general_forward(DType t, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s);

@@ -49,9 +49,6 @@ void parallel_backward(DType t, bool vec, bool grads, const ParallelArgs& a, con
 int parallel_backward_occupancy(DType t, bool vec, bool grads, int threads, size_t smem) {
   return by_dtype(t, [&](auto tag) { return L<decltype(tag)>::parallel_backward_occupancy(vec, grads, threads, smem); });
 }
-void parallel_stack_forward(DType t, bool vec, const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s) {
-  by_dtype(t, [&](auto tag) { L<decltype(tag)>::parallel_stack_forward(vec, a, c, s); });
-}
 void parallel_stack_backward(DType t, bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                              cudaStream_t s) {
   by_dtype(t, [&](auto tag) { L<decltype(tag)>::parallel_stack_backward(vec, grads, a, c, s); });

@@ -53,13 +53,6 @@ struct Kernels {
     if (vec) return grads ? parallel_backward<true, true>(table) : parallel_backward<true, false>(table);
     return grads ? parallel_backward<false, true>(table) : parallel_backward<false, false>(table);
   }
-  template <bool kVec>
-  static auto parallel_stack_forward(bool table) {
-    return table ? parallel_stack_forward_kernel<S, kVec, true> : parallel_stack_forward_kernel<S, kVec, false>;
-  }
-  static auto parallel_stack_forward(bool vec, bool table) {
-    return vec ? parallel_stack_forward<true>(table) : parallel_stack_forward<false>(table);
-  }
   template <bool kVec, bool kGrads>
   static auto parallel_stack_backward(bool table) {
     return table ? parallel_stack_backward_kernel<S, kVec, kGrads, true>
@@ -92,10 +85,6 @@ template <class S>
 int Launchers<S>::parallel_backward_occupancy(bool vec, bool grads, int threads, size_t smem) {
   // the base kernel's (the table variant has the same register budget; smem covers its table)
   return occupancy(Kernels<S>::parallel_backward(vec, grads, false), threads, smem);
-}
-template <class S>
-void Launchers<S>::parallel_stack_forward(bool vec, const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s) {
-  launch(Kernels<S>::parallel_stack_forward(vec, a.table > 0), c, s, a);
 }
 template <class S>
 void Launchers<S>::parallel_stack_backward(bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,

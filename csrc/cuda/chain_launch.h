@@ -17,7 +17,6 @@ struct Launchers {
   static void parallel_backward(bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                                 cudaStream_t s);
   static int parallel_backward_occupancy(bool vec, bool grads, int threads, size_t smem);
-  static void parallel_stack_forward(bool vec, const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s);
   static void parallel_stack_backward(bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                                       cudaStream_t s);
   static int parallel_stack_backward_occupancy(bool vec, bool grads, int threads, size_t smem);

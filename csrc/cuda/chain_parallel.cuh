@@ -240,23 +240,43 @@ __device__ __forceinline__ void parallel_forward_local(const ParallelArgs& a, co
   }
 }
 
-// Forward: y = scale * chain(x) on row segments (blockIdx.y = segment). Segmented rows also write
-// the local result of every segment start to `top` (parallel_top_forward_kernel finishes them).
-// kTable: the block's segment of the block table is copied to shared memory first (after xch); its
-// segments have at most 4096 elements (512 threads), three blocks per SM (float64: its 128 KiB table
-// allows one).
+// Where repetition j's blocks are: in the global (P, 4) table, or (kTable) in the shared-memory tables
+// (one ParallelTable per repetition).
+template <class A>
+struct StackBlocks {
+  const A* base;
+  int64_t stride;  // accumulation-type elements between repetitions
+  __device__ __forceinline__ const A* rep(int j) const { return base + j * stride; }
+};
+
+// kTable: copies every repetition's segment table into tab (consecutive, 4 (S - 1) elements each) and
+// returns them; otherwise the global table. The caller synchronises.
+template <class A, bool kTable>
+__device__ __forceinline__ StackBlocks<A> stack_blocks(const ParallelArgs& a, const Lanes& ln, A* tab) {
+  const A* global = static_cast<const A*>(a.blocks);
+  const int64_t rep_global = 4 * (a.d - 1);
+  if constexpr (kTable) {
+    const int64_t rep_table = 4 * ParallelTable::blocks(a.table);
+    for (int j = 0; j < a.reps; ++j) fill_table(a, global + j * rep_global, ln.seg_base, tab + j * rep_table);
+    return {tab, rep_table};
+  }
+  return {global, rep_global};
+}
+
+// Forward: y = scale * chain(x) on row segments (blockIdx.y = segment), the layout's repetitions (a.reps;
+// > 1 only with whole rows, nseg == 1) in order over the registers. Segmented rows also write the local
+// result of every segment start to `top` (parallel_top_forward_kernel finishes them).
+// kTable: the block's segment of the block table (of every repetition) is copied to shared memory first
+// (after xch); its segments have at most 4096 elements (512 threads), three blocks per SM (float64: its
+// 128 KiB table allows one; stacks: their tables allow fewer).
 template <class S, bool kVec, bool kTable>
 __global__ void __launch_bounds__(kTable ? 512 : 1024, kTable && sizeof(S) < 8 ? 3 : 1) parallel_forward_kernel(const ParallelArgs a) {
   using A = typename Elem<S>::A;
   QGOFT_DYNAMIC_SMEM(smem_raw);
   A* xch = reinterpret_cast<A*>(smem_raw);
   const Lanes ln(a);
-  const A* blocks = static_cast<const A*>(a.blocks);
-  if constexpr (kTable) {
-    fill_table(a, static_cast<const A*>(a.blocks), ln.seg_base, xch + 32);
-    blocks = xch + 32;
-    __syncthreads();
-  }
+  const StackBlocks<A> blocks = stack_blocks<A, kTable>(a, ln, xch + 32);
+  if constexpr (kTable) __syncthreads();
   const int d = static_cast<int>(a.d);
   const S* x = static_cast<const S*>(a.x);
   S* y = static_cast<S*>(a.out);
@@ -266,7 +286,7 @@ __global__ void __launch_bounds__(kTable ? 512 : 1024, kTable && sizeof(S) < 8 ?
     A v[kChunk];
     load_chunk<S, kVec>(x + row * a.x_ld, ln.base, d, valid, v);
     Tape<A> tp;
-    parallel_forward_local<A, false, kTable>(a, ln, blocks, v, xch, tp);
+    for (int j = 0; j < a.reps; ++j) parallel_forward_local<A, false, kTable>(a, ln, blocks.rep(j), v, xch, tp);
     if (a.nseg > 1 && ln.t == 0 && valid) static_cast<A*>(a.top)[row * a.nseg + ln.sigma] = v[0];
     if (a.store) {
       scale_chunk(static_cast<const A*>(a.scale), ln.base, d, v);

@@ -1,61 +1,14 @@
-// Kernels of stack(parallel(d), k), k >= 2 (ParallelArgs::reps = k): the parallel layout's layers k times,
-// repetition j with its own blocks j (d - 1) .. (j + 1)(d - 1) - 1 (docs/MATH.md, layouts.stack). Rows fit one
-// segment (nseg == 1): the per-layer machinery of chain_parallel.cuh (parallel_forward_local,
-// parallel_backward_local, the sums writers) runs k times over the same registers, one pass over x and grad.
+// Backward kernel of stack(parallel(d), k), k >= 2 (ParallelArgs::reps = k): the parallel layout's layers k
+// times, repetition j with its own blocks j (d - 1) .. (j + 1)(d - 1) - 1 (docs/MATH.md, layouts.stack). Rows fit
+// one segment (nseg == 1): the per-layer machinery of chain_parallel.cuh (parallel_forward_local,
+// parallel_backward_local, the sums writers) runs over the same registers, one pass over x and grad. (The
+// forward is parallel_forward_kernel itself, which loops over the repetitions.)
 // Design, counts and predictions: docs/CUDA.md ("XOR layouts").
 #pragma once
 
 #include "chain_parallel.cuh"
 
 namespace qgoft::cuda::detail {
-
-// Where repetition j's blocks are: in the global (P, 4) table, or (kTable) in the shared-memory tables
-// (one ParallelTable per repetition, filled by fill_stack_tables).
-template <class A>
-struct StackBlocks {
-  const A* base;
-  int64_t stride;  // accumulation-type elements between repetitions
-  __device__ __forceinline__ const A* rep(int j) const { return base + j * stride; }
-};
-
-// kTable: copies every repetition's segment table into tab (consecutive, 4 (S - 1) elements each) and
-// returns them; otherwise the global table. The caller synchronises.
-template <class A, bool kTable>
-__device__ __forceinline__ StackBlocks<A> stack_blocks(const ParallelArgs& a, const Lanes& ln, A* tab) {
-  const A* global = static_cast<const A*>(a.blocks);
-  const int64_t rep_global = 4 * (a.d - 1);
-  if constexpr (kTable) {
-    const int64_t rep_table = 4 * ParallelTable::blocks(a.table);
-    for (int j = 0; j < a.reps; ++j) fill_table(a, global + j * rep_global, ln.seg_base, tab + j * rep_table);
-    return {tab, rep_table};
-  }
-  return {global, rep_global};
-}
-
-// Forward: y = scale * chain(x), the reps repetitions in order over the registers. kTable: every
-// repetition's table in shared memory (segments of at most 4096 elements; the planner checks the size).
-template <class S, bool kVec, bool kTable>
-__global__ void __launch_bounds__(kTable ? 512 : 1024, kTable ? 2 : 1) parallel_stack_forward_kernel(const ParallelArgs a) {
-  using A = typename Elem<S>::A;
-  QGOFT_DYNAMIC_SMEM(smem_raw);
-  A* xch = reinterpret_cast<A*>(smem_raw);
-  const Lanes ln(a);
-  const StackBlocks<A> blocks = stack_blocks<A, kTable>(a, ln, xch + 32);
-  if constexpr (kTable) __syncthreads();
-  const int d = static_cast<int>(a.d);
-  const S* x = static_cast<const S*>(a.x);
-  S* y = static_cast<S*>(a.out);
-  for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
-    const int64_t row = g * a.R + ln.slot;
-    const bool valid = row < a.rows;
-    A v[kChunk];
-    load_chunk<S, kVec>(x + row * a.x_ld, ln.base, d, valid, v);
-    Tape<A> tp;
-    for (int j = 0; j < a.reps; ++j) parallel_forward_local<A, false, kTable>(a, ln, blocks.rep(j), v, xch, tp);
-    scale_chunk(static_cast<const A*>(a.scale), ln.base, d, v);
-    store_chunk<S, kVec>(y + row * d, ln.base, d, valid, v);
-  }
-}
 
 // Backward: grad_x = chain^T(scale * grad) and (kGrads) the parameter gradients of the rows this block owns
 // into partial row blockIdx.x. Per row: the forward through repetitions 0 .. reps-2, saving each one's input

@@ -279,8 +279,7 @@ Problem make_problem(DType dtype, const Layout& lay, int64_t rows) {
 // The parallel (a.reps > 1: stacked) kernels' instantiation for a plan's switches, run over the plan's grid.
 template <class S, bool kVec, bool kTable>
 void parallel_forward_instance(const ParallelArgs& a) {
-  if (a.reps > 1) detail::parallel_stack_forward_kernel<S, kVec, kTable>(a);
-  else detail::parallel_forward_kernel<S, kVec, kTable>(a);
+  detail::parallel_forward_kernel<S, kVec, kTable>(a);  // a.reps > 1: a stack, in the same kernel
 }
 template <class S, bool kVec, bool kGrads, bool kTable>
 void parallel_backward_instance(const ParallelArgs& a) {
