@@ -3,7 +3,8 @@ frozen nn.Linear, PEFT LoRA r=8 and PEFT OFT, and of a LLaMA-shaped stack's trai
 (targets 1-4 and the second half of 5 of docs/CUDA.md, "GPU targets").
 Contenders of a table run in one process, in interleaved rounds, timed with CUDA events after warm-up;
 medians are reported. The kernel variant of each chain call is chosen with QGOFT_CUDA_VARIANT (read by the
-planner per call), so the variants share every round.
+planner per call), so the variants share every round; the layout table (target 3) times stack=2 on the
+general and the fused XOR kernels (QGOFT_CUDA_XOR=general|fused) side by side.
 
     python bench/bench_gpu.py [--rounds 15] [--out DIR] [--quick] [--variants base,table]
     python bench/bench_gpu.py --dry-run     # no GPU: tiny shapes on the CPU, CPU timers (checks the script)

@@ -15,11 +15,12 @@
 #   ptxas     60  registers, stack, SASS counts of every kernel of the built library
 #                 (tools/cuda_resource_report.py --binary)                             ptxas.txt
 #   load      30  the four ops have CUDA kernels; an identity chain is the identity     load.log
-#   variants  60  every QGOFT_CUDA_VARIANT against base and the float64 reference
-#                 (tools/gpu_variant_check.py)                                          variants.log
+#   variants  60  every QGOFT_CUDA_VARIANT against base and the float64 reference, the fused XOR path
+#                 against the general kernels (tools/gpu_variant_check.py)                                          variants.log
 #   chain    150  bench/bench_gpu.py: chain kernels with every QGOFT_CUDA_VARIANT side by side, butterfly
-#                 and stack=2, qgoft.nn.Linear vs frozen / PEFT LoRA r=8 / PEFT OFT, a LLaMA-shaped
-#                 stack's training step vs LoRA (targets 1-4, half of 5)
+#                 and stack=2 (the stack on the general and the fused XOR kernels, QGOFT_CUDA_XOR),
+#                 qgoft.nn.Linear vs frozen / PEFT LoRA r=8 / PEFT OFT, a LLaMA-shaped stack's training
+#                 step vs LoRA (targets 1-4, half of 5)
 #                                                                                     bench_gpu.md/.json
 #   tests    120  tests/test_cuda.py and tests/test_determinism.py, QGOFT_REQUIRE_CUDA=1 (target 7)
 #   sanitize 120  compute-sanitizer memcheck, racecheck, initcheck, synccheck, concurrently, on
