@@ -4,7 +4,8 @@
 # TorchScript, and an AOTInductor package), runs the C++ program on the saved input and compares its
 # outputs with Python's (max abs difference <= 1e-5). Exits non-zero on any failure.
 #
-# Environment: PYTHON (default: python, else python3), QGOFT_CPP_BUILD_DIR (default build/cpp_inference;
+# Environment: PYTHON (default: python, else python3), CUDA_HOME (the CUDA toolkit, for a CUDA torch;
+# default /usr/local/cuda when it exists), QGOFT_CPP_BUILD_DIR (default build/cpp_inference;
 # reused between runs), QGOFT_CPP_WORK_DIR (default $QGOFT_CPP_BUILD_DIR/check), QGOFT_CHECK_AOTI=0 skips
 # the AOTInductor package, QGOFT_BUILD_JOBS (default 2).
 set -euo pipefail
@@ -29,8 +30,25 @@ echo "== configure and build $EXAMPLE in $BUILD_DIR (in the background)"
   # editable install or PYTHONPATH), never the checkout's qgoft/ by accident of the working directory.
   torch_prefix="$(cd "$EXAMPLE" && "$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')" &&
   ops_library="$(cd "$EXAMPLE" && "$PYTHON" -c 'import qgoft; print(qgoft.ops_library_path())')" &&
+  # A CUDA build of torch makes find_package(Torch) look for the CUDA toolkit; CMake guesses its root from
+  # the first nvcc on PATH, which can be a wrapper script outside the toolkit (/usr/local/bin/nvcc):
+  # name the root when it is known (unused with a CPU torch).
+  cuda_args=() &&
+  cuda_root="${CUDA_HOME:-${CUDA_PATH:-}}" &&
+  { [ -n "$cuda_root" ] || [ ! -x /usr/local/cuda/bin/nvcc ] || cuda_root=/usr/local/cuda; } &&
+  { [ -z "$cuda_root" ] || cuda_args=(-DCUDA_TOOLKIT_ROOT_DIR="$cuda_root" -DCUDAToolkit_ROOT="$cuda_root"); } &&
+  # A toolkit without NVRTC (a minimal install): the NVRTC that torch's CUDA wheels install beside torch.
+  nvrtc="$(cd "$EXAMPLE" && "$PYTHON" -c '
+import glob, os, torch
+if torch.version.cuda:
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    print((sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so*")))
+           + sorted(glob.glob(os.path.join(site, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*"))) + [""])[0])')" &&
+  { [ -z "$nvrtc" ] || [ -z "$cuda_root" ] || ls "$cuda_root"/lib*/libnvrtc.so > /dev/null 2>&1 ||
+    cuda_args+=(-DCUDA_nvrtc_LIBRARY="$nvrtc"); } &&
   cmake -S "$EXAMPLE" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$torch_prefix" \
-        -DQGOFT_OPS_LIBRARY="$ops_library" -DQGOFT_WITH_AOTI="$([ "$AOTI" = 1 ] && echo ON || echo OFF)" &&
+        -DQGOFT_OPS_LIBRARY="$ops_library" -DQGOFT_WITH_AOTI="$([ "$AOTI" = 1 ] && echo ON || echo OFF)" \
+        ${cuda_args[@]+"${cuda_args[@]}"} &&
   cmake --build "$BUILD_DIR" --parallel "${QGOFT_BUILD_JOBS:-2}"
 ) > "$BUILD_DIR/build.log" 2>&1 &
 build_pid=$!
