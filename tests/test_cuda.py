@@ -360,6 +360,27 @@ def test_fused_xor_path(gen, env, capfd, variant, kind, d, shape, method, dtype)
         assert (f"path=stack reps={reps} " in line) == fused and ("path=general" in line) != fused, (d, seen)
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("kind,d,rows", [("parallel*2", 300, 20_000), ("parallel*2", 4096, 700),
+                                         ("parallel*3", 40, 100_003)])
+def test_fused_xor_path_many_rows_deterministic(gen, env, dtype, kind, d, rows):
+    """The stacked kernels' persistent grids (several row groups per block, partial last group) against the
+    reference, and bitwise identical over three runs."""
+    env(QGOFT_CUDA_XOR="fused")
+    run_and_check("qgoft_scaled", kind, d, dtype, gen, shape=(rows,), compare_cpu=False)
+    pairs, offsets = make_layout(kind, d, gen)
+    params, scale = make_params("goft_scaled", pairs.shape[0], d, gen)
+    x = make_tensor((rows,), d, "contiguous", gen, dtype)
+    g = make_tensor((rows,), d, "contiguous", gen, dtype)
+    results = []
+    for _ in range(3):
+        poison()
+        out = k_forward("goft_scaled", x, params, pairs, offsets, scale)
+        results.append((out,) + tuple(k_backward("goft_scaled", g, x, params, pairs, offsets, scale)))
+    for name, a, b, c in zip(["out", "grad_x", "grad_params", "grad_scale"], *results):
+        assert torch.equal(a, b) and torch.equal(a, c), f"{name}: runs differ"
+
+
 def test_path_selection(gen, env, capfd):
     env(QGOFT_CUDA_VERBOSE=1)
     for kind, d, want_fwd, want_bwd in [
