@@ -381,6 +381,15 @@ def test_fused_xor_path_many_rows_deterministic(gen, env, dtype, kind, d, rows):
         assert torch.equal(a, b) and torch.equal(a, c), f"{name}: runs differ"
 
 
+def test_xor_switch_rejects_unknown_values(gen, env):
+    env(QGOFT_CUDA_XOR="fast")
+    pairs, offsets = make_layout("parallel*2", 64, gen)
+    params, _ = make_params("goft", pairs.shape[0], 64, gen)
+    x = torch.randn(4, 64, device=DEV)
+    with pytest.raises((RuntimeError, ValueError), match="QGOFT_CUDA_XOR must be general or fused"):
+        k_forward("goft", x, params, pairs, offsets, None)
+
+
 def test_path_selection(gen, env, capfd):
     env(QGOFT_CUDA_VERBOSE=1)
     for kind, d, want_fwd, want_bwd in [

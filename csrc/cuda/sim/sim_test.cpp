@@ -14,7 +14,9 @@
 #define QGOFT_CUDA_HOST_SIM 1
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <random>
+#include <stdexcept>
 #include <string>
 
 #include "../chain_kernels.cuh"
@@ -583,12 +585,45 @@ void suite(bool full, std::mt19937_64& rng) {
   }
 }
 
+// The environment switches the planner reads (QGOFT_CUDA_VARIANT, QGOFT_CUDA_XOR): defaults, values, and
+// std::invalid_argument for anything else.
+void check_env_switches() {
+  auto expect = [](bool ok, const char* what) {
+    if (!ok) {
+      std::fprintf(stderr, "FAIL env switch: %s\n", what);
+      ++g_failures;
+    }
+  };
+  auto throws = [](auto&& f) {
+    try {
+      f();
+    } catch (const std::invalid_argument&) {
+      return true;
+    }
+    return false;
+  };
+  unsetenv("QGOFT_CUDA_XOR");
+  expect(xor_path_from_env() == XorPath::General, "QGOFT_CUDA_XOR unset: general");
+  setenv("QGOFT_CUDA_XOR", "fused", 1);
+  expect(xor_path_from_env() == XorPath::Fused, "QGOFT_CUDA_XOR=fused");
+  setenv("QGOFT_CUDA_XOR", "general", 1);
+  expect(xor_path_from_env() == XorPath::General, "QGOFT_CUDA_XOR=general");
+  setenv("QGOFT_CUDA_XOR", "Fused", 1);
+  expect(throws([] { xor_path_from_env(); }), "QGOFT_CUDA_XOR=Fused throws");
+  unsetenv("QGOFT_CUDA_XOR");
+  setenv("QGOFT_CUDA_VARIANT", "tabel", 1);
+  expect(throws([] { variant_from_env(); }), "QGOFT_CUDA_VARIANT=tabel throws");
+  unsetenv("QGOFT_CUDA_VARIANT");
+  expect(variant_from_env() == Variant::Base, "QGOFT_CUDA_VARIANT unset: base");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "quick";
   std::mt19937_64 rng(12345);
   const bool full = mode == "full";
+  check_env_switches();
   if (mode == "tiny") {  // for a race detector: a few small cases through every path
     for (int64_t d : {13, 300}) {
       Options o;
