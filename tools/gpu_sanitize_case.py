@@ -35,6 +35,8 @@ def cases():
         ("scalar loads", layouts.parallel(1000), 5, {}, True),
         ("segmented 256", layouts.parallel(1000), 3, {"QGOFT_CUDA_SEGMENT": "256"}, False),
         ("segmented default", layouts.parallel(9000), 2, {}, False),
+    ]
+    stacked = [  # the fused XOR path (QGOFT_CUDA_XOR=fused); fewer dtype / method combinations: the slow tools
         ("stacked R>1", layouts.stack(layouts.parallel(100), 2), 37, {"QGOFT_CUDA_XOR": "fused"}, False),
         ("stacked 512 threads", layouts.stack(layouts.parallel(4096), 2), 3, {"QGOFT_CUDA_XOR": "fused"}, False),
         ("stacked*3 scalar loads", layouts.stack(layouts.parallel(300), 3), 5, {"QGOFT_CUDA_XOR": "fused"}, True),
@@ -53,6 +55,11 @@ def cases():
             if dtype != torch.float16:
                 for name, lay, rows, env, unaligned in general:
                     out.append((name, lay, rows, dtype, quasi, with_scale, env, unaligned))
+    for dtype, quasi, with_scale in ((torch.float32, False, True), (torch.bfloat16, True, False)):
+        for variant in ("base", "table"):
+            for name, lay, rows, env, unaligned in stacked:
+                out.append((f"{name} [{variant}]", lay, rows, dtype, quasi, with_scale,
+                            {**env, "QGOFT_CUDA_VARIANT": variant}, unaligned))
     for variant in ("base", "table"):
         out.append((f"float64 parallel [{variant}]", layouts.parallel(513), 5, torch.float64, True, True,
                     {"QGOFT_CUDA_VARIANT": variant}, False))
