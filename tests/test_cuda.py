@@ -341,12 +341,17 @@ def test_general_paths_forced(gen, env, capfd, path, kind, d, method, dtype):
                         for line in seen), seen
 
 
-@pytest.mark.parametrize("variant", ["base", "table"])
-@pytest.mark.parametrize("kind,d,shape", [("parallel*2", 13, (17,)), ("parallel*2", 100, (3, 11)),
-                                          ("parallel*2", 1000, (5,)), ("parallel*2", 4096, (3,)),
-                                          ("parallel*3", 64, (37,)), ("parallel*2", 5000, (2,))])
-@pytest.mark.parametrize("method", OP_VARIANTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def _fused_xor_cases():
+    """(variant, kind, d, shape, method, dtype): every shape and variant in every dtype, the four methods
+    taking turns (each method meets each dtype and variant), so the GPU check's test time box holds."""
+    shapes = [("parallel*2", 13, (17,)), ("parallel*2", 100, (3, 11)), ("parallel*2", 1000, (5,)),
+              ("parallel*2", 4096, (3,)), ("parallel*3", 64, (37,)), ("parallel*2", 5000, (2,))]
+    for k, ((kind, d, shape), variant, dtype) in enumerate(itertools.product(shapes, ["base", "table"], DTYPES)):
+        yield pytest.param(variant, kind, d, shape, OP_VARIANTS[(k + k // 8) % 4], dtype,
+                           id=f"{kind}-{d}-{variant}-{OP_VARIANTS[(k + k // 8) % 4]}-{dtype}")
+
+
+@pytest.mark.parametrize("variant,kind,d,shape,method,dtype", list(_fused_xor_cases()))
 def test_fused_xor_path(gen, env, capfd, variant, kind, d, shape, method, dtype):
     """QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels (docs/CUDA.md, "XOR
     layouts") against the float64 reference and the CPU kernels; rows wider than one segment (d = 5000
