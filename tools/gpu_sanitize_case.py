@@ -4,8 +4,9 @@
 
 Paths: parallel (rows sharing a block, one row of 512 threads, scalar loads of an unaligned input),
 segmented parallel (forward top kernel, backward recomputation and top layers in warp 0), stacked parallel
-(QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels), each in both kernel variants
-(QGOFT_CUDA_VARIANT=base|table); general in shared memory and in global memory; forward,
+(QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels), each in every kernel variant
+(QGOFT_CUDA_VARIANT=base|table|reg; reg's 512-thread instantiation by "512 threads" and "segmented default";
+a stack under reg runs table's kernels); general in shared memory and in global memory; forward,
 full backward and the three single-output masks; goft with a scale and qgoft without; float32, bfloat16,
 float16 (parallel paths) and float64. Prints "sanitize case OK: N cases" at the end (checked by
 gpu_check.sh) after a loose correctness check of each forward against the float64 reference.
@@ -23,6 +24,7 @@ from qgoft import reference as ref
 
 DEV = "cuda"
 KNOBS = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR")
+VARIANTS = ("base", "table", "reg")
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
 
 
@@ -48,7 +50,7 @@ def cases():
     ]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for quasi, with_scale in ((False, True), (True, False)):
-            for variant in ("base", "table"):
+            for variant in VARIANTS:
                 for name, lay, rows, env, unaligned in parallel:
                     out.append((f"{name} [{variant}]", lay, rows, dtype, quasi, with_scale,
                                 {**env, "QGOFT_CUDA_VARIANT": variant}, unaligned))
@@ -56,11 +58,11 @@ def cases():
                 for name, lay, rows, env, unaligned in general:
                     out.append((name, lay, rows, dtype, quasi, with_scale, env, unaligned))
     for dtype, quasi, with_scale in ((torch.float32, False, True), (torch.bfloat16, True, False)):
-        for variant in ("base", "table"):
+        for variant in ("base", "table"):  # reg changes the single layout's backward only: a stack runs table's
             for name, lay, rows, env, unaligned in stacked:
                 out.append((f"{name} [{variant}]", lay, rows, dtype, quasi, with_scale,
                             {**env, "QGOFT_CUDA_VARIANT": variant}, unaligned))
-    for variant in ("base", "table"):
+    for variant in VARIANTS:
         out.append((f"float64 parallel [{variant}]", layouts.parallel(513), 5, torch.float64, True, True,
                     {"QGOFT_CUDA_VARIANT": variant}, False))
     out.append(("general global (natural)", layouts.butterfly(8192), 2, torch.float32, False, True, {}, False))

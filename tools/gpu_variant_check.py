@@ -80,7 +80,7 @@ def case(variant, d, rows, dtype, quasi, unaligned, gen, reps=0):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="table", help="variants against base; the XOR path runs base and these")
+    ap.add_argument("--variants", default="table,reg", help="variants against base; the XOR path runs base and these")
     args = ap.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(torch.seed() % 2 ** 31)
     n = 0

@@ -75,6 +75,8 @@ struct ParallelArgs {
   // (chain_stack.cuh; rows of one segment, nseg == 1): repetition j uses blocks j (d - 1) .. (j + 1)(d - 1) - 1
   // of the table, the off[] of one repetition, and num_pairs = k (d - 1).
   int reps = 1;
+  // 1 (backward, with table > 0): the "reg" variant, parallel_backward_reg_kernel (chain_parallel_reg.cuh).
+  int reg = 0;
 };
 
 struct GeneralArgs {

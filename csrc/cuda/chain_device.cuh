@@ -29,7 +29,8 @@ namespace qgoft::cuda::detail {
 
 // ---------------------------------------------------------------------------------------------
 // Activation element types: conversion to/from the accumulation type A and 8-element vector I/O
-// (16-byte accesses; only used when the row pointers are 16-byte aligned and d % 8 == 0).
+// (16-byte accesses; only used when the row pointers are 16-byte aligned and d % 8 == 0): load_raw
+// returns the 16-byte words as loaded (Raw), unpack converts them to A.
 // ---------------------------------------------------------------------------------------------
 template <class S>
 struct Elem;
@@ -39,12 +40,16 @@ struct Elem<float> {
   using A = float;
   static __device__ __forceinline__ A to(float v) { return v; }
   static __device__ __forceinline__ float from(A v) { return v; }
-  static __device__ __forceinline__ void load8(const float* p, A (&v)[kChunk]) {
+  struct Raw {
+    float4 a, b;
+  };
+  static __device__ __forceinline__ Raw load_raw(const float* p) {
     QGOFT_CHECK_ALIGN16(p);
-    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    return {__ldg(reinterpret_cast<const float4*>(p)), __ldg(reinterpret_cast<const float4*>(p) + 1)};
+  }
+  static __device__ __forceinline__ void unpack(const Raw& r, A (&v)[kChunk]) {
+    v[0] = r.a.x; v[1] = r.a.y; v[2] = r.a.z; v[3] = r.a.w;
+    v[4] = r.b.x; v[5] = r.b.y; v[6] = r.b.z; v[7] = r.b.w;
   }
   static __device__ __forceinline__ void store8(float* p, const A (&v)[kChunk]) {
     QGOFT_CHECK_ALIGN16(p);
@@ -58,13 +63,21 @@ struct Elem<double> {
   using A = double;
   static __device__ __forceinline__ A to(double v) { return v; }
   static __device__ __forceinline__ double from(A v) { return v; }
-  static __device__ __forceinline__ void load8(const double* p, A (&v)[kChunk]) {
+  struct Raw {
+    double2 w[4];
+  };
+  static __device__ __forceinline__ Raw load_raw(const double* p) {
     QGOFT_CHECK_ALIGN16(p);
+    Raw r;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) r.w[k] = __ldg(reinterpret_cast<const double2*>(p) + k);
+    return r;
+  }
+  static __device__ __forceinline__ void unpack(const Raw& r, A (&v)[kChunk]) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const double2 a = __ldg(reinterpret_cast<const double2*>(p) + k);
-      v[2 * k] = a.x;
-      v[2 * k + 1] = a.y;
+      v[2 * k] = r.w[k].x;
+      v[2 * k + 1] = r.w[k].y;
     }
   }
   static __device__ __forceinline__ void store8(double* p, const A (&v)[kChunk]) {
@@ -90,9 +103,12 @@ struct Elem16 {
   static __device__ __forceinline__ unsigned pack(float a, float b) {
     return static_cast<unsigned>(ToBits(FromF(a))) | (static_cast<unsigned>(ToBits(FromF(b))) << 16);
   }
-  static __device__ __forceinline__ void load8(const H* p, A (&v)[kChunk]) {
+  using Raw = uint4;
+  static __device__ __forceinline__ Raw load_raw(const H* p) {
     QGOFT_CHECK_ALIGN16(p);
-    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    return __ldg(reinterpret_cast<const uint4*>(p));
+  }
+  static __device__ __forceinline__ void unpack(const Raw& u, A (&v)[kChunk]) {
     v[0] = lo(u.x); v[1] = hi(u.x); v[2] = lo(u.y); v[3] = hi(u.y);
     v[4] = lo(u.z); v[5] = hi(u.z); v[6] = lo(u.w); v[7] = hi(u.w);
   }
@@ -133,20 +149,56 @@ __device__ __forceinline__ void load_block(const double* b, int64_t p, double& g
   g0 = u.x; g1 = u.y; g2 = v.x; g3 = v.y;
 }
 
+// A thread's chunk of a row as loaded (kVec: the 16-byte words, zero-filled past d; otherwise the elements
+// converted to A, zero past d or for invalid rows), so that the loads of a later row can be issued before
+// the values are used; unpack gives the chunk in A.
+template <class S, bool kVec>
+struct RawChunk {
+  using A = typename Elem<S>::A;
+  A v[kChunk];
+  __device__ __forceinline__ void load(const S* row, int base, int d, bool valid) {
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) v[e] = (valid && base + e < d) ? Elem<S>::to(row[base + e]) : A(0);
+  }
+  __device__ __forceinline__ void unpack(A (&out)[kChunk]) const {
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) out[e] = v[e];
+  }
+};
+template <class S>
+struct RawChunk<S, true> {  // d % 8 == 0: a chunk lies entirely inside or outside the row
+  using A = typename Elem<S>::A;
+  typename Elem<S>::Raw w;
+  bool inside;
+  __device__ __forceinline__ void load(const S* row, int base, int d, bool valid) {
+    inside = valid && base < d;
+    if (inside) w = Elem<S>::load_raw(row + base);
+  }
+  __device__ __forceinline__ void unpack(A (&out)[kChunk]) const {
+    if (inside) {
+      Elem<S>::unpack(w, out);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) out[e] = A(0);
+    }
+  }
+};
+
 template <class S, bool kVec>
 __device__ __forceinline__ void load_chunk(const S* row, int base, int d, bool valid,
                                            typename Elem<S>::A (&v)[kChunk]) {
   using A = typename Elem<S>::A;
-  if constexpr (kVec) {  // d % 8 == 0: a chunk lies entirely inside or outside the row
+  if constexpr (kVec) {
     if (valid && base < d) {
-      Elem<S>::load8(row + base, v);
+      Elem<S>::unpack(Elem<S>::load_raw(row + base), v);
     } else {
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) v[e] = A(0);
     }
   } else {
-#pragma unroll
-    for (int e = 0; e < kChunk; ++e) v[e] = (valid && base + e < d) ? Elem<S>::to(row[base + e]) : A(0);
+    RawChunk<S, false> c;
+    c.load(row, base, d, valid);
+    c.unpack(v);
   }
 }
 

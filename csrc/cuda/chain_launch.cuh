@@ -35,7 +35,8 @@ inline void launch(K* kernel, const LaunchConfig& c, cudaStream_t stream, const 
 }
 
 // The kernel instantiation for the run-time switches (vec: 16-byte row accesses; grads: parameter
-// gradients wanted; table: the shared-memory block table variant, ParallelArgs::table > 0).
+// gradients wanted; table: the shared-memory block table variant, ParallelArgs::table > 0; reg: its
+// backward with register accumulators, ParallelArgs::reg).
 template <class S>
 struct Kernels {
   template <bool kVec>
@@ -49,9 +50,15 @@ struct Kernels {
   static auto parallel_backward(bool table) {
     return table ? parallel_backward_kernel<S, kVec, kGrads, true> : parallel_backward_kernel<S, kVec, kGrads, false>;
   }
-  static auto parallel_backward(bool vec, bool grads, bool table) {
-    if (vec) return grads ? parallel_backward<true, true>(table) : parallel_backward<true, false>(table);
-    return grads ? parallel_backward<false, true>(table) : parallel_backward<false, false>(table);
+  // reg: 0 = base / table, 1 = the reg kernel, 2 = its instantiation for T = 2^kRegLogT
+  template <bool kVec, bool kGrads>
+  static auto parallel_backward(bool table, int reg) {
+    if (reg == 2) return parallel_backward_reg_kernel<S, kVec, kGrads, kRegLogT>;
+    return reg ? parallel_backward_reg_kernel<S, kVec, kGrads, 0> : parallel_backward<kVec, kGrads>(table);
+  }
+  static auto parallel_backward(bool vec, bool grads, bool table, int reg = 0) {
+    if (vec) return grads ? parallel_backward<true, true>(table, reg) : parallel_backward<true, false>(table, reg);
+    return grads ? parallel_backward<false, true>(table, reg) : parallel_backward<false, false>(table, reg);
   }
   template <bool kVec, bool kGrads>
   static auto parallel_stack_backward(bool table) {
@@ -79,11 +86,12 @@ void Launchers<S>::parallel_top_forward(const ParallelArgs& a, const LaunchConfi
 template <class S>
 void Launchers<S>::parallel_backward(bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                                      cudaStream_t s) {
-  launch(Kernels<S>::parallel_backward(vec, grads, a.table > 0), c, s, a);
+  const int reg = a.reg > 0 ? (reg_fixed_width(a) ? 2 : 1) : 0;
+  launch(Kernels<S>::parallel_backward(vec, grads, a.table > 0, reg), c, s, a);
 }
 template <class S>
 int Launchers<S>::parallel_backward_occupancy(bool vec, bool grads, int threads, size_t smem) {
-  // the base kernel's (the table variant has the same register budget; smem covers its table)
+  // the base kernel's (the table and reg variants have the same register budget; smem covers the table)
   return occupancy(Kernels<S>::parallel_backward(vec, grads, false), threads, smem);
 }
 template <class S>

@@ -60,7 +60,7 @@ __device__ __forceinline__ XLevel<A, kTable> shuffle_level(const ParallelArgs& a
   lv.base = seg_base;
   lv.sh = kLogChunk;
   lv.d = static_cast<int>(a.d);
-  lv.off = a.off + 4;
+  if constexpr (!kTable) lv.off = a.off + 4;
   lv.n = a.T;
   return lv;
 }
@@ -71,7 +71,7 @@ __device__ __forceinline__ XLevel<A, kTable> cross_warp_level(const ParallelArgs
   lv.base = seg_base;
   lv.sh = 5 + kLogChunk;
   lv.d = static_cast<int>(a.d);
-  lv.off = a.off + 9;
+  if constexpr (!kTable) lv.off = a.off + 9;
   lv.n = a.T;
   lv.c0 = 5;
   return lv;
@@ -113,11 +113,13 @@ __device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int laye
 }
 
 // Backward through the layers of a level, last first: g is this participant's gradient; with kTape,
-// tape[s] is its value before layer s and the lower participant of each pair accumulates the block
-// gradient into acc[lv.acc_at(s, lo)] (when lv.acc >= 0).
-template <bool kTape, class A, bool kTable>
+// tape[s] is its value before layer s and one participant of each pair (lo, lo + m) hands the pair's
+// inputs and output gradients to acc(s, lo, ui, uj, gi, gj): the lower one, or with kUpperAcc the upper
+// one (each participant is the upper one of at most one pair of the level, so that acc can keep one
+// pair's sums in registers).
+template <bool kTape, bool kUpperAcc = false, class A, bool kTable, class Acc>
 __device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int layers, int pos, bool active,
-                                            const A* blocks, A* acc, A g, const A (&tape)[5]) {
+                                            const A* blocks, A g, const A (&tape)[5], Acc&& acc) {
 #pragma unroll
   for (int s = 4; s >= 0; --s) {
     if (s < layers) {
@@ -133,11 +135,10 @@ __device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int lay
           A g0, g1, g2, g3;
           load_block(blocks, p, g0, g1, g2, g3);
           if (!upper) {
-            if constexpr (kTape) {
-              if (lv.acc >= 0) accumulate_outer(acc + lv.acc_at(s, lo), tape[s], uw, g, gw);
-            }
+            if constexpr (kTape && !kUpperAcc) acc(s, lo, tape[s], uw, g, gw);
             g = g0 * g + g1 * gw;  // the own half of rotate_pair<true>
           } else {
+            if constexpr (kTape && kUpperAcc) acc(s, lo, uw, tape[s], gw, g);
             g = g2 * gw + g3 * g;
           }
         }
@@ -145,6 +146,15 @@ __device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int lay
     }
   }
   return g;
+}
+
+// The same, accumulating the block gradients into acc[lv.acc_at(s, lo)] (when lv.acc >= 0).
+template <bool kTape, class A, bool kTable>
+__device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int layers, int pos, bool active,
+                                            const A* blocks, A* acc, A g, const A (&tape)[5]) {
+  return level_backward<kTape>(lv, layers, pos, active, blocks, g, tape, [&](int s, int lo, A ui, A uj, A gi, A gj) {
+    if (lv.acc >= 0) accumulate_outer(acc + lv.acc_at(s, lo), ui, uj, gi, gj);
+  });
 }
 
 // The cross-warp level through shared memory: lane 0 of every warp stores its word at xch[idx], warp 0
@@ -209,12 +219,11 @@ __device__ __forceinline__ void fill_table(const ParallelArgs& a, const A* block
   }
 }
 
-// Applies layers 1 .. log2(8 T) to a row segment (forward direction), optionally recording the tape.
-// Must be reached by all threads of the block (shuffles with the full mask, __syncthreads).
-// blocks: the global table, or (kTable) the segment's shared-memory table.
+// Applies the layers inside a warp (in-thread layers 1-3, shuffle layers 4 .. 3 + min(log2 T, 5)) to a
+// row segment (forward direction), optionally recording the tape (tp.x, tp.sh).
 template <class A, bool kTape, bool kTable>
-__device__ __forceinline__ void parallel_forward_local(const ParallelArgs& a, const Lanes& ln, const A* blocks,
-                                                       A (&v)[kChunk], A* xch, Tape<A>& tp) {
+__device__ __forceinline__ void parallel_forward_in_warp(const ParallelArgs& a, const Lanes& ln, const A* blocks,
+                                                         A (&v)[kChunk], Tape<A>& tp) {
   const int d = static_cast<int>(a.d);
 #pragma unroll
   for (int li = 0; li < kLogChunk; ++li) {  // in-thread layers 1-3
@@ -231,6 +240,15 @@ __device__ __forceinline__ void parallel_forward_local(const ParallelArgs& a, co
   }
   const int LS = a.logT < 5 ? a.logT : 5;
   v[0] = level_forward<kTape>(shuffle_level<A, kTable>(a, ln.seg_base), LS, ln.t, true, blocks, v[0], tp.sh);
+}
+
+// Applies layers 1 .. log2(8 T) to a row segment (forward direction), optionally recording the tape.
+// Must be reached by all threads of the block (shuffles with the full mask, __syncthreads).
+// blocks: the global table, or (kTable) the segment's shared-memory table.
+template <class A, bool kTape, bool kTable>
+__device__ __forceinline__ void parallel_forward_local(const ParallelArgs& a, const Lanes& ln, const A* blocks,
+                                                       A (&v)[kChunk], A* xch, Tape<A>& tp) {
+  parallel_forward_in_warp<A, kTape, kTable>(a, ln, blocks, v, tp);
   if (a.logT > 5) {
     const int nw = a.T >> 5;
     const XLevel<A, kTable> lv = cross_warp_level<A, kTable>(a, ln.seg_base);
@@ -330,7 +348,7 @@ __device__ __forceinline__ typename Elem<S>::A top_backward(const ParallelArgs& 
   const A* blocks = static_cast<const A*>(a.blocks);
   const A* scale = static_cast<const A*>(a.scale);
   const S* grad = static_cast<const S*>(a.grad);
-  const int q = threadIdx.x;
+  const int q = threadIdx.x & 31;  // warp 0: the same; tells the compiler q < 32
   const bool qv = q < a.nseg && valid;
   XLevel<A> lv = top_level<A>(a);
   A u = A(0);
@@ -453,6 +471,34 @@ __device__ __forceinline__ void parallel_write_sums(const ParallelArgs& a, const
   reduce_slot_rows(a, ln, red, width);
 }
 
+// Backward through the in-thread layers 3, 2, 1 of a thread's chunk (gv: the gradient of layer 3's
+// output in, of layer 1's input out). With kTape, in-thread pair k (layer 1 -> 0..3, layer 2 -> 4..5,
+// layer 3 -> 6) hands its inputs (from the tape) and output gradients to acc(k, ui, uj, gi, gj). d: the
+// caller's row width, hoisted out of its row loop.
+template <bool kTape, bool kTable, class A, class Acc>
+__device__ __forceinline__ void in_thread_backward(const ParallelArgs& a, const Lanes& ln, const A* blocks, int d,
+                                                   A (&gv)[kChunk], const Tape<A>& tp, Acc&& acc) {
+#pragma unroll
+  for (int li = kLogChunk - 1; li >= 0; --li) {
+    const int h = 1 << li;
+#pragma unroll
+    for (int e = 0; e < kChunk; e += 2 * h) {
+      const int i = ln.base + e;
+      if (i + h < d) {
+        A g0, g1, g2, g3;
+        load_block(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), g0, g1, g2, g3);
+        const A gi = gv[e], gj = gv[e + h];
+        if constexpr (kTape) {
+          constexpr int kFirst[3] = {0, 4, 6};
+          acc(kFirst[li] + e / (2 * h), tp.x[li][e], tp.x[li][e + h], gi, gj);
+        }
+        gv[e] = g0 * gi + g1 * gj;
+        gv[e + h] = g2 * gi + g3 * gj;
+      }
+    }
+  }
+}
+
 // Backward through layers log2(8 T) .. 1 of a row segment (cross-warp, shuffle, in-thread): the reverse of
 // parallel_forward_local. gv: the gradient of the segment's output (in: after the scale and the top
 // layers; out: grad of the segment's input); tp: the forward's tape (kTape). With acc_blocks, the rows of
@@ -481,27 +527,9 @@ __device__ __forceinline__ void parallel_backward_local(const ParallelArgs& a, c
     if (acc_blocks && valid) lv.acc = 4 * ln.slot * (T - 1);
     gv[0] = level_backward<kTape>(lv, LS, ln.t, true, blocks, cacc, gv[0], tp.sh);
   }
-#pragma unroll
-  for (int li = kLogChunk - 1; li >= 0; --li) {  // in-thread layers 3, 2, 1
-    const int h = 1 << li;
-#pragma unroll
-    for (int e = 0; e < kChunk; e += 2 * h) {
-      const int i = ln.base + e;
-      if (i + h < d) {
-        A g0, g1, g2, g3;
-        load_block(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), g0, g1, g2, g3);
-        const A gi = gv[e], gj = gv[e + h];
-        if constexpr (kTape) {
-          constexpr int kFirst[3] = {0, 4, 6};
-          if (acc_blocks && valid) {
-            accumulate_outer(acc + (kFirst[li] + e / (2 * h)) * kstride, tp.x[li][e], tp.x[li][e + h], gi, gj, cstride);
-          }
-        }
-        gv[e] = g0 * gi + g1 * gj;
-        gv[e + h] = g2 * gi + g3 * gj;
-      }
-    }
-  }
+  in_thread_backward<kTape, kTable>(a, ln, blocks, d, gv, tp, [&](int k, A ui, A uj, A gi, A gj) {
+    if (acc_blocks && valid) accumulate_outer(acc + k * kstride, ui, uj, gi, gj, cstride);
+  });
 }
 
 // Backward: grad_x = chain^T(scale * grad) and (kGrads) the parameter gradients of the rows this block

@@ -105,9 +105,10 @@ int64_t estimated_occupancy(int threads, int64_t smem, const Limits& lim) {
   return std::max<int64_t>(1, std::min({by_threads, by_smem, int64_t(32)}));
 }
 
-bool table_variant(const Knobs& k) {
-  return (k.variant == Variant::FromEnv ? variant_from_env() : k.variant) == Variant::Table;
-}
+Variant resolved_variant(const Knobs& k) { return k.variant == Variant::FromEnv ? variant_from_env() : k.variant; }
+
+// Table and Reg: the shared-memory block table (Reg differs in the backward kernel only).
+bool table_variant(const Knobs& k) { return resolved_variant(k) != Variant::Base; }
 
 }  // namespace
 
@@ -115,7 +116,8 @@ Variant variant_from_env() {
   const char* v = std::getenv("QGOFT_CUDA_VARIANT");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "base") == 0) return Variant::Base;
   if (std::strcmp(v, "table") == 0) return Variant::Table;
-  throw std::invalid_argument(std::string("QGOFT_CUDA_VARIANT must be base or table, got '") + v + "'");
+  if (std::strcmp(v, "reg") == 0) return Variant::Reg;
+  throw std::invalid_argument(std::string("QGOFT_CUDA_VARIANT must be base, table or reg, got '") + v + "'");
 }
 
 XorPath xor_path_from_env() {
@@ -211,10 +213,12 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
 
   const int reps = parallel_reps(p, knobs);
   const ParallelShape s = reps > 0 ? parallel_shape(p.d, kParallelBackwardMaxThreads, knobs.segment) : ParallelShape{};
+  // reg: the single layout's backward with register accumulators (its shared memory has a larger exchange)
+  const bool reg = reps == 1 && resolved_variant(knobs) == Variant::Reg;
   // shared memory (accumulation-type elements) of the parallel or stacked backward kernel with a table of S
   auto smem_elems = [&](int S) {
     return reps > 1 ? detail::StackBackwardSmem(reps, s.R, s.T, width, p.want_blocks, grads, S).total
-                    : detail::ParallelBackwardSmem(s.R, s.T, s.nseg, width, grads, S).total;
+                    : detail::ParallelBackwardSmem(s.R, s.T, s.nseg, width, grads, S, reg && S > 0).total;
   };
   if (reps == 1 || (reps > 1 && s.nseg == 1 && smem_elems(0) * es <= lim.smem_optin)) {
     const bool table = table_variant(knobs);
@@ -237,7 +241,10 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     }
     plan.vec = vec;
     const int threads = s.R * s.T;
-    if (table && smem_elems(kChunk * s.T) * es <= lim.smem_optin) a.table = kChunk * s.T;
+    if (table && smem_elems(kChunk * s.T) * es <= lim.smem_optin) {
+      a.table = kChunk * s.T;
+      a.reg = reg ? 1 : 0;
+    }
     if (grads && s.nseg > 1) {  // the forward kernel, with the same variant, recomputes the segment starts
       plan.top_pass = true;
       plan.top_elems = p.rows * s.nseg;
@@ -267,7 +274,8 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     plan.main.grid = dim3(static_cast<unsigned>(blocks), s.nseg);
     plan.describe = std::string(reps > 1 ? "path=stack reps=" + str(reps) + " " : "path=parallel ") + "T=" + str(s.T) +
                     " R=" + str(s.R) + " nseg=" + str(s.nseg) + " vec=" + str(vec) + " table=" + str(a.table) +
-                    " grads=" + str(grads) + " grid=" + str(blocks) + " smem=" + str(plan.main.smem);
+                    " reg=" + str(a.reg) + " grads=" + str(grads) + " grid=" + str(blocks) +
+                    " smem=" + str(plan.main.smem);
     return plan;
   }
 

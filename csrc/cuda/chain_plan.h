@@ -15,8 +15,10 @@ namespace qgoft::cuda {
 enum class ForcedPath { Auto, General, Global };
 // Kernel variants of the parallel layout (docs/CUDA.md, "Variants"): Base reads the block table from
 // global memory for every row; Table copies each block's segment of it into shared memory once and runs a
-// persistent grid. FromEnv: QGOFT_CUDA_VARIANT=base|table (default base), read by the planner.
-enum class Variant { FromEnv, Base, Table };
+// persistent grid; Reg is Table with the backward's register accumulators and one barrier per row
+// (parallel_backward_reg_kernel; its forward is Table's). FromEnv: QGOFT_CUDA_VARIANT=base|table|reg (default
+// base), read by the planner.
+enum class Variant { FromEnv, Base, Table, Reg };
 // Layouts pairing i with i XOR 2^k beyond the single parallel layout (today: stack(parallel(d), k), k >= 2):
 // General runs them on the general kernels, Fused on the register / shuffle kernels where they qualify
 // (docs/CUDA.md, "XOR layouts"). FromEnv: QGOFT_CUDA_XOR=general|fused (default general), read by the planner.
@@ -29,7 +31,7 @@ struct Knobs {
 };
 
 // The variant named by QGOFT_CUDA_VARIANT (unset or empty: Base); throws std::invalid_argument for any
-// other value than base or table.
+// other value than base, table or reg.
 Variant variant_from_env();
 // The path named by QGOFT_CUDA_XOR (unset or empty: General); throws std::invalid_argument for any other
 // value than general or fused.

@@ -285,7 +285,9 @@ void parallel_forward_instance(const ParallelArgs& a) {
 }
 template <class S, bool kVec, bool kGrads, bool kTable>
 void parallel_backward_instance(const ParallelArgs& a) {
-  if (a.reps > 1) detail::parallel_stack_backward_kernel<S, kVec, kGrads, kTable>(a);
+  if (a.reg > 0 && detail::reg_fixed_width(a)) detail::parallel_backward_reg_kernel<S, kVec, kGrads, detail::kRegLogT>(a);
+  else if (a.reg > 0) detail::parallel_backward_reg_kernel<S, kVec, kGrads, 0>(a);
+  else if (a.reps > 1) detail::parallel_stack_backward_kernel<S, kVec, kGrads, kTable>(a);
   else detail::parallel_backward_kernel<S, kVec, kGrads, kTable>(a);
 }
 template <class S>
@@ -522,6 +524,24 @@ void run_all_masks(const Layout& lay, Options o, std::mt19937_64& rng) {
   }
 }
 
+// The reg variant's instantiation for 512-thread segments (reg_fixed_width): rows of 4096 (every mask) and
+// segmented rows of 4100 (scalar loads) and 4104 (16-byte loads), goft, goft_scaled and qgoft.
+template <class S>
+void reg_fixed_width_cases(std::mt19937_64& rng) {
+  Options o;
+  o.knobs.variant = Variant::Reg;
+  o.rows = 3;
+  run_all_masks<S>(parallel_layout(4096), o, rng);
+  for (bool quasi : {true, false}) {
+    o.quasi = quasi;
+    o.with_scale = !quasi;
+    o.rows = 2;
+    run_all_masks<S>(parallel_layout(4104), o, rng);
+    o.with_scale = quasi;
+    run_case_counted<S>(parallel_layout(4100), o, rng);
+  }
+}
+
 template <class S>
 void suite(bool full, std::mt19937_64& rng) {
   std::vector<Layout> lays;
@@ -545,11 +565,12 @@ void suite(bool full, std::mt19937_64& rng) {
   lays.push_back(empty);
   for (const Layout& lay : lays) {
     for (bool quasi : {true, false}) {
-      // every variant the layout has (the parallel layout: base and table), with: every mask, unaligned
+      // every variant the layout has (the parallel layout: base, table and reg), with: every mask, unaligned
       // rows with a row stride (scalar loads, no scale), segmented parallel kernels (256-element
       // segments); the base variant also through the forced general paths
-      for (Variant variant : {Variant::Base, Variant::Table}) {
+      for (Variant variant : {Variant::Base, Variant::Table, Variant::Reg}) {
         if (variant == Variant::Table && !lay.parallel && lay.reps == 0) continue;
+        if (variant == Variant::Reg && !lay.parallel) continue;  // reg: the single layout's backward only
         Options o;
         o.quasi = quasi;
         o.with_scale = quasi;
@@ -583,6 +604,7 @@ void suite(bool full, std::mt19937_64& rng) {
       }
     }
   }
+  reg_fixed_width_cases<S>(rng);
 }
 
 // The environment switches the planner reads (QGOFT_CUDA_VARIANT, QGOFT_CUDA_XOR): defaults, values, and

@@ -1,0 +1,170 @@
+// The `reg` variant of the parallel layout's backward (QGOFT_CUDA_VARIANT=reg; design, byte and
+// instruction counts: docs/CUDA.md, "Variants" and "Costs at the benchmark shapes"). Same rows, segments,
+// shared-memory block table (ParallelTable) and partial rows as the table variant of
+// parallel_backward_kernel, with three changes:
+//  * the shuffle layers' pair gradients are accumulated in registers across all the rows of the block
+//    (acc_sh) instead of a shared-memory read-modify-write per row: the pair (lo, lo + 2^s) of shuffle
+//    layer s is owned by its upper lane lo + 2^s, which receives the lower lane's tape value and gradient
+//    anyway, and every lane is the upper lane of at most one pair (lane t: layer ctz(t)); written to the
+//    block's cross-thread accumulators once at the end;
+//  * one barrier per row instead of four: lane 0 of every warp publishes its chunk start's forward value
+//    and gradient (two buffers, alternating by row; segmented rows: warp 0 has run the top layers before),
+//    and every warp computes the cross-warp layers itself in lanes 0 .. T/32 - 1; only warp 0 accumulates
+//    their pair gradients (upper lanes, at most one pair each; one owner per pair: deterministic);
+//  * the loads of the block's next row (x and grad) are issued before the current row is processed.
+#pragma once
+
+#include "chain_parallel.cuh"
+
+namespace qgoft::cuda::detail {
+
+// The reg kernel is also compiled for one segment width known at compile time, T = 2^kRegLogT threads
+// (S = 4096 elements: rows of 2049 .. 4096 elements, and every segmented row), so that the pair and table
+// indices of the layer helpers fold into constants; other widths run the generic instantiation.
+constexpr int kRegLogT = 9;
+QGOFT_HOST_DEVICE inline bool reg_fixed_width(const ParallelArgs& a) { return a.logT == kRegLogT; }
+
+// a, with the segment shape fixed at compile time when kLogT > 0 (then T = 2^kLogT >= 256, R = 1).
+template <int kLogT>
+__device__ __forceinline__ ParallelArgs with_fixed_width(const ParallelArgs& in) {
+  ParallelArgs a = in;
+  if constexpr (kLogT > 0) {
+    a.logT = kLogT;
+    a.T = 1 << kLogT;
+    a.R = 1;
+    a.table = kChunk << kLogT;
+  }
+  return a;
+}
+
+template <class S, bool kVec, bool kGrads, int kLogT>
+__global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const ParallelArgs args) {
+  using A = typename Elem<S>::A;
+  // `a` (segment shape as constants) for the per-row layer work; `args` where the layout's pair offsets
+  // are indexed (table fill, top layers, write-out), so that the copy stays in registers
+  const ParallelArgs a = with_fixed_width<kLogT>(args);
+  QGOFT_DYNAMIC_SMEM(smem_raw);
+  A* sm = reinterpret_cast<A*>(smem_raw);
+  const Lanes ln(a);
+  const int T = a.T, R = a.R;
+  const bool segmented = a.nseg > 1;
+  const int d = static_cast<int>(a.d);
+  const int width = 4 * static_cast<int>(a.num_pairs) + d;
+  const ParallelBackwardSmem layout(R, T, a.nseg, width, kGrads, a.table, true);
+  A* xch = sm;                 // [2][2][32]: per row parity, the warps' chunk-start values, then gradients
+  A* cacc = sm + layout.cacc;  // [R][T-1][4]: cross-thread pairs of each slot
+  A* tacc = sm + layout.tacc;  // [31][4] top pairs, then [32] segment-start scale
+  fill_table(args, static_cast<const A*>(args.blocks), ln.seg_base, sm + layout.tab);
+  const A* blocks = sm + layout.tab;
+  const S* x = static_cast<const S*>(a.x);
+  const S* grad = static_cast<const S*>(a.grad);
+  S* gx = static_cast<S*>(a.out);
+  const bool acc_blocks = kGrads && a.want_blocks;
+  const bool acc_scale = kGrads && a.want_scale;
+  const int lane = ln.tid & 31;
+  const int wq = ln.t >> 5;  // this warp's word in its row's cross-warp level
+  const int LS = a.logT < 5 ? a.logT : 5;
+
+  A acc_in[kChunk - 1][4];  // in-thread pairs: layer 1 -> 0..3, layer 2 -> 4..5, layer 3 -> 6
+  A acc_sh[4];              // the shuffle-layer pair this lane owns as its upper lane (t % 32 != 0)
+  A acc_s[kChunk];
+#pragma unroll
+  for (int k = 0; k < kChunk - 1; ++k) acc_in[k][0] = acc_in[k][1] = acc_in[k][2] = acc_in[k][3] = A(0);
+  acc_sh[0] = acc_sh[1] = acc_sh[2] = acc_sh[3] = A(0);
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) acc_s[e] = A(0);
+  if constexpr (kGrads) {
+    for (int k = ln.tid; k < static_cast<int>(layout.red - layout.cacc); k += blockDim.x) cacc[k] = A(0);
+  }
+  __syncthreads();
+
+  const XLevel<A, true> shl = shuffle_level<A, true>(a, ln.seg_base);
+  RawChunk<S, kVec> xr, gr;
+  auto load_rows = [&](int64_t group) {
+    const int64_t row = group * R + ln.slot;
+    const bool valid = group < a.groups && row < a.rows;
+    gr.load(grad + row * a.grad_ld, ln.base, d, valid);
+    if constexpr (kGrads) xr.load(x + row * a.x_ld, ln.base, d, valid);
+  };
+  load_rows(blockIdx.x);
+  int parity = 0;
+  for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
+    const int64_t row = g * R + ln.slot;
+    const bool valid = row < a.rows;
+    A gv[kChunk];
+    A v[kChunk];
+    gr.unpack(gv);
+    if constexpr (kGrads) xr.unpack(v);
+    load_rows(g + gridDim.x);
+    Tape<A> tp;
+    // the chunk start of lane 0 (T > 32) gets its final value from the cross-warp layers below
+    const bool late_start = a.logT > 5 && lane == 0;
+    const A g_start = gv[0];
+    if constexpr (kGrads) {  // recompute the layers inside the warp, recording the tape
+      parallel_forward_in_warp<A, true, true>(a, ln, blocks, v, tp);
+      if (acc_scale && valid) {
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) {
+          if (e > 0 || !(late_start || (segmented && ln.t == 0))) acc_s[e] += gv[e] * v[e];
+        }
+      }
+    }
+    scale_chunk(static_cast<const A*>(a.scale), ln.base, d, gv);
+
+    if (segmented && ln.tid < 32) {  // top layers (warp 0; R == 1): the segment start's gradient
+      const A top = top_backward<S, kGrads>(args, row, valid, ln.sigma, tacc);
+      if (ln.tid == 0) gv[0] = top;
+    }
+    if (a.logT > 5) {  // cross-warp layers, computed by every warp for its row
+      const int nw = T >> 5;
+      A* xb = xch + 64 * parity + ln.slot * nw;  // the words of this warp's row (R * nw <= 32)
+      parity ^= 1;
+      if (lane == 0) {
+        if constexpr (kGrads) xb[wq] = v[0];
+        xb[32 + wq] = gv[0];
+      }
+      __syncthreads();
+      const bool qv = lane < nw;
+      A gq = qv ? xb[32 + lane] : A(0);
+      XLevel<A, true> lv = cross_warp_level<A, true>(a, ln.seg_base);
+      lv.acc = 4 * ln.slot * (T - 1);
+      A tt[5];
+      if constexpr (kGrads) {
+        const A u = level_forward<true>(lv, a.logT - 5, lane, qv, blocks, qv ? xb[lane] : A(0), tt);
+        const A mine = __shfl_sync(kFullMask, u, wq);
+        if (acc_scale && valid && late_start && !(segmented && ln.t == 0)) acc_s[0] += g_start * mine;
+      }
+      const bool owner = acc_blocks && valid && wq == 0;
+      gq = level_backward<kGrads, true>(lv, a.logT - 5, lane, qv, blocks, gq, tt,
+                                        [&](int s, int lo, A ui, A uj, A gi, A gj) {
+                                          if (owner) accumulate_outer(cacc + lv.acc_at(s, lo), ui, uj, gi, gj);
+                                        });
+      const A mine = __shfl_sync(kFullMask, gq, wq);
+      if (lane == 0) gv[0] = mine;
+    }
+    gv[0] = level_backward<kGrads, true>(shl, LS, ln.t, true, blocks, gv[0], tp.sh,
+                                         [&](int, int, A ui, A uj, A gi, A gj) {
+                                           if (acc_blocks && valid) accumulate_outer(acc_sh, ui, uj, gi, gj);
+                                         });
+    in_thread_backward<kGrads, true>(a, ln, blocks, d, gv, tp, [&](int k, A ui, A uj, A gi, A gj) {
+      if (acc_blocks && valid) accumulate_outer(acc_in[k], ui, uj, gi, gj);
+    });
+    if (gx != nullptr) store_chunk<S, kVec>(gx + row * d, ln.base, d, valid, gv);
+  }
+
+  if constexpr (kGrads) {
+    if (acc_blocks && (ln.t & 31) != 0) {  // this lane's shuffle-layer sums into the cross-thread accumulators
+      int s = 0;
+      while (((ln.t >> s) & 1) == 0) ++s;
+      XLevel<A, true> lv = shl;
+      lv.acc = 4 * ln.slot * (T - 1);
+      A* c = cacc + lv.acc_at(s, ln.t - (1 << s));
+#pragma unroll
+      for (int k = 0; k < 4; ++k) c[k] = acc_sh[k];
+    }
+    __syncthreads();
+    parallel_write_sums(args, ln, layout, sm, acc_in, acc_s);
+  }
+}
+
+}  // namespace qgoft::cuda::detail
