@@ -678,10 +678,12 @@ int main(int argc, char** argv) {
       o.rows = 2;
       run_case_counted<float>(parallel_layout(65536), o, rng);  // 16 backward segments, 8 forward
       run_case_counted<__nv_bfloat16>(parallel_layout(12288), o, rng);
-      o.knobs.variant = Variant::Table;
-      run_case_counted<float>(parallel_layout(65536), o, rng);
-      run_case_counted<__nv_bfloat16>(parallel_layout(11008), o, rng);
-      run_case_counted<double>(parallel_layout(4096), o, rng);
+      for (Variant variant : {Variant::Table, Variant::Reg}) {
+        o.knobs.variant = variant;
+        run_case_counted<float>(parallel_layout(65536), o, rng);
+        run_case_counted<__nv_bfloat16>(parallel_layout(11008), o, rng);
+        run_case_counted<double>(parallel_layout(4096), o, rng);
+      }
     }
   }
   std::printf("cuda host emulation: %d cases, %d failed checks\n", g_cases, g_failures);
