@@ -633,6 +633,10 @@ void check_env_switches() {
   setenv("QGOFT_CUDA_XOR", "Fused", 1);
   expect(throws([] { xor_path_from_env(); }), "QGOFT_CUDA_XOR=Fused throws");
   unsetenv("QGOFT_CUDA_XOR");
+  setenv("QGOFT_CUDA_VARIANT", "table", 1);
+  expect(variant_from_env() == Variant::Table, "QGOFT_CUDA_VARIANT=table");
+  setenv("QGOFT_CUDA_VARIANT", "reg", 1);
+  expect(variant_from_env() == Variant::Reg, "QGOFT_CUDA_VARIANT=reg");
   setenv("QGOFT_CUDA_VARIANT", "tabel", 1);
   expect(throws([] { variant_from_env(); }), "QGOFT_CUDA_VARIANT=tabel throws");
   unsetenv("QGOFT_CUDA_VARIANT");
