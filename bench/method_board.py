@@ -717,8 +717,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help=f"comma-separated subset of {list(METHODS)} (default: all; on CPU all but boft, whose "
                          "PEFT CPU fallback takes ~15 s per step, see docs/METHODS.md)")
     ap.add_argument("--quick", action="store_true",
-                    help="one seed, no sweep (each method's default lr), 16 steps, 200 test examples, 32 probe "
-                         "texts: the < 15 min board on 2 CPU cores")
+                    help="one seed, no sweep (each method's default lr), 16 steps of batch 8, 200 test examples, "
+                         "32 probe texts: the < 15 min board on 2 CPU cores")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--seed0", type=int, default=0, help="first seed (the sweep's seed)")
     ap.add_argument("--no-sweep", dest="sweep", action="store_false", help="use each method's default lr")
@@ -735,8 +735,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--combine", nargs="+", default=None, metavar="BOARD_JSON",
                     help="merge boards of the same tasks and methods (the first gives the sweep and the chosen "
                          "lr, all give seeds) into --out and --plots; trains nothing")
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=32, help="truncate texts to this many tokens")
     ap.add_argument("--train-size", type=int, default=None, help="use only the first N training examples")
     ap.add_argument("--val-size", type=int, default=150)
@@ -752,7 +752,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         with open(args.lrs_from, encoding="utf-8") as handle:
             args.lrs_from = json.load(handle)
     if args.quick:
-        args.seeds, args.sweep, args.steps, args.test_size, args.probe_size = 1, False, 16, 200, 32
+        args.seeds, args.sweep, args.steps, args.batch_size = 1, False, 16, 8
+        args.test_size, args.probe_size = 200, 32
     unknown = [m for m in args.methods.split(",") if m and m not in METHODS]
     if unknown:
         ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
