@@ -184,6 +184,31 @@ struct RawChunk<S, true> {  // d % 8 == 0: a chunk lies entirely inside or outsi
   }
 };
 
+// Block p of a block table in shared memory (the table variants): plain loads. __ldg is a global-memory
+// load (ld.global.nc): given a shared-memory address it reads global memory at that number.
+__device__ __forceinline__ void load_block_shared(const float* b, int64_t p, float& g0, float& g1, float& g2,
+                                                  float& g3) {
+  QGOFT_CHECK_ALIGN16(b + 4 * p);
+  const float4 v = reinterpret_cast<const float4*>(b)[p];
+  g0 = v.x; g1 = v.y; g2 = v.z; g3 = v.w;
+}
+__device__ __forceinline__ void load_block_shared(const double* b, int64_t p, double& g0, double& g1,
+                                                  double& g2, double& g3) {
+  QGOFT_CHECK_ALIGN16(b + 4 * p);
+  const double2 u = reinterpret_cast<const double2*>(b)[2 * p];
+  const double2 v = reinterpret_cast<const double2*>(b)[2 * p + 1];
+  g0 = u.x; g1 = u.y; g2 = v.x; g3 = v.y;
+}
+// Block p of a table in shared memory (kShared) or in global memory.
+template <bool kShared, class A>
+__device__ __forceinline__ void load_block_from(const A* b, int64_t p, A& g0, A& g1, A& g2, A& g3) {
+  if constexpr (kShared) {
+    load_block_shared(b, p, g0, g1, g2, g3);
+  } else {
+    load_block(b, p, g0, g1, g2, g3);
+  }
+}
+
 template <class S, bool kVec>
 __device__ __forceinline__ void load_chunk(const S* row, int base, int d, bool valid,
                                            typename Elem<S>::A (&v)[kChunk]) {
@@ -231,11 +256,12 @@ __device__ __forceinline__ void scale_chunk(const A* scale, int base, int d, A (
 // (x_i, x_j) as G^T in the forward; the backward applies G to the pair's gradient and accumulates
 // dG += u (x) g (u: the pair's input, g: the gradient of its output).
 // ---------------------------------------------------------------------------------------------
-// (xi, xj) <- G^T (xi, xj) (forward) or, kTransposed, G (xi, xj) (backward) for block p of the table.
-template <bool kTransposed = false, class A>
+// (xi, xj) <- G^T (xi, xj) (forward) or, kTransposed, G (xi, xj) (backward) for block p of the table (in
+// shared memory when kShared).
+template <bool kTransposed = false, bool kShared = false, class A>
 __device__ __forceinline__ void rotate_pair(const A* blocks, int64_t p, A& xi, A& xj) {
   A g0, g1, g2, g3;
-  load_block(blocks, p, g0, g1, g2, g3);
+  load_block_from<kShared>(blocks, p, g0, g1, g2, g3);
   const A a = xi, b = xj;
   xi = g0 * a + (kTransposed ? g1 : g2) * b;
   xj = (kTransposed ? g2 : g1) * a + g3 * b;

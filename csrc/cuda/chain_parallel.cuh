@@ -103,7 +103,7 @@ __device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int laye
         const int p = lv.pair(s, upper ? pos - m : pos);
         if (p >= 0) {
           A g0, g1, g2, g3;
-          load_block(blocks, p, g0, g1, g2, g3);
+          load_block_from<kTable>(blocks, p, g0, g1, g2, g3);
           v = upper ? g1 * w + g3 * v : g0 * v + g2 * w;  // the own half of rotate_pair
         }
       }
@@ -133,7 +133,7 @@ __device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int lay
         const int p = lv.pair(s, lo);
         if (p >= 0) {
           A g0, g1, g2, g3;
-          load_block(blocks, p, g0, g1, g2, g3);
+          load_block_from<kTable>(blocks, p, g0, g1, g2, g3);
           if (!upper) {
             if constexpr (kTape && !kUpperAcc) acc(s, lo, tape[s], uw, g, gw);
             g = g0 * g + g1 * gw;  // the own half of rotate_pair<true>
@@ -235,7 +235,7 @@ __device__ __forceinline__ void parallel_forward_in_warp(const ParallelArgs& a, 
 #pragma unroll
     for (int e = 0; e < kChunk; e += 2 * h) {
       const int i = ln.base + e;
-      if (i + h < d) rotate_pair(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), v[e], v[e + h]);
+      if (i + h < d) rotate_pair<false, kTable>(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), v[e], v[e + h]);
     }
   }
   const int LS = a.logT < 5 ? a.logT : 5;
@@ -486,7 +486,7 @@ __device__ __forceinline__ void in_thread_backward(const ParallelArgs& a, const 
       const int i = ln.base + e;
       if (i + h < d) {
         A g0, g1, g2, g3;
-        load_block(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), g0, g1, g2, g3);
+        load_block_from<kTable>(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), g0, g1, g2, g3);
         const A gi = gv[e], gj = gv[e + h];
         if constexpr (kTape) {
           constexpr int kFirst[3] = {0, 4, 6};
