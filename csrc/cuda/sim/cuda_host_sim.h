@@ -52,7 +52,18 @@ inline thread_local uint3 tls_thread_idx;
 // Dynamic shared memory of the running block (allocated per block with its exact size, filled with
 // NaN bytes, so that an address sanitizer sees out-of-bounds accesses).
 inline unsigned char* g_dynamic_smem = nullptr;
+inline size_t g_dynamic_smem_bytes = 0;
 inline unsigned char* dynamic_smem() { return g_dynamic_smem; }
+
+// __ldg is a global-memory load: on a GPU, a shared-memory address given to it is an illegal global access.
+// The emulation has one address space, so it checks the address against the running block's shared memory.
+inline void check_global(const void* p) {
+  const auto* b = static_cast<const unsigned char*>(p);
+  if (g_dynamic_smem != nullptr && b >= g_dynamic_smem && b < g_dynamic_smem + g_dynamic_smem_bytes) {
+    std::fprintf(stderr, "cuda_host_sim: __ldg of a shared-memory address %p\n", p);
+    std::abort();
+  }
+}
 
 inline void check_align16(const void* p) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
@@ -310,5 +321,6 @@ inline T __shfl_sync(unsigned /*mask*/, T v, int src_lane) {
 
 template <class T>
 inline T __ldg(const T* p) {
+  ::qgoft_sim::check_global(p);
   return *p;
 }

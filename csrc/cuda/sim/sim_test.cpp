@@ -42,6 +42,7 @@ void run_kernel(const LaunchConfig& c, F&& body) {
       std::unique_ptr<unsigned char[]> smem(new unsigned char[c.smem > 0 ? c.smem : 1]);
       std::memset(smem.get(), 0xFF, c.smem > 0 ? c.smem : 1);
       qgoft_sim::g_dynamic_smem = c.smem > 0 ? smem.get() : nullptr;
+      qgoft_sim::g_dynamic_smem_bytes = c.smem;
       qgoft_sim::run_block(dim3(bx, by, 0), c.grid, c.threads, body);
       qgoft_sim::g_dynamic_smem = nullptr;
     }
