@@ -216,11 +216,13 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
   // reg: the single layout's backward with register accumulators (its shared memory has a larger exchange)
   const bool reg = reps == 1 && resolved_variant(knobs) == Variant::Reg;
   // shared memory (accumulation-type elements) of the parallel or stacked backward kernel with a table of S
-  auto smem_elems = [&](int S) {
-    return reps > 1 ? detail::StackBackwardSmem(reps, s.R, s.T, width, p.want_blocks, grads, S).total
+  // (stacks: and the earlier repetitions' tapes kept, `tape`)
+  auto smem_elems = [&](int S, bool tape) {
+    return reps > 1 ? detail::StackBackwardSmem(reps, s.R, s.T, width, p.want_blocks, grads, S, tape).total
                     : detail::ParallelBackwardSmem(s.R, s.T, s.nseg, width, grads, S, reg && S > 0).total;
   };
-  if (reps == 1 || (reps > 1 && s.nseg == 1 && smem_elems(0) * es <= lim.smem_optin)) {
+  auto fits = [&](int S, bool tape) { return smem_elems(S, tape) * es <= lim.smem_optin; };
+  if (reps == 1 || (reps > 1 && s.nseg == 1 && fits(0, false))) {
     const bool table = table_variant(knobs);
     const BackwardKernel kernel = reps > 1 ? BackwardKernel::ParallelStack : BackwardKernel::Parallel;
     plan.parallel = true;
@@ -241,7 +243,8 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     }
     plan.vec = vec;
     const int threads = s.R * s.T;
-    if (table && smem_elems(kChunk * s.T) * es <= lim.smem_optin) {
+    a.stack_tape = reps > 1 && grads && fits(0, true) ? 1 : 0;  // a kept tape saves a forward pass
+    if (table && fits(kChunk * s.T, a.stack_tape)) {
       a.table = kChunk * s.T;
       a.reg = reg ? 1 : 0;
     }
@@ -258,7 +261,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
       }
     }
     plan.main.threads = threads;
-    plan.main.smem = static_cast<size_t>(smem_elems(a.table) * es);
+    plan.main.smem = static_cast<size_t>(smem_elems(a.table, a.stack_tape) * es);
     int64_t blocks = std::min(a.groups, kMaxGridX);
     if (a.table > 0 && !grads) {  // persistent grid: the table is read once per block
       const int occ = occupancy(kernel, vec, grads, threads, plan.main.smem);
@@ -274,8 +277,8 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     plan.main.grid = dim3(static_cast<unsigned>(blocks), s.nseg);
     plan.describe = std::string(reps > 1 ? "path=stack reps=" + str(reps) + " " : "path=parallel ") + "T=" + str(s.T) +
                     " R=" + str(s.R) + " nseg=" + str(s.nseg) + " vec=" + str(vec) + " table=" + str(a.table) +
-                    " reg=" + str(a.reg) + " grads=" + str(grads) + " grid=" + str(blocks) +
-                    " smem=" + str(plan.main.smem);
+                    " reg=" + str(a.reg) + (reps > 1 ? " tape=" + str(a.stack_tape) : std::string()) +
+                    " grads=" + str(grads) + " grid=" + str(blocks) + " smem=" + str(plan.main.smem);
     return plan;
   }
 

@@ -47,20 +47,26 @@ struct ParallelBackwardSmem {
   }
 };
 
+// Values of a thread's tape in the parallel kernels (Tape in chain_parallel.cuh): the chunk before each
+// in-thread layer, one word per shuffle layer, one per cross-warp layer.
+constexpr int kTapeWords = kLogChunk * kChunk + 5 + 5;
+
 // Shared memory of the stacked parallel backward kernel (ParallelArgs::reps > 1), in accumulation-type
 // elements: [32] exchange words | (blocks wanted) [reps][R][T-1][4] cross-thread pair accumulators and
 // [reps][7][4][R T] in-thread pair accumulators (component-major: entry c of in-thread pair k of thread tid
-// in repetition j at ((7 j + k) 4 + c) R T + tid, conflict-free) | (gradients wanted) [reps-1][8][R T] the
-// saved inputs of repetitions 0 .. reps-2 | [R][width] per-slot sums (R > 1) | (table variant, from a
-// multiple of 4 elements) [reps][4 (S - 1)] each repetition's segment table.
+// in repetition j at ((7 j + k) 4 + c) R T + tid, conflict-free) | (gradients wanted) [reps-1][W][R T] the
+// saved inputs (W = 8) or tapes (`tape`, ParallelArgs::stack_tape; W = kTapeWords) of repetitions
+// 0 .. reps-2 | [R][width] per-slot sums (R > 1) | (table variant, from a multiple of 4 elements)
+// [reps][4 (S - 1)] each repetition's segment table.
 struct StackBackwardSmem {
   int64_t cacc, iacc, vin, red, tab, total;
-  QGOFT_HOST_DEVICE StackBackwardSmem(int reps, int R, int T, int64_t width, bool blocks, bool grads, int table) {
+  QGOFT_HOST_DEVICE StackBackwardSmem(int reps, int R, int T, int64_t width, bool blocks, bool grads, int table,
+                                      bool tape) {
     const int64_t rt = static_cast<int64_t>(R) * T;
     cacc = 32;
     iacc = cacc + (blocks ? static_cast<int64_t>(reps) * R * (T - 1) * 4 : 0);
     vin = iacc + (blocks ? static_cast<int64_t>(reps) * (kChunk - 1) * 4 * rt : 0);
-    red = vin + (grads ? static_cast<int64_t>(reps - 1) * kChunk * rt : 0);
+    red = vin + (grads ? static_cast<int64_t>(reps - 1) * (tape ? kTapeWords : kChunk) * rt : 0);
     const int64_t end = red + (grads && R > 1 ? static_cast<int64_t>(R) * width : 0);
     tab = table > 0 ? (end + 3) / 4 * 4 : end;
     total = tab + static_cast<int64_t>(reps) * 4 * ParallelTable::blocks(table);

@@ -10,10 +10,33 @@
 
 namespace qgoft::cuda::detail {
 
+static_assert(sizeof(Tape<float>) == kTapeWords * sizeof(float), "kTapeWords must count Tape's values");
+
+// A thread's tape to (kStore) or from shared memory: word w at at[w stride] (stride R T: conflict-free).
+template <bool kStore, class A>
+__device__ __forceinline__ void tape_smem(Tape<A>& tp, A* at, int64_t stride) {
+  int w = 0;
+  auto move = [&](A& r) {
+    if constexpr (kStore) at[w * stride] = r;
+    else r = at[w * stride];
+    ++w;
+  };
+#pragma unroll
+  for (int li = 0; li < kLogChunk; ++li) {
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) move(tp.x[li][e]);
+  }
+#pragma unroll
+  for (int s = 0; s < 5; ++s) move(tp.sh[s]);
+#pragma unroll
+  for (int s = 0; s < 5; ++s) move(tp.top[s]);
+}
+
 // Backward: grad_x = chain^T(scale * grad) and (kGrads) the parameter gradients of the rows this block owns
-// into partial row blockIdx.x. Per row: the forward through repetitions 0 .. reps-2, saving each one's input
-// (shared memory, per thread); then for j = reps-1 .. 0: the forward through repetition j from its input
-// with the tape, and the backward through it (parallel_backward_local). Every accumulator has one owner
+// into partial row blockIdx.x. Per row: the forward through repetitions 0 .. reps-2, saving each one's tape
+// (a.stack_tape) or input (shared memory, per thread); then for j = reps-1 .. 0: the tape of repetition j
+// (the last one's from the forward through it; the others' from shared memory, or recomputed from their
+// inputs), and the backward through it (parallel_backward_local). Every accumulator has one owner
 // thread (no atomics): cross-thread pairs in cacc, in-thread pairs in iacc (StackBackwardSmem), the scale in
 // registers; the block's sums are written per repetition at the end.
 template <class S, bool kVec, bool kGrads, bool kTable>
@@ -28,7 +51,8 @@ __global__ void __launch_bounds__(512) parallel_stack_backward_kernel(const Para
   const int64_t rt = static_cast<int64_t>(R) * T;
   const bool acc_blocks = kGrads && a.want_blocks;
   const bool acc_scale = kGrads && a.want_scale;
-  const StackBackwardSmem layout(reps, R, T, width, acc_blocks, kGrads, kTable ? a.table : 0);
+  const bool keep_tape = kGrads && a.stack_tape;
+  const StackBackwardSmem layout(reps, R, T, width, acc_blocks, kGrads, kTable ? a.table : 0, keep_tape);
   A* xch = sm;
   A* cacc = sm + layout.cacc;
   A* iacc = sm + layout.iacc;
@@ -55,21 +79,30 @@ __global__ void __launch_bounds__(512) parallel_stack_backward_kernel(const Para
     load_chunk<S, kVec>(grad + row * a.grad_ld, ln.base, d, valid, gv);
     [[maybe_unused]] A v[kChunk];
     Tape<A> tp;
-    if constexpr (kGrads) {  // inputs of repetitions 0 .. reps-2 saved; v: the input of the last one
+    if constexpr (kGrads) {  // tapes or inputs of repetitions 0 .. reps-2 saved; v: the input of the last one
       load_chunk<S, kVec>(x + row * a.x_ld, ln.base, d, valid, v);
       for (int j = 0; j + 1 < reps; ++j) {
+        if (keep_tape) {
+          parallel_forward_local<A, true, kTable>(a, ln, blocks.rep(j), v, xch, tp);
+          tape_smem<true>(tp, vin + j * kTapeWords * rt + ln.tid, rt);
+        } else {
 #pragma unroll
-        for (int e = 0; e < kChunk; ++e) vin[(j * kChunk + e) * rt + ln.tid] = v[e];
-        parallel_forward_local<A, false, kTable>(a, ln, blocks.rep(j), v, xch, tp);
+          for (int e = 0; e < kChunk; ++e) vin[(j * kChunk + e) * rt + ln.tid] = v[e];
+          parallel_forward_local<A, false, kTable>(a, ln, blocks.rep(j), v, xch, tp);
+        }
       }
     }
     for (int j = reps - 1; j >= 0; --j) {
-      if constexpr (kGrads) {  // recompute repetition j with its tape
-        if (j + 1 < reps) {
+      if constexpr (kGrads) {  // the tape of repetition j: kept, or recomputed from its input
+        if (j + 1 < reps && keep_tape) {
+          tape_smem<false>(tp, vin + j * kTapeWords * rt + ln.tid, rt);
+        } else {
+          if (j + 1 < reps) {
 #pragma unroll
-          for (int e = 0; e < kChunk; ++e) v[e] = vin[(j * kChunk + e) * rt + ln.tid];
+            for (int e = 0; e < kChunk; ++e) v[e] = vin[(j * kChunk + e) * rt + ln.tid];
+          }
+          parallel_forward_local<A, true, kTable>(a, ln, blocks.rep(j), v, xch, tp);
         }
-        parallel_forward_local<A, true, kTable>(a, ln, blocks.rep(j), v, xch, tp);
         if (j == reps - 1 && acc_scale && valid) {
 #pragma unroll
           for (int e = 0; e < kChunk; ++e) acc_s[e] += gv[e] * v[e];
