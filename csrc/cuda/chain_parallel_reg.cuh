@@ -11,7 +11,8 @@
 //    and gradient (two buffers, alternating by row; segmented rows: warp 0 has run the top layers before),
 //    and every warp computes the cross-warp layers itself in lanes 0 .. T/32 - 1; only warp 0 accumulates
 //    their pair gradients (upper lanes, at most one pair each; one owner per pair: deterministic);
-//  * the loads of the block's next row (x and grad) are issued before the current row is processed.
+//  * the loads of the block's next row (x and grad) are issued before the current row is processed; the
+//    segment's scale is copied to shared memory once.
 #pragma once
 
 #include "chain_parallel.cuh"
@@ -56,6 +57,11 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
   A* tacc = sm + layout.tacc;  // [31][4] top pairs, then [32] segment-start scale
   fill_table(args, static_cast<const A*>(args.blocks), ln.seg_base, sm + layout.tab);
   const A* blocks = sm + layout.tab;
+  const A* scale = static_cast<const A*>(a.scale);
+  A* scl = sm + layout.scl;  // [S]: the segment's scale (1 past d; only when scale != nullptr)
+  if (scale != nullptr) {
+    for (int k = ln.tid; k < a.table; k += blockDim.x) scl[k] = ln.seg_base + k < d ? scale[ln.seg_base + k] : A(1);
+  }
   const S* x = static_cast<const S*>(a.x);
   const S* grad = static_cast<const S*>(a.grad);
   S* gx = static_cast<S*>(a.out);
@@ -82,7 +88,7 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
   RawChunk<S, kVec> xr, gr;
   auto load_rows = [&](int64_t group) {
     const int64_t row = group * R + ln.slot;
-    const bool valid = group < a.groups && row < a.rows;
+    const bool valid = group < a.groups && (kLogT > 0 || row < a.rows);  // kLogT > 0: R == 1
     gr.load(grad + row * a.grad_ld, ln.base, d, valid);
     if constexpr (kGrads) xr.load(x + row * a.x_ld, ln.base, d, valid);
   };
@@ -90,7 +96,7 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
   int parity = 0;
   for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
     const int64_t row = g * R + ln.slot;
-    const bool valid = row < a.rows;
+    const bool valid = kLogT > 0 || row < a.rows;  // kLogT > 0: R == 1, row == g < groups == rows
     A gv[kChunk];
     A v[kChunk];
     gr.unpack(gv);
@@ -109,7 +115,10 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
         }
       }
     }
-    scale_chunk(static_cast<const A*>(a.scale), ln.base, d, gv);
+    if (scale != nullptr) {
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) gv[e] *= scl[(ln.t << kLogChunk) + e];
+    }
 
     if (segmented && ln.tid < 32) {  // top layers (warp 0; R == 1): the segment start's gradient
       const A top = top_backward<S, kGrads>(args, row, valid, ln.sigma, tacc);

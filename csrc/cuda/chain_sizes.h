@@ -33,9 +33,9 @@ QGOFT_HOST_DEVICE inline int64_t parallel_forward_smem(int table, int reps = 1) 
 // Shared memory of the parallel backward kernel, in accumulation-type elements:
 // [32] exchange words (the reg variant, `pipelined`: [2][2][32], two buffers of values and gradients) | [R][T-1][4] cross-thread pair accumulators | [31 * 4 + 32] top-layer
 // accumulators (segmented rows) | [R][width] per-slot sums (R > 1) | (table variant, from a multiple
-// of 4 elements) [4 (S - 1)] the segment's block table.
+// of 4 elements) [4 (S - 1)] the segment's block table | (reg variant) [S] the segment's scale.
 struct ParallelBackwardSmem {
-  int64_t cacc, tacc, red, tab, total;
+  int64_t cacc, tacc, red, tab, scl, total;
   QGOFT_HOST_DEVICE ParallelBackwardSmem(int R, int T, int nseg, int64_t width, bool grads, int table,
                                          bool pipelined = false) {
     cacc = pipelined ? 128 : 32;
@@ -43,7 +43,8 @@ struct ParallelBackwardSmem {
     red = tacc + (grads && nseg > 1 ? 5 * kMaxTopLanes : 0);
     const int64_t end = red + (grads && R > 1 ? static_cast<int64_t>(R) * width : 0);
     tab = table > 0 ? (end + 3) / 4 * 4 : end;
-    total = tab + 4 * ParallelTable::blocks(table);
+    scl = tab + 4 * ParallelTable::blocks(table);
+    total = scl + (pipelined ? table : 0);
   }
 };
 
