@@ -44,12 +44,26 @@ struct XLevel {
   __device__ __forceinline__ int pair(int s, int lo) const {
     const int i = base + (lo << sh);
     if (i + ((1 << s) << sh) >= d) return -1;
+    return block(s, lo, i);
+  }
+  // the same, the pair's existence not checked
+  __device__ __forceinline__ int index(int s, int lo) const { return block(s, lo, base + (lo << sh)); }
+  // the block of pair (lo, lo + 2^s); i: element base + (lo << sh)
+  __device__ __forceinline__ int block(int s, int lo, int i) const {
     if constexpr (kTable) return ParallelTable::first(table, s + 1 + sh) + ((lo << sh) >> (s + 1 + sh));
     return off[s] + (i >> (s + 1 + sh));
   }
   __device__ __forceinline__ int acc_at(int s, int lo) const {
     return acc + 4 * (n - (n >> (s + c0)) + (lo >> (s + 1)));
   }
+};
+
+// A participant's layers of one level in which it holds one element of an existing pair (bit s: layer s),
+// computed once before a row loop (level_live) and passed to level_forward / level_backward in place of
+// their `active` flag, so that the row loop reads one bit per layer instead of checking the participant's
+// position and the pair against d.
+struct LiveBits {
+  unsigned bits;
 };
 
 // Shuffle level (layers 4 ..) of a segment, and its cross-warp level (layers 9 ..).
@@ -87,10 +101,37 @@ __device__ __forceinline__ XLevel<A> top_level(const ParallelArgs& a) {
   return lv;
 }
 
+// Participant `pos` of a level, from its `active` flag (taking part in the level) or its LiveBits: whether
+// it may hold an element of a pair of layer s (a bool: pos % 2^s == 0; LiveBits: always, level_block
+// decides), and the block of that pair (lo: its lower participant), -1 when the pair does not exist.
+__device__ __forceinline__ bool takes_part(bool active, int pos, int s) {
+  return active && (pos & ((1 << s) - 1)) == 0;
+}
+__device__ __forceinline__ bool takes_part(LiveBits, int, int) { return true; }
+template <class A, bool kTable>
+__device__ __forceinline__ int level_block(const XLevel<A, kTable>& lv, int s, int lo, bool) {
+  return lv.pair(s, lo);
+}
+template <class A, bool kTable>
+__device__ __forceinline__ int level_block(const XLevel<A, kTable>& lv, int s, int lo, LiveBits live) {
+  return ((live.bits >> s) & 1u) != 0 ? lv.index(s, lo) : -1;
+}
+// The LiveBits of participant `pos` in the first `layers` layers of a level.
+template <class A, bool kTable>
+__device__ __forceinline__ LiveBits level_live(const XLevel<A, kTable>& lv, int layers, int pos, bool active) {
+  unsigned bits = 0;
+#pragma unroll
+  for (int s = 0; s < 5; ++s) {
+    if (s < layers && takes_part(active, pos, s) && lv.pair(s, pos & ~(1 << s)) >= 0) bits |= 1u << s;
+  }
+  return {bits};
+}
+
 // Forward through the first `layers` layers of a level (all 32 lanes of the warp must call it);
-// participant `pos` holds v. With kTape, tape[s] receives v as it was before layer s.
-template <bool kTape, class A, bool kTable>
-__device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int layers, int pos, bool active,
+// participant `pos` holds v; `active`: a bool (taking part in the level) or the participant's LiveBits.
+// With kTape, tape[s] receives v as it was before layer s.
+template <bool kTape, class A, bool kTable, class Active>
+__device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int layers, int pos, Active active,
                                            const A* blocks, A v, A (&tape)[5]) {
 #pragma unroll
   for (int s = 0; s < 5; ++s) {
@@ -98,9 +139,9 @@ __device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int laye
       const int m = 1 << s;
       const A w = __shfl_xor_sync(kFullMask, v, m);
       if constexpr (kTape) tape[s] = v;
-      if (active && (pos & (m - 1)) == 0) {
+      if (takes_part(active, pos, s)) {
         const bool upper = (pos & m) != 0;
-        const int p = lv.pair(s, upper ? pos - m : pos);
+        const int p = level_block(lv, s, upper ? pos - m : pos, active);
         if (p >= 0) {
           A g0, g1, g2, g3;
           load_block_from<kTable>(blocks, p, g0, g1, g2, g3);
@@ -116,9 +157,9 @@ __device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int laye
 // tape[s] is its value before layer s and one participant of each pair (lo, lo + m) hands the pair's
 // inputs and output gradients to acc(s, lo, ui, uj, gi, gj): the lower one, or with kUpperAcc the upper
 // one (each participant is the upper one of at most one pair of the level, so that acc can keep one
-// pair's sums in registers).
-template <bool kTape, bool kUpperAcc = false, class A, bool kTable, class Acc>
-__device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int layers, int pos, bool active,
+// pair's sums in registers). `active`: as in level_forward.
+template <bool kTape, bool kUpperAcc = false, class A, bool kTable, class Active, class Acc>
+__device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int layers, int pos, Active active,
                                             const A* blocks, A g, const A (&tape)[5], Acc&& acc) {
 #pragma unroll
   for (int s = 4; s >= 0; --s) {
@@ -127,10 +168,10 @@ __device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int lay
       const A gw = __shfl_xor_sync(kFullMask, g, m);
       A uw = A(0);
       if constexpr (kTape) uw = __shfl_xor_sync(kFullMask, tape[s], m);
-      if (active && (pos & (m - 1)) == 0) {
+      if (takes_part(active, pos, s)) {
         const bool upper = (pos & m) != 0;
         const int lo = upper ? pos - m : pos;
-        const int p = lv.pair(s, lo);
+        const int p = level_block(lv, s, lo, active);
         if (p >= 0) {
           A g0, g1, g2, g3;
           load_block_from<kTable>(blocks, p, g0, g1, g2, g3);
@@ -219,11 +260,53 @@ __device__ __forceinline__ void fill_table(const ParallelArgs& a, const A* block
   }
 }
 
+// In-thread pair k (layer 1 -> 0..3, layer 2 -> 4..5, layer 3 -> 6): layer li + 1 (0-based li), pairs
+// starting at chunk element e.
+QGOFT_HOST_DEVICE constexpr int in_thread_pair_number(int li, int e) {
+  return kChunk - (kChunk >> li) + e / (2 << li);
+}
+
+// Row-invariant facts of a thread of a parallel kernel, computed once before a row loop (the reg backward)
+// so that the loop reads bits instead of checking pairs against d and lane positions: bit k (0..6) in-thread
+// pair k exists; bits kShuffle + s: the thread's LiveBits in the shuffle level (participant t); bits
+// kCrossWarp + s: in the cross-warp level as lane `lane` of its warp (participant lane, active when lane <
+// words of the level).
+struct LaneLive {
+  static constexpr int kShuffle = 8, kCrossWarp = 16;
+  unsigned bits;
+  __device__ __forceinline__ bool in_thread(int k) const { return ((bits >> k) & 1u) != 0; }
+  __device__ __forceinline__ LiveBits shuffle() const { return {(bits >> kShuffle) & 31u}; }
+  __device__ __forceinline__ LiveBits cross_warp() const { return {(bits >> kCrossWarp) & 31u}; }
+};
+
+// The LaneLive of thread ln (lane: ln.t % 32) of a row segment.
+template <class A, bool kTable>
+__device__ __forceinline__ LaneLive lane_live(const ParallelArgs& a, const Lanes& ln, int lane) {
+  const int d = static_cast<int>(a.d);
+  unsigned bits = 0;
+#pragma unroll
+  for (int li = 0; li < kLogChunk; ++li) {
+#pragma unroll
+    for (int e = 0; e < kChunk; e += 2 << li) {
+      if (ln.base + e + (1 << li) < d) bits |= 1u << in_thread_pair_number(li, e);
+    }
+  }
+  const int LS = a.logT < 5 ? a.logT : 5;
+  bits |= level_live(shuffle_level<A, kTable>(a, ln.seg_base), LS, ln.t, true).bits << LaneLive::kShuffle;
+  if (a.logT > 5) {
+    const XLevel<A, kTable> lv = cross_warp_level<A, kTable>(a, ln.seg_base);
+    bits |= level_live(lv, a.logT - 5, lane, lane < (a.T >> 5)).bits << LaneLive::kCrossWarp;
+  }
+  return {bits};
+}
+
 // Applies the layers inside a warp (in-thread layers 1-3, shuffle layers 4 .. 3 + min(log2 T, 5)) to a
-// row segment (forward direction), optionally recording the tape (tp.x, tp.sh).
+// row segment (forward direction), optionally recording the tape (tp.x, tp.sh). live: the thread's
+// LaneLive, or null (the pairs are checked against d).
 template <class A, bool kTape, bool kTable>
 __device__ __forceinline__ void parallel_forward_in_warp(const ParallelArgs& a, const Lanes& ln, const A* blocks,
-                                                         A (&v)[kChunk], Tape<A>& tp) {
+                                                         A (&v)[kChunk], Tape<A>& tp,
+                                                         const LaneLive* live = nullptr) {
   const int d = static_cast<int>(a.d);
 #pragma unroll
   for (int li = 0; li < kLogChunk; ++li) {  // in-thread layers 1-3
@@ -235,11 +318,17 @@ __device__ __forceinline__ void parallel_forward_in_warp(const ParallelArgs& a, 
 #pragma unroll
     for (int e = 0; e < kChunk; e += 2 * h) {
       const int i = ln.base + e;
-      if (i + h < d) rotate_pair<false, kTable>(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), v[e], v[e + h]);
+      const bool exists = live != nullptr ? live->in_thread(in_thread_pair_number(li, e)) : i + h < d;
+      if (exists) rotate_pair<false, kTable>(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), v[e], v[e + h]);
     }
   }
   const int LS = a.logT < 5 ? a.logT : 5;
-  v[0] = level_forward<kTape>(shuffle_level<A, kTable>(a, ln.seg_base), LS, ln.t, true, blocks, v[0], tp.sh);
+  const XLevel<A, kTable> lv = shuffle_level<A, kTable>(a, ln.seg_base);
+  if (live != nullptr) {
+    v[0] = level_forward<kTape>(lv, LS, ln.t, live->shuffle(), blocks, v[0], tp.sh);
+  } else {
+    v[0] = level_forward<kTape>(lv, LS, ln.t, true, blocks, v[0], tp.sh);
+  }
 }
 
 // Applies layers 1 .. log2(8 T) to a row segment (forward direction), optionally recording the tape.
@@ -473,25 +562,24 @@ __device__ __forceinline__ void parallel_write_sums(const ParallelArgs& a, const
 
 // Backward through the in-thread layers 3, 2, 1 of a thread's chunk (gv: the gradient of layer 3's
 // output in, of layer 1's input out). With kTape, in-thread pair k (layer 1 -> 0..3, layer 2 -> 4..5,
-// layer 3 -> 6) hands its inputs (from the tape) and output gradients to acc(k, ui, uj, gi, gj). d: the
-// caller's row width, hoisted out of its row loop.
+// layer 3 -> 6; in_thread_pair_number) hands its inputs (from the tape) and output gradients to
+// acc(k, ui, uj, gi, gj). d: the caller's row width, hoisted out of its row loop; live: the thread's
+// LaneLive, or null (the pairs are checked against d).
 template <bool kTape, bool kTable, class A, class Acc>
 __device__ __forceinline__ void in_thread_backward(const ParallelArgs& a, const Lanes& ln, const A* blocks, int d,
-                                                   A (&gv)[kChunk], const Tape<A>& tp, Acc&& acc) {
+                                                   A (&gv)[kChunk], const Tape<A>& tp, Acc&& acc,
+                                                   const LaneLive* live = nullptr) {
 #pragma unroll
   for (int li = kLogChunk - 1; li >= 0; --li) {
     const int h = 1 << li;
 #pragma unroll
     for (int e = 0; e < kChunk; e += 2 * h) {
       const int i = ln.base + e;
-      if (i + h < d) {
+      if (live != nullptr ? live->in_thread(in_thread_pair_number(li, e)) : i + h < d) {
         A g0, g1, g2, g3;
         load_block_from<kTable>(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), g0, g1, g2, g3);
         const A gi = gv[e], gj = gv[e + h];
-        if constexpr (kTape) {
-          constexpr int kFirst[3] = {0, 4, 6};
-          acc(kFirst[li] + e / (2 * h), tp.x[li][e], tp.x[li][e + h], gi, gj);
-        }
+        if constexpr (kTape) acc(in_thread_pair_number(li, e), tp.x[li][e], tp.x[li][e + h], gi, gj);
         gv[e] = g0 * gi + g1 * gj;
         gv[e + h] = g2 * gi + g3 * gj;
       }

@@ -38,6 +38,16 @@ __device__ __forceinline__ ParallelArgs with_fixed_width(const ParallelArgs& in)
   return a;
 }
 
+// kLive: the LiveBits `live`, else the flag `active` (level_forward / level_backward take either).
+template <bool kLive>
+__device__ __forceinline__ auto live_or(LiveBits live, bool active) {
+  if constexpr (kLive) {
+    return live;
+  } else {
+    return active;
+  }
+}
+
 template <class S, bool kVec, bool kGrads, int kLogT>
 __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const ParallelArgs args) {
   using A = typename Elem<S>::A;
@@ -85,6 +95,13 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
   __syncthreads();
 
   const XLevel<A, true> shl = shuffle_level<A, true>(a, ln.seg_base);
+  // which of this thread's pairs exist, computed once: only in the fixed-width instantiation with 16-byte
+  // rows, gradients and float accumulation (in the others the mask's register adds spills or instructions;
+  // they check the pairs per row)
+  constexpr bool kLive = kLogT > 0 && kVec && kGrads && sizeof(A) == 4;
+  const LaneLive live = lane_live<A, true>(a, ln, lane);
+  const LaneLive* lp = kLive ? &live : nullptr;
+  const auto sh_active = live_or<kLive>(live.shuffle(), true);
   RawChunk<S, kVec> xr, gr;
   auto load_rows = [&](int64_t group) {
     const int64_t row = group * R + ln.slot;
@@ -107,7 +124,7 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
     const bool late_start = a.logT > 5 && lane == 0;
     const A g_start = gv[0];
     if constexpr (kGrads) {  // recompute the layers inside the warp, recording the tape
-      parallel_forward_in_warp<A, true, true>(a, ln, blocks, v, tp);
+      parallel_forward_in_warp<A, true, true>(a, ln, blocks, v, tp, lp);
       if (acc_scale && valid) {
 #pragma unroll
         for (int e = 0; e < kChunk; ++e) {
@@ -134,30 +151,31 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
       }
       __syncthreads();
       const bool qv = lane < nw;
+      const auto xw_active = live_or<kLive>(live.cross_warp(), qv);
       A gq = qv ? xb[32 + lane] : A(0);
       XLevel<A, true> lv = cross_warp_level<A, true>(a, ln.seg_base);
       lv.acc = 4 * ln.slot * (T - 1);
       A tt[5];
       if constexpr (kGrads) {
-        const A u = level_forward<true>(lv, a.logT - 5, lane, qv, blocks, qv ? xb[lane] : A(0), tt);
+        const A u = level_forward<true>(lv, a.logT - 5, lane, xw_active, blocks, qv ? xb[lane] : A(0), tt);
         const A mine = __shfl_sync(kFullMask, u, wq);
         if (acc_scale && valid && late_start && !(segmented && ln.t == 0)) acc_s[0] += g_start * mine;
       }
       const bool owner = acc_blocks && valid && wq == 0;
-      gq = level_backward<kGrads, true>(lv, a.logT - 5, lane, qv, blocks, gq, tt,
+      gq = level_backward<kGrads, true>(lv, a.logT - 5, lane, xw_active, blocks, gq, tt,
                                         [&](int s, int lo, A ui, A uj, A gi, A gj) {
                                           if (owner) accumulate_outer(cacc + lv.acc_at(s, lo), ui, uj, gi, gj);
                                         });
       const A mine = __shfl_sync(kFullMask, gq, wq);
       if (lane == 0) gv[0] = mine;
     }
-    gv[0] = level_backward<kGrads, true>(shl, LS, ln.t, true, blocks, gv[0], tp.sh,
+    gv[0] = level_backward<kGrads, true>(shl, LS, ln.t, sh_active, blocks, gv[0], tp.sh,
                                          [&](int, int, A ui, A uj, A gi, A gj) {
                                            if (acc_blocks && valid) accumulate_outer(acc_sh, ui, uj, gi, gj);
                                          });
     in_thread_backward<kGrads, true>(a, ln, blocks, d, gv, tp, [&](int k, A ui, A uj, A gi, A gj) {
       if (acc_blocks && valid) accumulate_outer(acc_in[k], ui, uj, gi, gj);
-    });
+    }, lp);
     if (gx != nullptr) store_chunk<S, kVec>(gx + row * d, ln.base, d, valid, gv);
   }
 
