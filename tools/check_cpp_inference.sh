@@ -25,11 +25,23 @@ if command -v flock > /dev/null; then  # one check at a time per build directory
 fi
 echo "== configure and build $EXAMPLE in $BUILD_DIR (in the background)"
 (
-  # Explicit locations (a reused build directory must follow the current torch and qgoft).
-  # Asked from the example's folder, where export_model.py runs: the same qgoft (an installed package, an
-  # editable install or PYTHONPATH), never the checkout's qgoft/ by accident of the working directory.
-  torch_prefix="$(cd "$EXAMPLE" && "$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')" &&
-  ops_library="$(cd "$EXAMPLE" && "$PYTHON" -c 'import qgoft; print(qgoft.ops_library_path())')" &&
+  # Explicit locations (a reused build directory must follow the current torch and qgoft), asked in one
+  # Python start from the example's folder, where export_model.py runs: the same qgoft (an installed
+  # package, an editable install or PYTHONPATH), never the checkout's qgoft/ by accident of the working
+  # directory. Third line: with a CUDA build of torch, the NVRTC its wheels install beside torch (empty
+  # otherwise), for a toolkit without NVRTC (a minimal install).
+  mapfile -t found < <(cd "$EXAMPLE" && "$PYTHON" -c '
+import glob, os, torch, qgoft
+print(torch.utils.cmake_prefix_path)
+print(qgoft.ops_library_path())
+nvrtc = []
+if torch.version.cuda:
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    nvrtc = (sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so*")))
+             + sorted(glob.glob(os.path.join(site, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*"))))
+print((nvrtc + [""])[0])') &&
+  [ "${#found[@]}" = 3 ] && [ -n "${found[0]}" ] && [ -n "${found[1]}" ] &&
+  torch_prefix="${found[0]}" && ops_library="${found[1]}" && nvrtc="${found[2]}" &&
   # A CUDA build of torch makes find_package(Torch) look for the CUDA toolkit; CMake guesses its root from
   # the first nvcc on PATH, which can be a wrapper script outside the toolkit (/usr/local/bin/nvcc):
   # name the root when it is known (unused with a CPU torch).
@@ -37,13 +49,6 @@ echo "== configure and build $EXAMPLE in $BUILD_DIR (in the background)"
   cuda_root="${CUDA_HOME:-${CUDA_PATH:-}}" &&
   { [ -n "$cuda_root" ] || [ ! -x /usr/local/cuda/bin/nvcc ] || cuda_root=/usr/local/cuda; } &&
   { [ -z "$cuda_root" ] || cuda_args=(-DCUDA_TOOLKIT_ROOT_DIR="$cuda_root" -DCUDAToolkit_ROOT="$cuda_root"); } &&
-  # A toolkit without NVRTC (a minimal install): the NVRTC that torch's CUDA wheels install beside torch.
-  nvrtc="$(cd "$EXAMPLE" && "$PYTHON" -c '
-import glob, os, torch
-if torch.version.cuda:
-    site = os.path.dirname(os.path.dirname(torch.__file__))
-    print((sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libnvrtc.so*")))
-           + sorted(glob.glob(os.path.join(site, "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so*"))) + [""])[0])')" &&
   { [ -z "$nvrtc" ] || [ -z "$cuda_root" ] || ls "$cuda_root"/lib*/libnvrtc.so > /dev/null 2>&1 ||
     cuda_args+=(-DCUDA_nvrtc_LIBRARY="$nvrtc"); } &&
   cmake -S "$EXAMPLE" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$torch_prefix" \
