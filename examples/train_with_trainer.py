@@ -88,7 +88,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    args = parse_args(argv)
+    try:
+        return train_and_save(parse_args(argv))
+    finally:
+        # Under accelerate / torchrun the Trainer started a process group and never ends it. A process that
+        # exits with it alive can abort in interpreter teardown (gloo's worker threads still hold work
+        # objects: "terminate called without an active exception", SIGABRT) after its work was done.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train_and_save(args: argparse.Namespace) -> Dict[str, object]:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("qgoft").setLevel(logging.INFO)
     if args.tiny:
