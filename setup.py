@@ -104,7 +104,7 @@ def _check_torch(torch, target: dict, cuda: bool) -> None:
               f"installed torch {target['version']}, but this (isolated) build environment has torch\n"
               f"{torch.__version__}. Build against the installed torch (needs setuptools, cmake and ninja\n"
               f"installed), or install the CPU kernels only:\n"
-              f"    pip install setuptools wheel cmake ninja && pip install --no-build-isolation .\n"
+              f"    pip install 'setuptools>=77' wheel cmake ninja && pip install --no-build-isolation .\n"
               f"    QGOFT_CUDA=0 pip install .")
 
 

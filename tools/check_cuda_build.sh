@@ -44,7 +44,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$ROOT/$VENV/bin/python"
 case "$VENV" in /*) PY="$VENV/bin/python" ;; esac
-"$PY" -m pip install -q "$TORCH_SPEC" numpy pytest "setuptools>=64" wheel "cmake>=3.26" ninja
+"$PY" -m pip install -q "$TORCH_SPEC" numpy pytest "setuptools>=77" wheel "cmake>=3.26" ninja
 VBIN="$(dirname "$PY")"
 "$PY" - <<'EOF' || fail "the venv's torch is not a CUDA build"
 import torch

