@@ -61,3 +61,53 @@ def test_summary_verdicts(tmp_path):
     assert res[6]["met"] is False and "racecheck" in res[6]["measured"]
     assert res[7]["met"] is True
     assert (tmp_path / "targets.md").read_text().count("| MISSED |") == 2
+
+
+def test_row_loop_count(tmp_path, monkeypatch):
+    """cuda_resource_report.py --row-loop: instructions attributed (outermost inlining level) to the lines of the
+    kernel's grid loop count, those of its `if (segmented ...)` block and of lines outside the loop do not."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
+    import cuda_resource_report as rr
+
+    src = tmp_path / "k.cuh"
+    src.write_text("\n".join([
+        "__global__ void k(const Args a) {",                           # 1
+        "  int s = 0;",                                                # 2
+        "  for (int64_t g = blockIdx.x; g < n; g += gridDim.x) {",     # 3
+        "    s += helper(g);  // { a brace in a comment",              # 4
+        "    if (segmented && tid < 32) {",                            # 5
+        "      s += top(g);",                                          # 6
+        "    }",                                                       # 7
+        "    s *= 2;",                                                 # 8
+        "  }",                                                         # 9
+        "  out[0] = s;",                                               # 10
+        "}"]) + "\n")
+    other = tmp_path / "helpers.cuh"
+    f, h = str(src), str(other)
+
+    def ins(addr, op, *where):
+        head = [f'\t//## File "{w[0]}", line {w[1]}' + (f' inlined at "{w[2]}", line {w[3]}' if len(w) > 2 else "")
+                for w in where]
+        return head + [f"        /*{addr:04x}*/                   {op} ;"]
+
+    text = ["//--------------------- .text._Z1kv --------------------------", "_Z1kv:"]
+    text += ins(0x0, "LDC R1, c[0x0][0x28]", (f, 1))
+    text += ins(0x10, "IMAD.MOV.U32 R2, RZ, RZ, RZ", (f, 2))
+    text += ins(0x20, "ISETP.GE.AND P0, PT, R0, UR4, PT", (f, 3))
+    text += ins(0x30, "FFMA R2, R3, R4, R2", (h, 40, f, 4), (f, 4))    # inlined into line 4: counts
+    text += ["        /*0040*/                   NOP ;"]                  # never counted
+    text += ins(0x50, "@P1 BRA `(.L_x_1)", (f, 5))                      # the excluded branch
+    text += ins(0x60, "FADD R2, R2, R5", (h, 50, f, 6), (f, 6))
+    text += ins(0x70, "BSYNC B0", (f, 7))
+    text += ins(0x80, "@!P2 FMUL R2, R2, 2", (f, 8))                    # predicated: counts
+    text += ["        /*0090*/                   IADD3 R0, R0, UR5, RZ ;"]  # no new line info: still line 8
+    text += ins(0xa0, "BRA `(.L_x_0)", (f, 9))
+    text += ins(0xb0, "STG.E [R6], R2", (f, 10))
+    text += ["//--------------------- .text._Z5otherv --------------------------"]
+    text += ins(0x0, "EXIT", (h, 3))
+    funcs = rr.parse_line_info_sass("\n".join(text) + "\n")
+    assert len(funcs["_Z1kv"]) == 11 and funcs["_Z5otherv"] == [(h, 3, "EXIT")]
+    res = rr.row_loop_count(funcs["_Z1kv"])
+    assert res["loop"] == 5, res
+    assert res["loop_ops"] == {"ISETP": 1, "FFMA": 1, "FMUL": 1, "IADD3": 1, "BRA": 1}, res
+    assert res["loop_lines"].endswith(":3-9 without 5-7")

@@ -10,6 +10,18 @@ Needs nvcc; SASS counts need cuobjdump (CUDA toolkit, or `pip install nvidia-cud
 PATH, next to nvcc, or through $CUOBJDUMP). --compare prints the differences against an earlier report.
 --binary reads an already built library or object instead (registers and stack from `cuobjdump -res-usage`;
 spill bytes are only in ptxas's report).
+
+    python tools/cuda_resource_report.py --sources csrc/cuda/chain_bf16.cu --row-loop parallel_backward_reg_kernel
+
+--row-loop SUBSTRING (repeatable) also counts the static SASS instructions of the row loop of every kernel whose
+name contains SUBSTRING (column `loop`; with the opcode histogram): the instructions that `nvdisasm -gi` line
+information attributes (outermost inlining level: the kernel source line they were inlined into) to the lines of
+the kernel's persistent-grid loop over its rows (the first `for (...)` after the kernel's first line whose
+header steps by gridDim.x), without the segmented rows' top-layer branch (an `if (segmented ...) { ... }` in
+that loop: warp 0 only, segmented rows only). A warp issues every instruction on its path once and its lanes
+take both sides of the lower / upper branches, so for rows that are not segmented this static count is close to
+the instructions a warp issues per row (docs/CUDA.md, "The `reg` backward"). Needs nvdisasm (CUDA toolkit, or
+`pip install nvidia-cuda-nvdisasm`; PATH, next to cuobjdump / nvcc, or $NVDISASM).
 """
 from __future__ import annotations
 
@@ -22,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +68,92 @@ def demangle_short(name: str) -> str:
     return out
 
 
-def compile_one(nvcc: str, cuobjdump: str | None, src: str, arch: str, tmp: str) -> dict:
+# the row loop of a kernel with a persistent grid, and the branch inside it that --row-loop leaves out
+ROW_LOOP = re.compile(r"^\s*for \(.*gridDim\.x")
+TOP_BRANCH = re.compile(r"^\s*if \(segmented\b")
+
+
+def block_end(lines: list[str], first: int) -> int:
+    """Index of the line that closes the brace block opened on lines[first] (// comments ignored)."""
+    depth = 0
+    opened = False
+    for i in range(first, len(lines)):
+        code = re.sub(r"//.*", "", lines[i])
+        for ch in code:
+            if ch == "{":
+                depth += 1
+                opened = True
+            elif ch == "}":
+                depth -= 1
+        if opened and depth <= 0:
+            return i
+    raise ValueError(f"no closing brace for line {first + 1}")
+
+
+def row_loop_lines(lines: list[str], kernel_line: int) -> tuple[int, int, set[int]]:
+    """(first, last, excluded) 1-based source lines of the row loop of the kernel starting at kernel_line."""
+    for i in range(kernel_line - 1, len(lines)):
+        if ROW_LOOP.search(lines[i]):
+            end = block_end(lines, i)
+            excluded: set[int] = set()
+            for j in range(i + 1, end):
+                if TOP_BRANCH.search(lines[j]):
+                    excluded.update(range(j + 1, block_end(lines, j) + 2))
+            return i + 1, end + 1, excluded
+    raise ValueError(f"no row loop (for ... gridDim.x) after line {kernel_line}")
+
+
+def parse_line_info_sass(text: str) -> dict[str, list[tuple[str, int, str]]]:
+    """`nvdisasm -gi` output -> {mangled function: [(file, line, opcode)]}, (file, line) the outermost inlining
+    level of each instruction (the last `//## File` line before it without "inlined at"); NOPs left out."""
+    funcs: dict[str, list[tuple[str, int, str]]] = {}
+    cur = None
+    outer = ("", 0)
+    for line in text.splitlines():
+        m = re.match(r"//-+ \.text\.(\S+) -+", line)
+        if m:
+            cur = funcs.setdefault(m.group(1), [])
+            outer = ("", 0)
+            continue
+        if cur is None:
+            continue
+        m = re.match(r'\s*//## File "([^"]+)", line (\d+)(.*)', line)
+        if m:
+            if "inlined at" not in m.group(3):
+                outer = (m.group(1), int(m.group(2)))
+            continue
+        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if not m:
+            continue
+        op = re.sub(r"^@!?U?P\w+\s+", "", m.group(1)).split()[0]
+        if op != "NOP":
+            cur.append((outer[0], outer[1], op))
+    return funcs
+
+
+def row_loop_count(instrs: list[tuple[str, int, str]]) -> dict:
+    """The row-loop count of one kernel's instructions (parse_line_info_sass): the kernel's source file and
+    first line are those of its first instruction."""
+    src, kernel_line = instrs[0][0], instrs[0][1]
+    with open(src) as f:
+        lines = f.read().splitlines()
+    first, last, excluded = row_loop_lines(lines, kernel_line)
+    ops = Counter(op.split(".")[0] for file, line, op in instrs
+                  if file == src and first <= line <= last and line not in excluded)
+    return {"loop": sum(ops.values()), "loop_ops": dict(ops),
+            "loop_lines": f"{os.path.relpath(src, ROOT)}:{first}-{last}"
+                          + (f" without {min(excluded)}-{max(excluded)}" if excluded else "")}
+
+
+def row_loop_counts(nvdisasm: str, cubin: str, substrings: list[str]) -> dict[str, dict]:
+    """{mangled kernel: row_loop_count} for the kernels of cubin whose short name contains a substring."""
+    text = subprocess.run([nvdisasm, "-gi", "-c", cubin], capture_output=True, text=True, check=True).stdout
+    return {name: row_loop_count(instrs) for name, instrs in parse_line_info_sass(text).items()
+            if instrs and any(s in demangle_short(name) for s in substrings)}
+
+
+def compile_one(nvcc: str, cuobjdump: str | None, src: str, arch: str, tmp: str,
+                nvdisasm: str | None = None, row_loop: list[str] | None = None) -> dict:
     cubin = os.path.join(tmp, os.path.basename(src) + ".cubin")
     proc = subprocess.run([nvcc, *FLAGS, f"-arch={arch}", "-cubin", "-Xptxas=-v", "-I", CUDA_DIR, src,
                            "-o", cubin], capture_output=True, text=True)
@@ -81,6 +179,9 @@ def compile_one(nvcc: str, cuobjdump: str | None, src: str, arch: str, tmp: str)
             kernels[name]["smem"] = int(m2.group(1)) if m2 else 0
     if cuobjdump:
         sass_counts(cuobjdump, cubin, kernels)
+    if nvdisasm and row_loop:
+        for name, loop in row_loop_counts(nvdisasm, cubin, row_loop).items():
+            kernels.setdefault(name, {}).update(loop)
     return {demangle_short(k): v for k, v in kernels.items()}
 
 
@@ -138,10 +239,14 @@ def main() -> int:
     ap.add_argument("--compare", help="an earlier JSON report: print the per-kernel differences")
     ap.add_argument("--sources", nargs="*", help="the .cu files (default: csrc/cuda/chain_*.cu)")
     ap.add_argument("--binary", help="report on this built library / object instead of compiling")
+    ap.add_argument("--row-loop", action="append", metavar="SUBSTRING",
+                    help="count the row loop of the kernels whose name contains SUBSTRING (repeatable)")
     args = ap.parse_args()
     report: dict[str, dict] = {}
     nvcc = find_tool("nvcc", "CUDACXX", None)
     if args.binary:
+        if args.row_loop:
+            sys.exit("--row-loop needs the line information of a compile: not with --binary")
         cuobjdump = find_tool("cuobjdump", "CUOBJDUMP", nvcc)
         if cuobjdump is None:
             sys.exit("cuobjdump not found (set CUOBJDUMP)")
@@ -152,9 +257,14 @@ def main() -> int:
     cuobjdump = find_tool("cuobjdump", "CUOBJDUMP", nvcc)
     if cuobjdump is None:
         print("cuobjdump not found: no SASS counts (pip install nvidia-cuda-cuobjdump)", file=sys.stderr)
+    nvdisasm = None
+    if args.row_loop:
+        nvdisasm = find_tool("nvdisasm", "NVDISASM", cuobjdump or nvcc)
+        if nvdisasm is None:
+            sys.exit("nvdisasm not found for --row-loop (set NVDISASM; pip install nvidia-cuda-nvdisasm)")
     srcs = args.sources or sorted(glob.glob(os.path.join(CUDA_DIR, "chain_*.cu")))
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as ex:
-        for part in ex.map(lambda s: compile_one(nvcc, cuobjdump, s, args.arch, tmp), srcs):
+        for part in ex.map(lambda s: compile_one(nvcc, cuobjdump, s, args.arch, tmp, nvdisasm, args.row_loop), srcs):
             report.update(part)
     return print_report(report, args)
 
@@ -162,6 +272,8 @@ def main() -> int:
 def print_report(report: dict, args: argparse.Namespace) -> int:
     old = json.load(open(args.compare)) if args.compare else {}
     cols = ["regs", "spill_st", "spill_ld", "stack", "smem", "sass", "ldg128", "stg128", "local", "shfl", "bar"]
+    if any("loop" in r for r in report.values()):
+        cols.append("loop")
     print(f"{'kernel':<70} " + " ".join(f"{c:>8}" for c in cols))
     for name in sorted(report):
         r = report[name]
@@ -174,6 +286,18 @@ def print_report(report: dict, args: argparse.Namespace) -> int:
         print(f"{name[:70]:<70} " + " ".join(cells))
     for name in sorted(set(old) - set(report)):
         print(f"{name[:70]:<70} (gone)")
+    for name in sorted(n for n in report if "loop" in report[n]):
+        r = report[name]
+        was = old.get(name, {}).get("loop")
+        print(f"\nrow loop of {name} ({r['loop_lines']}): {r['loop']} SASS instructions"
+              + (f" (was {was})" if was is not None and was != r["loop"] else ""))
+        ops = r["loop_ops"]
+        was_ops = old.get(name, {}).get("loop_ops", {})
+        cells = []
+        for op in sorted(set(ops) | set(was_ops), key=lambda o: (-ops.get(o, 0), o)):
+            n, w = ops.get(op, 0), was_ops.get(op, 0)
+            cells.append(f"{op} {n}" + (f" (was {w})" if was_ops and w != n else ""))
+        print("  " + ", ".join(cells))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1, sort_keys=True)
