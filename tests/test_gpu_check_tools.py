@@ -64,8 +64,9 @@ def test_summary_verdicts(tmp_path):
 
 
 def test_row_loop_count(tmp_path, monkeypatch):
-    """cuda_resource_report.py --row-loop: instructions attributed (outermost inlining level) to the lines of the
-    kernel's grid loop count, those of its `if (segmented ...)` block and of lines outside the loop do not."""
+    """cuda_resource_report.py --row-loop. `loop`: instructions attributed (outermost inlining level) to the
+    lines of the kernel's grid loop, without its `if (segmented ...)` block. `span`: instructions placed
+    between the loop's head and its back edge, without the address range of that block."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
     import cuda_resource_report as rr
 
@@ -93,21 +94,30 @@ def test_row_loop_count(tmp_path, monkeypatch):
     text = ["//--------------------- .text._Z1kv --------------------------", "_Z1kv:"]
     text += ins(0x0, "LDC R1, c[0x0][0x28]", (f, 1))
     text += ins(0x10, "IMAD.MOV.U32 R2, RZ, RZ, RZ", (f, 2))
-    text += ins(0x20, "ISETP.GE.AND P0, PT, R0, UR4, PT", (f, 3))
-    text += ins(0x30, "FFMA R2, R3, R4, R2", (h, 40, f, 4), (f, 4))    # inlined into line 4: counts
+    text += ins(0x20, "ISETP.GE.AND P0, PT, R0, UR4, PT", (f, 3))         # loop: yes, span: before the head
+    text += [".L_x_0:"]
+    text += ins(0x30, "FFMA R2, R3, R4, R2", (h, 40, f, 4), (f, 4))    # inlined into line 4: both
     text += ["        /*0040*/                   NOP ;"]                  # never counted
-    text += ins(0x50, "@P1 BRA `(.L_x_1)", (f, 5))                      # the excluded branch
+    text += ins(0x50, "@P1 BRA `(.L_x_1)", (f, 5))                      # the top-layer block: neither
     text += ins(0x60, "FADD R2, R2, R5", (h, 50, f, 6), (f, 6))
-    text += ins(0x70, "BSYNC B0", (f, 7))
-    text += ins(0x80, "@!P2 FMUL R2, R2, 2", (f, 8))                    # predicated: counts
-    text += ["        /*0090*/                   IADD3 R0, R0, UR5, RZ ;"]  # no new line info: still line 8
-    text += ins(0xa0, "BRA `(.L_x_0)", (f, 9))
-    text += ins(0xb0, "STG.E [R6], R2", (f, 10))
+    text += ins(0x70, "S2R R7, SR_TID.X", (f, 1))                       # inside the block's addresses: neither
+    text += ins(0x80, "BSYNC B0", (f, 7))
+    text += [".L_x_1:"]
+    text += ins(0x90, "@!P2 FMUL R2, R2, 2", (f, 8))                    # predicated: both
+    text += ["        /*00a0*/                   IADD3 R0, R0, UR5, RZ ;"]  # no new line info: still line 8
+    text += ins(0xb0, "LOP3.LUT R9, R8, 0x1, RZ, 0xc0, !PT", (f, 2))   # recomputed in the loop: span only
+    text += ins(0xc0, "@P0 BRA `(.L_x_0)", (f, 3))                      # the back edge: both
+    text += ins(0xd0, "STG.E [R6], R2", (f, 10))
+    text += ins(0xe0, "CS2R R10, SRZ", (f, 3))                          # after the loop: loop only
     text += ["//--------------------- .text._Z5otherv --------------------------"]
     text += ins(0x0, "EXIT", (h, 3))
     funcs = rr.parse_line_info_sass("\n".join(text) + "\n")
-    assert len(funcs["_Z1kv"]) == 11 and funcs["_Z5otherv"] == [(h, 3, "EXIT")]
-    res = rr.row_loop_count(funcs["_Z1kv"])
-    assert res["loop"] == 5, res
-    assert res["loop_ops"] == {"ISETP": 1, "FFMA": 1, "FMUL": 1, "IADD3": 1, "BRA": 1}, res
+    instrs, labels = funcs["_Z1kv"]
+    assert len(instrs) == 14 and labels == {".L_x_0": 0x30, ".L_x_1": 0x90}
+    assert funcs["_Z5otherv"][0] == [rr.Ins(0, h, 3, "EXIT", None)]
+    res = rr.row_loop_count(instrs, labels)
+    assert res["loop_ops"] == {"ISETP": 1, "FFMA": 1, "FMUL": 1, "IADD3": 1, "BRA": 1, "CS2R": 1}, res
+    assert res["loop"] == 6
+    assert res["span_ops"] == {"FFMA": 1, "FMUL": 1, "IADD3": 1, "LOP3": 1, "BRA": 1}, res
+    assert res["span"] == 5
     assert res["loop_lines"].endswith(":3-9 without 5-7")

@@ -14,14 +14,19 @@ spill bytes are only in ptxas's report).
     python tools/cuda_resource_report.py --sources csrc/cuda/chain_bf16.cu --row-loop parallel_backward_reg_kernel
 
 --row-loop SUBSTRING (repeatable) also counts the static SASS instructions of the row loop of every kernel whose
-name contains SUBSTRING (column `loop`; with the opcode histogram): the instructions that `nvdisasm -gi` line
-information attributes (outermost inlining level: the kernel source line they were inlined into) to the lines of
-the kernel's persistent-grid loop over its rows (the first `for (...)` after the kernel's first line whose
-header steps by gridDim.x), without the segmented rows' top-layer branch (an `if (segmented ...) { ... }` in
-that loop: warp 0 only, segmented rows only). A warp issues every instruction on its path once and its lanes
-take both sides of the lower / upper branches, so for rows that are not segmented this static count is close to
-the instructions a warp issues per row (docs/CUDA.md, "The `reg` backward"). Needs nvdisasm (CUDA toolkit, or
-`pip install nvidia-cuda-nvdisasm`; PATH, next to cuobjdump / nvcc, or $NVDISASM).
+name contains SUBSTRING, two ways (columns `loop` and `span`, each with its opcode histogram). The loop is the
+kernel's persistent-grid loop over its rows (the first `for (...)` after the kernel's first line whose header
+steps by gridDim.x), without the segmented rows' top-layer block (an `if (segmented ...) { ... }` in it: warp 0
+only, segmented rows only). `loop`: the instructions that `nvdisasm -gi` line information attributes
+(outermost inlining level: the kernel source line they were inlined into) to the loop's lines. `span`: the
+instructions placed between the loop's head and its back edge, without the top-layer block's address range:
+this one also counts what the compiler recomputes per row but attributes to lines before the loop (values
+hoisted in the source and rematerialised in the loop to save registers), and leaves out what it attributes to
+the loop's lines but places outside (e.g. the path of a block without rows). A warp issues every instruction
+on its path once and its lanes take both sides of the lower / upper branches, so for rows that are not
+segmented `span` is an upper bound, and close, of the instructions a warp issues per row (code that only some
+warps run, e.g. warp 0's accumulation, counts fully; docs/CUDA.md, "The `reg` backward"). Needs nvdisasm (CUDA
+toolkit, or `pip install nvidia-cuda-nvdisasm`; PATH, next to cuobjdump / nvcc, or $NVDISASM).
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import sys
 import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_DIR = os.path.join(ROOT, "csrc", "cuda")
@@ -103,17 +109,29 @@ def row_loop_lines(lines: list[str], kernel_line: int) -> tuple[int, int, set[in
     raise ValueError(f"no row loop (for ... gridDim.x) after line {kernel_line}")
 
 
-def parse_line_info_sass(text: str) -> dict[str, list[tuple[str, int, str]]]:
-    """`nvdisasm -gi` output -> {mangled function: [(file, line, opcode)]}, (file, line) the outermost inlining
-    level of each instruction (the last `//## File` line before it without "inlined at"); NOPs left out."""
-    funcs: dict[str, list[tuple[str, int, str]]] = {}
+class Ins(NamedTuple):
+    """One SASS instruction of `nvdisasm -gi`: address, the outermost inlining level of its line information
+    (the kernel source line it was inlined into), opcode, and the label a branch goes to."""
+    addr: int
+    file: str
+    line: int
+    op: str
+    target: str | None
+
+
+def parse_line_info_sass(text: str) -> dict[str, tuple[list[Ins], dict[str, int]]]:
+    """`nvdisasm -gi` output -> {mangled function: (instructions without NOPs, {label: address})}; an
+    instruction's (file, line) is the last `//## File` line before it without "inlined at"."""
+    funcs: dict[str, tuple[list[Ins], dict[str, int]]] = {}
     cur = None
     outer = ("", 0)
+    pending: list[str] = []
     for line in text.splitlines():
         m = re.match(r"//-+ \.text\.(\S+) -+", line)
         if m:
-            cur = funcs.setdefault(m.group(1), [])
+            cur = funcs.setdefault(m.group(1), ([], {}))
             outer = ("", 0)
+            pending = []
             continue
         if cur is None:
             continue
@@ -122,33 +140,57 @@ def parse_line_info_sass(text: str) -> dict[str, list[tuple[str, int, str]]]:
             if "inlined at" not in m.group(3):
                 outer = (m.group(1), int(m.group(2)))
             continue
-        m = re.match(r"\s+/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        m = re.match(r"^(\.L\w+):", line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
         if not m:
             continue
-        op = re.sub(r"^@!?U?P\w+\s+", "", m.group(1)).split()[0]
+        addr = int(m.group(1), 16)
+        for label in pending:
+            cur[1][label] = addr
+        pending = []
+        op = re.sub(r"^@!?U?P\w+\s+", "", m.group(2)).split()[0]
+        target = re.search(r"`\((\.L\w+)\)", m.group(2))
         if op != "NOP":
-            cur.append((outer[0], outer[1], op))
+            cur[0].append(Ins(addr, outer[0], outer[1], op, target.group(1) if target else None))
     return funcs
 
 
-def row_loop_count(instrs: list[tuple[str, int, str]]) -> dict:
-    """The row-loop count of one kernel's instructions (parse_line_info_sass): the kernel's source file and
-    first line are those of its first instruction."""
-    src, kernel_line = instrs[0][0], instrs[0][1]
+def row_loop_count(instrs: list[Ins], labels: dict[str, int]) -> dict:
+    """The row loop of one kernel (parse_line_info_sass), counted two ways:
+    * loop: the instructions attributed to the loop's source lines, minus the top-layer block's lines
+      (the kernel's source file and first line are those of its first instruction);
+    * span: the instructions placed between the loop's head and its back edge (the last backward branch
+      attributed to the `for` line), minus the address range of the top-layer block's instructions: also
+      counts what the compiler placed in the loop but attributed to lines outside it (e.g. values computed
+      before the loop and recomputed per row to save registers), and leaves out code attributed to the
+      loop's lines but placed outside it (e.g. the path taken when a block has no row)."""
+    src, kernel_line = instrs[0].file, instrs[0].line
     with open(src) as f:
         lines = f.read().splitlines()
     first, last, excluded = row_loop_lines(lines, kernel_line)
-    ops = Counter(op.split(".")[0] for file, line, op in instrs
-                  if file == src and first <= line <= last and line not in excluded)
-    return {"loop": sum(ops.values()), "loop_ops": dict(ops),
-            "loop_lines": f"{os.path.relpath(src, ROOT)}:{first}-{last}"
-                          + (f" without {min(excluded)}-{max(excluded)}" if excluded else "")}
+    ops = Counter(i.op.split(".")[0] for i in instrs
+                  if i.file == src and first <= i.line <= last and i.line not in excluded)
+    res = {"loop": sum(ops.values()), "loop_ops": dict(ops),
+           "loop_lines": f"{os.path.relpath(src, ROOT)}:{first}-{last}"
+                         + (f" without {min(excluded)}-{max(excluded)}" if excluded else "")}
+    back = [i for i in instrs if i.file == src and i.line == first and i.op.startswith("BRA") and i.target
+            and labels.get(i.target, i.addr) < i.addr]
+    if back:
+        head, tail = labels[back[-1].target], back[-1].addr
+        body = [i for i in instrs if head <= i.addr <= tail]
+        top = [i.addr for i in body if i.file == src and i.line in excluded]
+        span = Counter(i.op.split(".")[0] for i in body if not (top and min(top) <= i.addr <= max(top)))
+        res.update(span=sum(span.values()), span_ops=dict(span))
+    return res
 
 
 def row_loop_counts(nvdisasm: str, cubin: str, substrings: list[str]) -> dict[str, dict]:
     """{mangled kernel: row_loop_count} for the kernels of cubin whose short name contains a substring."""
     text = subprocess.run([nvdisasm, "-gi", "-c", cubin], capture_output=True, text=True, check=True).stdout
-    return {name: row_loop_count(instrs) for name, instrs in parse_line_info_sass(text).items()
+    return {name: row_loop_count(instrs, labels) for name, (instrs, labels) in parse_line_info_sass(text).items()
             if instrs and any(s in demangle_short(name) for s in substrings)}
 
 
@@ -273,7 +315,7 @@ def print_report(report: dict, args: argparse.Namespace) -> int:
     old = json.load(open(args.compare)) if args.compare else {}
     cols = ["regs", "spill_st", "spill_ld", "stack", "smem", "sass", "ldg128", "stg128", "local", "shfl", "bar"]
     if any("loop" in r for r in report.values()):
-        cols.append("loop")
+        cols += ["loop", "span"]
     print(f"{'kernel':<70} " + " ".join(f"{c:>8}" for c in cols))
     for name in sorted(report):
         r = report[name]
@@ -287,17 +329,20 @@ def print_report(report: dict, args: argparse.Namespace) -> int:
     for name in sorted(set(old) - set(report)):
         print(f"{name[:70]:<70} (gone)")
     for name in sorted(n for n in report if "loop" in report[n]):
-        r = report[name]
-        was = old.get(name, {}).get("loop")
-        print(f"\nrow loop of {name} ({r['loop_lines']}): {r['loop']} SASS instructions"
-              + (f" (was {was})" if was is not None and was != r["loop"] else ""))
-        ops = r["loop_ops"]
-        was_ops = old.get(name, {}).get("loop_ops", {})
-        cells = []
-        for op in sorted(set(ops) | set(was_ops), key=lambda o: (-ops.get(o, 0), o)):
-            n, w = ops.get(op, 0), was_ops.get(op, 0)
-            cells.append(f"{op} {n}" + (f" (was {w})" if was_ops and w != n else ""))
-        print("  " + ", ".join(cells))
+        r, o = report[name], old.get(name, {})
+        print(f"\nrow loop of {name} ({r['loop_lines']}):")
+        for key, what in (("loop", "attributed to its lines"), ("span", "placed between its head and back edge")):
+            if key not in r:
+                continue
+            was = o.get(key)
+            print(f"  {key}: {r[key]} SASS instructions {what}"
+                  + (f" (was {was})" if was is not None and was != r[key] else ""))
+            ops, was_ops = r[f"{key}_ops"], o.get(f"{key}_ops", {})
+            cells = []
+            for op in sorted(set(ops) | set(was_ops), key=lambda x: (-ops.get(x, 0), x)):
+                n, w = ops.get(op, 0), was_ops.get(op, 0)
+                cells.append(f"{op} {n}" + (f" (was {w})" if was_ops and w != n else ""))
+            print("    " + ", ".join(cells))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1, sort_keys=True)
