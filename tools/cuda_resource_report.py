@@ -75,7 +75,7 @@ def demangle_short(name: str) -> str:
 
 
 # the row loop of a kernel with a persistent grid, and the branch inside it that --row-loop leaves out
-ROW_LOOP = re.compile(r"^\s*for \(.*gridDim\.x")
+ROW_LOOP = re.compile(r"^\s*(for \(.*gridDim\.x|for_each_row\()")
 TOP_BRANCH = re.compile(r"^\s*if \(segmented\b")
 
 
@@ -110,35 +110,36 @@ def row_loop_lines(lines: list[str], kernel_line: int) -> tuple[int, int, set[in
 
 
 class Ins(NamedTuple):
-    """One SASS instruction of `nvdisasm -gi`: address, the outermost inlining level of its line information
-    (the kernel source line it was inlined into), opcode, and the label a branch goes to."""
+    """One SASS instruction of `nvdisasm -gi`: address, its line information as (file, line) frames from the
+    innermost inlined function out to the kernel, opcode, and the label a branch goes to."""
     addr: int
-    file: str
-    line: int
+    frames: tuple[tuple[str, int], ...]
     op: str
     target: str | None
 
 
 def parse_line_info_sass(text: str) -> dict[str, tuple[list[Ins], dict[str, int]]]:
-    """`nvdisasm -gi` output -> {mangled function: (instructions without NOPs, {label: address})}; an
-    instruction's (file, line) is the last `//## File` line before it without "inlined at"."""
+    """`nvdisasm -gi` output -> {mangled function: (instructions without NOPs, {label: address})}. The
+    `//## File "f", line n [inlined at ...]` lines before an instruction give its frames (it keeps them for
+    the instructions after it that have none of their own)."""
     funcs: dict[str, tuple[list[Ins], dict[str, int]]] = {}
     cur = None
-    outer = ("", 0)
+    frames: list[tuple[str, int]] = []
+    fresh = True  # the next `//## File` line starts a new list of frames
     pending: list[str] = []
     for line in text.splitlines():
         m = re.match(r"//-+ \.text\.(\S+) -+", line)
         if m:
             cur = funcs.setdefault(m.group(1), ([], {}))
-            outer = ("", 0)
-            pending = []
+            frames, fresh, pending = [], True, []
             continue
         if cur is None:
             continue
-        m = re.match(r'\s*//## File "([^"]+)", line (\d+)(.*)', line)
+        m = re.match(r'\s*//## File "([^"]+)", line (\d+)', line)
         if m:
-            if "inlined at" not in m.group(3):
-                outer = (m.group(1), int(m.group(2)))
+            if fresh:
+                frames, fresh = [], False
+            frames.append((m.group(1), int(m.group(2))))
             continue
         m = re.match(r"^(\.L\w+):", line)
         if m:
@@ -147,6 +148,7 @@ def parse_line_info_sass(text: str) -> dict[str, tuple[list[Ins], dict[str, int]
         m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
         if not m:
             continue
+        fresh = True
         addr = int(m.group(1), 16)
         for label in pending:
             cur[1][label] = addr
@@ -154,34 +156,39 @@ def parse_line_info_sass(text: str) -> dict[str, tuple[list[Ins], dict[str, int]
         op = re.sub(r"^@!?U?P\w+\s+", "", m.group(2)).split()[0]
         target = re.search(r"`\((\.L\w+)\)", m.group(2))
         if op != "NOP":
-            cur[0].append(Ins(addr, outer[0], outer[1], op, target.group(1) if target else None))
+            cur[0].append(Ins(addr, tuple(frames), op, target.group(1) if target else None))
     return funcs
 
 
 def row_loop_count(instrs: list[Ins], labels: dict[str, int]) -> dict:
-    """The row loop of one kernel (parse_line_info_sass), counted two ways:
-    * loop: the instructions attributed to the loop's source lines, minus the top-layer block's lines
-      (the kernel's source file and first line are those of its first instruction);
+    """The row loop of one kernel (parse_line_info_sass; the kernel's source file and first line are the
+    outermost frame of its first instruction). An instruction's loop line is its innermost frame in that file
+    inside the loop's lines (the loop body's own line, also when it is a lambda inlined through a helper of
+    another file), if any. Counted two ways:
+    * loop: the instructions with a loop line, minus those whose loop line is in the top-layer block;
     * span: the instructions placed between the loop's head and its back edge (the last backward branch
-      attributed to the `for` line), minus the address range of the top-layer block's instructions: also
-      counts what the compiler placed in the loop but attributed to lines outside it (e.g. values computed
-      before the loop and recomputed per row to save registers), and leaves out code attributed to the
-      loop's lines but placed outside it (e.g. the path taken when a block has no row)."""
-    src, kernel_line = instrs[0].file, instrs[0].line
+      whose loop line is the loop's first line), minus the address range of the top-layer block's
+      instructions: also counts what the compiler placed in the loop but attributed to lines outside it
+      (e.g. values computed before the loop and recomputed per row to save registers), and leaves out code
+      attributed to the loop's lines but placed outside it (e.g. the path taken when a block has no row)."""
+    src, kernel_line = instrs[0].frames[-1]
     with open(src) as f:
         lines = f.read().splitlines()
     first, last, excluded = row_loop_lines(lines, kernel_line)
-    ops = Counter(i.op.split(".")[0] for i in instrs
-                  if i.file == src and first <= i.line <= last and i.line not in excluded)
+
+    def loop_line(i: Ins) -> int | None:
+        return next((n for file, n in i.frames if file == src and first <= n <= last), None)
+
+    ops = Counter(i.op.split(".")[0] for i in instrs if loop_line(i) is not None and loop_line(i) not in excluded)
     res = {"loop": sum(ops.values()), "loop_ops": dict(ops),
            "loop_lines": f"{os.path.relpath(src, ROOT)}:{first}-{last}"
                          + (f" without {min(excluded)}-{max(excluded)}" if excluded else "")}
-    back = [i for i in instrs if i.file == src and i.line == first and i.op.startswith("BRA") and i.target
+    back = [i for i in instrs if loop_line(i) == first and i.op.startswith("BRA") and i.target
             and labels.get(i.target, i.addr) < i.addr]
     if back:
         head, tail = labels[back[-1].target], back[-1].addr
         body = [i for i in instrs if head <= i.addr <= tail]
-        top = [i.addr for i in body if i.file == src and i.line in excluded]
+        top = [i.addr for i in body if loop_line(i) in excluded]
         span = Counter(i.op.split(".")[0] for i in body if not (top and min(top) <= i.addr <= max(top)))
         res.update(span=sum(span.values()), span_ops=dict(span))
     return res
