@@ -8,6 +8,10 @@ general and the fused XOR kernels (QGOFT_CUDA_XOR=general|fused) side by side.
 
     python bench/bench_gpu.py [--rounds 15] [--out DIR] [--quick] [--variants base,table]
     python bench/bench_gpu.py --dry-run     # no GPU: tiny shapes on the CPU, CPU timers (checks the script)
+    python bench/bench_gpu.py --only kernels --xor general   # the chain and layout tables only
+    QGOFT_DISABLE_EXTENSION=1 python bench/bench_gpu.py --only kernels --ops-library OTHER/libqgoft_ops.so
+        # the same tables for the ops library of another build (an earlier commit's: one process per build,
+        # tools/gpu_baseline_compare.py alternates them); this tree's package supplies only the layouts
 
 Writes bench_gpu.md and bench_gpu.json (header, tables, targets with met / missed and the number) into
 --out (default $OUT when set).
@@ -22,7 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -35,6 +39,7 @@ import bench_common as bc  # noqa: E402
 import bench_layer as bl  # noqa: E402
 
 VARIANTS = ("base", "table", "reg")
+CHAIN_OPS = ("givens_chain", "givens_chain_backward", "quasi_givens_chain", "quasi_givens_chain_backward")
 # Variants whose forward kernels are another variant's (reg changes the backward only): their forward rows and
 # the layout table (target 3) are timed under that variant only.
 SAME_FORWARD = {"reg": "table"}
@@ -148,18 +153,18 @@ def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Lis
 
 
 def layout_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: List[str], dev: str,
-                clock: Clock) -> List[dict]:
+                clock: Clock, xor_paths: Sequence[str] = ("general", "fused")) -> List[dict]:
     """Target 3: butterfly and stack=2 (parallel) against the single parallel layout (goft, dx + dθ); the
-    stack on the general kernels and on the fused XOR path (QGOFT_CUDA_XOR=general|fused) side by side (the
-    butterfly has only the general kernels so far: docs/CUDA.md, "XOR layouts")."""
+    stack on each of `xor_paths` (QGOFT_CUDA_XOR=general|fused: the general kernels, the fused XOR path) side
+    by side (the butterfly has only the general kernels so far: docs/CUDA.md, "XOR layouts")."""
     x = torch.randn(rows, d, device=dev, dtype=dtype)
     g = torch.randn(rows, d, device=dev, dtype=dtype)
     ops = torch.ops.qgoft
     contenders: Dict[str, Callable[[], object]] = {}
     stack2 = layouts.stack(layouts.parallel(d), 2)
-    for kind, lay, xor in (("parallel", layouts.parallel(d), "general"),
-                           ("butterfly/general", layouts.butterfly(d), "general"),
-                           ("parallel*2/general", stack2, "general"), ("parallel*2/fused", stack2, "fused")):
+    kinds = [("parallel", layouts.parallel(d), "general"), ("butterfly/general", layouts.butterfly(d), "general")]
+    kinds += [(f"parallel*2/{xor}", stack2, xor) for xor in xor_paths]
+    for kind, lay, xor in kinds:
         pairs, offs = lay.pairs_tensor(dev), lay.layer_offsets_tensor(dev)
         angles = 0.1 * torch.randn(lay.num_pairs, device=dev)
         fwd = (lambda p=pairs, o=offs, a=angles: ops.givens_chain(x, a, p, o, None))
@@ -429,6 +434,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer rounds, d = 4096 only, no layout table")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated QGOFT_CUDA_VARIANT values")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: tiny shapes on the CPU (checks the script)")
+    ap.add_argument("--only", choices=("all", "kernels"), default="all",
+                    help="kernels: the chain and layout tables only (no nn.Linear, no LLaMA-shaped stack)")
+    ap.add_argument("--xor", default="general,fused", help="QGOFT_CUDA_XOR paths of the stack in the layout table")
+    ap.add_argument("--ops-library", help="time the chain ops of this ops library (another build's) instead of "
+                    "the package's; needs QGOFT_DISABLE_EXTENSION=1 (two builds cannot share one process)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args()
     variants = [v for v in args.variants.split(",") if v]
@@ -436,15 +446,29 @@ def main() -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("bench_gpu: no CUDA device (use --dry-run to check the script on the CPU)", file=sys.stderr)
         return 2
-    info = qgoft.build_info()
-    if not qgoft.extension_loaded() or (not args.dry_run and not info.get("cuda_compiled")):
-        print(f"bench_gpu: qgoft's {'CUDA ' if not args.dry_run else ''}kernels are not loaded: {info}", file=sys.stderr)
+    key = "CPU" if args.dry_run else "CUDA"
+    if args.ops_library:
+        if qgoft.extension_loaded():
+            print("bench_gpu: --ops-library needs QGOFT_DISABLE_EXTENSION=1 (this package's library is loaded)",
+                  file=sys.stderr)
+            return 2
+        torch.ops.load_library(args.ops_library)
+        # the same Python registrations (fake kernels, autograd) as when the package loads its own library: the
+        # dispatcher then takes the same path in both builds' processes (the autograd kernel costs ~15 us a call)
+        qgoft.ops._register_compiled_ops()
+        info = {"ops_library": os.path.abspath(args.ops_library)}
+        loaded = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"qgoft::{n}", key) for n in CHAIN_OPS)
+    else:
+        info = qgoft.build_info()
+        loaded = qgoft.extension_loaded() and (args.dry_run or bool(info.get("cuda_compiled")))
+    if not loaded:
+        print(f"bench_gpu: qgoft's {key} kernels are not loaded: {info}", file=sys.stderr)
         return 2
     rounds = 3 if args.dry_run else (7 if args.quick else args.rounds)
     clock = Clock(dev)
     header = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "commit": git_commit(), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "qgoft": qgoft.__version__}
+              "qgoft": qgoft.__version__, "ops_library": info.get("ops_library", "")}
     if args.dry_run:
         header["device"] = "CPU (dry run: the numbers mean nothing)"
         rows, widths, lin_rows, lin_d = 64, (256, 344), 16, 256
@@ -458,13 +482,17 @@ def main() -> int:
         for dtype in (torch.bfloat16, torch.float32):
             chain += chain_rows(rows, d, dtype, rounds if d == widths[0] else max(5, rounds // 2), variants, dev, clock)
             print(f"bench_gpu: chain {rows}x{d} {dtype_name(dtype)} done", flush=True)
-    lays = [] if args.quick else layout_rows(rows, widths[0], torch.bfloat16, rounds, variants, dev, clock)
-    lin = linear_rows(lin_rows, lin_d, rounds, variants, dev, torch.bfloat16, clock)
-    print("bench_gpu: Linear done", flush=True)
-    if args.dry_run:
-        llama = llama_rows(2, 64, 172, 4, 2, 16, 2, dev, torch.float32, variants)
-    else:
-        llama = [] if args.quick else llama_rows(4, 4096, 11008, 32, 8, 1024, 7, dev, torch.bfloat16, variants)
+    xor_paths = [p for p in args.xor.split(",") if p]
+    lays = [] if args.quick else layout_rows(rows, widths[0], torch.bfloat16, rounds, variants, dev, clock, xor_paths)
+    lin: List[dict] = []
+    llama: List[dict] = []
+    if args.only == "all":
+        lin = linear_rows(lin_rows, lin_d, rounds, variants, dev, torch.bfloat16, clock)
+        print("bench_gpu: Linear done", flush=True)
+        if args.dry_run:
+            llama = llama_rows(2, 64, 172, 4, 2, 16, 2, dev, torch.float32, variants)
+        elif not args.quick:
+            llama = llama_rows(4, 4096, 11008, 32, 8, 1024, 7, dev, torch.bfloat16, variants)
     targets = evaluate(chain, lays, lin, llama, variants)
     text = render(header, chain, lays, lin, llama, targets)
     print(text)

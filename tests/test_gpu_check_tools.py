@@ -1,7 +1,7 @@
 """The GPU check's scripts without a GPU (tools/gpu_check.sh runs on a lent GPU machine with minutes of
 device time: a slip in them must show here first): shell syntax, every Python part compiles, the sanitizer
 case list covers every path in every kernel variant, and the targets summary judges met / missed / not run
-from the files the check writes."""
+from the files the check writes, and the baseline part's comparison judges slower / faster / same."""
 import json
 import os
 import py_compile
@@ -12,11 +12,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["bench/bench_gpu.py", "tools/gpu_sanitize_case.py", "tools/gpu_check_summary.py",
-           "tools/cuda_resource_report.py", "tools/gpu_variant_check.py"]
+           "tools/cuda_resource_report.py", "tools/gpu_variant_check.py", "tools/gpu_baseline_compare.py"]
 
 
 def test_shell_syntax():
-    for script in ("tools/gpu_check.sh", "tools/gpu_debug.sh"):
+    for script in ("tools/gpu_check.sh", "tools/gpu_debug.sh", "tools/gpu_baseline_prep.sh"):
         subprocess.run(["bash", "-n", os.path.join(ROOT, script)], check=True)
 
 
@@ -123,3 +123,35 @@ def test_row_loop_count(tmp_path, monkeypatch):
     assert res["span_ops"] == {"FFMA": 1, "FMUL": 1, "IADD3": 1, "LOP3": 1, "BRA": 1}, res
     assert res["span"] == 5
     assert res["loop_lines"].endswith(":3-9 without 5-7")
+
+
+def test_baseline_compare_verdicts():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import gpu_baseline_compare as gbc
+    finally:
+        sys.path.pop(0)
+    copy, slow, fast, noisy = (("chain", "8192x4096 bfloat16", c, v) for c, v in
+                               (("copy (buf.copy_(x))", ""), ("goft forward", "base"),
+                                ("qgoft forward", "base"), ("adjoint (dx only)", "base")))
+    def base(k):
+        return k[:3] + ("",)
+    # four rounds of one process per build: this tree 10 % slower / 10 % faster in every round, and 10 %
+    # slower in the median but faster in one round (noise)
+    current = [{copy: 1.0, slow: 1.1, fast: 0.9, noisy: t} for t in (1.1, 1.1, 0.95, 1.1)]
+    earlier = [{base(copy): 1.0, base(slow): 1.0, base(fast): 1.0, base(noisy): 1.0} for _ in range(4)]
+    rows = {r["contender"]: r for r in gbc.compare({gbc.CURRENT: current, gbc.BASELINE: earlier}, 0.03)}
+    assert rows["goft forward"]["verdict"] == "slower" and abs(rows["goft forward"]["ratio"] - 1.1) < 1e-9
+    assert rows["qgoft forward"]["verdict"] == "faster"
+    assert rows["adjoint (dx only)"]["verdict"] == "same"
+    assert rows["copy (buf.copy_(x))"]["control"]
+    line = gbc.verdict_line(list(rows.values()), 0.03)
+    assert line.startswith("REGRESSION: 3 cases: 1 slower, 1 faster") and "goft forward [base] 1.100x" in line
+
+
+def test_summary_names_the_baseline_verdict(tmp_path):
+    (tmp_path / "baseline_compare.json").write_text(json.dumps(
+        {"header": {"earlier commit": "aa2e294 2026-11-27 x"}, "verdict": "no regression: 20 cases"}))
+    summarize(tmp_path, [("baseline", "PASS", "80", "ok")], [])
+    text = (tmp_path / "targets.md").read_text()
+    assert "Against an earlier commit (baseline part): aa2e294 2026-11-27 x: no regression: 20 cases" in text

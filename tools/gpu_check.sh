@@ -22,6 +22,11 @@
 #                 general and the fused XOR kernels, QGOFT_CUDA_XOR), qgoft.nn.Linear vs frozen / PEFT
 #                 LoRA r=8 / PEFT OFT, a LLaMA-shaped stack's training step vs LoRA (targets 1-4, half of 5)
 #                                                                                     bench_gpu.md/.json
+#   baseline-build 90  only when build/baseline/src exists (an earlier commit's sources, written and carried
+#                 as bench/README.md, "Against an earlier commit", says): its ops library for sm_90 only,
+#                 without the Python module, in build/gpu-check/baseline               baseline_build.log
+#   baseline 150  tools/gpu_baseline_compare.py: this tree's chain and layout tables against that build's,
+#                 alternating separate processes (4 per build)             baseline_compare.md/.json
 #   tests    120  tests/test_cuda.py and tests/test_determinism.py, QGOFT_REQUIRE_CUDA=1 (target 7)
 #   sanitize 120  compute-sanitizer memcheck, racecheck, initcheck, synccheck, concurrently, on
 #                 tools/gpu_sanitize_case.py: every path, variant, dtype and mask for memcheck and
@@ -35,7 +40,8 @@
 #                 logs.tar.gz
 # Exit status 0 when every part that ran passed (a missed speed target is not a failure of the check).
 # Environment: PYTHON (default python3), QGOFT_BUILD_JOBS (default nproc), QGOFT_GPU_CHECK_SKIP="part ..."
-# (e.g. "layer model"), QGOFT_GPU_CHECK_BUDGET (seconds).
+# (e.g. "layer model"), QGOFT_GPU_CHECK_ONLY="part ..." (only these parts; env always runs; e.g.
+# "build load baseline-build baseline"), QGOFT_GPU_CHECK_BUDGET (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -50,6 +56,8 @@ JOBS="${QGOFT_BUILD_JOBS:-$(nproc)}"
 OUTDIR="${OUT:-$ROOT/build/gpu-check/out}"
 BUILD="$ROOT/build/gpu-check"
 SKIP=" ${QGOFT_GPU_CHECK_SKIP:-} "
+ONLY="${QGOFT_GPU_CHECK_ONLY:+ $QGOFT_GPU_CHECK_ONLY env }"
+BASELINE_SRC="$ROOT/build/baseline"
 mkdir -p "$OUTDIR" "$BUILD"
 PARTS="$OUTDIR/parts.tsv"
 : > "$PARTS"
@@ -74,6 +82,9 @@ box() {
 part() {
   local name="$1" secs; secs="$(box "$2")"; local logf="$OUTDIR/$3"; shift 3
   case "$SKIP" in *" $name "*) record "$name" SKIP 0 "QGOFT_GPU_CHECK_SKIP"; return 0 ;; esac
+  if [ -n "$ONLY" ]; then
+    case "$ONLY" in *" $name "*) ;; *) record "$name" SKIP 0 "not in QGOFT_GPU_CHECK_ONLY"; return 0 ;; esac
+  fi
   if [ "$secs" = 0 ]; then record "$name" SKIP 0 "not run: under half its ${2}s box left of the ${BUDGET}s budget"; return 0; fi
   log "$name (time box ${secs}s)"
   local t0; t0=$(elapsed)
@@ -127,25 +138,65 @@ EOF
   echo "cmake: ${CMAKE:-MISSING} ninja: ${NINJA:-MISSING} compute-sanitizer: ${SANITIZER:-MISSING}"
 }
 
-build_extension() {
-  [ -n "$NVCC" ] && [ -n "$CMAKE" ] || { echo "nvcc or cmake missing"; return 1; }
-  local prefix inc suffix gen=()
+# cmake_build SOURCE BUILD_DIR LIBRARY_DIR CUDA(ON|OFF) TARGET|all [CMAKE_ARGS...]: a fresh Release build of a
+# qgoft source tree against $PYTHON's torch, for sm_90 only, with $JOBS jobs; prints its seconds.
+cmake_build() {
+  local src="$1" dir="$2" lib="$3" cuda="$4" target="$5"; shift 5
+  [ -n "$CMAKE" ] || { echo "cmake missing"; return 1; }
+  [ "$cuda" = OFF ] || [ -n "$NVCC" ] || { echo "nvcc missing"; return 1; }
+  local prefix gen=() tgt=() t0; t0=$(date +%s)
   prefix="$("$PYTHON" -c 'import torch; print(torch.utils.cmake_prefix_path)')" || return 1
+  [ -n "$NINJA" ] && gen=(-G Ninja -DCMAKE_MAKE_PROGRAM="$NINJA")
+  [ "$cuda" = ON ] && gen+=(-DCMAKE_CUDA_COMPILER="$NVCC")
+  [ "$target" = all ] || tgt=(--target "$target")
+  rm -rf "$dir"
+  TORCH_CUDA_ARCH_LIST=9.0 "$CMAKE" -S "$src" -B "$dir" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_PREFIX_PATH="$prefix" -DQGOFT_CUDA="$cuda" -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$lib" \
+    -DPython3_EXECUTABLE="$(command -v "$PYTHON")" "$@" || return 1
+  "$CMAKE" --build "$dir" --parallel "$JOBS" "${tgt[@]}" || return 1
+  echo "cmake_build: $src built in $(( $(date +%s) - t0 )) s with $JOBS jobs"
+}
+
+build_extension() {
+  local inc suffix
   inc="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')"
   suffix="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
-  [ -n "$NINJA" ] && gen=(-G Ninja -DCMAKE_MAKE_PROGRAM="$NINJA")
-  rm -rf "$BUILD/cmake"
-  TORCH_CUDA_ARCH_LIST=9.0 "$CMAKE" -S "$ROOT" -B "$BUILD/cmake" "${gen[@]}" -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_CUDA_COMPILER="$NVCC" -DQGOFT_CUDA=ON \
-    -DCMAKE_LIBRARY_OUTPUT_DIRECTORY="$ROOT/qgoft" -DQGOFT_PYTHON_INCLUDE_DIR="$inc" \
-    -DQGOFT_PYTHON_EXT_SUFFIX="$suffix" -DPython3_EXECUTABLE="$(command -v "$PYTHON")" || return 1
-  "$CMAKE" --build "$BUILD/cmake" --parallel "$JOBS" || return 1
+  cmake_build "$ROOT" "$BUILD/cmake" "$ROOT/qgoft" ON all -DQGOFT_PYTHON_INCLUDE_DIR="$inc" \
+    -DQGOFT_PYTHON_EXT_SUFFIX="$suffix" || return 1
   "$PYTHON" - "$ROOT/qgoft/_build_meta.py" <<'EOF'
 import sys, torch
 with open(sys.argv[1], "w") as f:
     f.write("# Written by tools/gpu_check.sh.\n"
             f"TORCH_VERSION = {torch.__version__!r}\nCUDA_REQUESTED = 'ON'\n")
 EOF
+}
+
+# The earlier commit's ops library (build/baseline/src, from tools/gpu_baseline_prep.sh): the library alone
+# (its CPU and CUDA kernels, no Python module), into $BUILD/baseline/lib. CUDA OFF in a dry run (a CPU torch).
+build_baseline() {
+  echo "earlier commit: $(cat "$BASELINE_SRC/COMMIT" 2>/dev/null)"
+  local cuda=ON; [ "$DRY" = 1 ] && cuda=OFF
+  cmake_build "$BASELINE_SRC/src" "$BUILD/baseline" "$BUILD/baseline/lib" "$cuda" qgoft_ops -DQGOFT_BUILD_PYTHON=OFF
+}
+
+baseline_compare() {
+  local dry=(); [ "$DRY" = 1 ] && dry=(--dry-run --pairs 2)
+  "$PYTHON" tools/gpu_baseline_compare.py --baseline-lib "$BUILD/baseline/lib/libqgoft_ops.so" \
+    --baseline-label "$(cat "$BASELINE_SRC/COMMIT" 2>/dev/null | cut -c1-100)" \
+    --current-label "$(cat "$BASELINE_SRC/HEAD" 2>/dev/null | cut -c1-100)" --out "$OUTDIR" "${dry[@]}"
+}
+
+# The baseline parts when the earlier commit's sources were carried; else one line saying how to get them.
+baseline_parts() {
+  if [ ! -f "$BASELINE_SRC/src/CMakeLists.txt" ]; then
+    record baseline SKIP 0 "no build/baseline/src: run bash tools/gpu_baseline_prep.sh COMMIT and carry build/baseline"
+    return 0
+  fi
+  if part baseline-build 90 baseline_build.log build_baseline; then
+    part baseline 150 baseline_compare.log baseline_compare
+  else
+    record baseline SKIP 0 "the earlier commit's build failed (baseline_build.log)"
+  fi
 }
 
 load_check() {
@@ -222,8 +273,9 @@ SANITIZER="$(command -v compute-sanitizer || true)"
 for c in /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
   [ -z "$SANITIZER" ] && [ -x "$c" ] && SANITIZER="$c"
 done
-export NVCC CMAKE NINJA SANITIZER ROOT OUTDIR BUILD PYTHON JOBS
-export -f env_report build_extension load_check run_tests run_op_tests sanitize_all
+export NVCC CMAKE NINJA SANITIZER ROOT OUTDIR BUILD PYTHON JOBS DRY BASELINE_SRC
+export -f env_report cmake_build build_extension build_baseline baseline_compare load_check run_tests run_op_tests \
+  sanitize_all
 
 part env 40 env.log env_report
 cat "$OUTDIR/env.log"
@@ -237,6 +289,7 @@ if [ "$DRY" = 1 ]; then
   dry load "needs a GPU"
   dry variants "needs a GPU"
   part chain 300 bench_gpu.log "$PYTHON" bench/bench_gpu.py --dry-run --out "$OUTDIR"
+  baseline_parts
   dry tests "needs a GPU"
   dry op-tests "needs a GPU"
   part sanitize-list 30 sanitizer_list.log "$PYTHON" tools/gpu_sanitize_case.py --list
@@ -251,6 +304,7 @@ else
   part load 30 load.log load_check
   part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py --variants table,reg
   part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants base,table,reg --out "$OUTDIR"
+  baseline_parts
   part tests 120 tests.log run_tests
   part sanitize 120 sanitize.log sanitize_all
   part layer 60 run_layer.log "$PYTHON" bench/run.py --quick --device cuda --only layer --out-dir "$OUTDIR/run" --no-readme
@@ -266,7 +320,7 @@ column -t -s $'\t' "$PARTS" 2>/dev/null || cat "$PARTS"
 # The device machine returns at most 8 files from $OUT: keep the tables, pack every log into one archive.
 if [ -n "${OUT:-}" ]; then
   (cd "$OUTDIR" && shopt -s nullglob &&
-   keep=" targets.md targets.json bench_gpu.md bench_gpu.json parts.tsv logs.tar.gz " &&
+   keep=" targets.md targets.json bench_gpu.md bench_gpu.json baseline_compare.md baseline_compare.json parts.tsv logs.tar.gz " &&
    pack=() && for f in * .[!.]*; do case "$keep" in *" $f "*) ;; *) pack+=("$f") ;; esac; done &&
    if [ ${#pack[@]} -gt 0 ]; then tar czf logs.tar.gz "${pack[@]}" && rm -rf "${pack[@]}"; fi)
   log "outputs: $(cd "$OUTDIR" && ls | tr '\n' ' ')(every log in logs.tar.gz)"

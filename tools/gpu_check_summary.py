@@ -6,7 +6,9 @@ or not run, with its number, from the files the check wrote into its output fold
 parts.tsv (the check's parts: name, status, seconds, detail), bench_gpu.json (targets 1-4, per kernel
 variant: a target counts as met when some variant meets every case of it, and that variant is named),
 run/*only-model*.json (bench/run.py's model part, MiniLM) and bench_gpu.json's LLaMA-shaped stack (target 5),
-the sanitize part (target 6) and the tests part (target 7). Exit status 1 when the folder holds no parts.tsv.
+the sanitize part (target 6) and the tests part (target 7); below the table, the verdict of the baseline part
+(baseline_compare.json: this tree's kernels against an earlier commit's) when it ran. Exit status 1 when the
+folder holds no parts.tsv.
 """
 from __future__ import annotations
 
@@ -150,12 +152,20 @@ def main() -> int:
     lines += [f"| {k} | {NAMES[k]} | {verdict[ok]} | {text} |" for k, (ok, text) in sorted(results.items())]
     head = ", ".join(f"{k}: {header[k]}" for k in ("device", "torch", "cuda", "commit", "date") if k in header)
     text = f"# GPU targets\n\n{head or 'no timing header (bench_gpu.py did not run)'}\n\n" + "\n".join(lines) + "\n"
+    baseline = from_part(parts, "baseline")[1]
+    compared = os.path.join(outdir, "baseline_compare.json")
+    if os.path.exists(compared):
+        with open(compared) as f:
+            data = json.load(f)
+        baseline = f"{data['header'].get('earlier commit', '')}: {data['verdict']} (baseline_compare.md)"
+    text += f"\nAgainst an earlier commit (baseline part): {baseline}\n"
     print(text)
     with open(os.path.join(outdir, "targets.md"), "w") as f:
         f.write(text)
     with open(os.path.join(outdir, "targets.json"), "w") as f:
         json.dump({"header": header, "targets": [{"target": k, "what": NAMES[k], "met": ok, "measured": t}
-                                                 for k, (ok, t) in sorted(results.items())]}, f, indent=1)
+                                                 for k, (ok, t) in sorted(results.items())],
+                   "baseline": baseline}, f, indent=1)
     return 0
 
 
