@@ -163,12 +163,11 @@ build_extension() {
   suffix="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
   cmake_build "$ROOT" "$BUILD/cmake" "$ROOT/qgoft" ON all -DQGOFT_PYTHON_INCLUDE_DIR="$inc" \
     -DQGOFT_PYTHON_EXT_SUFFIX="$suffix" || return 1
-  "$PYTHON" - "$ROOT/qgoft/_build_meta.py" <<'EOF'
-import sys, torch
-with open(sys.argv[1], "w") as f:
-    f.write("# Written by tools/gpu_check.sh.\n"
-            f"TORCH_VERSION = {torch.__version__!r}\nCUDA_REQUESTED = 'ON'\n")
-EOF
+  # CMake wrote qgoft/_build_meta.py (TORCH_ABI_FLOOR, CUDA_LIBRARY: without them the package does not load
+  # libqgoft_cuda.so); the package must see the CUDA kernels it was just built with
+  "$PYTHON" -c 'import qgoft, sys; i = qgoft.build_info(); print("build_info:", i)
+sys.exit(0 if i.get("cuda_compiled") and i.get("cuda_loaded") else 1)' ||
+    { echo "qgoft does not load the CUDA kernels just built (qgoft/_build_meta.py?)"; return 1; }
 }
 
 # The earlier commit's ops library (build/baseline/src, from tools/gpu_baseline_prep.sh): the library alone
