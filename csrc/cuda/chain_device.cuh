@@ -16,12 +16,17 @@
 #include "chain_cuda.h"
 #include "chain_sizes.h"
 
-// Dynamic shared memory, and a check of the 16-byte vector accesses' alignment (host emulation only).
+// QGOFT_DYNAMIC_SMEM(T, name): declares `T* name`, the block's dynamic shared memory (16-byte aligned) as an
+// array of T (in a kernel body: a macro, since an extern __shared__ array declared in a helper function
+// changed the kernels' SASS). QGOFT_CHECK_ALIGN16: a check of the 16-byte vector accesses' alignment (host
+// emulation only).
 #ifdef QGOFT_CUDA_HOST_SIM
-#define QGOFT_DYNAMIC_SMEM(name) unsigned char* name = ::qgoft_sim::dynamic_smem()
+#define QGOFT_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(::qgoft_sim::dynamic_smem())
 #define QGOFT_CHECK_ALIGN16(p) ::qgoft_sim::check_align16(p)
 #else
-#define QGOFT_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define QGOFT_DYNAMIC_SMEM(T, name)                          \
+  extern __shared__ __align__(16) unsigned char name##_raw[]; \
+  T* name = reinterpret_cast<T*>(name##_raw)
 #define QGOFT_CHECK_ALIGN16(p) ((void)0)
 #endif
 
@@ -35,11 +40,16 @@ namespace qgoft::cuda::detail {
 template <class S>
 struct Elem;
 
+// float and double: accumulated in their own type (no conversion).
+template <class T>
+struct ElemOwnType {
+  using A = T;
+  static __device__ __forceinline__ A to(T v) { return v; }
+  static __device__ __forceinline__ T from(A v) { return v; }
+};
+
 template <>
-struct Elem<float> {
-  using A = float;
-  static __device__ __forceinline__ A to(float v) { return v; }
-  static __device__ __forceinline__ float from(A v) { return v; }
+struct Elem<float> : ElemOwnType<float> {
   struct Raw {
     float4 a, b;
   };
@@ -59,10 +69,7 @@ struct Elem<float> {
 };
 
 template <>
-struct Elem<double> {
-  using A = double;
-  static __device__ __forceinline__ A to(double v) { return v; }
-  static __device__ __forceinline__ double from(A v) { return v; }
+struct Elem<double> : ElemOwnType<double> {
   struct Raw {
     double2 w[4];
   };

@@ -64,10 +64,10 @@ __device__ __forceinline__ void general_layers_forward(const GeneralArgs& a, A* 
 template <class S>
 __global__ void __launch_bounds__(kGeneralThreads) general_forward_kernel(const GeneralArgs a) {
   using A = typename Elem<S>::A;
-  QGOFT_DYNAMIC_SMEM(smem_raw);
+  QGOFT_DYNAMIC_SMEM(A, smem);
   A* buf = a.workspace != nullptr
                ? static_cast<A*>(a.workspace) + static_cast<int64_t>(blockIdx.x) * a.ws_stride
-               : reinterpret_cast<A*>(smem_raw);
+               : smem;
   const int64_t d = a.d;
   for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
     const int64_t row0 = g * a.R;
@@ -83,14 +83,13 @@ __global__ void __launch_bounds__(kGeneralThreads) general_forward_kernel(const 
 template <class S, bool kGrads>
 __global__ void __launch_bounds__(kGeneralThreads) general_backward_kernel(const GeneralArgs a) {
   using A = typename Elem<S>::A;
-  QGOFT_DYNAMIC_SMEM(smem_raw);
+  QGOFT_DYNAMIC_SMEM(A, smem);
   const int tid = threadIdx.x, nt = blockDim.x;
   const int64_t d = a.d, P = a.num_pairs;
   const int R = a.R;
   const bool acc_blocks = kGrads && a.want_blocks;
   const bool acc_scale = kGrads && a.want_scale;
   const int64_t row_elems = general_row_elems(d, P, kGrads, acc_blocks);
-  A* smem = reinterpret_cast<A*>(smem_raw);
   A* region = a.workspace != nullptr
                   ? static_cast<A*>(a.workspace) + static_cast<int64_t>(blockIdx.x) * a.ws_stride
                   : smem;

@@ -66,29 +66,27 @@ struct LiveBits {
   unsigned bits;
 };
 
-// Shuffle level (layers 4 ..) of a segment, and its cross-warp level (layers 9 ..).
+// A level of a row segment whose participants are 2^c0 threads apart: the shuffle level (c0 = 0, layers
+// 4 ..) or the cross-warp level (c0 = 5: lane 0 of each warp, layers 9 ..).
 template <class A, bool kTable>
-__device__ __forceinline__ XLevel<A, kTable> shuffle_level(const ParallelArgs& a, int seg_base) {
+__device__ __forceinline__ XLevel<A, kTable> segment_level(const ParallelArgs& a, int seg_base, int c0) {
   XLevel<A, kTable> lv;
   lv.table = a.table;
   lv.base = seg_base;
-  lv.sh = kLogChunk;
+  lv.sh = c0 + kLogChunk;
   lv.d = static_cast<int>(a.d);
-  if constexpr (!kTable) lv.off = a.off + 4;
+  if constexpr (!kTable) lv.off = a.off + 4 + c0;
   lv.n = a.T;
+  lv.c0 = c0;
   return lv;
 }
 template <class A, bool kTable>
+__device__ __forceinline__ XLevel<A, kTable> shuffle_level(const ParallelArgs& a, int seg_base) {
+  return segment_level<A, kTable>(a, seg_base, 0);
+}
+template <class A, bool kTable>
 __device__ __forceinline__ XLevel<A, kTable> cross_warp_level(const ParallelArgs& a, int seg_base) {
-  XLevel<A, kTable> lv;
-  lv.table = a.table;
-  lv.base = seg_base;
-  lv.sh = 5 + kLogChunk;
-  lv.d = static_cast<int>(a.d);
-  if constexpr (!kTable) lv.off = a.off + 9;
-  lv.n = a.T;
-  lv.c0 = 5;
-  return lv;
+  return segment_level<A, kTable>(a, seg_base, 5);
 }
 // Top level of a segmented row: participant q is segment q's start (counted in segments: the pair of
 // segments lo, lo + m exists when lo + m < nseg).
@@ -230,6 +228,9 @@ struct Lanes {
   }
 };
 
+// The shuffle layers of a row segment: LS = min(log2 T, 5).
+__device__ __forceinline__ int shuffle_layers(const ParallelArgs& a) { return a.logT < 5 ? a.logT : 5; }
+
 // Block of in-thread layer r (1 .. 3) for the pair that starts at chunk element e of this thread: in the
 // global table, or (kTable) in the segment's shared-memory table.
 template <bool kTable>
@@ -291,7 +292,7 @@ __device__ __forceinline__ LaneLive lane_live(const ParallelArgs& a, const Lanes
       if (ln.base + e + (1 << li) < d) bits |= 1u << in_thread_pair_number(li, e);
     }
   }
-  const int LS = a.logT < 5 ? a.logT : 5;
+  const int LS = shuffle_layers(a);
   bits |= level_live(shuffle_level<A, kTable>(a, ln.seg_base), LS, ln.t, true).bits << LaneLive::kShuffle;
   if (a.logT > 5) {
     const XLevel<A, kTable> lv = cross_warp_level<A, kTable>(a, ln.seg_base);
@@ -322,7 +323,7 @@ __device__ __forceinline__ void parallel_forward_in_warp(const ParallelArgs& a, 
       if (exists) rotate_pair<false, kTable>(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), v[e], v[e + h]);
     }
   }
-  const int LS = a.logT < 5 ? a.logT : 5;
+  const int LS = shuffle_layers(a);
   const XLevel<A, kTable> lv = shuffle_level<A, kTable>(a, ln.seg_base);
   if (live != nullptr) {
     v[0] = level_forward<kTape>(lv, LS, ln.t, live->shuffle(), blocks, v[0], tp.sh);
@@ -379,8 +380,7 @@ __device__ __forceinline__ StackBlocks<A> stack_blocks(const ParallelArgs& a, co
 template <class S, bool kVec, bool kTable>
 __global__ void __launch_bounds__(kTable ? 512 : 1024, kTable && sizeof(S) < 8 ? 3 : 1) parallel_forward_kernel(const ParallelArgs a) {
   using A = typename Elem<S>::A;
-  QGOFT_DYNAMIC_SMEM(smem_raw);
-  A* xch = reinterpret_cast<A*>(smem_raw);
+  QGOFT_DYNAMIC_SMEM(A, xch);
   const Lanes ln(a);
   const StackBlocks<A> blocks = stack_blocks<A, kTable>(a, ln, xch + 32);
   if constexpr (kTable) __syncthreads();
@@ -627,8 +627,7 @@ __device__ __forceinline__ void parallel_backward_local(const ParallelArgs& a, c
 template <class S, bool kVec, bool kGrads, bool kTable>
 __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelArgs a) {
   using A = typename Elem<S>::A;
-  QGOFT_DYNAMIC_SMEM(smem_raw);
-  A* sm = reinterpret_cast<A*>(smem_raw);
+  QGOFT_DYNAMIC_SMEM(A, sm);
   const Lanes ln(a);
   const int T = a.T, R = a.R;
   const bool segmented = a.nseg > 1;
@@ -661,7 +660,7 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
   }
   __syncthreads();
 
-  const int LS = a.logT < 5 ? a.logT : 5;
+  const int LS = shuffle_layers(a);
   for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
     const int64_t row = g * R + ln.slot;
     const bool valid = row < a.rows;

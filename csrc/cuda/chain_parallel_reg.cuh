@@ -54,8 +54,7 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
   // `a` (segment shape as constants) for the per-row layer work; `args` where the layout's pair offsets
   // are indexed (table fill, top layers, write-out), so that the copy stays in registers
   const ParallelArgs a = with_fixed_width<kLogT>(args);
-  QGOFT_DYNAMIC_SMEM(smem_raw);
-  A* sm = reinterpret_cast<A*>(smem_raw);
+  QGOFT_DYNAMIC_SMEM(A, sm);
   const Lanes ln(a);
   const int T = a.T, R = a.R;
   const bool segmented = a.nseg > 1;
@@ -79,7 +78,7 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
   const bool acc_scale = kGrads && a.want_scale;
   const int lane = ln.tid & 31;
   const int wq = ln.t >> 5;  // this warp's word in its row's cross-warp level
-  const int LS = a.logT < 5 ? a.logT : 5;
+  const int LS = shuffle_layers(a);
 
   A acc_in[kChunk - 1][4];  // in-thread pairs: layer 1 -> 0..3, layer 2 -> 4..5, layer 3 -> 6
   A acc_sh[4];              // the shuffle-layer pair this lane owns as its upper lane (t % 32 != 0)

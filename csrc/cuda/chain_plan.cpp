@@ -4,8 +4,10 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "chain_sizes.h"
 
@@ -51,10 +53,31 @@ ParallelShape parallel_shape(int64_t d, int max_threads, int segment) {
   return s;
 }
 
-void fill_parallel(ParallelArgs& a, const Problem& p, const ParallelShape& s) {
+// The sizes and activation operands of the problem, named alike in ParallelArgs and GeneralArgs: the forward
+// reads x and writes out; the backward reads grad, writes out (grad_x) when wanted, and reads x only for the
+// parameter gradients.
+template <class Args>
+void fill_operands(Args& a, const Problem& p, bool backward) {
   a.rows = p.rows;
   a.d = p.d;
   a.num_pairs = p.num_pairs;
+  a.out = backward && !p.want_x ? nullptr : const_cast<void*>(p.out);
+  if (backward) {
+    a.grad = p.grad;
+    a.grad_ld = p.grad_ld;
+    a.want_blocks = p.want_blocks;
+    a.want_scale = p.want_scale;
+  }
+  if (!backward || p.want_blocks || p.want_scale) {
+    a.x = p.x;
+    a.x_ld = p.x_ld;
+  }
+}
+
+// ParallelArgs of `reps` repetitions of layouts.parallel(d) in segments of shape s.
+void fill_parallel(ParallelArgs& a, const Problem& p, const ParallelShape& s, int reps, bool backward) {
+  fill_operands(a, p, backward);
+  a.reps = reps;
   // off[r] = number of pairs in layers 1 .. r-1 of layouts.parallel(d)
   int64_t total = 0;
   for (int r = 1; r < kLayerTable; ++r) {
@@ -88,14 +111,28 @@ int parallel_reps(const Problem& p, const Knobs& k) {
   return p.parallel_reps > 1 && xor_fused(k) ? p.parallel_reps : 0;
 }
 
-void fill_general(GeneralArgs& a, const Problem& p) {
-  a.rows = p.rows;
-  a.d = p.d;
-  a.num_pairs = p.num_pairs;
+void fill_general(GeneralArgs& a, const Problem& p, bool backward) {
+  fill_operands(a, p, backward);
   a.num_layers = p.num_layers;
 }
 
 std::string str(int64_t v) { return std::to_string(v); }
+
+// The value of environment switch `var` among `choices` (name, value); unset or empty: the first choice.
+// Throws std::invalid_argument naming the allowed names ("VAR must be a, b or c, got 'x'") otherwise.
+template <class E>
+E env_switch(const char* var, std::initializer_list<std::pair<const char*, E>> choices) {
+  const char* v = std::getenv(var);
+  if (v == nullptr || *v == '\0') return choices.begin()->second;
+  std::string names;
+  size_t k = 0;
+  for (const auto& [name, value] : choices) {
+    if (std::strcmp(v, name) == 0) return value;
+    names += (k == 0 ? "" : k + 1 == choices.size() ? " or " : ", ") + std::string(name);
+    ++k;
+  }
+  throw std::invalid_argument(std::string(var) + " must be " + names + ", got '" + v + "'");
+}
 
 // Resident blocks per SM of a kernel that needs `smem` bytes of dynamic shared memory and few registers
 // (the table-variant forward): the thread and shared-memory limits (1 KiB reserved per block).
@@ -103,6 +140,18 @@ int64_t estimated_occupancy(int threads, int64_t smem, const Limits& lim) {
   const int64_t by_threads = 2048 / std::max(threads, 1);
   const int64_t by_smem = (lim.smem_optin + 1024) / (smem + 1024);
   return std::max<int64_t>(1, std::min({by_threads, by_smem, int64_t(32)}));
+}
+
+// Blocks of a persistent grid per segment column (nseg columns): as many as are resident at once (occ per SM,
+// the SMs shared by the columns), at least 1 and at most one per row group.
+int64_t persistent_blocks(int64_t groups, int64_t occ, int nseg, const Limits& lim) {
+  return std::max<int64_t>(1, std::min(groups, int64_t(lim.sm_count) * occ / nseg));
+}
+
+// The start of the QGOFT_CUDA_VERBOSE line of the parallel and stacked kernels.
+std::string describe_parallel(int reps, const ParallelShape& s, bool vec, int table) {
+  return std::string(reps > 1 ? "path=stack reps=" + str(reps) + " " : "path=parallel ") + "T=" + str(s.T) +
+         " R=" + str(s.R) + " nseg=" + str(s.nseg) + " vec=" + str(vec) + " table=" + str(table);
 }
 
 Variant resolved_variant(const Knobs& k) { return k.variant == Variant::FromEnv ? variant_from_env() : k.variant; }
@@ -113,18 +162,12 @@ bool table_variant(const Knobs& k) { return resolved_variant(k) != Variant::Base
 }  // namespace
 
 Variant variant_from_env() {
-  const char* v = std::getenv("QGOFT_CUDA_VARIANT");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "base") == 0) return Variant::Base;
-  if (std::strcmp(v, "table") == 0) return Variant::Table;
-  if (std::strcmp(v, "reg") == 0) return Variant::Reg;
-  throw std::invalid_argument(std::string("QGOFT_CUDA_VARIANT must be base, table or reg, got '") + v + "'");
+  return env_switch<Variant>("QGOFT_CUDA_VARIANT",
+                             {{"base", Variant::Base}, {"table", Variant::Table}, {"reg", Variant::Reg}});
 }
 
 XorPath xor_path_from_env() {
-  const char* v = std::getenv("QGOFT_CUDA_XOR");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "general") == 0) return XorPath::General;
-  if (std::strcmp(v, "fused") == 0) return XorPath::Fused;
-  throw std::invalid_argument(std::string("QGOFT_CUDA_XOR must be general or fused, got '") + v + "'");
+  return env_switch<XorPath>("QGOFT_CUDA_XOR", {{"general", XorPath::General}, {"fused", XorPath::Fused}});
 }
 
 ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs) {
@@ -143,11 +186,7 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
   if (reps == 1 || (reps > 1 && s.nseg == 1)) {  // a stack needs whole rows in one block
     plan.parallel = true;
     ParallelArgs& a = plan.pa;
-    fill_parallel(a, p, s);
-    a.reps = reps;
-    a.x = p.x;
-    a.x_ld = p.x_ld;
-    a.out = const_cast<void*>(p.out);
+    fill_parallel(a, p, s, reps, /*backward=*/false);
     plan.vec = p.d % kChunk == 0 && p.x_ld % kChunk == 0 && aligned16(p.x) && aligned16(p.out);
     plan.main.grid = dim3(static_cast<unsigned>(std::min(a.groups, kMaxGridX)), s.nseg);
     plan.main.threads = s.R * s.T;
@@ -156,8 +195,7 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
       a.table = kChunk * s.T;
       plan.main.smem = static_cast<size_t>(detail::parallel_forward_smem(a.table, reps) * es);
       const int64_t occ = estimated_occupancy(plan.main.threads, plan.main.smem, lim);
-      plan.main.grid.x = static_cast<unsigned>(
-          std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ / s.nseg)));
+      plan.main.grid.x = static_cast<unsigned>(persistent_blocks(a.groups, occ, s.nseg, lim));
     }
     if (s.nseg > 1) {
       plan.top_pass = true;
@@ -166,16 +204,11 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
       plan.top.threads = 32 * kTopRowsPerBlock;
       plan.top.smem = 0;
     }
-    plan.describe = std::string(reps > 1 ? "path=stack reps=" + str(reps) + " " : "path=parallel ") + "T=" + str(s.T) +
-                    " R=" + str(s.R) + " nseg=" + str(s.nseg) + " vec=" + str(plan.vec) + " table=" + str(a.table) +
-                    " grid=" + str(plan.main.grid.x);
+    plan.describe = describe_parallel(reps, s, plan.vec, a.table) + " grid=" + str(plan.main.grid.x);
     return plan;
   }
   GeneralArgs& a = plan.ga;
-  fill_general(a, p);
-  a.x = p.x;
-  a.x_ld = p.x_ld;
-  a.out = const_cast<void*>(p.out);
+  fill_general(a, p, /*backward=*/false);
   const int64_t row_bytes = p.d * es;
   plan.main.threads = kGeneralThreads;
   if (knobs.path != ForcedPath::Global && row_bytes <= lim.smem_optin) {
@@ -227,20 +260,9 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     const BackwardKernel kernel = reps > 1 ? BackwardKernel::ParallelStack : BackwardKernel::Parallel;
     plan.parallel = true;
     ParallelArgs& a = plan.pa;
-    fill_parallel(a, p, s);
-    a.reps = reps;
-    a.grad = p.grad;
-    a.grad_ld = p.grad_ld;
-    a.out = p.want_x ? const_cast<void*>(p.out) : nullptr;
-    a.want_blocks = p.want_blocks;
-    a.want_scale = want_scale;
-    bool vec = p.d % kChunk == 0 && p.grad_ld % kChunk == 0 && aligned16(p.grad) &&
-               (a.out == nullptr || aligned16(a.out));
-    if (grads) {
-      a.x = p.x;
-      a.x_ld = p.x_ld;
-      vec = vec && p.x_ld % kChunk == 0 && aligned16(p.x);
-    }
+    fill_parallel(a, p, s, reps, /*backward=*/true);
+    const bool vec = p.d % kChunk == 0 && p.grad_ld % kChunk == 0 && aligned16(p.grad) &&
+                     (a.out == nullptr || aligned16(a.out)) && (!grads || (p.x_ld % kChunk == 0 && aligned16(p.x)));
     plan.vec = vec;
     const int threads = s.R * s.T;
     a.stack_tape = reps > 1 && grads && fits(0, true) ? 1 : 0;  // a kept tape saves a forward pass
@@ -256,43 +278,29 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
       plan.top.smem = static_cast<size_t>(detail::parallel_forward_smem(a.table) * es);
       if (a.table > 0) {
         const int64_t occ = estimated_occupancy(s.T, plan.top.smem, lim);
-        plan.top.grid.x = static_cast<unsigned>(
-            std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ / s.nseg)));
+        plan.top.grid.x = static_cast<unsigned>(persistent_blocks(a.groups, occ, s.nseg, lim));
       }
     }
     plan.main.threads = threads;
     plan.main.smem = static_cast<size_t>(smem_elems(a.table, a.stack_tape) * es);
     int64_t blocks = std::min(a.groups, kMaxGridX);
-    if (a.table > 0 && !grads) {  // persistent grid: the table is read once per block
-      const int occ = occupancy(kernel, vec, grads, threads, plan.main.smem);
-      blocks = std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ / s.nseg));
+    if (a.table > 0 || grads) {  // persistent grid: the table read, the parameter gradients summed once per block
+      blocks = persistent_blocks(a.groups, occupancy(kernel, vec, grads, threads, plan.main.smem), s.nseg, lim);
     }
     if (grads) {
-      const int occ = occupancy(kernel, vec, grads, threads, plan.main.smem);
-      blocks = std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ / s.nseg));
       blocks = std::min(blocks, partial_cap);
       plan.slots = blocks;
       a.partial_ld = plan.partial_ld;
     }
     plan.main.grid = dim3(static_cast<unsigned>(blocks), s.nseg);
-    plan.describe = std::string(reps > 1 ? "path=stack reps=" + str(reps) + " " : "path=parallel ") + "T=" + str(s.T) +
-                    " R=" + str(s.R) + " nseg=" + str(s.nseg) + " vec=" + str(vec) + " table=" + str(a.table) +
-                    " reg=" + str(a.reg) + (reps > 1 ? " tape=" + str(a.stack_tape) : std::string()) +
-                    " grads=" + str(grads) + " grid=" + str(blocks) + " smem=" + str(plan.main.smem);
+    plan.describe = describe_parallel(reps, s, vec, a.table) + " reg=" + str(a.reg) +
+                    (reps > 1 ? " tape=" + str(a.stack_tape) : std::string()) + " grads=" + str(grads) +
+                    " grid=" + str(blocks) + " smem=" + str(plan.main.smem);
     return plan;
   }
 
   GeneralArgs& a = plan.ga;
-  fill_general(a, p);
-  a.grad = p.grad;
-  a.grad_ld = p.grad_ld;
-  a.out = p.want_x ? const_cast<void*>(p.out) : nullptr;
-  a.want_blocks = p.want_blocks;
-  a.want_scale = want_scale;
-  if (grads) {
-    a.x = p.x;
-    a.x_ld = p.x_ld;
-  }
+  fill_general(a, p, /*backward=*/true);
   const int64_t row_elems = detail::general_row_elems(p.d, p.num_pairs, grads, grads && p.want_blocks);
   const int64_t acc_elems = grads ? detail::general_acc_elems(p.d, p.num_pairs, p.want_blocks, want_scale) : 0;
   plan.main.threads = kGeneralThreads;
@@ -317,7 +325,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     blocks = std::min(a.groups, kMaxGridX);
     if (grads) {
       const int occ = occupancy(BackwardKernel::General, false, grads, plan.main.threads, plan.main.smem);
-      blocks = std::max<int64_t>(1, std::min(a.groups, int64_t(lim.sm_count) * occ));
+      blocks = persistent_blocks(a.groups, occ, 1, lim);
     }
   } else {
     a.R = 1;

@@ -69,38 +69,29 @@ constexpr int kGeneralMaxRows = 8;
 constexpr int64_t kWorkspaceCapBytes = int64_t(1) << 30;
 constexpr int64_t kPartialCapBytes = int64_t(1) << 29;
 
-// parallel: pa.reps > 1 selects the stacked kernels (parallel_stack_*), rows of one segment.
-struct ForwardPlan {
+// What a forward or backward launch needs: the parallel kernels (pa; pa.reps > 1 selects the stacked kernels,
+// parallel_stack_*, rows of one segment) or the general ones (ga), the main kernel's launch, and for segmented
+// parallel rows a second launch `top` with `top_elems` accumulation-type elements of scratch (rows x nseg) to
+// allocate and put in pa.top: the forward's top kernel after the main one, or before the backward (with
+// parameter gradients) the forward kernel recomputing the segment starts' local results.
+struct LaunchPlan {
   bool parallel = false;
   bool vec = false;
-  // parallel: main kernel, then (segmented rows) the top kernel; `top_elems` accumulation-type
-  // elements of scratch (rows x nseg) to allocate and put in pa.top.
   ParallelArgs pa;
+  GeneralArgs ga;
+  int64_t workspace_elems = 0;  // general: accumulation-type elements to allocate and put in ga.workspace
   LaunchConfig main;
   bool top_pass = false;
   LaunchConfig top;
   int64_t top_elems = 0;
-  // general: `workspace_elems` accumulation-type elements to allocate and put in ga.workspace.
-  GeneralArgs ga;
-  int64_t workspace_elems = 0;
   std::string describe;  // one line for QGOFT_CUDA_VERBOSE
 };
 
-struct BackwardPlan {
-  bool parallel = false;
-  bool vec = false;
-  bool grads = false;  // parameter gradients wanted: partial rows + reduction
-  ParallelArgs pa;
-  // parallel, segmented, with parameter gradients: the forward kernel first recomputes the segment
-  // starts' local results into pa.top (`top_elems` elements).
-  bool top_pass = false;
-  LaunchConfig top;
-  int64_t top_elems = 0;
-  GeneralArgs ga;
-  int64_t workspace_elems = 0;
-  LaunchConfig main;
+struct ForwardPlan : LaunchPlan {};
+
+struct BackwardPlan : LaunchPlan {
+  bool grads = false;                 // parameter gradients wanted: partial rows + reduction
   int64_t slots = 0, partial_ld = 0;  // partial: slots x partial_ld accumulation-type elements
-  std::string describe;
 };
 
 // The plans fill every field of pa / ga except the buffers the caller allocates (top, workspace,

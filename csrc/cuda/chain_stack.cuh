@@ -42,8 +42,7 @@ __device__ __forceinline__ void tape_smem(Tape<A>& tp, A* at, int64_t stride) {
 template <class S, bool kVec, bool kGrads, bool kTable>
 __global__ void __launch_bounds__(512) parallel_stack_backward_kernel(const ParallelArgs a) {
   using A = typename Elem<S>::A;
-  QGOFT_DYNAMIC_SMEM(smem_raw);
-  A* sm = reinterpret_cast<A*>(smem_raw);
+  QGOFT_DYNAMIC_SMEM(A, sm);
   const Lanes ln(a);
   const int T = a.T, R = a.R, reps = a.reps;
   const int d = static_cast<int>(a.d);
@@ -71,7 +70,7 @@ __global__ void __launch_bounds__(512) parallel_stack_backward_kernel(const Para
   }
   __syncthreads();
 
-  const int LS = a.logT < 5 ? a.logT : 5;
+  const int LS = shuffle_layers(a);
   for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
     const int64_t row = g * R + ln.slot;
     const bool valid = row < a.rows;

@@ -619,13 +619,13 @@ void check_env_switches() {
       ++g_failures;
     }
   };
-  auto throws = [](auto&& f) {
+  auto error = [](auto&& f) {  // the message of the std::invalid_argument f throws, or "" when none
     try {
       f();
-    } catch (const std::invalid_argument&) {
-      return true;
+    } catch (const std::invalid_argument& e) {
+      return std::string(e.what());
     }
-    return false;
+    return std::string();
   };
   unsetenv("QGOFT_CUDA_XOR");
   expect(xor_path_from_env() == XorPath::General, "QGOFT_CUDA_XOR unset: general");
@@ -634,14 +634,16 @@ void check_env_switches() {
   setenv("QGOFT_CUDA_XOR", "general", 1);
   expect(xor_path_from_env() == XorPath::General, "QGOFT_CUDA_XOR=general");
   setenv("QGOFT_CUDA_XOR", "Fused", 1);
-  expect(throws([] { xor_path_from_env(); }), "QGOFT_CUDA_XOR=Fused throws");
+  expect(error([] { xor_path_from_env(); }) == "QGOFT_CUDA_XOR must be general or fused, got 'Fused'",
+         "QGOFT_CUDA_XOR=Fused throws");
   unsetenv("QGOFT_CUDA_XOR");
   setenv("QGOFT_CUDA_VARIANT", "table", 1);
   expect(variant_from_env() == Variant::Table, "QGOFT_CUDA_VARIANT=table");
   setenv("QGOFT_CUDA_VARIANT", "reg", 1);
   expect(variant_from_env() == Variant::Reg, "QGOFT_CUDA_VARIANT=reg");
   setenv("QGOFT_CUDA_VARIANT", "tabel", 1);
-  expect(throws([] { variant_from_env(); }), "QGOFT_CUDA_VARIANT=tabel throws");
+  expect(error([] { variant_from_env(); }) == "QGOFT_CUDA_VARIANT must be base, table or reg, got 'tabel'",
+         "QGOFT_CUDA_VARIANT=tabel throws");
   unsetenv("QGOFT_CUDA_VARIANT");
   expect(variant_from_env() == Variant::Base, "QGOFT_CUDA_VARIANT unset: base");
 }
