@@ -175,41 +175,49 @@ def _adjoint(g: Tensor, blocks: Tensor, pairs: Tensor, offsets: List[int], scale
     return out.to(g.dtype)
 
 
+def _chain(op: str, rows: Tensor, params: Tensor, params_name: str, pairs: Tensor, layer_offsets: Tensor,
+           scale: Optional[Tensor], compute_dtype: Optional[torch.dtype], *, adjoint: bool) -> Tensor:
+    """The four public chain functions: validate like the compiled op (``op`` names it in the errors), take the
+    blocks from ``params`` (``params_name`` ``"blocks"``) or build them from the angles in the compute dtype
+    (``"angles"``), and map the rows through the chain or, with ``adjoint``, its transpose."""
+    offsets = _check_inputs(op, rows, params, params_name, pairs, layer_offsets, scale)
+    dtype = _resolve_compute_dtype(rows, compute_dtype)
+    blocks = blocks_from_angles(params.to(dtype)) if params_name == "angles" else params
+    return (_adjoint if adjoint else _forward)(rows, blocks, pairs, offsets, scale, dtype)
+
+
 def quasi_givens_chain_reference(x: Tensor, blocks: Tensor, pairs: Tensor, layer_offsets: Tensor,
                                  scale: Optional[Tensor] = None, *,
                                  compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Rows of ``x`` ``(..., d)`` -> ``s * (R^T x)`` for quasi-Givens ``blocks`` ``(P, 2, 2)``; same shape/dtype.
 
     Raises :class:`InputError` for the arguments the compiled ops reject (see ``_check_inputs``)."""
-    offsets = _check_inputs("quasi_givens_chain_reference", x, blocks, "blocks", pairs, layer_offsets, scale)
-    return _forward(x, blocks, pairs, offsets, scale, _resolve_compute_dtype(x, compute_dtype))
+    return _chain("quasi_givens_chain_reference", x, blocks, "blocks", pairs, layer_offsets, scale, compute_dtype,
+                  adjoint=False)
 
 
 def givens_chain_reference(x: Tensor, angles: Tensor, pairs: Tensor, layer_offsets: Tensor,
                            scale: Optional[Tensor] = None, *,
                            compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Rows of ``x`` ``(..., d)`` -> ``s * (R^T x)`` for strict rotations of ``angles`` ``(P,)``."""
-    offsets = _check_inputs("givens_chain_reference", x, angles, "angles", pairs, layer_offsets, scale)
-    dtype = _resolve_compute_dtype(x, compute_dtype)
-    return _forward(x, blocks_from_angles(angles.to(dtype)), pairs, offsets, scale, dtype)
+    return _chain("givens_chain_reference", x, angles, "angles", pairs, layer_offsets, scale, compute_dtype,
+                  adjoint=False)
 
 
 def quasi_givens_chain_adjoint_reference(g: Tensor, blocks: Tensor, pairs: Tensor, layer_offsets: Tensor,
                                          scale: Optional[Tensor] = None, *,
                                          compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Transpose of the chain: rows of ``g`` ``(..., d)`` -> ``g S R^T`` (column form ``R (s * g)``)."""
-    offsets = _check_inputs("quasi_givens_chain_adjoint_reference", g, blocks, "blocks", pairs, layer_offsets,
-                            scale)
-    return _adjoint(g, blocks, pairs, offsets, scale, _resolve_compute_dtype(g, compute_dtype))
+    return _chain("quasi_givens_chain_adjoint_reference", g, blocks, "blocks", pairs, layer_offsets, scale,
+                  compute_dtype, adjoint=True)
 
 
 def givens_chain_adjoint_reference(g: Tensor, angles: Tensor, pairs: Tensor, layer_offsets: Tensor,
                                    scale: Optional[Tensor] = None, *,
                                    compute_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Transpose of :func:`givens_chain_reference`: rows of ``g`` -> ``g S R^T``."""
-    offsets = _check_inputs("givens_chain_adjoint_reference", g, angles, "angles", pairs, layer_offsets, scale)
-    dtype = _resolve_compute_dtype(g, compute_dtype)
-    return _adjoint(g, blocks_from_angles(angles.to(dtype)), pairs, offsets, scale, dtype)
+    return _chain("givens_chain_adjoint_reference", g, angles, "angles", pairs, layer_offsets, scale,
+                  compute_dtype, adjoint=True)
 
 
 def dense_chain_matrix(blocks: Tensor, pairs: Tensor, layer_offsets: Tensor, d: int) -> Tensor:
