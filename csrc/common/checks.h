@@ -56,6 +56,13 @@ std::string format_sizes(const std::vector<int64_t>& sizes);
     }                                                          \
   } while (0)
 
+// The registered name of a chain op, as the checks' messages give it: qgoft::givens_chain (givens) or
+// qgoft::quasi_givens_chain, with the suffix _backward for the backward op.
+constexpr const char* chain_op_name(bool givens, bool backward) {
+  if (givens) return backward ? "qgoft::givens_chain_backward" : "qgoft::givens_chain";
+  return backward ? "qgoft::quasi_givens_chain_backward" : "qgoft::quasi_givens_chain";
+}
+
 // The kernel dtype of x; refuses anything but float32, float64, bfloat16 and float16.
 DType kernel_dtype(ScalarType x_dtype, const char* op);
 

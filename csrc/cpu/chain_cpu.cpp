@@ -223,7 +223,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_outputs(Grads g, const Operands& o, 
 // The entry points: params are the angles (P,) (kGivens) or the quasi-Givens blocks (P, 2, 2).
 template <bool kGivens>
 Tensor chain_cpu(Tensor x, Tensor params, Tensor pairs, Tensor layer_offsets, std::optional<Tensor> scale) {
-  const char* op = kGivens ? "qgoft::givens_chain" : "qgoft::quasi_givens_chain";
+  const char* op = chain_op_name(kGivens, /*backward=*/false);
   const Operands o = prepare(x, params, kGivens, pairs, layer_offsets, scale, nullptr, op);
   return forward(o, x);
 }
@@ -232,7 +232,7 @@ template <bool kGivens>
 std::tuple<Tensor, Tensor, Tensor> chain_backward_cpu(Tensor grad_out, Tensor x, Tensor params, Tensor pairs,
                                                       Tensor layer_offsets, std::optional<Tensor> scale,
                                                       std::vector<bool> output_mask) {
-  const char* op = kGivens ? "qgoft::givens_chain_backward" : "qgoft::quasi_givens_chain_backward";
+  const char* op = chain_op_name(kGivens, /*backward=*/true);
   const Operands o = prepare(x, params, kGivens, pairs, layer_offsets, scale, &grad_out, op);
   Grads g = backward(o, grad_out, x, output_mask[0], output_mask[1], output_mask[2]);
   return backward_outputs(std::move(g), o, x, params, kGivens, scale);

@@ -498,69 +498,44 @@ Tensor chain_blocks(const Tensor& params, bool givens, at::ScalarType acc) {
   return aligned_blocks(params.reshape({params.size(0), 4}).to(acc));
 }
 
-Tensor chain_forward_cuda(const Tensor& x, const Tensor& params, const Tensor& pairs,
-                          const Tensor& layer_offsets, const std::optional<Tensor>& scale,
-                          bool givens, const char* op) {
+template <bool kGivens>
+Tensor chain_cuda(const Tensor& x, const Tensor& params, const Tensor& pairs, const Tensor& layer_offsets,
+                  const std::optional<Tensor>& scale) {
+  const char* op = chain_op_name(kGivens, /*backward=*/false);
   c10::cuda::OptionalCUDAGuard guard;
   if (x.is_cuda()) guard.set_device(x.device());
-  Operands o = prepare(x, params, givens, pairs, layer_offsets, scale, nullptr, op);
-  o.blocks = chain_blocks(params, givens, o.acc);
+  Operands o = prepare(x, params, kGivens, pairs, layer_offsets, scale, nullptr, op);
+  o.blocks = chain_blocks(params, kGivens, o.acc);
   const Tensor x2 = rows_view(x, o.d);
   Tensor y = at::empty({o.rows, o.d}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (o.rows > 0 && o.d > 0) run_forward(o, x2, y, op);
   return y.view(x.sizes());
 }
 
-std::tuple<Tensor, Tensor, Tensor> chain_backward_cuda(
-    const Tensor& grad_out, const Tensor& x, const Tensor& params, const Tensor& pairs,
-    const Tensor& layer_offsets, const std::optional<Tensor>& scale,
-    std::array<bool, 3> output_mask, bool givens, const char* op) {
+template <bool kGivens>
+std::tuple<Tensor, Tensor, Tensor> chain_backward_cuda(const Tensor& grad_out, const Tensor& x, const Tensor& params,
+                                                       const Tensor& pairs, const Tensor& layer_offsets,
+                                                       const std::optional<Tensor>& scale,
+                                                       std::array<bool, 3> output_mask) {
+  const char* op = chain_op_name(kGivens, /*backward=*/true);
   c10::cuda::OptionalCUDAGuard guard;
   if (x.is_cuda()) guard.set_device(x.device());
-  Operands o = prepare(x, params, givens, pairs, layer_offsets, scale, &grad_out, op);
-  o.blocks = chain_blocks(params, givens, o.acc);
+  Operands o = prepare(x, params, kGivens, pairs, layer_offsets, scale, &grad_out, op);
+  o.blocks = chain_blocks(params, kGivens, o.acc);
   BackwardResult r = run_backward(o, x, grad_out, output_mask[0], output_mask[1], output_mask[2],
-                                  givens, op);
+                                  kGivens, op);
   return {r.grad_x.defined() ? r.grad_x.view(x.sizes()) : empty_like_flat(x),
           r.grad_params.defined() ? r.grad_params.view(params.sizes()).to(params.scalar_type())
                                   : empty_like_flat(params),
           r.grad_scale.defined() ? r.grad_scale.to(scale->scalar_type()) : empty_like_flat(params)};
 }
 
-Tensor givens_chain_cuda(const Tensor& x, const Tensor& angles, const Tensor& pairs,
-                         const Tensor& layer_offsets, const std::optional<Tensor>& scale) {
-  return chain_forward_cuda(x, angles, pairs, layer_offsets, scale, /*givens=*/true,
-                            "qgoft::givens_chain");
-}
-
-std::tuple<Tensor, Tensor, Tensor> givens_chain_backward_cuda(
-    const Tensor& grad_out, const Tensor& x, const Tensor& angles, const Tensor& pairs,
-    const Tensor& layer_offsets, const std::optional<Tensor>& scale,
-    std::array<bool, 3> output_mask) {
-  return chain_backward_cuda(grad_out, x, angles, pairs, layer_offsets, scale, output_mask,
-                             /*givens=*/true, "qgoft::givens_chain_backward");
-}
-
-Tensor quasi_givens_chain_cuda(const Tensor& x, const Tensor& blocks, const Tensor& pairs,
-                               const Tensor& layer_offsets, const std::optional<Tensor>& scale) {
-  return chain_forward_cuda(x, blocks, pairs, layer_offsets, scale, /*givens=*/false,
-                            "qgoft::quasi_givens_chain");
-}
-
-std::tuple<Tensor, Tensor, Tensor> quasi_givens_chain_backward_cuda(
-    const Tensor& grad_out, const Tensor& x, const Tensor& blocks, const Tensor& pairs,
-    const Tensor& layer_offsets, const std::optional<Tensor>& scale,
-    std::array<bool, 3> output_mask) {
-  return chain_backward_cuda(grad_out, x, blocks, pairs, layer_offsets, scale, output_mask,
-                             /*givens=*/false, "qgoft::quasi_givens_chain_backward");
-}
-
 }  // namespace
 }  // namespace qgoft
 
 TORCH_LIBRARY_IMPL(qgoft, CUDA, m) {
-  m.impl("givens_chain", &qgoft::givens_chain_cuda);
-  m.impl("givens_chain_backward", &qgoft::givens_chain_backward_cuda);
-  m.impl("quasi_givens_chain", &qgoft::quasi_givens_chain_cuda);
-  m.impl("quasi_givens_chain_backward", &qgoft::quasi_givens_chain_backward_cuda);
+  m.impl("givens_chain", &qgoft::chain_cuda<true>);
+  m.impl("givens_chain_backward", &qgoft::chain_backward_cuda<true>);
+  m.impl("quasi_givens_chain", &qgoft::chain_cuda<false>);
+  m.impl("quasi_givens_chain_backward", &qgoft::chain_backward_cuda<false>);
 }
