@@ -20,6 +20,7 @@ import argparse
 import logging
 import json
 import os
+import sys
 from typing import Dict, List, Optional, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -88,14 +89,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
-    try:
-        return train_and_save(parse_args(argv))
-    finally:
-        # Under accelerate / torchrun the Trainer started a process group and never ends it. A process that
-        # exits with it alive can abort in interpreter teardown (gloo's worker threads still hold work
-        # objects: "terminate called without an active exception", SIGABRT) after its work was done.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    summary = train_and_save(parse_args(argv))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        leave_distributed_run()
+    return summary
+
+
+def leave_distributed_run() -> None:
+    """End this process of an ``accelerate launch`` / torchrun run after its work is done and saved.
+
+    The Trainer's DDP keeps torch's gloo worker threads alive even after ``destroy_process_group()`` (torch
+    2.13), and such a thread may free a finished collective, whose tensors belong to Python, while the
+    interpreter is being torn down; that aborts the process (SIGABRT, "terminate called without an active
+    exception") and the launcher reports the run as failed. So the group is ended, the output flushed and
+    the process left without interpreter teardown. Not reached when training raised.
+    """
+    torch.distributed.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def train_and_save(args: argparse.Namespace) -> Dict[str, object]:
