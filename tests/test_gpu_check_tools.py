@@ -66,7 +66,7 @@ def test_summary_verdicts(tmp_path):
 def test_row_loop_count(tmp_path, monkeypatch):
     """cuda_resource_report.py --row-loop. `loop`: instructions whose innermost line-information frame in the
     kernel's file lies in its grid loop, without its `if (segmented ...)` block. `span`: instructions placed
-    between the loop's head and its back edge, without the address range of that block."""
+    between the loop's head and its back edge, without that block's code (the branch around it to its target)."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "tools"))
     import cuda_resource_report as rr
 
@@ -97,11 +97,11 @@ def test_row_loop_count(tmp_path, monkeypatch):
     text += ins(0x20, "ISETP.GE.AND P0, PT, R0, UR4, PT", (f, 3))         # loop: yes, span: before the head
     text += [".L_x_0:"]
     text += ins(0x30, "FFMA R2, R3, R4, R2", (h, 40, f, 4), (f, 4))    # inlined into line 4: both
-    text += ["        /*0040*/                   NOP ;"]                  # never counted
+    text += ins(0x40, "ULDC.64 UR18, c[0x0][0x260]", (h, 479, f, 6), (f, 6))  # the block's, placed outside it: span
     text += ins(0x50, "@P1 BRA `(.L_x_1)", (f, 5))                      # the top-layer block: neither
     # a lambda of the block (line 6) passed through a helper of another file (line 99) called on line 4
     text += ins(0x60, "FADD R2, R2, R5", (h, 50, f, 6), (f, 6, h, 99), (h, 99, f, 4), (f, 4))
-    text += ins(0x70, "S2R R7, SR_TID.X", (f, 1))                       # inside the block's addresses: neither
+    text += ins(0x70, "S2R R7, SR_TID.X", (f, 1))                       # inside the block (branch to target): neither
     text += ins(0x80, "BSYNC B0", (f, 7))
     text += [".L_x_1:"]
     text += ins(0x90, "@!P2 FMUL R2, R2, 2", (f, 8))                    # predicated: both
@@ -110,18 +110,19 @@ def test_row_loop_count(tmp_path, monkeypatch):
     text += ins(0xc0, "@P0 BRA `(.L_x_0)", (f, 3))                      # the back edge: both
     text += ins(0xd0, "STG.E [R6], R2", (f, 10))
     text += ins(0xe0, "CS2R R10, SRZ", (f, 3))                          # after the loop: loop only
+    text += ["        /*00f0*/                   NOP ;"]                  # never counted
     text += ["//--------------------- .text._Z5otherv --------------------------"]
     text += ins(0x0, "EXIT", (h, 3))
     funcs = rr.parse_line_info_sass("\n".join(text) + "\n")
     instrs, labels = funcs["_Z1kv"]
-    assert len(instrs) == 14 and labels == {".L_x_0": 0x30, ".L_x_1": 0x90}
+    assert len(instrs) == 15 and labels == {".L_x_0": 0x30, ".L_x_1": 0x90}
     assert funcs["_Z5otherv"][0] == [rr.Ins(0, ((h, 3),), "EXIT", None)]
-    assert instrs[5].frames == ((h, 50), (f, 6), (h, 99), (f, 4)) and instrs[6].frames == ((f, 1),)
+    assert instrs[6].frames == ((h, 50), (f, 6), (h, 99), (f, 4)) and instrs[7].frames == ((f, 1),)
     res = rr.row_loop_count(instrs, labels)
     assert res["loop_ops"] == {"ISETP": 1, "FFMA": 1, "FMUL": 1, "IADD3": 1, "BRA": 1, "CS2R": 1}, res
     assert res["loop"] == 6
-    assert res["span_ops"] == {"FFMA": 1, "FMUL": 1, "IADD3": 1, "LOP3": 1, "BRA": 1}, res
-    assert res["span"] == 5
+    assert res["span_ops"] == {"FFMA": 1, "ULDC": 1, "FMUL": 1, "IADD3": 1, "LOP3": 1, "BRA": 1}, res
+    assert res["span"] == 6
     assert res["loop_lines"].endswith(":3-9 without 5-7")
 
 

@@ -19,8 +19,8 @@ kernel's persistent-grid loop over its rows (the first `for (...)` after the ker
 steps by gridDim.x), without the segmented rows' top-layer block (an `if (segmented ...) { ... }` in it: warp 0
 only, segmented rows only). `loop`: the instructions that `nvdisasm -gi` line information attributes
 (outermost inlining level: the kernel source line they were inlined into) to the loop's lines. `span`: the
-instructions placed between the loop's head and its back edge, without the top-layer block's address range:
-this one also counts what the compiler recomputes per row but attributes to lines before the loop (values
+instructions placed between the loop's head and its back edge, without the top-layer block (from the branch
+around it to the branch's target): this one also counts what the compiler recomputes per row but attributes to lines before the loop (values
 hoisted in the source and rematerialised in the loop to save registers), and leaves out what it attributes to
 the loop's lines but places outside (e.g. the path of a block without rows). A warp issues every instruction
 on its path once and its lanes take both sides of the lower / upper branches, so for rows that are not
@@ -167,8 +167,8 @@ def row_loop_count(instrs: list[Ins], labels: dict[str, int]) -> dict:
     another file), if any. Counted two ways:
     * loop: the instructions with a loop line, minus those whose loop line is in the top-layer block;
     * span: the instructions placed between the loop's head and its back edge (the last backward branch
-      whose loop line is the loop's first line), minus the address range of the top-layer block's
-      instructions: also counts what the compiler placed in the loop but attributed to lines outside it
+      whose loop line is the loop's first line), minus the top-layer block (from the branch around it to
+      that branch's target): also counts what the compiler placed in the loop but attributed to lines outside it
       (e.g. values computed before the loop and recomputed per row to save registers), and leaves out code
       attributed to the loop's lines but placed outside it (e.g. the path taken when a block has no row)."""
     src, kernel_line = instrs[0].frames[-1]
@@ -188,8 +188,13 @@ def row_loop_count(instrs: list[Ins], labels: dict[str, int]) -> dict:
     if back:
         head, tail = labels[back[-1].target], back[-1].addr
         body = [i for i in instrs if head <= i.addr <= tail]
-        top = [i.addr for i in body if loop_line(i) in excluded]
-        span = Counter(i.op.split(".")[0] for i in body if not (top and min(top) <= i.addr <= max(top)))
+        # the top-layer block's code: from the branch around it (the first forward branch of its `if` line)
+        # to that branch's target
+        top_first = min(excluded) if excluded else None
+        guard = next((i for i in body if loop_line(i) == top_first and i.op.startswith("BRA") and i.target
+                      and labels.get(i.target, 0) > i.addr), None)
+        skip = (guard.addr, labels[guard.target]) if guard else (0, 0)
+        span = Counter(i.op.split(".")[0] for i in body if not skip[0] <= i.addr < skip[1])
         res.update(span=sum(span.values()), span_ops=dict(span))
     return res
 
