@@ -175,18 +175,22 @@ struct RawChunk {
 template <class S>
 struct RawChunk<S, true> {  // d % 8 == 0: a chunk lies entirely inside or outside the row
   using A = typename Elem<S>::A;
+  // float accumulation: the words of a chunk outside are zeroed (all bits zero unpack to A(0)), so that
+  // unpack needs no branch; float64 keeps the flag (zeroing its 16 words raised its register spills)
+  static constexpr bool kFlag = sizeof(A) == 8;
   typename Elem<S>::Raw w;
   bool inside;
   __device__ __forceinline__ void load(const S* row, int base, int d, bool valid) {
     inside = valid && base < d;
+    if constexpr (!kFlag) w = typename Elem<S>::Raw{};
     if (inside) w = Elem<S>::load_raw(row + base);
   }
   __device__ __forceinline__ void unpack(A (&out)[kChunk]) const {
-    if (inside) {
-      Elem<S>::unpack(w, out);
-    } else {
+    if (kFlag && !inside) {
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) out[e] = A(0);
+    } else {
+      Elem<S>::unpack(w, out);
     }
   }
 };

@@ -13,6 +13,8 @@
 // levels (shuffle, cross-warp, top) are the same computation on different participants: XLevel.
 #pragma once
 
+#include <type_traits>
+
 #include "chain_device.cuh"
 
 namespace qgoft::cuda::detail {
@@ -58,12 +60,15 @@ struct XLevel {
   }
 };
 
-// A participant's layers of one level in which it holds one element of an existing pair (bit s: layer s),
-// computed once before a row loop (level_live) and passed to level_forward / level_backward in place of
-// their `active` flag, so that the row loop reads one bit per layer instead of checking the participant's
-// position and the pair against d.
+// A participant's roles in the layers of one level (bit s: layer s): in `live` it holds an element of an
+// existing pair, in `upper` (a subset) the upper one. Computed once before a row loop (level_live) and passed
+// to level_forward / level_backward in place of their `active` flag: the row loop then reads one bit per layer
+// instead of checking the participant's position and the pair against d, and with the blocks in the
+// segment's table (kTable) every participant reads its layer's block whether or not it takes part
+// (lv.index(s, pos & ~m): inside the table for any participant pos of the level) and the roles select its
+// update: no branch around the read.
 struct LiveBits {
-  unsigned bits;
+  unsigned live, upper;
 };
 
 // A level of a row segment whose participants are 2^c0 threads apart: the shuffle level (c0 = 0, layers
@@ -99,30 +104,46 @@ __device__ __forceinline__ XLevel<A> top_level(const ParallelArgs& a) {
   return lv;
 }
 
-// Participant `pos` of a level, from its `active` flag (taking part in the level) or its LiveBits: whether
-// it may hold an element of a pair of layer s (a bool: pos % 2^s == 0; LiveBits: always, level_block
-// decides), and the block of that pair (lo: its lower participant), -1 when the pair does not exist.
+// Participant `pos` of a level, from its `active` flag (taking part in the level): whether it may hold an
+// element of a pair of layer s (pos % 2^s == 0).
 __device__ __forceinline__ bool takes_part(bool active, int pos, int s) {
   return active && (pos & ((1 << s) - 1)) == 0;
-}
-__device__ __forceinline__ bool takes_part(LiveBits, int, int) { return true; }
-template <class A, bool kTable>
-__device__ __forceinline__ int level_block(const XLevel<A, kTable>& lv, int s, int lo, bool) {
-  return lv.pair(s, lo);
-}
-template <class A, bool kTable>
-__device__ __forceinline__ int level_block(const XLevel<A, kTable>& lv, int s, int lo, LiveBits live) {
-  return ((live.bits >> s) & 1u) != 0 ? lv.index(s, lo) : -1;
 }
 // The LiveBits of participant `pos` in the first `layers` layers of a level.
 template <class A, bool kTable>
 __device__ __forceinline__ LiveBits level_live(const XLevel<A, kTable>& lv, int layers, int pos, bool active) {
-  unsigned bits = 0;
+  LiveBits live{0u, 0u};
 #pragma unroll
   for (int s = 0; s < 5; ++s) {
-    if (s < layers && takes_part(active, pos, s) && lv.pair(s, pos & ~(1 << s)) >= 0) bits |= 1u << s;
+    if (s < layers && takes_part(active, pos, s) && lv.pair(s, pos & ~(1 << s)) >= 0) {
+      live.live |= 1u << s;
+      if ((pos >> s) & 1) live.upper |= 1u << s;
+    }
   }
-  return {bits};
+  return live;
+}
+
+// a b + c d rounded as nvcc contracts that expression elsewhere in these kernels, fma(a, b, c d) with c d
+// rounded first; written out, so that no rewrite of the expression (e.g. the two sides of a select merged
+// into one expression of selected operands) moves the rounding to the other product. The host emulation
+// rounds it as its compiler rounds the plain expression (no contraction).
+template <class A>
+__device__ __forceinline__ A dot2(A a, A b, A c, A d) {
+#ifdef QGOFT_CUDA_HOST_SIM
+  return a * b + c * d;
+#else
+  if constexpr (sizeof(A) == 8) return __fma_rn(a, b, __dmul_rn(c, d));
+  return __fmaf_rn(a, b, __fmul_rn(c, d));
+#endif
+}
+
+// The own half of rotate_pair (kTransposed: rotate_pair<true>) for the participant holding the lower or the
+// upper element: its new value from block (g0, g1, g2, g3), its value v and its partner's w; the products
+// in the order of the expressions of level_forward / level_backward's `bool` path.
+template <bool kTransposed, class A>
+__device__ __forceinline__ A own_half(bool upper, A g0, A g1, A g2, A g3, A v, A w) {
+  if constexpr (kTransposed) return upper ? dot2(g2, w, g3, v) : dot2(g0, v, g1, w);
+  return upper ? dot2(g1, w, g3, v) : dot2(g0, v, g2, w);
 }
 
 // Forward through the first `layers` layers of a level (all 32 lanes of the warp must call it);
@@ -131,15 +152,22 @@ __device__ __forceinline__ LiveBits level_live(const XLevel<A, kTable>& lv, int 
 template <bool kTape, class A, bool kTable, class Active>
 __device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int layers, int pos, Active active,
                                            const A* blocks, A v, A (&tape)[5]) {
+  constexpr bool kLive = std::is_same_v<Active, LiveBits>;
+  static_assert(!kLive || kTable, "LiveBits read every participant's block: from the segment's table only");
 #pragma unroll
   for (int s = 0; s < 5; ++s) {
     if (s < layers) {
       const int m = 1 << s;
       const A w = __shfl_xor_sync(kFullMask, v, m);
       if constexpr (kTape) tape[s] = v;
-      if (takes_part(active, pos, s)) {
+      if constexpr (kLive) {
+        A g0, g1, g2, g3;
+        load_block_from<kTable>(blocks, lv.index(s, pos & ~m), g0, g1, g2, g3);
+        const A nv = own_half<false>(((active.upper >> s) & 1u) != 0, g0, g1, g2, g3, v, w);
+        if ((active.live >> s) & 1u) v = nv;
+      } else if (takes_part(active, pos, s)) {
         const bool upper = (pos & m) != 0;
-        const int p = level_block(lv, s, upper ? pos - m : pos, active);
+        const int p = lv.pair(s, upper ? pos - m : pos);
         if (p >= 0) {
           A g0, g1, g2, g3;
           load_block_from<kTable>(blocks, p, g0, g1, g2, g3);
@@ -159,6 +187,8 @@ __device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int laye
 template <bool kTape, bool kUpperAcc = false, class A, bool kTable, class Active, class Acc>
 __device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int layers, int pos, Active active,
                                             const A* blocks, A g, const A (&tape)[5], Acc&& acc) {
+  constexpr bool kLive = std::is_same_v<Active, LiveBits>;
+  static_assert(!kLive || kTable, "LiveBits read every participant's block: from the segment's table only");
 #pragma unroll
   for (int s = 4; s >= 0; --s) {
     if (s < layers) {
@@ -166,10 +196,21 @@ __device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int lay
       const A gw = __shfl_xor_sync(kFullMask, g, m);
       A uw = A(0);
       if constexpr (kTape) uw = __shfl_xor_sync(kFullMask, tape[s], m);
-      if (takes_part(active, pos, s)) {
+      if constexpr (kLive) {
+        A g0, g1, g2, g3;
+        load_block_from<kTable>(blocks, lv.index(s, pos & ~m), g0, g1, g2, g3);
+        const bool upper = ((active.upper >> s) & 1u) != 0, live = ((active.live >> s) & 1u) != 0;
+        if (upper) {
+          if constexpr (kTape && kUpperAcc) acc(s, pos - m, uw, tape[s], gw, g);
+        } else if (live) {
+          if constexpr (kTape && !kUpperAcc) acc(s, pos, tape[s], uw, g, gw);
+        }
+        const A ng = own_half<true>(upper, g0, g1, g2, g3, g, gw);
+        if (live) g = ng;
+      } else if (takes_part(active, pos, s)) {
         const bool upper = (pos & m) != 0;
         const int lo = upper ? pos - m : pos;
-        const int p = level_block(lv, s, lo, active);
+        const int p = lv.pair(s, lo);
         if (p >= 0) {
           A g0, g1, g2, g3;
           load_block_from<kTable>(blocks, p, g0, g1, g2, g3);
@@ -269,15 +310,20 @@ QGOFT_HOST_DEVICE constexpr int in_thread_pair_number(int li, int e) {
 
 // Row-invariant facts of a thread of a parallel kernel, computed once before a row loop (the reg backward)
 // so that the loop reads bits instead of checking pairs against d and lane positions: bit k (0..6) in-thread
-// pair k exists; bits kShuffle + s: the thread's LiveBits in the shuffle level (participant t); bits
-// kCrossWarp + s: in the cross-warp level as lane `lane` of its warp (participant lane, active when lane <
-// words of the level).
+// pair k exists; bits kShuffle + s / kShuffle + 5 + s: the thread's LiveBits in the shuffle level
+// (participant t; live / upper); bits kCrossWarp + s / kCrossWarp + 5 + s: in the cross-warp level as lane
+// `lane` of its warp (participant lane, active when lane < words of the level).
 struct LaneLive {
-  static constexpr int kShuffle = 8, kCrossWarp = 16;
+  static constexpr unsigned kInThread = (1u << (kChunk - 1)) - 1;  // the bits of the 7 in-thread pairs
+  static constexpr int kShuffle = 8, kCrossWarp = 18;
   unsigned bits;
   __device__ __forceinline__ bool in_thread(int k) const { return ((bits >> k) & 1u) != 0; }
-  __device__ __forceinline__ LiveBits shuffle() const { return {(bits >> kShuffle) & 31u}; }
-  __device__ __forceinline__ LiveBits cross_warp() const { return {(bits >> kCrossWarp) & 31u}; }
+  __device__ __forceinline__ LiveBits shuffle() const { return level(kShuffle); }
+  __device__ __forceinline__ LiveBits cross_warp() const { return level(kCrossWarp); }
+  __device__ __forceinline__ LiveBits level(int at) const { return {(bits >> at) & 31u, (bits >> (at + 5)) & 31u}; }
+  static __device__ __forceinline__ unsigned place(LiveBits live, int at) {
+    return (live.live | (live.upper << 5)) << at;
+  }
 };
 
 // The LaneLive of thread ln (lane: ln.t % 32) of a row segment.
@@ -293,10 +339,10 @@ __device__ __forceinline__ LaneLive lane_live(const ParallelArgs& a, const Lanes
     }
   }
   const int LS = shuffle_layers(a);
-  bits |= level_live(shuffle_level<A, kTable>(a, ln.seg_base), LS, ln.t, true).bits << LaneLive::kShuffle;
+  bits |= LaneLive::place(level_live(shuffle_level<A, kTable>(a, ln.seg_base), LS, ln.t, true), LaneLive::kShuffle);
   if (a.logT > 5) {
     const XLevel<A, kTable> lv = cross_warp_level<A, kTable>(a, ln.seg_base);
-    bits |= level_live(lv, a.logT - 5, lane, lane < (a.T >> 5)).bits << LaneLive::kCrossWarp;
+    bits |= LaneLive::place(level_live(lv, a.logT - 5, lane, lane < (a.T >> 5)), LaneLive::kCrossWarp);
   }
   return {bits};
 }
@@ -325,11 +371,13 @@ __device__ __forceinline__ void parallel_forward_in_warp(const ParallelArgs& a, 
   }
   const int LS = shuffle_layers(a);
   const XLevel<A, kTable> lv = shuffle_level<A, kTable>(a, ln.seg_base);
-  if (live != nullptr) {
-    v[0] = level_forward<kTape>(lv, LS, ln.t, live->shuffle(), blocks, v[0], tp.sh);
-  } else {
-    v[0] = level_forward<kTape>(lv, LS, ln.t, true, blocks, v[0], tp.sh);
+  if constexpr (kTable) {  // LiveBits: table variants only
+    if (live != nullptr) {
+      v[0] = level_forward<kTape>(lv, LS, ln.t, live->shuffle(), blocks, v[0], tp.sh);
+      return;
+    }
   }
+  v[0] = level_forward<kTape>(lv, LS, ln.t, true, blocks, v[0], tp.sh);
 }
 
 // Applies layers 1 .. log2(8 T) to a row segment (forward direction), optionally recording the tape.

@@ -13,6 +13,12 @@
 //    their pair gradients (upper lanes, at most one pair each; one owner per pair: deterministic);
 //  * the loads of the block's next row (x and grad) are issued before the current row is processed; the
 //    segment's scale is copied to shared memory once.
+// Its instantiation for 512-thread segments with 16-byte rows, gradients and float accumulation (kLive, the
+// benchmark shapes) has no branch per pair in its row loop: the row-invariant facts of a lane are bits of a
+// mask computed once (LaneLive), every lane reads its blocks from the table whether its pair exists or not
+// and the mask selects the updates (LiveBits in level_forward / level_backward), every thread runs its
+// in-thread pairs, the rows advance by offsets, and warp 0 adds each lane's cross-warp pair sums to the
+// block's accumulators once per row. Same products, rounded the same way, in the same order.
 #pragma once
 
 #include "chain_parallel.cuh"
@@ -46,6 +52,24 @@ __device__ __forceinline__ auto live_or(LiveBits live, bool active) {
   } else {
     return active;
   }
+}
+
+// v, opaque to the compiler: what the row loop derives from it (one predicate per layer of a LaneLive) is
+// computed where it is used instead of being hoisted out of the loop into registers of its own.
+__device__ __forceinline__ unsigned opaque(unsigned v) {
+#ifndef QGOFT_CUDA_HOST_SIM
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+
+// The accumulators (lv.acc_at / 4: 4 values each) of the pair of level lv whose upper participant is pos (> 0):
+// the pair (pos - 2^s, pos) of layer s, the lowest set bit of pos.
+template <class A, bool kTable>
+__device__ __forceinline__ int upper_pair(const XLevel<A, kTable>& lv, int pos) {
+  int s = 0;
+  while (((pos >> s) & 1) == 0) ++s;
+  return lv.acc_at(s, pos - (1 << s)) >> 2;
 }
 
 template <class S, bool kVec, bool kGrads, int kLogT>
@@ -96,22 +120,52 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
   const XLevel<A, true> shl = shuffle_level<A, true>(a, ln.seg_base);
   // which of this thread's pairs exist, computed once: only in the fixed-width instantiation with 16-byte
   // rows, gradients and float accumulation (in the others the mask's register adds spills or instructions;
-  // they check the pairs per row)
+  // they check the pairs per row). There every thread also runs its in-thread pairs unconditionally: with
+  // 16-byte rows a chunk lies wholly inside the row (its 7 pairs exist) or wholly outside, and an outside
+  // chunk's values are zeros that read zero blocks (fill_table) and are never stored nor written out as
+  // sums (store_chunk, put_block_sums and put_scale_sums check d) nor used by a partner (an existing pair's
+  // lower element is inside the row when its upper one is)
   constexpr bool kLive = kLogT > 0 && kVec && kGrads && sizeof(A) == 4;
-  const LaneLive live = lane_live<A, true>(a, ln, lane);
-  const LaneLive* lp = kLive ? &live : nullptr;
-  const auto sh_active = live_or<kLive>(live.shuffle(), true);
+  LaneLive lane_bits = lane_live<A, true>(a, ln, lane);
+  if constexpr (kLive) lane_bits.bits |= LaneLive::kInThread;
   RawChunk<S, kVec> xr, gr;
-  auto load_rows = [&](int64_t group) {
-    const int64_t row = group * R + ln.slot;
+  // kRowSteps: the block's rows as element offsets into grad, x and the output, advanced by one grid stride
+  // of rows per group instead of multiplied out per row (kLogT > 0: R == 1 and every thread's slot is 0, the
+  // same values in every thread of the block; float accumulation only: the float64 instantiations, at the
+  // register cap with spills, keep their arithmetic)
+  constexpr bool kRowSteps = kLogT > 0 && sizeof(A) == 4;
+  const int slot = kLogT > 0 ? 0 : ln.slot;
+  const int64_t row_step = static_cast<int64_t>(gridDim.x) * R;
+  const int64_t first_row = static_cast<int64_t>(blockIdx.x) * R + slot;
+  const int64_t grad_step = row_step * a.grad_ld, x_step = row_step * a.x_ld, out_step = row_step * d;
+  int64_t next_grad = first_row * a.grad_ld, next_x = first_row * a.x_ld, out_at = first_row * d;
+  auto load_rows = [&](int64_t group) {  // the rows of `group`, the next one after those loaded before
+    const int64_t row = group * R + slot;
     const bool valid = group < a.groups && (kLogT > 0 || row < a.rows);  // kLogT > 0: R == 1
-    gr.load(grad + row * a.grad_ld, ln.base, d, valid);
-    if constexpr (kGrads) xr.load(x + row * a.x_ld, ln.base, d, valid);
+    if constexpr (kRowSteps) {
+      gr.load(grad + next_grad, ln.base, d, valid);
+      if constexpr (kGrads) xr.load(x + next_x, ln.base, d, valid);
+      next_grad += grad_step;
+      next_x += x_step;
+    } else {  // multiplied out per row
+      gr.load(grad + row * a.grad_ld, ln.base, d, valid);
+      if constexpr (kGrads) xr.load(x + row * a.x_ld, ln.base, d, valid);
+    }
   };
+  // kLive: warp 0's lanes 1 .. T/32 - 1, the cross-warp pair each owns as its upper lane (one per lane),
+  // whose sums it adds to cacc once per row (the generic instantiation adds them per layer)
+  int xw_pair = 0;
+  bool xw_owner = false;
+  if (kLive && a.logT > 5 && lane > 0) {
+    XLevel<A, true> lv = cross_warp_level<A, true>(a, ln.seg_base);
+    lv.acc = 4 * ln.slot * (T - 1);
+    xw_pair = upper_pair(lv, lane);
+    xw_owner = acc_blocks && wq == 0 && level_live(lv, a.logT - 5, lane, lane < (T >> 5)).upper != 0;
+  }
   load_rows(blockIdx.x);
   int parity = 0;
-  for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
-    const int64_t row = g * R + ln.slot;
+  for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x, out_at += out_step) {
+    const int64_t row = g * R + slot;
     const bool valid = kLogT > 0 || row < a.rows;  // kLogT > 0: R == 1, row == g < groups == rows
     A gv[kChunk];
     A v[kChunk];
@@ -119,6 +173,15 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
     if constexpr (kGrads) xr.unpack(v);
     load_rows(g + gridDim.x);
     Tape<A> tp;
+    // kLive: the lane mask, opaque anew for each pass through the levels: ptxas then derives each pass's
+    // predicates from the mask (one instruction each) instead of keeping the forward's alive for the backward
+    // in bits of another register (two instructions each)
+    auto pass_mask = [&]() {
+      if constexpr (kLive) return LaneLive{opaque(lane_bits.bits)};
+      return lane_bits;  // not used
+    };
+    const LaneLive live = pass_mask();
+    const LaneLive* lp = kLive ? &live : nullptr;
     // the chunk start of lane 0 (T > 32) gets its final value from the cross-warp layers below
     const bool late_start = a.logT > 5 && lane == 0;
     const A g_start = gv[0];
@@ -150,41 +213,52 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
       }
       __syncthreads();
       const bool qv = lane < nw;
-      const auto xw_active = live_or<kLive>(live.cross_warp(), qv);
+      const auto xw_active = live_or<kLive>(pass_mask().cross_warp(), qv);
+      // LiveBits: every lane reads a block of the level; lanes past its words (no LiveBits) read lane % nw's
+      const int xw_pos = kLive ? lane & (nw - 1) : lane;
       A gq = qv ? xb[32 + lane] : A(0);
       XLevel<A, true> lv = cross_warp_level<A, true>(a, ln.seg_base);
       lv.acc = 4 * ln.slot * (T - 1);
       A tt[5];
       if constexpr (kGrads) {
-        const A u = level_forward<true>(lv, a.logT - 5, lane, xw_active, blocks, qv ? xb[lane] : A(0), tt);
+        const A u = level_forward<true>(lv, a.logT - 5, xw_pos, xw_active, blocks, qv ? xb[lane] : A(0), tt);
         const A mine = __shfl_sync(kFullMask, u, wq);
         if (acc_scale && valid && late_start && !(segmented && ln.t == 0)) acc_s[0] += g_start * mine;
       }
+      // kLive: the inputs and output gradients of the pair this lane holds as its upper lane (at most one)
+      A up[4] = {A(0), A(0), A(0), A(0)};
       const bool owner = acc_blocks && valid && wq == 0;
-      gq = level_backward<kGrads, true>(lv, a.logT - 5, lane, xw_active, blocks, gq, tt,
-                                        [&](int s, int lo, A ui, A uj, A gi, A gj) {
-                                          if (owner) accumulate_outer(cacc + lv.acc_at(s, lo), ui, uj, gi, gj);
+      gq = level_backward<kGrads, true>(lv, a.logT - 5, xw_pos, live_or<kLive>(pass_mask().cross_warp(), qv), blocks,
+                                        gq, tt, [&](int s, int lo, A ui, A uj, A gi, A gj) {
+                                          if constexpr (kLive) {
+                                            up[0] = ui, up[1] = uj, up[2] = gi, up[3] = gj;
+                                          } else if (owner) {
+                                            accumulate_outer(cacc + lv.acc_at(s, lo), ui, uj, gi, gj);
+                                          }
                                         });
+      if (kLive && xw_owner && valid) {
+        A* c = static_cast<A*>(__builtin_assume_aligned(cacc + 4 * xw_pair, 4 * sizeof(A)));
+        accumulate_outer(c, up[0], up[1], up[2], up[3]);
+      }
       const A mine = __shfl_sync(kFullMask, gq, wq);
       if (lane == 0) gv[0] = mine;
     }
-    gv[0] = level_backward<kGrads, true>(shl, LS, ln.t, sh_active, blocks, gv[0], tp.sh,
+    gv[0] = level_backward<kGrads, true>(shl, LS, ln.t, live_or<kLive>(pass_mask().shuffle(), true),
+                                         blocks, gv[0], tp.sh,
                                          [&](int, int, A ui, A uj, A gi, A gj) {
                                            if (acc_blocks && valid) accumulate_outer(acc_sh, ui, uj, gi, gj);
                                          });
     in_thread_backward<kGrads, true>(a, ln, blocks, d, gv, tp, [&](int k, A ui, A uj, A gi, A gj) {
       if (acc_blocks && valid) accumulate_outer(acc_in[k], ui, uj, gi, gj);
     }, lp);
-    if (gx != nullptr) store_chunk<S, kVec>(gx + row * d, ln.base, d, valid, gv);
+    if (gx != nullptr) store_chunk<S, kVec>(gx + (kRowSteps ? out_at : row * d), ln.base, d, valid, gv);
   }
 
   if constexpr (kGrads) {
     if (acc_blocks && (ln.t & 31) != 0) {  // this lane's shuffle-layer sums into the cross-thread accumulators
-      int s = 0;
-      while (((ln.t >> s) & 1) == 0) ++s;
       XLevel<A, true> lv = shl;
       lv.acc = 4 * ln.slot * (T - 1);
-      A* c = cacc + lv.acc_at(s, ln.t - (1 << s));
+      A* c = cacc + 4 * upper_pair(lv, ln.t);
 #pragma unroll
       for (int k = 0; k < 4; ++k) c[k] = acc_sh[k];
     }

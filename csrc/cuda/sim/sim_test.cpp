@@ -313,9 +313,10 @@ void run_parallel_backward(const LaunchConfig& c, bool vec, bool grads, const Pa
   });
 }
 
-// Runs forward + backward through plan + kernels, like chain_cuda.cpp, and checks them.
+// Runs forward + backward through plan + kernels, like chain_cuda.cpp, and checks them. Returns the backward's
+// results (grad_x, parameter and scale gradients as computed, widened to double; empty without a backward).
 template <class S>
-void run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
+std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
   using A = typename detail::Elem<S>::A;
   ++g_cases;
   const int64_t d = lay.d, P = lay.P(), rows = o.rows;
@@ -376,7 +377,7 @@ void run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
           std::fprintf(stderr, "FAIL %s: givens block %lld[%d] = %.10g, want %.10g\n", tag.c_str(),
                        (long long)p, k, blocks64[4 * p + k], want[k]);
           ++g_failures;
-          return;
+          return {};
         }
       }
     }
@@ -434,7 +435,7 @@ void run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
       p.x = xs.data() + o.offset;
       p.x_ld = ld;
     }
-    if (!p.want_x && !grads) return;
+    if (!p.want_x && !grads) return {};
     BackwardPlan plan = plan_backward(p, lim, o.knobs, occupancy);
     const std::string btag = tag + " | bwd " + plan.describe;
     plan.pa.blocks = plan.ga.blocks = blocks.data();
@@ -506,42 +507,60 @@ void run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
       ++g_failures;
     }
   }
+  return first;
 }
 
+// run_case, counted as a failed case when any of its checks failed. vs_table (the reg variant): the same
+// inputs through the table variant too, whose backward must give bitwise the same results (the reg kernel
+// does the table kernel's arithmetic in the same order).
 template <class S>
-void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng) {
+void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng, bool vs_table = false) {
   const int before = g_failures;
-  run_case<S>(lay, o, rng);
+  std::mt19937_64 same = rng;
+  const std::vector<double> got = run_case<S>(lay, o, rng);
+  if (vs_table) {
+    Options t = o;
+    t.knobs.variant = Variant::Table;
+    const std::vector<double> want = run_case<S>(lay, t, same);
+    --g_cases;
+    if (got.size() != want.size() ||
+        (!got.empty() && std::memcmp(got.data(), want.data(), got.size() * sizeof(double)) != 0)) {
+      std::fprintf(stderr, "FAIL %s d=%lld variant=%d: backward not bitwise equal to the table variant's\n",
+                   Traits<S>::name, (long long)lay.d, int(o.knobs.variant));
+      ++g_failures;
+    }
+  }
   if (g_failures != before) ++g_failed_cases;
 }
 
 template <class S>
-void run_all_masks(const Layout& lay, Options o, std::mt19937_64& rng) {
-  run_case_counted<S>(lay, o, rng);
+void run_all_masks(const Layout& lay, Options o, std::mt19937_64& rng, bool vs_table = false) {
+  run_case_counted<S>(lay, o, rng, vs_table);
   for (auto [mx, mp, ms] : {std::tuple{true, false, false}, std::tuple{false, true, false},
                             std::tuple{false, false, true}}) {
     o.mask_x = mx;
     o.mask_params = mp;
     o.mask_scale = ms;
-    run_case_counted<S>(lay, o, rng);
+    run_case_counted<S>(lay, o, rng, vs_table);
   }
 }
 
 // The reg variant's instantiation for 512-thread segments (reg_fixed_width): rows of 4096 (every mask) and
-// segmented rows of 4100 (scalar loads) and 4104 (16-byte loads), goft, goft_scaled and qgoft.
+// segmented rows of 4100 (scalar loads) and 4104 (16-byte loads), goft, goft_scaled and qgoft; each also
+// through the table variant, bitwise equal.
 template <class S>
 void reg_fixed_width_cases(std::mt19937_64& rng) {
   Options o;
   o.knobs.variant = Variant::Reg;
   o.rows = 3;
-  run_all_masks<S>(parallel_layout(4096), o, rng);
+  run_all_masks<S>(parallel_layout(4096), o, rng, true);
   for (bool quasi : {true, false}) {
     o.quasi = quasi;
     o.with_scale = !quasi;
     o.rows = 2;
-    run_all_masks<S>(parallel_layout(4104), o, rng);
+    run_all_masks<S>(parallel_layout(4104), o, rng, true);
     o.with_scale = quasi;
-    run_case_counted<S>(parallel_layout(4100), o, rng);
+    run_case_counted<S>(parallel_layout(4100), o, rng, true);
   }
 }
 
@@ -570,21 +589,22 @@ void suite(bool full, std::mt19937_64& rng) {
     for (bool quasi : {true, false}) {
       // every variant the layout has (the parallel layout: base, table and reg), with: every mask, unaligned
       // rows with a row stride (scalar loads, no scale), segmented parallel kernels (256-element
-      // segments); the base variant also through the forced general paths
+      // segments); the base variant also through the forced general paths; reg also against table
       for (Variant variant : {Variant::Base, Variant::Table, Variant::Reg}) {
         if (variant == Variant::Table && !lay.parallel && lay.reps == 0) continue;
         if (variant == Variant::Reg && !lay.parallel) continue;  // reg: the single layout's backward only
+        const bool vs_table = variant == Variant::Reg;
         Options o;
         o.quasi = quasi;
         o.with_scale = quasi;
         o.knobs.variant = variant;
         o.rows = lay.d >= 2048 ? 3 : 17;
-        run_all_masks<S>(lay, o, rng);
+        run_all_masks<S>(lay, o, rng, vs_table);
         o.pad = 3;
         o.offset = 1;
         o.with_scale = !quasi;
         o.rows = 3;
-        run_case_counted<S>(lay, o, rng);
+        run_case_counted<S>(lay, o, rng, vs_table);
         o.pad = 0;
         o.offset = 0;
         if (variant == Variant::Base) {
@@ -596,7 +616,7 @@ void suite(bool full, std::mt19937_64& rng) {
         }
         if ((lay.parallel || lay.reps > 0) && lay.d > 256) {  // a stack: back to the general kernels
           o.knobs.segment = 256;
-          run_all_masks<S>(lay, o, rng);
+          run_all_masks<S>(lay, o, rng, vs_table);
           o.knobs.segment = 0;
         }
         if (lay.reps > 0 && variant == Variant::Base) {  // the same stack on the general kernels
@@ -689,9 +709,10 @@ int main(int argc, char** argv) {
       run_case_counted<__nv_bfloat16>(parallel_layout(12288), o, rng);
       for (Variant variant : {Variant::Table, Variant::Reg}) {
         o.knobs.variant = variant;
-        run_case_counted<float>(parallel_layout(65536), o, rng);
-        run_case_counted<__nv_bfloat16>(parallel_layout(11008), o, rng);
-        run_case_counted<double>(parallel_layout(4096), o, rng);
+        const bool vs_table = variant == Variant::Reg;
+        run_case_counted<float>(parallel_layout(65536), o, rng, vs_table);
+        run_case_counted<__nv_bfloat16>(parallel_layout(11008), o, rng, vs_table);
+        run_case_counted<double>(parallel_layout(4096), o, rng, vs_table);
       }
     }
   }
