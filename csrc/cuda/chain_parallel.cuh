@@ -13,6 +13,7 @@
 // levels (shuffle, cross-warp, top) are the same computation on different participants: XLevel.
 #pragma once
 
+#include <cstddef>
 #include <type_traits>
 
 #include "chain_device.cuh"
@@ -70,6 +71,25 @@ struct XLevel {
 struct LiveBits {
   unsigned live, upper;
 };
+
+// Where a participant's blocks of a level's layers are, with LiveBits: the segment's table (const A*, block
+// lv.index(s, pos & ~m) of layer s), or a LaneBlocks: layer s's block at block s * stride from `at`, one
+// address per participant (the reg backward's lane table, ParallelLaneTable; no index arithmetic per row).
+template <class A>
+struct LaneBlocks {
+  const A* at;
+  int stride;
+};
+template <class A, bool kTable>
+__device__ __forceinline__ void live_block(const XLevel<A, kTable>& lv, const A* blocks, int s, int pos, A& g0, A& g1,
+                                           A& g2, A& g3) {
+  load_block_from<kTable>(blocks, lv.index(s, pos & ~(1 << s)), g0, g1, g2, g3);
+}
+template <class A, bool kTable>
+__device__ __forceinline__ void live_block(const XLevel<A, kTable>&, LaneBlocks<A> lb, int s, int, A& g0, A& g1, A& g2,
+                                           A& g3) {
+  load_block_shared(lb.at, s * lb.stride, g0, g1, g2, g3);
+}
 
 // A level of a row segment whose participants are 2^c0 threads apart: the shuffle level (c0 = 0, layers
 // 4 ..) or the cross-warp level (c0 = 5: lane 0 of each warp, layers 9 ..).
@@ -148,10 +168,11 @@ __device__ __forceinline__ A own_half(bool upper, A g0, A g1, A g2, A g3, A v, A
 
 // Forward through the first `layers` layers of a level (all 32 lanes of the warp must call it);
 // participant `pos` holds v; `active`: a bool (taking part in the level) or the participant's LiveBits.
-// With kTape, tape[s] receives v as it was before layer s.
-template <bool kTape, class A, bool kTable, class Active>
+// With kTape, tape[s] receives v as it was before layer s. blocks: the table (const A*), or with LiveBits a
+// LaneBlocks (live_block).
+template <bool kTape, class A, bool kTable, class Active, class Blocks>
 __device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int layers, int pos, Active active,
-                                           const A* blocks, A v, A (&tape)[5]) {
+                                           Blocks blocks, A v, A (&tape)[5]) {
   constexpr bool kLive = std::is_same_v<Active, LiveBits>;
   static_assert(!kLive || kTable, "LiveBits read every participant's block: from the segment's table only");
 #pragma unroll
@@ -162,7 +183,7 @@ __device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int laye
       if constexpr (kTape) tape[s] = v;
       if constexpr (kLive) {
         A g0, g1, g2, g3;
-        load_block_from<kTable>(blocks, lv.index(s, pos & ~m), g0, g1, g2, g3);
+        live_block(lv, blocks, s, pos, g0, g1, g2, g3);
         const A nv = own_half<false>(((active.upper >> s) & 1u) != 0, g0, g1, g2, g3, v, w);
         if ((active.live >> s) & 1u) v = nv;
       } else if (takes_part(active, pos, s)) {
@@ -183,10 +204,10 @@ __device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int laye
 // tape[s] is its value before layer s and one participant of each pair (lo, lo + m) hands the pair's
 // inputs and output gradients to acc(s, lo, ui, uj, gi, gj): the lower one, or with kUpperAcc the upper
 // one (each participant is the upper one of at most one pair of the level, so that acc can keep one
-// pair's sums in registers). `active`: as in level_forward.
-template <bool kTape, bool kUpperAcc = false, class A, bool kTable, class Active, class Acc>
+// pair's sums in registers). `active` and `blocks`: as in level_forward.
+template <bool kTape, bool kUpperAcc = false, class A, bool kTable, class Active, class Blocks, class Acc>
 __device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int layers, int pos, Active active,
-                                            const A* blocks, A g, const A (&tape)[5], Acc&& acc) {
+                                            Blocks blocks, A g, const A (&tape)[5], Acc&& acc) {
   constexpr bool kLive = std::is_same_v<Active, LiveBits>;
   static_assert(!kLive || kTable, "LiveBits read every participant's block: from the segment's table only");
 #pragma unroll
@@ -198,7 +219,7 @@ __device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int lay
       if constexpr (kTape) uw = __shfl_xor_sync(kFullMask, tape[s], m);
       if constexpr (kLive) {
         A g0, g1, g2, g3;
-        load_block_from<kTable>(blocks, lv.index(s, pos & ~m), g0, g1, g2, g3);
+        live_block(lv, blocks, s, pos, g0, g1, g2, g3);
         const bool upper = ((active.upper >> s) & 1u) != 0, live = ((active.live >> s) & 1u) != 0;
         if (upper) {
           if constexpr (kTape && kUpperAcc) acc(s, pos - m, uw, tape[s], gw, g);
@@ -349,11 +370,13 @@ __device__ __forceinline__ LaneLive lane_live(const ParallelArgs& a, const Lanes
 
 // Applies the layers inside a warp (in-thread layers 1-3, shuffle layers 4 .. 3 + min(log2 T, 5)) to a
 // row segment (forward direction), optionally recording the tape (tp.x, tp.sh). live: the thread's
-// LaneLive, or null (the pairs are checked against d).
-template <class A, bool kTape, bool kTable>
+// LaneLive, or null (the pairs are checked against d); sh_blocks (with live): where the shuffle layers'
+// blocks are (level_forward), nullptr: in `blocks`.
+template <class A, bool kTape, bool kTable, class ShBlocks = std::nullptr_t>
 __device__ __forceinline__ void parallel_forward_in_warp(const ParallelArgs& a, const Lanes& ln, const A* blocks,
                                                          A (&v)[kChunk], Tape<A>& tp,
-                                                         const LaneLive* live = nullptr) {
+                                                         const LaneLive* live = nullptr,
+                                                         ShBlocks sh_blocks = nullptr) {
   const int d = static_cast<int>(a.d);
 #pragma unroll
   for (int li = 0; li < kLogChunk; ++li) {  // in-thread layers 1-3
@@ -373,7 +396,11 @@ __device__ __forceinline__ void parallel_forward_in_warp(const ParallelArgs& a, 
   const XLevel<A, kTable> lv = shuffle_level<A, kTable>(a, ln.seg_base);
   if constexpr (kTable) {  // LiveBits: table variants only
     if (live != nullptr) {
-      v[0] = level_forward<kTape>(lv, LS, ln.t, live->shuffle(), blocks, v[0], tp.sh);
+      if constexpr (std::is_same_v<ShBlocks, std::nullptr_t>) {
+        v[0] = level_forward<kTape>(lv, LS, ln.t, live->shuffle(), blocks, v[0], tp.sh);
+      } else {
+        v[0] = level_forward<kTape>(lv, LS, ln.t, live->shuffle(), sh_blocks, v[0], tp.sh);
+      }
       return;
     }
   }

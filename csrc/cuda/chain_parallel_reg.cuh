@@ -18,17 +18,17 @@
 // mask computed once (LaneLive), every lane reads its blocks from the table whether its pair exists or not
 // and the mask selects the updates (LiveBits in level_forward / level_backward), every thread runs its
 // in-thread pairs, the rows advance by offsets, and warp 0 adds each lane's cross-warp pair sums to the
-// block's accumulators once per row. Same products, rounded the same way, in the same order.
+// block's accumulators once per row; and it reads the shuffle and cross-warp layers' blocks from a lane
+// table (ParallelLaneTable, filled once per block) at one address per thread plus a constant per layer,
+// with no index arithmetic per row. Same products, rounded the same way, in the same order.
 #pragma once
 
 #include "chain_parallel.cuh"
 
 namespace qgoft::cuda::detail {
 
-// The reg kernel is also compiled for one segment width known at compile time, T = 2^kRegLogT threads
-// (S = 4096 elements: rows of 2049 .. 4096 elements, and every segmented row), so that the pair and table
-// indices of the layer helpers fold into constants; other widths run the generic instantiation.
-constexpr int kRegLogT = 9;
+// The reg kernel's instantiation for T = 2^kRegLogT threads (chain_sizes.h) has the pair and table indices
+// of the layer helpers folded into constants; other widths run the generic instantiation.
 QGOFT_HOST_DEVICE inline bool reg_fixed_width(const ParallelArgs& a) { return a.logT == kRegLogT; }
 
 // a, with the segment shape fixed at compile time when kLogT > 0 (then T = 2^kLogT >= 256, R = 1).
@@ -72,6 +72,25 @@ __device__ __forceinline__ int upper_pair(const XLevel<A, kTable>& lv, int pos) 
   return lv.acc_at(s, pos - (1 << s)) >> 2;
 }
 
+// The lane table (ParallelLaneTable) of a row segment, copied from its block table `tab`: layer L < LS of
+// thread t holds shuffle layer L's block of participant t, layer LS + s cross-warp layer s's block of
+// participant xw_pos(t) (the block that lane reads, LiveBits: whether or not its pair exists). The caller
+// synchronises before (tab filled) and after.
+__device__ __forceinline__ int xw_pos(int lane, int words) { return lane & (words - 1); }
+template <class A>
+__device__ __forceinline__ void fill_lane_table(const ParallelArgs& a, int seg_base, const A* tab, A* lanes) {
+  const int LS = shuffle_layers(a), half = a.T >> 1, nw = a.T >> 5;
+  const XLevel<A, true> sh = shuffle_level<A, true>(a, seg_base), xw = cross_warp_level<A, true>(a, seg_base);
+  for (int idx = threadIdx.x; idx < ParallelLaneTable::blocks(a.logT); idx += blockDim.x) {
+    const int layer = idx / half, t = 2 * (idx % half);
+    const bool shuffle = layer < LS;
+    const int s = shuffle ? layer : layer - LS, pos = shuffle ? t : xw_pos(t & 31, nw);
+    const int src = (shuffle ? sh : xw).index(s, pos & ~(1 << s));
+#pragma unroll
+    for (int c = 0; c < 4; ++c) lanes[4 * idx + c] = tab[4 * src + c];
+  }
+}
+
 template <class S, bool kVec, bool kGrads, int kLogT>
 __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const ParallelArgs args) {
   using A = typename Elem<S>::A;
@@ -84,7 +103,9 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
   const bool segmented = a.nseg > 1;
   const int d = static_cast<int>(a.d);
   const int width = 4 * static_cast<int>(a.num_pairs) + d;
-  const ParallelBackwardSmem layout(R, T, a.nseg, width, kGrads, a.table, true);
+  // kLive: the branch-free row loop (see lane_bits below), which reads the lane table
+  constexpr bool kLive = reg_branch_free(kLogT, kVec, kGrads, sizeof(A));
+  const ParallelBackwardSmem layout(R, T, a.nseg, width, kGrads, a.table, true, kLive);
   A* xch = sm;                 // [2][2][32]: per row parity, the warps' chunk-start values, then gradients
   A* cacc = sm + layout.cacc;  // [R][T-1][4]: cross-thread pairs of each slot
   A* tacc = sm + layout.tacc;  // [31][4] top pairs, then [32] segment-start scale
@@ -116,6 +137,20 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
     for (int k = ln.tid; k < static_cast<int>(layout.red - layout.cacc); k += blockDim.x) cacc[k] = A(0);
   }
   __syncthreads();
+  // kLive: the blocks of the shuffle and cross-warp layers from the lane table, at one address per thread
+  // (LaneBlocks: layer s at a constant offset from it); the others from the block table
+  if constexpr (kLive) {
+    fill_lane_table(args, ln.seg_base, blocks, sm + layout.lane);
+    __syncthreads();
+  }
+  auto level_blocks = [&](int first_layer) {
+    if constexpr (kLive) {
+      return LaneBlocks<A>{sm + layout.lane + 4 * ParallelLaneTable::at(a.logT, first_layer, ln.t), T >> 1};
+    } else {
+      return blocks;
+    }
+  };
+  const auto sh_blocks = level_blocks(0);
 
   const XLevel<A, true> shl = shuffle_level<A, true>(a, ln.seg_base);
   // which of this thread's pairs exist, computed once: only in the fixed-width instantiation with 16-byte
@@ -125,7 +160,6 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
   // chunk's values are zeros that read zero blocks (fill_table) and are never stored nor written out as
   // sums (store_chunk, put_block_sums and put_scale_sums check d) nor used by a partner (an existing pair's
   // lower element is inside the row when its upper one is)
-  constexpr bool kLive = kLogT > 0 && kVec && kGrads && sizeof(A) == 4;
   LaneLive lane_bits = lane_live<A, true>(a, ln, lane);
   if constexpr (kLive) lane_bits.bits |= LaneLive::kInThread;
   RawChunk<S, kVec> xr, gr;
@@ -186,7 +220,7 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
     const bool late_start = a.logT > 5 && lane == 0;
     const A g_start = gv[0];
     if constexpr (kGrads) {  // recompute the layers inside the warp, recording the tape
-      parallel_forward_in_warp<A, true, true>(a, ln, blocks, v, tp, lp);
+      parallel_forward_in_warp<A, true, true>(a, ln, blocks, v, tp, lp, sh_blocks);
       if (acc_scale && valid) {
 #pragma unroll
         for (int e = 0; e < kChunk; ++e) {
@@ -215,21 +249,22 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
       const bool qv = lane < nw;
       const auto xw_active = live_or<kLive>(pass_mask().cross_warp(), qv);
       // LiveBits: every lane reads a block of the level; lanes past its words (no LiveBits) read lane % nw's
-      const int xw_pos = kLive ? lane & (nw - 1) : lane;
+      const int xpos = kLive ? xw_pos(lane, nw) : lane;
+      const auto xw_blocks = level_blocks(LS);
       A gq = qv ? xb[32 + lane] : A(0);
       XLevel<A, true> lv = cross_warp_level<A, true>(a, ln.seg_base);
       lv.acc = 4 * ln.slot * (T - 1);
       A tt[5];
       if constexpr (kGrads) {
-        const A u = level_forward<true>(lv, a.logT - 5, xw_pos, xw_active, blocks, qv ? xb[lane] : A(0), tt);
+        const A u = level_forward<true>(lv, a.logT - 5, xpos, xw_active, xw_blocks, qv ? xb[lane] : A(0), tt);
         const A mine = __shfl_sync(kFullMask, u, wq);
         if (acc_scale && valid && late_start && !(segmented && ln.t == 0)) acc_s[0] += g_start * mine;
       }
       // kLive: the inputs and output gradients of the pair this lane holds as its upper lane (at most one)
       A up[4] = {A(0), A(0), A(0), A(0)};
       const bool owner = acc_blocks && valid && wq == 0;
-      gq = level_backward<kGrads, true>(lv, a.logT - 5, xw_pos, live_or<kLive>(pass_mask().cross_warp(), qv), blocks,
-                                        gq, tt, [&](int s, int lo, A ui, A uj, A gi, A gj) {
+      gq = level_backward<kGrads, true>(lv, a.logT - 5, xpos, live_or<kLive>(pass_mask().cross_warp(), qv),
+                                        xw_blocks, gq, tt, [&](int s, int lo, A ui, A uj, A gi, A gj) {
                                           if constexpr (kLive) {
                                             up[0] = ui, up[1] = uj, up[2] = gi, up[3] = gj;
                                           } else if (owner) {
@@ -244,7 +279,7 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
       if (lane == 0) gv[0] = mine;
     }
     gv[0] = level_backward<kGrads, true>(shl, LS, ln.t, live_or<kLive>(pass_mask().shuffle(), true),
-                                         blocks, gv[0], tp.sh,
+                                         sh_blocks, gv[0], tp.sh,
                                          [&](int, int, A ui, A uj, A gi, A gj) {
                                            if (acc_blocks && valid) accumulate_outer(acc_sh, ui, uj, gi, gj);
                                          });

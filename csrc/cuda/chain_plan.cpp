@@ -248,11 +248,15 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
   const ParallelShape s = reps > 0 ? parallel_shape(p.d, kParallelBackwardMaxThreads, knobs.segment) : ParallelShape{};
   // reg: the single layout's backward with register accumulators (its shared memory has a larger exchange)
   const bool reg = reps == 1 && resolved_variant(knobs) == Variant::Reg;
+  // reg with 16-byte rows (set below): whether its launched instantiation reads a lane table
+  bool reg_lanes = false;
   // shared memory (accumulation-type elements) of the parallel or stacked backward kernel with a table of S
   // (stacks: and the earlier repetitions' tapes kept, `tape`)
   auto smem_elems = [&](int S, bool tape) {
     return reps > 1 ? detail::StackBackwardSmem(reps, s.R, s.T, width, p.want_blocks, grads, S, tape).total
-                    : detail::ParallelBackwardSmem(s.R, s.T, s.nseg, width, grads, S, reg && S > 0).total;
+                    : detail::ParallelBackwardSmem(s.R, s.T, s.nseg, width, grads, S, reg && S > 0,
+                                                   reg && S > 0 && reg_lanes)
+                          .total;
   };
   auto fits = [&](int S, bool tape) { return smem_elems(S, tape) * es <= lim.smem_optin; };
   if (reps == 1 || (reps > 1 && s.nseg == 1 && fits(0, false))) {
@@ -264,6 +268,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     const bool vec = p.d % kChunk == 0 && p.grad_ld % kChunk == 0 && aligned16(p.grad) &&
                      (a.out == nullptr || aligned16(a.out)) && (!grads || (p.x_ld % kChunk == 0 && aligned16(p.x)));
     plan.vec = vec;
+    reg_lanes = reg && detail::reg_branch_free(s.logT, vec, grads, static_cast<int>(es));
     const int threads = s.R * s.T;
     a.stack_tape = reps > 1 && grads && fits(0, true) ? 1 : 0;  // a kept tape saves a forward pass
     if (table && fits(kChunk * s.T, a.stack_tape)) {

@@ -23,6 +23,28 @@ struct ParallelTable {
   static QGOFT_HOST_DEVICE int first(int S, int r) { return S - (S >> (r - 1)); }
 };
 
+// The reg backward (chain_parallel_reg.cuh) is also compiled for one segment width known at compile time,
+// T = 2^kRegLogT threads (S = 4096 elements: rows of 2049 .. 4096 elements, and every segmented row).
+constexpr int kRegLogT = 9;
+
+// Whether the reg backward runs its branch-free instantiation (kLive in chain_parallel_reg.cuh): segments of
+// 2^kRegLogT threads, 16-byte rows, parameter gradients, float accumulation (acc_bytes 4). Only that one
+// reads the lane table (ParallelLaneTable), so the planner sizes its shared memory with this same rule.
+QGOFT_HOST_DEVICE constexpr bool reg_branch_free(int logT, bool vec, bool grads, int acc_bytes) {
+  return logT == kRegLogT && vec && grads && acc_bytes == 4;
+}
+
+// Lane table of the reg backward's branch-free instantiation: the block each thread reads in each layer of
+// its shuffle and cross-warp levels (log2 T layers: the shuffle layers, then the cross-warp layers), copied
+// from the segment's ParallelTable once per block, so that the row loop reads layer L's block at one address
+// per thread plus a constant instead of computing the block's index per row. The block a thread t reads
+// depends on t / 2 only (in every layer, the two threads t & ~1 and t | 1 read the same one), so layer L of
+// thread t is block L (T / 2) + t / 2: a warp reads 16 consecutive blocks per layer (conflict-free).
+struct ParallelLaneTable {
+  static QGOFT_HOST_DEVICE int64_t blocks(int logT) { return logT > 0 ? static_cast<int64_t>(logT) << (logT - 1) : 0; }
+  static QGOFT_HOST_DEVICE int at(int logT, int layer, int t) { return (layer << (logT - 1)) + (t >> 1); }
+};
+
 // Shared memory of the parallel forward kernel, in accumulation-type elements: [32] exchange words |
 // [reps][4 (S - 1)] the segment's block table of each repetition (table variant, S = ParallelArgs::table > 0;
 // reps > 1: the stacked kernel).
@@ -33,18 +55,26 @@ QGOFT_HOST_DEVICE inline int64_t parallel_forward_smem(int table, int reps = 1) 
 // Shared memory of the parallel backward kernel, in accumulation-type elements:
 // [32] exchange words (the reg variant, `pipelined`: [2][2][32], two buffers of values and gradients) | [R][T-1][4] cross-thread pair accumulators | [31 * 4 + 32] top-layer
 // accumulators (segmented rows) | [R][width] per-slot sums (R > 1) | (table variant, from a multiple
-// of 4 elements) [4 (S - 1)] the segment's block table | (reg variant) [S] the segment's scale.
+// of 4 elements) [4 (S - 1)] the segment's block table | (reg variant) [S] the segment's scale |
+// (`lanes`: the reg variant's branch-free instantiation, reg_branch_free) [4 ParallelLaneTable::blocks] the
+// lane table.
 struct ParallelBackwardSmem {
-  int64_t cacc, tacc, red, tab, scl, total;
+  int64_t cacc, tacc, red, tab, scl, lane, total;
   QGOFT_HOST_DEVICE ParallelBackwardSmem(int R, int T, int nseg, int64_t width, bool grads, int table,
-                                         bool pipelined = false) {
+                                         bool pipelined = false, bool lanes = false) {
     cacc = pipelined ? 128 : 32;
     tacc = cacc + (grads ? static_cast<int64_t>(R) * (T - 1) * 4 : 0);
     red = tacc + (grads && nseg > 1 ? 5 * kMaxTopLanes : 0);
     const int64_t end = red + (grads && R > 1 ? static_cast<int64_t>(R) * width : 0);
     tab = table > 0 ? (end + 3) / 4 * 4 : end;
     scl = tab + 4 * ParallelTable::blocks(table);
-    total = scl + (pipelined ? table : 0);
+    lane = scl + (pipelined ? table : 0);  // a multiple of 4 elements (tab, 4 (S - 1) and S are): 16-byte blocks
+    total = lane;
+    if (lanes) {
+      int logT = 0;
+      while ((1 << logT) < T) ++logT;
+      total += 4 * ParallelLaneTable::blocks(logT);
+    }
   }
 };
 
