@@ -19,12 +19,6 @@ constexpr int64_t kMaxGridX = 2147483647;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
-int ceil_log2(int64_t v) {
-  int l = 0;
-  while ((int64_t(1) << l) < v) ++l;
-  return l;
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 int64_t acc_size(DType t) { return t == DType::Float64 ? 8 : 4; }
@@ -39,17 +33,17 @@ ParallelShape parallel_shape(int64_t d, int max_threads, int segment) {
   ParallelShape s{};
   const int64_t need = std::max<int64_t>(1, ceil_div(d, kChunk));
   if (need <= max_threads) {
-    s.logT = ceil_log2(need);
+    s.logT = detail::ceil_log2(need);
     s.T = 1 << s.logT;
     s.R = std::max(1, 256 / s.T);
     s.nseg = 1;
   } else {
-    s.logT = ceil_log2(max_threads);
+    s.logT = detail::ceil_log2(max_threads);
     s.T = 1 << s.logT;
     s.R = 1;
     s.nseg = static_cast<int>(ceil_div(d, int64_t(s.T) * kChunk));
   }
-  s.top_layers = ceil_log2(s.nseg);
+  s.top_layers = detail::ceil_log2(s.nseg);
   return s;
 }
 

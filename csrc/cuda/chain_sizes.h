@@ -13,6 +13,13 @@
 
 namespace qgoft::cuda::detail {
 
+// The smallest l with 2^l >= v (v >= 1): log2 of a power of two, rounded up otherwise.
+QGOFT_HOST_DEVICE constexpr int ceil_log2(int64_t v) {
+  int l = 0;
+  while ((int64_t(1) << l) < v) ++l;
+  return l;
+}
+
 // Block table of one row segment of S = 8 T elements in shared memory (the "table" variant of the
 // parallel kernels, ParallelArgs::table = S): layers 1 .. log2 S, layer r's S >> r blocks (4 entries
 // each) from block first(S, r) = S - (S >> (r - 1)) on, S - 1 blocks in all. The in-thread layers
@@ -69,12 +76,7 @@ struct ParallelBackwardSmem {
     tab = table > 0 ? (end + 3) / 4 * 4 : end;
     scl = tab + 4 * ParallelTable::blocks(table);
     lane = scl + (pipelined ? table : 0);  // a multiple of 4 elements (tab, 4 (S - 1) and S are): 16-byte blocks
-    total = lane;
-    if (lanes) {
-      int logT = 0;
-      while ((1 << logT) < T) ++logT;
-      total += 4 * ParallelLaneTable::blocks(logT);
-    }
+    total = lane + (lanes ? 4 * ParallelLaneTable::blocks(ceil_log2(T)) : 0);
   }
 };
 
