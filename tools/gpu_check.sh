@@ -22,11 +22,6 @@
 #                 general and the fused XOR kernels, QGOFT_CUDA_XOR), qgoft.nn.Linear vs frozen / PEFT
 #                 LoRA r=8 / PEFT OFT, a LLaMA-shaped stack's training step vs LoRA (targets 1-4, half of 5)
 #                                                                                     bench_gpu.md/.json
-#   baseline-build 90  only when build/baseline/src exists (an earlier commit's sources, written and carried
-#                 as bench/README.md, "Against an earlier commit", says): its ops library for sm_90 only,
-#                 without the Python module, in build/gpu-check/baseline               baseline_build.log
-#   baseline 150  tools/gpu_baseline_compare.py: this tree's chain and layout tables against that build's,
-#                 alternating separate processes (4 per build)             baseline_compare.md/.json
 #   tests    120  tests/test_cuda.py and tests/test_determinism.py, QGOFT_REQUIRE_CUDA=1 (target 7)
 #   sanitize 120  compute-sanitizer memcheck, racecheck, initcheck, synccheck, concurrently, on
 #                 tools/gpu_sanitize_case.py: every path, variant, dtype and mask for memcheck and
@@ -34,6 +29,12 @@
 #                 their hazards do not depend on the dtype) (target 6)             sanitizer_*.log
 #   layer     60  bench/run.py --quick --only layer --device cuda (with PEFT LoRA r=8, OFT) run/
 #   model     90  bench/run.py --quick --only model --device cuda (MiniLM step; target 5) run/
+#   baseline-build 90  after the speed targets' parts above (they come first), only when build/baseline/src
+#                 exists (an earlier commit's sources, written and carried as bench/README.md, "Against an
+#                 earlier commit", says): its ops library for sm_90 only, without the Python module, in
+#                 build/gpu-check/baseline                                             baseline_build.log
+#   baseline 150  tools/gpu_baseline_compare.py: this tree's chain and layout tables against that build's,
+#                 alternating separate processes (4 per build)             baseline_compare.md/.json
 #   extra         the checks listed in extra_checks() below, one line each
 #   summary       targets 1-7, met / missed / not run with the numbers: targets.md, targets.json; with
 #                 $OUT set (the lent GPU machine returns at most 8 files) every other file is packed into
@@ -288,13 +289,13 @@ if [ "$DRY" = 1 ]; then
   dry load "needs a GPU"
   dry variants "needs a GPU"
   part chain 300 bench_gpu.log "$PYTHON" bench/bench_gpu.py --dry-run --out "$OUTDIR"
-  baseline_parts
   dry tests "needs a GPU"
   dry op-tests "needs a GPU"
   part sanitize-list 30 sanitizer_list.log "$PYTHON" tools/gpu_sanitize_case.py --list
   dry sanitize "compute-sanitizer needs a GPU"
   part layer 120 run_layer.log "$PYTHON" bench/run.py --smoke --device cpu --only layer --out-dir "$OUTDIR/run" --no-readme
   dry model "bench/run.py's model part needs a GPU for target 5"
+  baseline_parts
 elif [ "$GPU" = 0 ]; then
   record gpu FAIL "$(elapsed)" "torch sees no GPU (use --dry-run on a machine without one)"
 else
@@ -303,11 +304,11 @@ else
   part load 30 load.log load_check
   part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py --variants table,reg
   part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants base,table,reg --out "$OUTDIR"
-  baseline_parts
   part tests 120 tests.log run_tests
   part sanitize 120 sanitize.log sanitize_all
   part layer 60 run_layer.log "$PYTHON" bench/run.py --quick --device cuda --only layer --out-dir "$OUTDIR/run" --no-readme
   part model 90 run_model.log "$PYTHON" bench/run.py --quick --device cuda --only model --out-dir "$OUTDIR/run" --no-readme
+  baseline_parts
   part op-tests 150 op_tests.log run_op_tests
 fi
 extra_checks
