@@ -355,7 +355,8 @@ def _fused_xor_cases():
 def test_fused_xor_path(gen, env, capfd, variant, kind, d, shape, method, dtype):
     """QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels (docs/CUDA.md, "XOR
     layouts") against the float64 reference and the CPU kernels; rows wider than one segment (d = 5000
-    backward) and shared memory that does not fit (float64 backward at d = 4096) keep the general kernels."""
+    backward) and shared memory that does not fit (float64 backward at d = 4096: one row per block is
+    already too much; at smaller d the planner takes fewer rows per block) keep the general kernels."""
     env(QGOFT_CUDA_XOR="fused", QGOFT_CUDA_VARIANT=variant, QGOFT_CUDA_VERBOSE=1)
     run_and_check(method, kind, d, dtype, gen, shape=shape)
     seen = plans(capfd)
@@ -396,15 +397,16 @@ def test_xor_switch_rejects_unknown_values(gen, env):
 
 
 def test_path_selection(gen, env, capfd):
+    """The defaults (QGOFT_CUDA_VARIANT=reg, QGOFT_CUDA_XOR=fused): which kernels each layout gets."""
     env(QGOFT_CUDA_VERBOSE=1)
     for kind, d, want_fwd, want_bwd in [
         ("parallel", 4096, "path=parallel T=512 R=1 nseg=1", "path=parallel T=512 R=1 nseg=1"),
         ("parallel", 100, "path=parallel T=16 R=16 nseg=1", "path=parallel T=16 R=16 nseg=1"),
-        ("parallel", 20000, "path=parallel T=1024 R=1 nseg=3", "path=parallel T=512 R=1 nseg=5"),
+        ("parallel", 20000, "path=parallel T=512 R=1 nseg=5 vec=1 table=4096", "path=parallel T=512 R=1 nseg=5"),
         ("butterfly", 4096, "path=general(smem)", "path=general"),  # rows in smem iff the opt-in limit >= 224 KiB
         ("butterfly", 8192, "path=general(smem)", "path=general(global)"),
         ("sequential", 4096, "path=general(smem)", "path=general(smem) acc_in_smem=1"),
-        ("parallel*2", 4096, "path=general(smem)", "path=general"),  # QGOFT_CUDA_XOR unset: general
+        ("parallel*2", 4096, "path=stack reps=2 T=512", "path=stack reps=2 T=512"),  # QGOFT_CUDA_XOR unset: fused
     ]:
         pairs, offsets = make_layout(kind, d, gen)
         params, _ = make_params("goft", pairs.shape[0], d, gen)

@@ -98,7 +98,7 @@ part() {
   local last; last="$(grep -v '^\s*$' "$logf" | tail -1 | cut -c1-150)"
   if [ $rc = 0 ]; then record "$name" PASS "$(( $(elapsed) - t0 ))" "$last"
   elif [ $rc = 124 ] || [ $rc = 137 ]; then tail -5 "$logf"; record "$name" TIMEOUT "$(( $(elapsed) - t0 ))" "after ${secs}s; $last"
-  else tail -15 "$logf"; record "$name" FAIL "$(( $(elapsed) - t0 ))" "rc=$rc; $last ($3)"
+  else tail -15 "$logf"; record "$name" FAIL "$(( $(elapsed) - t0 ))" "rc=$rc; $last (${logf##*/})"
   fi
   return $rc
 }

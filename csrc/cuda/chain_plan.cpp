@@ -112,12 +112,12 @@ void fill_general(GeneralArgs& a, const Problem& p, bool backward) {
 
 std::string str(int64_t v) { return std::to_string(v); }
 
-// The value of environment switch `var` among `choices` (name, value); unset or empty: the first choice.
+// The value of environment switch `var` among `choices` (name, value); unset or empty: `fallback`.
 // Throws std::invalid_argument naming the allowed names ("VAR must be a, b or c, got 'x'") otherwise.
 template <class E>
-E env_switch(const char* var, std::initializer_list<std::pair<const char*, E>> choices) {
+E env_switch(const char* var, E fallback, std::initializer_list<std::pair<const char*, E>> choices) {
   const char* v = std::getenv(var);
-  if (v == nullptr || *v == '\0') return choices.begin()->second;
+  if (v == nullptr || *v == '\0') return fallback;
   std::string names;
   size_t k = 0;
   for (const auto& [name, value] : choices) {
@@ -156,12 +156,13 @@ bool table_variant(const Knobs& k) { return resolved_variant(k) != Variant::Base
 }  // namespace
 
 Variant variant_from_env() {
-  return env_switch<Variant>("QGOFT_CUDA_VARIANT",
+  return env_switch<Variant>("QGOFT_CUDA_VARIANT", Variant::Reg,
                              {{"base", Variant::Base}, {"table", Variant::Table}, {"reg", Variant::Reg}});
 }
 
 XorPath xor_path_from_env() {
-  return env_switch<XorPath>("QGOFT_CUDA_XOR", {{"general", XorPath::General}, {"fused", XorPath::Fused}});
+  return env_switch<XorPath>("QGOFT_CUDA_XOR", XorPath::Fused,
+                             {{"general", XorPath::General}, {"fused", XorPath::Fused}});
 }
 
 ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs) {
@@ -239,7 +240,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
   const int64_t partial_cap = std::max<int64_t>(1, kPartialCapBytes / (plan.partial_ld * es));
 
   const int reps = parallel_reps(p, knobs);
-  const ParallelShape s = reps > 0 ? parallel_shape(p.d, kParallelBackwardMaxThreads, knobs.segment) : ParallelShape{};
+  ParallelShape s = reps > 0 ? parallel_shape(p.d, kParallelBackwardMaxThreads, knobs.segment) : ParallelShape{};
   // reg: the single layout's backward with register accumulators (its shared memory has a larger exchange)
   const bool reg = reps == 1 && resolved_variant(knobs) == Variant::Reg;
   // reg with 16-byte rows (set below): whether its launched instantiation reads a lane table
@@ -253,6 +254,9 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
                           .total;
   };
   auto fits = [&](int S, bool tape) { return smem_elems(S, tape) * es <= lim.smem_optin; };
+  // a stack's shared memory grows with its rows per block (float64 at small d: 128 rows of 2 threads need
+  // more than an H100's 227 KiB): fewer rows per block, down to one warp, before giving up the fused path
+  while (reps > 1 && s.nseg == 1 && s.R > 1 && s.R * s.T > 32 && !fits(0, false)) s.R /= 2;
   if (reps == 1 || (reps > 1 && s.nseg == 1 && fits(0, false))) {
     const bool table = table_variant(knobs);
     const BackwardKernel kernel = reps > 1 ? BackwardKernel::ParallelStack : BackwardKernel::Parallel;

@@ -17,11 +17,11 @@ enum class ForcedPath { Auto, General, Global };
 // global memory for every row; Table copies each block's segment of it into shared memory once and runs a
 // persistent grid; Reg is Table with the backward's register accumulators and one barrier per row
 // (parallel_backward_reg_kernel; its forward is Table's). FromEnv: QGOFT_CUDA_VARIANT=base|table|reg (default
-// base), read by the planner.
+// reg: fastest on an H100, bench/RESULTS.md), read by the planner.
 enum class Variant { FromEnv, Base, Table, Reg };
 // Layouts pairing i with i XOR 2^k beyond the single parallel layout (today: stack(parallel(d), k), k >= 2):
 // General runs them on the general kernels, Fused on the register / shuffle kernels where they qualify
-// (docs/CUDA.md, "XOR layouts"). FromEnv: QGOFT_CUDA_XOR=general|fused (default general), read by the planner.
+// (docs/CUDA.md, "XOR layouts"). FromEnv: QGOFT_CUDA_XOR=general|fused (default fused), read by the planner.
 enum class XorPath { FromEnv, General, Fused };
 struct Knobs {
   ForcedPath path = ForcedPath::Auto;
@@ -30,10 +30,10 @@ struct Knobs {
   XorPath xor_path = XorPath::FromEnv;
 };
 
-// The variant named by QGOFT_CUDA_VARIANT (unset or empty: Base); throws std::invalid_argument for any
+// The variant named by QGOFT_CUDA_VARIANT (unset or empty: Reg); throws std::invalid_argument for any
 // other value than base, table or reg.
 Variant variant_from_env();
-// The path named by QGOFT_CUDA_XOR (unset or empty: General); throws std::invalid_argument for any other
+// The path named by QGOFT_CUDA_XOR (unset or empty: Fused); throws std::invalid_argument for any other
 // value than general or fused.
 XorPath xor_path_from_env();
 

@@ -648,7 +648,9 @@ void check_env_switches() {
     return std::string();
   };
   unsetenv("QGOFT_CUDA_XOR");
-  expect(xor_path_from_env() == XorPath::General, "QGOFT_CUDA_XOR unset: general");
+  expect(xor_path_from_env() == XorPath::Fused, "QGOFT_CUDA_XOR unset: fused");
+  setenv("QGOFT_CUDA_XOR", "", 1);
+  expect(xor_path_from_env() == XorPath::Fused, "QGOFT_CUDA_XOR empty: fused");
   setenv("QGOFT_CUDA_XOR", "fused", 1);
   expect(xor_path_from_env() == XorPath::Fused, "QGOFT_CUDA_XOR=fused");
   setenv("QGOFT_CUDA_XOR", "general", 1);
@@ -665,7 +667,38 @@ void check_env_switches() {
   expect(error([] { variant_from_env(); }) == "QGOFT_CUDA_VARIANT must be base, table or reg, got 'tabel'",
          "QGOFT_CUDA_VARIANT=tabel throws");
   unsetenv("QGOFT_CUDA_VARIANT");
-  expect(variant_from_env() == Variant::Base, "QGOFT_CUDA_VARIANT unset: base");
+  expect(variant_from_env() == Variant::Reg, "QGOFT_CUDA_VARIANT unset: reg");
+  setenv("QGOFT_CUDA_VARIANT", "base", 1);
+  expect(variant_from_env() == Variant::Base, "QGOFT_CUDA_VARIANT=base");
+  unsetenv("QGOFT_CUDA_VARIANT");
+}
+
+// Which stacks of the parallel layout the fused XOR backward takes on an H100 (sm_count 132, 227 KiB of shared
+// memory per block), with every parameter gradient: every dtype while a row fits one 4096-element segment,
+// float64 too (fewer rows per block where 256 / T rows would not fit), except float64 at d = 4096.
+void check_stack_plans() {
+  Limits lim;
+  lim.sm_count = 132;
+  lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
+  auto occupancy = [](BackwardKernel, bool, bool, int, size_t) { return 1; };
+  Knobs knobs;
+  knobs.variant = Variant::Base;
+  knobs.xor_path = XorPath::Fused;
+  for (DType dtype : {DType::Float32, DType::Float64, DType::BFloat16, DType::Float16}) {
+    for (auto [d, reps] : {std::pair<int64_t, int>{2, 2}, {13, 2}, {64, 3}, {100, 2}, {257, 2}, {1000, 2},
+                           {4096, 2}, {5000, 2}}) {
+      Problem p = make_problem(dtype, stacked(parallel_layout(d), reps), 1000);
+      p.x_ld = p.grad_ld = d;
+      p.want_blocks = p.want_scale = true;
+      const BackwardPlan plan = plan_backward(p, lim, knobs, occupancy);
+      const bool want = d <= 4096 && !(dtype == DType::Float64 && d == 4096);
+      if (plan.parallel != want || (want && plan.pa.reps != reps)) {
+        std::fprintf(stderr, "FAIL stack plan dtype=%d d=%lld reps=%d: %s (want %s)\n", int(dtype), (long long)d,
+                     reps, plan.describe.c_str(), want ? "the fused stack" : "the general kernels");
+        ++g_failures;
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -675,6 +708,7 @@ int main(int argc, char** argv) {
   std::mt19937_64 rng(12345);
   const bool full = mode == "full";
   check_env_switches();
+  check_stack_plans();
   if (mode == "tiny") {  // for a race detector: a few small cases through every path
     for (int64_t d : {13, 300}) {
       Options o;
