@@ -385,7 +385,7 @@ def test_linear_on_different_devices(device, method):
 @pytest.mark.parametrize("method", ["goft", "qgoft"])
 def test_cuda_and_cpu_arguments_mixed(method):
     require_cuda_or_skip()
-    a = _device_args(method, "cuda", "cpu", "x")
+    a = _device_args(method, "cuda", "cuda", "x")  # every argument on CUDA, then one of them on the CPU
     for name in (params_name(method), "pairs", "layer_offsets", "scale"):
         b = dict(a)
         b[name] = b[name].to("cpu")
