@@ -9,6 +9,7 @@
 #                                        # bench/run.py --smoke, the summary) so a slip cannot waste GPU time
 #
 # Parts, in order (time box in seconds; outputs in the output folder):
+#   (wheels)      every wheel in build/wheels (tools/gpu_wheels_prep.sh, carried) installed first  wheels.log
 #   env       40  GPU, driver, python, torch, nvcc, cmake, compute-sanitizer            env.log
 #   build    150  the extension from this tree for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), in-tree like
 #                 `pip install -e .`                                                  build.log
@@ -63,6 +64,17 @@ mkdir -p "$OUTDIR" "$BUILD"
 PARTS="$OUTDIR/parts.tsv"
 : > "$PARTS"
 FAILED=0
+# Wheels carried in build/wheels (tools/gpu_wheels_prep.sh: packages the GPU machine lacks, e.g. torchao):
+# installed into build/gpu-check/site for every part (a dry run leaves them alone).
+if [ "$DRY" = 0 ] && compgen -G "$ROOT/build/wheels/*.whl" > /dev/null; then
+  if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+       --target "$BUILD/site" "$ROOT"/build/wheels/*.whl > "$OUTDIR/wheels.log" 2>&1; then
+    export PYTHONPATH="$PYTHONPATH:$BUILD/site"
+    echo "gpu_check: installed $(cd "$ROOT/build/wheels" && ls *.whl | tr '\n' ' ')into $BUILD/site"
+  else
+    echo "gpu_check: installing build/wheels failed (wheels.log); the parts run without them"
+  fi
+fi
 
 elapsed() { echo $(( $(date +%s) - START )); }
 log() { echo "gpu_check [$(elapsed)s]: $*"; }
