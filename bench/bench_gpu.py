@@ -52,14 +52,34 @@ LINEAR_TARGET = 1.20  # target 4: qgoft.nn.Linear fwd+bwd <= 1.20x frozen, below
 
 
 class Clock:
-    """Per-call milliseconds of interleaved contenders: CUDA events on a GPU, perf_counter on the CPU."""
+    """Per-call milliseconds of interleaved contenders: CUDA events on a GPU, perf_counter on the CPU.
+
+    On a GPU every contender's calls are timed between two events with the GPU kept busy while the CPU
+    enqueues them: a `torch.cuda._sleep` of at least twice the contender's measured enqueue time runs before
+    its start event, so the events time the kernels and not the launch latency of a queue that the previous
+    synchronisation emptied (without it the first contender of every round, e.g. the copy, was inflated by
+    that latency). The order of the contenders rotates from round to round."""
 
     def __init__(self, device: str) -> None:
         self.cuda = device.startswith("cuda")
+        self._cycles_per_ms = 0.0
 
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize()
+
+    def cycles_per_ms(self) -> float:
+        """GPU clock cycles per millisecond of `torch.cuda._sleep`, measured once with events."""
+        if not self._cycles_per_ms:
+            cycles = 2_000_000
+            torch.cuda._sleep(cycles)  # warm
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            end.synchronize()
+            self._cycles_per_ms = cycles / max(start.elapsed_time(end), 1e-3)
+        return self._cycles_per_ms
 
     def timed(self, contenders: Dict[str, Callable[[], object]], rounds: int, inner: int) -> Dict[str, float]:
         """Median ms per call of each contender over `rounds` interleaved rounds of `inner` calls."""
@@ -67,12 +87,24 @@ class Clock:
             for _ in range(3):
                 fn()
         self.sync()
+        head_start = {}  # GPU cycles to sleep before a contender's start event
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            enqueue_ms = (time.perf_counter() - t0) * 1e3
+            self.sync()
+            if self.cuda:
+                head_start[name] = int(min(max(2 * enqueue_ms, 0.05), 50.0) * self.cycles_per_ms())
+        names = list(contenders)
         samples: Dict[str, List[float]] = {k: [] for k in contenders}
-        for _ in range(rounds):
+        for r in range(rounds):
             marks = []
-            for name, fn in contenders.items():
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                fn = contenders[name]
                 if self.cuda:
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    torch.cuda._sleep(head_start[name])
                     start.record()
                     for _ in range(inner):
                         fn()
