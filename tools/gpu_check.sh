@@ -29,7 +29,8 @@
 #                 initcheck; every path and variant in float32 for racecheck and synccheck (the slow tools;
 #                 their hazards do not depend on the dtype) (target 6)             sanitizer_*.log
 #   layer     60  bench/run.py --quick --only layer --device cuda (with PEFT LoRA r=8, OFT) run/
-#   model     90  bench/run.py --quick --only model --device cuda (MiniLM step; target 5) run/
+#   model     90  bench/run.py --quick --only model --device cuda (MiniLM step; target 5) run/; the weights
+#                 from build/minilm when it exists (carried; tools/gpu_minilm_prep.sh), as QGOFT_MINILM_PATH
 #   baseline-build 90  after the speed targets' parts above (they come first), only when build/baseline/src
 #                 exists (an earlier commit's sources, written and carried as bench/README.md, "Against an
 #                 earlier commit", says): its ops library for sm_90 only, without the Python module, in
@@ -319,6 +320,9 @@ else
   part tests 120 tests.log run_tests
   part sanitize 120 sanitize.log sanitize_all
   part layer 60 run_layer.log "$PYTHON" bench/run.py --quick --device cuda --only layer --out-dir "$OUTDIR/run" --no-readme
+  if [ -z "${QGOFT_MINILM_PATH:-}" ] && [ -d "$ROOT/build/minilm" ]; then
+    export QGOFT_MINILM_PATH="$ROOT/build/minilm"; log "model: the MiniLM weights of $QGOFT_MINILM_PATH"
+  fi
   part model 90 run_model.log "$PYTHON" bench/run.py --quick --device cuda --only model --out-dir "$OUTDIR/run" --no-readme
   baseline_parts
   part op-tests 150 op_tests.log run_op_tests
