@@ -78,5 +78,5 @@ EOF
   trap - EXIT
   echo "gpu_minilm_prep: wrote $DEST ($(size "$DEST"); model.safetensors in bfloat16) from $SRC"
 fi
-echo "  on the GPU machine: carry build/minilm (with build/baseline when the baseline parts run: 64 MiB in all);"
+echo "  on the GPU machine: carry build/minilm (beside build/wheels, build/baseline when prepared: 64 MiB in all);"
 echo "  bash tools/gpu_check.sh sets QGOFT_MINILM_PATH=build/minilm for its model part"
