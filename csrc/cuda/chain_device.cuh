@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "chain_cuda.h"
 #include "chain_sizes.h"
@@ -285,6 +286,26 @@ __device__ __forceinline__ void accumulate_outer(A* acc, A ui, A uj, A gi, A gj,
   acc[stride] += ui * gj;
   acc[2 * stride] += uj * gi;
   acc[3 * stride] += uj * gj;
+}
+
+// The same into a pair's four consecutive accumulators at a 16-byte boundary (the parallel kernels' shared-memory
+// accumulators cacc / tacc: blocks of 4 from aligned starts); float: one 16-byte shared read and write. Through
+// XLevel::acc_at's index, which it cannot prove a multiple of 4, the compiler made them 4 scalar reads and 4
+// writes (float backward with parameter gradients: 44 LDS + 44 STS per row instead of 14 LDS.128 + 14 STS.128).
+template <class A>
+__device__ __forceinline__ void accumulate_pair(A* acc, A ui, A uj, A gi, A gj) {
+  QGOFT_CHECK_ALIGN16(acc);
+  if constexpr (std::is_same_v<A, float>) {
+    float4* p = reinterpret_cast<float4*>(acc);
+    float4 c = *p;
+    c.x += ui * gi;
+    c.y += ui * gj;
+    c.z += uj * gi;
+    c.w += uj * gj;
+    *p = c;
+  } else {
+    accumulate_outer(acc, ui, uj, gi, gj);
+  }
 }
 
 }  // namespace qgoft::cuda::detail

@@ -254,7 +254,7 @@ template <bool kTape, class A, bool kTable>
 __device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int layers, int pos, bool active,
                                             const A* blocks, A* acc, A g, const A (&tape)[5]) {
   return level_backward<kTape>(lv, layers, pos, active, blocks, g, tape, [&](int s, int lo, A ui, A uj, A gi, A gj) {
-    if (lv.acc >= 0) accumulate_outer(acc + lv.acc_at(s, lo), ui, uj, gi, gj);
+    if (lv.acc >= 0) accumulate_pair(acc + lv.acc_at(s, lo), ui, uj, gi, gj);
   });
 }
 
