@@ -191,8 +191,9 @@ def row_loop_count(instrs: list[Ins], labels: dict[str, int]) -> dict:
         # the top-layer block's code: from the branch around it (the first forward branch of its `if` line)
         # to that branch's target
         top_first = min(excluded) if excluded else None
-        guard = next((i for i in body if loop_line(i) == top_first and i.op.startswith("BRA") and i.target
-                      and labels.get(i.target, 0) > i.addr), None)
+        # (none without a top-layer block: loop_line is None for every instruction outside the loop's lines)
+        guard = next((i for i in body if top_first is not None and loop_line(i) == top_first
+                      and i.op.startswith("BRA") and i.target and labels.get(i.target, 0) > i.addr), None)
         skip = (guard.addr, labels[guard.target]) if guard else (0, 0)
         span = Counter(i.op.split(".")[0] for i in body if not skip[0] <= i.addr < skip[1])
         res.update(span=sum(span.values()), span_ops=dict(span))
