@@ -3,10 +3,11 @@ frozen nn.Linear, PEFT LoRA r=8 and PEFT OFT, and of a LLaMA-shaped stack's trai
 (targets 1-4 and the second half of 5 of docs/CUDA.md, "GPU targets").
 Contenders of a table run in one process, in interleaved rounds, timed with CUDA events after warm-up;
 medians are reported. The kernel variant of each chain call is chosen with QGOFT_CUDA_VARIANT (read by the
-planner per call), so the variants share every round; the layout table (target 3) times stack=2 on the
+planner per call), so the variants share every round; a variant `V+prefetch` is V with QGOFT_CUDA_FORWARD=prefetch
+(the prefetching forward, forward rows only); the layout table (target 3) times stack=2 on the
 general and the fused XOR kernels (QGOFT_CUDA_XOR=general|fused) side by side.
 
-    python bench/bench_gpu.py [--rounds 15] [--out DIR] [--quick] [--variants base,table]
+    python bench/bench_gpu.py [--rounds 15] [--out DIR] [--quick] [--variants base,table,table+prefetch]
     python bench/bench_gpu.py --dry-run     # no GPU: tiny shapes on the CPU, CPU timers (checks the script)
     python bench/bench_gpu.py --only kernels --xor general   # the chain and layout tables only
     QGOFT_DISABLE_EXTENSION=1 python bench/bench_gpu.py --only kernels --ops-library OTHER/libqgoft_ops.so
@@ -38,11 +39,15 @@ sys.path.insert(0, HERE)
 import bench_common as bc  # noqa: E402
 import bench_layer as bl  # noqa: E402
 
-VARIANTS = ("base", "table", "reg")
+VARIANTS = ("base", "table", "reg", "table+prefetch")
 CHAIN_OPS = ("givens_chain", "givens_chain_backward", "quasi_givens_chain", "quasi_givens_chain_backward")
 # Variants whose forward kernels are another variant's (reg changes the backward only): their forward rows and
 # the layout table (target 3) are timed under that variant only.
 SAME_FORWARD = {"reg": "table"}
+# Variants that change only the single parallel layout's forward kernel (`V+prefetch`: QGOFT_CUDA_FORWARD=prefetch
+# under V): only their chain forward rows are timed (their backward, stacks and layers are V's).
+def forward_only(variant: str) -> bool:
+    return variant.endswith("+prefetch")
 COPY = "copy (buf.copy_(x))"
 FWD_TARGET = 0.80   # target 1: >= 80 % of the copy bandwidth of the same tensor
 BWD_TARGET = 2.0    # target 2: <= 2.0x the copy time of x
@@ -122,15 +127,18 @@ class Clock:
 
 
 def with_variant(variant: str, fn: Callable[[], object], xor: str = "general") -> Callable[[], object]:
-    """fn run with QGOFT_CUDA_VARIANT=variant and QGOFT_CUDA_XOR=xor (the planner reads both on every call)."""
+    """fn run with QGOFT_CUDA_VARIANT=variant (`V+prefetch`: V and QGOFT_CUDA_FORWARD=prefetch, else plain) and
+    QGOFT_CUDA_XOR=xor (the planner reads them on every call)."""
+    name, _, forward = variant.partition("+")
     def run() -> object:
-        os.environ["QGOFT_CUDA_VARIANT"] = variant
+        os.environ["QGOFT_CUDA_VARIANT"] = name
         os.environ["QGOFT_CUDA_XOR"] = xor
+        os.environ["QGOFT_CUDA_FORWARD"] = forward or "plain"
         try:
             return fn()
         finally:
-            os.environ.pop("QGOFT_CUDA_VARIANT", None)
-            os.environ.pop("QGOFT_CUDA_XOR", None)
+            for k in ("QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", "QGOFT_CUDA_FORWARD"):
+                os.environ.pop(k, None)
     return run
 
 
@@ -168,6 +176,8 @@ def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Lis
     for v in variants:
         for name, fn in calls.items():
             if "forward" in name and SAME_FORWARD.get(v) in variants:
+                continue
+            if "forward" not in name and forward_only(v):
                 continue
             contenders[f"{name} [{v}]"] = with_variant(v, fn)
     med = clock.timed(contenders, rounds, inner=5)
@@ -420,7 +430,8 @@ def render(header: dict, chain: List[dict], lays: List[dict], lin: List[dict], l
            targets: List[dict]) -> str:
     lines = [f"# qgoft CUDA kernels ({header['date']})", "",
              ", ".join(f"{k}: {v}" for k, v in header.items()), "",
-             "Medians over interleaved rounds (CUDA events) after warm-up; `variant` is QGOFT_CUDA_VARIANT.", "",
+             "Medians over interleaved rounds (CUDA events) after warm-up; `variant` is QGOFT_CUDA_VARIANT "
+             "(`+prefetch`: with QGOFT_CUDA_FORWARD=prefetch).", "",
              "| case | contender | variant | ms | x copy | GB/s | % of copy bandwidth |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in chain:
@@ -464,7 +475,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--quick", action="store_true", help="fewer rounds, d = 4096 only, no layout table")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated QGOFT_CUDA_VARIANT values")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated QGOFT_CUDA_VARIANT values (V+prefetch: V's prefetching forward)")
     ap.add_argument("--dry-run", action="store_true", help="no GPU: tiny shapes on the CPU (checks the script)")
     ap.add_argument("--only", choices=("all", "kernels"), default="all",
                     help="kernels: the chain and layout tables only (no nn.Linear, no LLaMA-shaped stack)")
@@ -515,16 +527,17 @@ def main() -> int:
             chain += chain_rows(rows, d, dtype, rounds if d == widths[0] else max(5, rounds // 2), variants, dev, clock)
             print(f"bench_gpu: chain {rows}x{d} {dtype_name(dtype)} done", flush=True)
     xor_paths = [p for p in args.xor.split(",") if p]
-    lays = [] if args.quick else layout_rows(rows, widths[0], torch.bfloat16, rounds, variants, dev, clock, xor_paths)
+    whole = [v for v in variants if not forward_only(v)]  # the variants of the layout, Linear and LLaMA tables
+    lays = [] if args.quick else layout_rows(rows, widths[0], torch.bfloat16, rounds, whole, dev, clock, xor_paths)
     lin: List[dict] = []
     llama: List[dict] = []
     if args.only == "all":
-        lin = linear_rows(lin_rows, lin_d, rounds, variants, dev, torch.bfloat16, clock)
+        lin = linear_rows(lin_rows, lin_d, rounds, whole, dev, torch.bfloat16, clock)
         print("bench_gpu: Linear done", flush=True)
         if args.dry_run:
-            llama = llama_rows(2, 64, 172, 4, 2, 16, 2, dev, torch.float32, variants)
+            llama = llama_rows(2, 64, 172, 4, 2, 16, 2, dev, torch.float32, whole)
         elif not args.quick:
-            llama = llama_rows(4, 4096, 11008, 32, 8, 1024, 7, dev, torch.bfloat16, variants)
+            llama = llama_rows(4, 4096, 11008, 32, 8, 1024, 7, dev, torch.bfloat16, whole)
     targets = evaluate(chain, lays, lin, llama, variants)
     text = render(header, chain, lays, lin, llama, targets)
     print(text)

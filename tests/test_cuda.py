@@ -387,12 +387,50 @@ def test_fused_xor_path_many_rows_deterministic(gen, env, dtype, kind, d, rows):
         assert torch.equal(a, b) and torch.equal(a, c), f"{name}: runs differ"
 
 
-def test_xor_switch_rejects_unknown_values(gen, env):
-    env(QGOFT_CUDA_XOR="fast")
-    pairs, offsets = make_layout("parallel*2", 64, gen)
+@pytest.mark.parametrize("d,rows,segment,method,dtype", [
+    (100, 20_000, 0, "goft_scaled", F32),   # 16 rows per block of 256 threads, the last group partial
+    (100, 20_000, 0, "qgoft", BF16),
+    (4096, 1_000, 0, "goft_scaled", BF16),  # the 512-thread instantiation, 2-4 rows per block
+    (4096, 1_000, 0, "qgoft", F32),
+    (4096, 1_000, 0, "qgoft_scaled", F16),
+    (11008, 300, 0, "qgoft", BF16),         # segmented: 3 segments of 4096, top kernel after
+    (11008, 300, 0, "goft_scaled", F32),
+    (1000, 3_000, 256, "goft", BF16),       # 32-thread segments
+    (1024, 3_000, 0, "qgoft_scaled", F64),
+])
+def test_prefetch_forward(gen, env, capfd, d, rows, segment, method, dtype):
+    """QGOFT_CUDA_FORWARD=prefetch (docs/CUDA.md, "The prefetching forward"): the software-pipelined table
+    forward, over persistent grids whose blocks own several row groups, against the float64 reference and
+    bitwise equal to the plain table forward (same arithmetic in the same order)."""
+    env(QGOFT_CUDA_VERBOSE=1, **({"QGOFT_CUDA_SEGMENT": segment} if segment else {}))
+    pairs, offsets = make_layout("parallel", d, gen)
+    params, scale = make_params(method, pairs.shape[0], d, gen, dtype=F64 if dtype == F64 else F32)
+    x = make_tensor((rows,), d, "contiguous", gen, dtype)
+    outs = {}
+    for forward in ("plain", "prefetch"):
+        env(QGOFT_CUDA_FORWARD=forward)
+        poison()
+        capfd.readouterr()
+        outs[forward] = k_forward(method, x, params, pairs, offsets, scale)
+        torch.cuda.synchronize()
+        seen = [p for p in plans(capfd) if " forward " in p]
+        assert len(seen) == 1 and f" prefetch={int(forward == 'prefetch')} " in seen[0], (forward, seen)
+    want = ref_chain(method, x.double(), params.double(), pairs, offsets,
+                     None if scale is None else scale.double())
+    check_close(outs["prefetch"], want, dtype, f"{method} parallel d={d} rows={rows} {dtype}: prefetch out")
+    assert torch.equal(outs["prefetch"], outs["plain"]), "prefetching forward differs from the plain table forward"
+
+
+@pytest.mark.parametrize("var,kind,message", [
+    ("QGOFT_CUDA_XOR", "parallel*2", "QGOFT_CUDA_XOR must be general or fused"),
+    ("QGOFT_CUDA_FORWARD", "parallel", "QGOFT_CUDA_FORWARD must be plain or prefetch"),
+])
+def test_switch_rejects_unknown_values(gen, env, var, kind, message):
+    env(**{var: "fast"})
+    pairs, offsets = make_layout(kind, 64, gen)
     params, _ = make_params("goft", pairs.shape[0], 64, gen)
     x = torch.randn(4, 64, device=DEV)
-    with pytest.raises((RuntimeError, ValueError), match="QGOFT_CUDA_XOR must be general or fused"):
+    with pytest.raises((RuntimeError, ValueError), match=message):
         k_forward("goft", x, params, pairs, offsets, None)
 
 

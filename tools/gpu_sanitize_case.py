@@ -6,8 +6,9 @@ Paths: parallel (rows sharing a block, one row of 512 threads, scalar loads of a
 segmented parallel (forward top kernel, backward recomputation and top layers in warp 0), stacked parallel
 (QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels), each in every kernel variant
 (QGOFT_CUDA_VARIANT=base|table|reg; reg's 512-thread instantiation by "512 threads" and "segmented default";
-a stack under reg runs table's kernels); general in shared memory and in global memory; forward,
-full backward and the three single-output masks; goft with a scale and qgoft without; float32, bfloat16,
+a stack under reg runs table's kernels); the prefetching forward (QGOFT_CUDA_FORWARD=prefetch under table, forward
+only: the knob changes no backward kernel) on enough rows that blocks own several row groups; general in shared
+memory and in global memory; forward, full backward and the three single-output masks; goft with a scale and qgoft without; float32, bfloat16,
 float16 (parallel paths) and float64. Prints "sanitize case OK: N cases" at the end (checked by
 gpu_check.sh) after a loose correctness check of each forward against the float64 reference.
 With --list it prints the cases without running them (no GPU needed); --float32-only keeps the float32
@@ -23,7 +24,7 @@ from qgoft import layouts
 from qgoft import reference as ref
 
 DEV = "cuda"
-KNOBS = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR")
+KNOBS = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", "QGOFT_CUDA_FORWARD")
 VARIANTS = ("base", "table", "reg")
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
 
@@ -42,6 +43,12 @@ def cases():
         ("stacked R>1", layouts.stack(layouts.parallel(100), 2), 37, {"QGOFT_CUDA_XOR": "fused"}, False),
         ("stacked 512 threads", layouts.stack(layouts.parallel(4096), 2), 3, {"QGOFT_CUDA_XOR": "fused"}, False),
         ("stacked*3 scalar loads", layouts.stack(layouts.parallel(300), 3), 5, {"QGOFT_CUDA_XOR": "fused"}, True),
+    ]
+    prefetch = [  # QGOFT_CUDA_FORWARD=prefetch (table): rows past the persistent grid, the last group partial
+        ("prefetch R>1 row slots", layouts.parallel(100), 20_000, {}, False),
+        ("prefetch 512 threads", layouts.parallel(4096), 1_000, {}, False),
+        ("prefetch segmented 256", layouts.parallel(1000), 3_000, {"QGOFT_CUDA_SEGMENT": "256"}, False),
+        ("prefetch segmented default", layouts.parallel(9000), 300, {}, False),
     ]
     general = [
         ("general smem butterfly", layouts.butterfly(64), 9, {}, False),
@@ -62,9 +69,16 @@ def cases():
             for name, lay, rows, env, unaligned in stacked:
                 out.append((f"{name} [{variant}]", lay, rows, dtype, quasi, with_scale,
                             {**env, "QGOFT_CUDA_VARIANT": variant}, unaligned))
+    for dtype, quasi, with_scale in ((torch.float32, False, True), (torch.bfloat16, True, False),
+                                     (torch.float16, False, True)):
+        for name, lay, rows, env, unaligned in prefetch:
+            out.append((f"{name} [table]", lay, rows, dtype, quasi, with_scale,
+                        {**env, "QGOFT_CUDA_VARIANT": "table", "QGOFT_CUDA_FORWARD": "prefetch"}, unaligned))
     for variant in VARIANTS:
         out.append((f"float64 parallel [{variant}]", layouts.parallel(513), 5, torch.float64, True, True,
                     {"QGOFT_CUDA_VARIANT": variant}, False))
+    out.append(("float64 prefetch [table]", layouts.parallel(1024), 1_000, torch.float64, True, True,
+                {"QGOFT_CUDA_VARIANT": "table", "QGOFT_CUDA_FORWARD": "prefetch"}, False))
     out.append(("general global (natural)", layouts.butterfly(8192), 2, torch.float32, False, True, {}, False))
     return out
 
@@ -90,7 +104,8 @@ def run(lay, rows, dtype, quasi, with_scale, env, unaligned):
         fwd = torch.ops.qgoft.quasi_givens_chain if quasi else torch.ops.qgoft.givens_chain
         bwd = torch.ops.qgoft.quasi_givens_chain_backward if quasi else torch.ops.qgoft.givens_chain_backward
         y = fwd(x, params, pairs, offs, scale)
-        outs = [bwd(g, x, params, pairs, offs, scale, list(m)) for m in MASKS]
+        # QGOFT_CUDA_FORWARD selects the forward kernel only: its cases run no backward
+        outs = [] if "QGOFT_CUDA_FORWARD" in env else [bwd(g, x, params, pairs, offs, scale, list(m)) for m in MASKS]
         torch.cuda.synchronize()
     finally:
         for k in KNOBS:
@@ -99,7 +114,7 @@ def run(lay, rows, dtype, quasi, with_scale, env, unaligned):
     want = fn(x.double(), params.double(), pairs, offs, None if scale is None else scale.double())
     err = (y.double() - want).abs().max().item() / max(1.0, want.abs().max().item())
     assert err < 0.05, err
-    assert all(torch.isfinite(t).all() for t in outs[0] if t.numel()), "non-finite backward"
+    assert not outs or all(torch.isfinite(t).all() for t in outs[0] if t.numel()), "non-finite backward"
 
 
 def main():

@@ -9,7 +9,9 @@ fused XOR path (QGOFT_CUDA_XOR=fused, each variant) on stack(parallel(d), k) aga
 
 A variant runs the same arithmetic in the same order as base (only where the blocks are read from
 differs), so it must agree with base to a few units of rounding; with the reference to the dtype's
-tolerance. Exit status 1 on the first disagreement, naming the case.
+tolerance. `V+prefetch` (QGOFT_CUDA_FORWARD=prefetch under V: the prefetching forward of the single layout)
+is checked forward only, on more rows (blocks of the persistent grid own several row groups), against base,
+the reference and, bitwise, V's plain forward. Exit status 1 on the first disagreement, naming the case.
 """
 import argparse
 import os
@@ -25,16 +27,20 @@ DEV = "cuda"
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
 SHAPES = ((100, 37), (1000, 5), (4096, 64), (9000, 3), (11008, 16))  # (d, rows)
 STACKS = ((100, 2, 37), (1000, 2, 5), (4096, 2, 64), (300, 3, 9))  # (d, repetitions, rows)
+PREFETCH_ROWS = {100: 20000, 1000: 3000, 4096: 1000, 9000: 300, 11008: 300}  # several row groups per block
 
 
 def call(variant, fn, xor="general"):
-    os.environ["QGOFT_CUDA_VARIANT"] = variant
+    """fn with QGOFT_CUDA_VARIANT=variant (V+prefetch: V with QGOFT_CUDA_FORWARD=prefetch) and QGOFT_CUDA_XOR=xor."""
+    name, _, forward = variant.partition("+")
+    os.environ["QGOFT_CUDA_VARIANT"] = name
     os.environ["QGOFT_CUDA_XOR"] = xor
+    os.environ["QGOFT_CUDA_FORWARD"] = forward or "plain"
     try:
         return fn()
     finally:
-        os.environ.pop("QGOFT_CUDA_VARIANT", None)
-        os.environ.pop("QGOFT_CUDA_XOR", None)
+        for k in ("QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", "QGOFT_CUDA_FORWARD"):
+            os.environ.pop(k, None)
 
 
 def rel(a, b):
@@ -68,6 +74,11 @@ def case(variant, d, rows, dtype, quasi, unaligned, gen, reps=0):
     y_var = mine(lambda: fwd(x, params, pairs, offs, scale))
     want = want_fn(x.double(), params.double(), pairs, offs, None if scale is None else scale.double())
     errs = {"y vs base": (rel(y_var, y_base), same_tol), "y vs reference": (rel(y_var, want), ref_tol)}
+    if variant.endswith("+prefetch"):  # the forward kernel only: bitwise the plain forward's output
+        y_plain = call(variant.partition("+")[0], lambda: fwd(x, params, pairs, offs, scale))
+        errs["y vs plain forward (bitwise)"] = (0.0 if torch.equal(y_var, y_plain) else float("inf"), 0.0)
+        torch.cuda.synchronize()
+        return {k: v for k, v in errs.items() if not v[0] <= v[1]}
     for m in MASKS:
         b_base = call("base", lambda: bwd(g, x, params, pairs, offs, scale, list(m)))
         b_var = mine(lambda: bwd(g, x, params, pairs, offs, scale, list(m)))
@@ -80,12 +91,15 @@ def case(variant, d, rows, dtype, quasi, unaligned, gen, reps=0):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variants", default="table,reg", help="variants against base; the XOR path runs base and these")
+    ap.add_argument("--variants", default="table,reg,table+prefetch",
+                    help="variants against base; the XOR path runs base and these")
     args = ap.parse_args()
     gen = torch.Generator(device=DEV).manual_seed(torch.seed() % 2 ** 31)
     n = 0
     for variant in args.variants.split(","):
         for d, rows in SHAPES:
+            if variant.endswith("+prefetch"):
+                rows = PREFETCH_ROWS[d]
             for dtype in (torch.float32, torch.bfloat16):
                 for quasi in (False, True):
                     for unaligned in ((False, True) if d in (1000, 4096) else (False,)):
@@ -95,7 +109,8 @@ def main():
                             print(f"FAIL variant {variant} d={d} rows={rows} {dtype} {'qgoft' if quasi else 'goft'} "
                                   f"unaligned={unaligned}: " + "; ".join(f"{k} {e:.2e} > {t:.0e}" for k, (e, t) in bad.items()))
                             return 1
-    for variant in ["base"] + [v for v in args.variants.split(",") if v != "reg"]:  # stacks: reg runs table
+    # stacks: reg runs table, and the prefetching forward is the single layout's only
+    for variant in ["base"] + [v for v in args.variants.split(",") if v != "reg" and "+" not in v]:
         for d, reps, rows in STACKS:
             for dtype in (torch.float32, torch.bfloat16):
                 for quasi in (False, True):

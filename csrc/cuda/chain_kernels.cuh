@@ -3,6 +3,7 @@
 //   chain_parallel.cuh  the parallel layout's register / shuffle kernels
 //   chain_stack.cuh     stack(parallel(d), k): the parallel machinery k times over the registers
 //   chain_parallel_reg.cuh  the parallel backward's reg variant
+//   chain_parallel_prefetch.cuh  the parallel table forward, software-pipelined (QGOFT_CUDA_FORWARD=prefetch)
 //   chain_general.cuh   any layout, rows in shared or global memory
 //   chain_params.cuh    blocks from angles, the deterministic reduction of partial rows
 // The launchers (chain_launch.cuh) instantiate them per activation dtype. Design: docs/CUDA.md.
@@ -11,6 +12,7 @@
 #include "chain_device.cuh"
 #include "chain_general.cuh"
 #include "chain_parallel.cuh"
+#include "chain_parallel_prefetch.cuh"
 #include "chain_parallel_reg.cuh"
 #include "chain_params.cuh"
 #include "chain_stack.cuh"

@@ -36,7 +36,8 @@ inline void launch(K* kernel, const LaunchConfig& c, cudaStream_t stream, const 
 
 // The kernel instantiation for the run-time switches (vec: 16-byte row accesses; grads: parameter
 // gradients wanted; table: the shared-memory block table variant, ParallelArgs::table > 0; reg: its
-// backward with register accumulators, ParallelArgs::reg).
+// backward with register accumulators, ParallelArgs::reg; prefetch: its prefetching forward,
+// ParallelArgs::prefetch).
 template <class S>
 struct Kernels {
   template <bool kVec>
@@ -45,6 +46,10 @@ struct Kernels {
   }
   static auto parallel_forward(bool vec, bool table) {
     return vec ? parallel_forward<true>(table) : parallel_forward<false>(table);
+  }
+  // the prefetching forward (ParallelArgs::prefetch): its instantiation for T = 2^kRegLogT, or for any shape
+  static auto parallel_forward_prefetch(bool fixed_width) {
+    return fixed_width ? parallel_forward_prefetch_kernel<S, kRegLogT> : parallel_forward_prefetch_kernel<S, 0>;
   }
   template <bool kVec, bool kGrads>
   static auto parallel_backward(bool table) {
@@ -77,6 +82,10 @@ struct Kernels {
 // Launchers<S> (chain_launch.h): each launches exactly one kernel.
 template <class S>
 void Launchers<S>::parallel_forward(bool vec, const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s) {
+  if (a.prefetch > 0) {
+    launch(Kernels<S>::parallel_forward_prefetch(reg_fixed_width(a)), c, s, a);
+    return;
+  }
   launch(Kernels<S>::parallel_forward(vec, a.table > 0), c, s, a);
 }
 template <class S>

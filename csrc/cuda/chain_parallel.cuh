@@ -347,9 +347,12 @@ struct LaneLive {
   }
 };
 
-// The LaneLive of thread ln (lane: ln.t % 32) of a row segment.
+// The LaneLive of thread ln (lane: ln.t % 32) of a row segment. Its cross-warp bits: as participant `lane`
+// of its row's level (the reg backward: every warp computes the level for its row, lanes < T/32 active), or
+// with `words` > 0 as participant lane % (T/32) of the level of warp 0's lanes < words (the forward's
+// via_warp0: the words of R rows in one warp).
 template <class A, bool kTable>
-__device__ __forceinline__ LaneLive lane_live(const ParallelArgs& a, const Lanes& ln, int lane) {
+__device__ __forceinline__ LaneLive lane_live(const ParallelArgs& a, const Lanes& ln, int lane, int words = 0) {
   const int d = static_cast<int>(a.d);
   unsigned bits = 0;
 #pragma unroll
@@ -363,7 +366,9 @@ __device__ __forceinline__ LaneLive lane_live(const ParallelArgs& a, const Lanes
   bits |= LaneLive::place(level_live(shuffle_level<A, kTable>(a, ln.seg_base), LS, ln.t, true), LaneLive::kShuffle);
   if (a.logT > 5) {
     const XLevel<A, kTable> lv = cross_warp_level<A, kTable>(a, ln.seg_base);
-    bits |= LaneLive::place(level_live(lv, a.logT - 5, lane, lane < (a.T >> 5)), LaneLive::kCrossWarp);
+    const int pos = words > 0 ? lane & ((a.T >> 5) - 1) : lane;
+    bits |= LaneLive::place(level_live(lv, a.logT - 5, pos, lane < (words > 0 ? words : a.T >> 5)),
+                            LaneLive::kCrossWarp);
   }
   return {bits};
 }
@@ -409,15 +414,20 @@ __device__ __forceinline__ void parallel_forward_in_warp(const ParallelArgs& a, 
 
 // Applies layers 1 .. log2(8 T) to a row segment (forward direction), optionally recording the tape.
 // Must be reached by all threads of the block (shuffles with the full mask, __syncthreads).
-// blocks: the global table, or (kTable) the segment's shared-memory table.
+// blocks: the global table, or (kTable) the segment's shared-memory table. live (kTable only): the thread's
+// LaneLive (lane_live with words = R T / 32), or null (the pairs are checked against d).
 template <class A, bool kTape, bool kTable>
 __device__ __forceinline__ void parallel_forward_local(const ParallelArgs& a, const Lanes& ln, const A* blocks,
-                                                       A (&v)[kChunk], A* xch, Tape<A>& tp) {
-  parallel_forward_in_warp<A, kTape, kTable>(a, ln, blocks, v, tp);
+                                                       A (&v)[kChunk], A* xch, Tape<A>& tp,
+                                                       const LaneLive* live = nullptr) {
+  parallel_forward_in_warp<A, kTape, kTable>(a, ln, blocks, v, tp, live);
   if (a.logT > 5) {
     const int nw = a.T >> 5;
     const XLevel<A, kTable> lv = cross_warp_level<A, kTable>(a, ln.seg_base);
     v[0] = via_warp0(v[0], ln.tid, ln.slot * nw + (ln.t >> 5), a.R * nw, xch, [&](int q, bool qv, A u) {
+      if constexpr (kTable) {
+        if (live != nullptr) return level_forward<kTape>(lv, a.logT - 5, q & (nw - 1), live->cross_warp(), blocks, u, tp.top);
+      }
       return level_forward<kTape>(lv, a.logT - 5, q & (nw - 1), qv, blocks, u, tp.top);
     });
   }

@@ -22,6 +22,7 @@ int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 int64_t acc_size(DType t) { return t == DType::Float64 ? 8 : 4; }
+int elem_size(DType t) { return t == DType::Float64 ? 8 : t == DType::Float32 ? 4 : 2; }
 
 struct ParallelShape {
   int T, logT, R, nseg, top_layers;
@@ -153,6 +154,10 @@ Variant resolved_variant(const Knobs& k) { return k.variant == Variant::FromEnv 
 // Table and Reg: the shared-memory block table (Reg differs in the backward kernel only).
 bool table_variant(const Knobs& k) { return resolved_variant(k) != Variant::Base; }
 
+bool prefetch_forward(const Knobs& k) {
+  return (k.forward == ForwardKernel::FromEnv ? forward_kernel_from_env() : k.forward) == ForwardKernel::Prefetch;
+}
+
 }  // namespace
 
 Variant variant_from_env() {
@@ -163,6 +168,11 @@ Variant variant_from_env() {
 XorPath xor_path_from_env() {
   return env_switch<XorPath>("QGOFT_CUDA_XOR", XorPath::Fused,
                              {{"general", XorPath::General}, {"fused", XorPath::Fused}});
+}
+
+ForwardKernel forward_kernel_from_env() {
+  return env_switch<ForwardKernel>("QGOFT_CUDA_FORWARD", ForwardKernel::Plain,
+                                   {{"plain", ForwardKernel::Plain}, {"prefetch", ForwardKernel::Prefetch}});
 }
 
 ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs) {
@@ -189,7 +199,13 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
     if (table && detail::parallel_forward_smem(kChunk * s.T, reps) * es <= lim.smem_optin) {
       a.table = kChunk * s.T;
       plan.main.smem = static_cast<size_t>(detail::parallel_forward_smem(a.table, reps) * es);
-      const int64_t occ = estimated_occupancy(plan.main.threads, plan.main.smem, lim);
+      int64_t occ = estimated_occupancy(plan.main.threads, plan.main.smem, lim);
+      // the prefetching forward: the single layout with 16-byte rows; its registers allow fewer blocks per SM
+      // (prefetch_forward_blocks per 512 threads)
+      if (reps == 1 && plan.vec && prefetch_forward(knobs)) {
+        a.prefetch = 1;
+        occ = std::min<int64_t>(occ, detail::prefetch_forward_blocks(elem_size(p.dtype)) * 512 / plan.main.threads);
+      }
       plan.main.grid.x = static_cast<unsigned>(persistent_blocks(a.groups, occ, s.nseg, lim));
     }
     if (s.nseg > 1) {
@@ -199,7 +215,8 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
       plan.top.threads = 32 * kTopRowsPerBlock;
       plan.top.smem = 0;
     }
-    plan.describe = describe_parallel(reps, s, plan.vec, a.table) + " grid=" + str(plan.main.grid.x);
+    plan.describe =
+        describe_parallel(reps, s, plan.vec, a.table) + " prefetch=" + str(a.prefetch) + " grid=" + str(plan.main.grid.x);
     return plan;
   }
   GeneralArgs& a = plan.ga;

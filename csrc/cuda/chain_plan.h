@@ -23,11 +23,17 @@ enum class Variant { FromEnv, Base, Table, Reg };
 // General runs them on the general kernels, Fused on the register / shuffle kernels where they qualify
 // (docs/CUDA.md, "XOR layouts"). FromEnv: QGOFT_CUDA_XOR=general|fused (default fused), read by the planner.
 enum class XorPath { FromEnv, General, Fused };
+// The forward kernel of the single parallel layout under the table variants (table and reg): Plain is
+// parallel_forward_kernel; Prefetch is parallel_forward_prefetch_kernel (docs/CUDA.md, "The prefetching
+// forward"), used with 16-byte rows. FromEnv: QGOFT_CUDA_FORWARD=plain|prefetch (default plain until a GPU has
+// timed both), read by the planner.
+enum class ForwardKernel { FromEnv, Plain, Prefetch };
 struct Knobs {
   ForcedPath path = ForcedPath::Auto;
   int segment = 0;  // 0 or a power of two in [256, 8192]: segment width of the parallel kernels
   Variant variant = Variant::FromEnv;
   XorPath xor_path = XorPath::FromEnv;
+  ForwardKernel forward = ForwardKernel::FromEnv;
 };
 
 // The variant named by QGOFT_CUDA_VARIANT (unset or empty: Reg); throws std::invalid_argument for any
@@ -36,6 +42,9 @@ Variant variant_from_env();
 // The path named by QGOFT_CUDA_XOR (unset or empty: Fused); throws std::invalid_argument for any other
 // value than general or fused.
 XorPath xor_path_from_env();
+// The forward kernel named by QGOFT_CUDA_FORWARD (unset or empty: Plain); throws std::invalid_argument for
+// any other value than plain or prefetch.
+ForwardKernel forward_kernel_from_env();
 
 struct Limits {
   int sm_count = 1;

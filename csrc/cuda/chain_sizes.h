@@ -52,6 +52,14 @@ struct ParallelLaneTable {
   static QGOFT_HOST_DEVICE int at(int logT, int layer, int t) { return (layer << (logT - 1)) + (t >> 1); }
 };
 
+// Resident blocks of 512 threads per SM the prefetching forward (parallel_forward_prefetch_kernel) is compiled
+// for (its __launch_bounds__ minimum, which caps its registers) and the planner sizes its persistent grid by
+// (smaller blocks: as many more as fit the same threads): 16-bit rows 3 (40 registers, like the table forward),
+// float32 rows 2 (its 32 bytes of next row spilled at 40 registers), float64 1.
+QGOFT_HOST_DEVICE constexpr int prefetch_forward_blocks(int elem_bytes) {
+  return elem_bytes == 2 ? 3 : elem_bytes == 4 ? 2 : 1;
+}
+
 // Shared memory of the parallel forward kernel, in accumulation-type elements: [32] exchange words |
 // [reps][4 (S - 1)] the segment's block table of each repetition (table variant, S = ParallelArgs::table > 0;
 // reps > 1: the stacked kernel).

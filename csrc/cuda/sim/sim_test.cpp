@@ -15,9 +15,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "../chain_kernels.cuh"
 #include "../chain_plan.h"
@@ -263,7 +265,8 @@ struct Options {
   int64_t pad = 0;     // extra elements per input row (row stride d + pad)
   int64_t offset = 0;  // elements before the first input row (0: 16-byte aligned)
   bool mask_x = true, mask_params = true, mask_scale = true;
-  Knobs knobs = {ForcedPath::Auto, 0, Variant::Base, XorPath::Fused};
+  bool backward = true;  // false: the forward only
+  Knobs knobs = {ForcedPath::Auto, 0, Variant::Base, XorPath::Fused, ForwardKernel::Plain};
 };
 
 // The problem the glue would describe for this layout and these rows (pointers set by the caller).
@@ -294,7 +297,10 @@ void parallel_backward_instance(const ParallelArgs& a) {
 template <class S>
 void run_parallel_forward(const LaunchConfig& c, bool vec, const ParallelArgs& a) {
   run_kernel(c, [&] {
-    if (a.table > 0) {
+    if (a.prefetch > 0) {
+      if (detail::reg_fixed_width(a)) detail::parallel_forward_prefetch_kernel<S, detail::kRegLogT>(a);
+      else detail::parallel_forward_prefetch_kernel<S, 0>(a);
+    } else if (a.table > 0) {
       if (vec) parallel_forward_instance<S, true, true>(a);
       else parallel_forward_instance<S, false, true>(a);
     } else {
@@ -313,8 +319,9 @@ void run_parallel_backward(const LaunchConfig& c, bool vec, bool grads, const Pa
   });
 }
 
-// Runs forward + backward through plan + kernels, like chain_cuda.cpp, and checks them. Returns the backward's
-// results (grad_x, parameter and scale gradients as computed, widened to double; empty without a backward).
+// Runs forward + backward (o.backward) through plan + kernels, like chain_cuda.cpp, and checks them. Returns
+// the forward's output, then the backward's results (grad_x, parameter and scale gradients as computed),
+// widened to double.
 template <class S>
 std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
   using A = typename detail::Elem<S>::A;
@@ -327,6 +334,7 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
                     (o.with_scale ? "+scale" : "") + " pad=" + std::to_string(o.pad) +
                     " off=" + std::to_string(o.offset) + " path=" + std::to_string(int(o.knobs.path)) +
                     " variant=" + std::to_string(int(o.knobs.variant)) +
+                    " forward=" + std::to_string(int(o.knobs.forward)) +
                     " seg=" + std::to_string(o.knobs.segment) + " mask=" + std::to_string(o.mask_x) +
                     std::to_string(o.mask_params) + std::to_string(o.mask_scale);
 
@@ -393,6 +401,7 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
   const double rtol_par = std::is_same_v<A, double> ? 1e-10 : 1e-4;
 
   // ---- forward ----
+  std::vector<double> result(rows * d);
   {
     std::vector<S> y = poisoned<S>(rows * d);
     Problem p = make_problem(Traits<S>::dtype, lay, rows);
@@ -414,10 +423,10 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
       if (plan.workspace_elems) plan.ga.workspace = ws.data();
       run_kernel(plan.main, [&] { detail::general_forward_kernel<S>(plan.ga); });
     }
-    std::vector<double> y64(rows * d);
-    for (int64_t k = 0; k < rows * d; ++k) y64[k] = Traits<S>::to(y[k]);
-    close_all("y", tag, y64.data(), want.y, rtol_out, atol_out);
+    for (int64_t k = 0; k < rows * d; ++k) result[k] = Traits<S>::to(y[k]);
+    close_all("y", tag, result.data(), want.y, rtol_out, atol_out);
   }
+  if (!o.backward) return result;
 
   // ---- backward (twice: bitwise identical) ----
   std::vector<double> first;
@@ -435,7 +444,7 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
       p.x = xs.data() + o.offset;
       p.x_ld = ld;
     }
-    if (!p.want_x && !grads) return {};
+    if (!p.want_x && !grads) return result;
     BackwardPlan plan = plan_backward(p, lim, o.knobs, occupancy);
     const std::string btag = tag + " | bwd " + plan.describe;
     plan.pa.blocks = plan.ga.blocks = blocks.data();
@@ -507,17 +516,39 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
       ++g_failures;
     }
   }
-  return first;
+  result.insert(result.end(), first.begin(), first.end());
+  return result;
+}
+
+// Whether run_case_counted also runs a case's forward with QGOFT_CUDA_FORWARD=prefetch: the single parallel
+// layout under a table variant with the plain forward (the planner takes the prefetching forward where the
+// table fits and rows are 16-byte aligned; elsewhere both runs are the plain forward).
+bool prefetch_too(const Layout& lay, const Options& o) {
+  return lay.parallel && o.knobs.forward == ForwardKernel::Plain && o.knobs.path == ForcedPath::Auto &&
+         (o.knobs.variant == Variant::Table || o.knobs.variant == Variant::Reg);
 }
 
 // run_case, counted as a failed case when any of its checks failed. vs_table (the reg variant): the same
 // inputs through the table variant too, whose backward must give bitwise the same results (the reg kernel
-// does the table kernel's arithmetic in the same order).
+// does the table kernel's arithmetic in the same order). prefetch_too: the same inputs' forward through the
+// prefetching forward too, whose output must be bitwise the plain forward's (same arithmetic, same order).
 template <class S>
 void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng, bool vs_table = false) {
   const int before = g_failures;
-  std::mt19937_64 same = rng;
+  std::mt19937_64 same = rng, same_fwd = rng;
   const std::vector<double> got = run_case<S>(lay, o, rng);
+  if (prefetch_too(lay, o)) {
+    Options f = o;
+    f.knobs.forward = ForwardKernel::Prefetch;
+    f.backward = false;
+    const std::vector<double> y = run_case<S>(lay, f, same_fwd);
+    --g_cases;
+    if (got.size() < y.size() || (!y.empty() && std::memcmp(got.data(), y.data(), y.size() * sizeof(double)) != 0)) {
+      std::fprintf(stderr, "FAIL %s d=%lld rows=%lld variant=%d: prefetching forward not bitwise equal to the plain one\n",
+                   Traits<S>::name, (long long)lay.d, (long long)o.rows, int(o.knobs.variant));
+      ++g_failures;
+    }
+  }
   if (vs_table) {
     Options t = o;
     t.knobs.variant = Variant::Table;
@@ -561,6 +592,28 @@ void reg_fixed_width_cases(std::mt19937_64& rng) {
     run_all_masks<S>(parallel_layout(4104), o, rng, true);
     o.with_scale = quasi;
     run_case_counted<S>(parallel_layout(4100), o, rng, true);
+  }
+}
+
+// The prefetching forward over blocks that own several row groups (its next-row loads and their end): row
+// slots per block (d = 100, 1000, the last group partly past the rows), 512 threads (d = 4096, the
+// fixed-width instantiation), segmented rows (4104 with 16-byte rows, 1000 in 256-element segments), each
+// with many more rows than the emulated 3 SMs' persistent grid; table and reg variants; forward only, every
+// one also through the plain forward (run_case_counted), bitwise equal.
+template <class S>
+void prefetch_cases(std::mt19937_64& rng) {
+  for (auto [d, rows, segment] : {std::tuple<int64_t, int64_t, int>{100, 401, 0}, {1000, 101, 0}, {4096, 20, 0},
+                                  {4104, 13, 0}, {1000, 50, 256}}) {
+    for (Variant variant : {Variant::Table, Variant::Reg}) {
+      Options o;
+      o.knobs.variant = variant;
+      o.knobs.segment = segment;
+      o.rows = rows;
+      o.backward = false;
+      o.quasi = variant == Variant::Table;
+      o.with_scale = o.quasi;
+      run_case_counted<S>(parallel_layout(d), o, rng);
+    }
   }
 }
 
@@ -628,49 +681,50 @@ void suite(bool full, std::mt19937_64& rng) {
     }
   }
   reg_fixed_width_cases<S>(rng);
+  prefetch_cases<S>(rng);
 }
 
-// The environment switches the planner reads (QGOFT_CUDA_VARIANT, QGOFT_CUDA_XOR): defaults, values, and
-// std::invalid_argument for anything else.
-void check_env_switches() {
-  auto expect = [](bool ok, const char* what) {
+// One environment switch the planner reads: unset and empty give `fallback`, every name its value, and `bad`
+// throws std::invalid_argument with `message`.
+template <class E, class Read>
+void check_switch(const char* var, Read read, E fallback, std::initializer_list<std::pair<const char*, E>> values,
+                  const char* bad, const std::string& message) {
+  auto expect = [&](bool ok, const std::string& what) {
     if (!ok) {
-      std::fprintf(stderr, "FAIL env switch: %s\n", what);
+      std::fprintf(stderr, "FAIL env switch: %s %s\n", var, what.c_str());
       ++g_failures;
     }
   };
-  auto error = [](auto&& f) {  // the message of the std::invalid_argument f throws, or "" when none
-    try {
-      f();
-    } catch (const std::invalid_argument& e) {
-      return std::string(e.what());
-    }
-    return std::string();
-  };
-  unsetenv("QGOFT_CUDA_XOR");
-  expect(xor_path_from_env() == XorPath::Fused, "QGOFT_CUDA_XOR unset: fused");
-  setenv("QGOFT_CUDA_XOR", "", 1);
-  expect(xor_path_from_env() == XorPath::Fused, "QGOFT_CUDA_XOR empty: fused");
-  setenv("QGOFT_CUDA_XOR", "fused", 1);
-  expect(xor_path_from_env() == XorPath::Fused, "QGOFT_CUDA_XOR=fused");
-  setenv("QGOFT_CUDA_XOR", "general", 1);
-  expect(xor_path_from_env() == XorPath::General, "QGOFT_CUDA_XOR=general");
-  setenv("QGOFT_CUDA_XOR", "Fused", 1);
-  expect(error([] { xor_path_from_env(); }) == "QGOFT_CUDA_XOR must be general or fused, got 'Fused'",
-         "QGOFT_CUDA_XOR=Fused throws");
-  unsetenv("QGOFT_CUDA_XOR");
-  setenv("QGOFT_CUDA_VARIANT", "table", 1);
-  expect(variant_from_env() == Variant::Table, "QGOFT_CUDA_VARIANT=table");
-  setenv("QGOFT_CUDA_VARIANT", "reg", 1);
-  expect(variant_from_env() == Variant::Reg, "QGOFT_CUDA_VARIANT=reg");
-  setenv("QGOFT_CUDA_VARIANT", "tabel", 1);
-  expect(error([] { variant_from_env(); }) == "QGOFT_CUDA_VARIANT must be base, table or reg, got 'tabel'",
-         "QGOFT_CUDA_VARIANT=tabel throws");
-  unsetenv("QGOFT_CUDA_VARIANT");
-  expect(variant_from_env() == Variant::Reg, "QGOFT_CUDA_VARIANT unset: reg");
-  setenv("QGOFT_CUDA_VARIANT", "base", 1);
-  expect(variant_from_env() == Variant::Base, "QGOFT_CUDA_VARIANT=base");
-  unsetenv("QGOFT_CUDA_VARIANT");
+  unsetenv(var);
+  expect(read() == fallback, "unset");
+  setenv(var, "", 1);
+  expect(read() == fallback, "empty");
+  for (const auto& [name, value] : values) {
+    setenv(var, name, 1);
+    expect(read() == value, std::string("=") + name);
+  }
+  setenv(var, bad, 1);
+  std::string got;  // the message of the std::invalid_argument read() throws, or "" when none
+  try {
+    read();
+  } catch (const std::invalid_argument& e) {
+    got = e.what();
+  }
+  expect(got == message, std::string("=") + bad + " throws '" + got + "'");
+  unsetenv(var);
+}
+
+// The environment switches the planner reads (QGOFT_CUDA_VARIANT, QGOFT_CUDA_XOR, QGOFT_CUDA_FORWARD).
+void check_env_switches() {
+  check_switch("QGOFT_CUDA_XOR", xor_path_from_env, XorPath::Fused,
+               {{"fused", XorPath::Fused}, {"general", XorPath::General}}, "Fused",
+               "QGOFT_CUDA_XOR must be general or fused, got 'Fused'");
+  check_switch("QGOFT_CUDA_VARIANT", variant_from_env, Variant::Reg,
+               {{"table", Variant::Table}, {"reg", Variant::Reg}, {"base", Variant::Base}}, "tabel",
+               "QGOFT_CUDA_VARIANT must be base, table or reg, got 'tabel'");
+  check_switch("QGOFT_CUDA_FORWARD", forward_kernel_from_env, ForwardKernel::Plain,
+               {{"plain", ForwardKernel::Plain}, {"prefetch", ForwardKernel::Prefetch}}, "pre-fetch",
+               "QGOFT_CUDA_FORWARD must be plain or prefetch, got 'pre-fetch'");
 }
 
 // Which stacks of the parallel layout the fused XOR backward takes on an H100 (sm_count 132, 227 KiB of shared
@@ -701,6 +755,48 @@ void check_stack_plans() {
   }
 }
 
+// Where QGOFT_CUDA_FORWARD=prefetch applies on an H100 (sm_count 132, 227 KiB of shared memory per block): the
+// single parallel layout under the table and reg variants with 16-byte rows, with a persistent grid of
+// prefetch_forward_blocks per SM (bf16 3, fp32 2 at d = 4096: 396 / 264 blocks; d = 11008: 3 segment columns);
+// not under base, not for unaligned rows, not for stacks, and never without the knob.
+void check_prefetch_plans() {
+  Limits lim;
+  lim.sm_count = 132;
+  lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
+  struct Want {
+    DType dtype;
+    int64_t d;
+    int reps;
+    Variant variant;
+    ForwardKernel forward;
+    int64_t x_ld;
+    int prefetch;
+    unsigned grid;
+  };
+  for (const Want& w : {Want{DType::BFloat16, 4096, 1, Variant::Reg, ForwardKernel::Prefetch, 4096, 1, 396},
+                        Want{DType::BFloat16, 11008, 1, Variant::Table, ForwardKernel::Prefetch, 11008, 1, 132},
+                        Want{DType::Float32, 4096, 1, Variant::Reg, ForwardKernel::Prefetch, 4096, 1, 264},
+                        Want{DType::Float16, 4096, 1, Variant::Table, ForwardKernel::Prefetch, 4096, 1, 396},
+                        Want{DType::BFloat16, 4096, 1, Variant::Reg, ForwardKernel::Plain, 4096, 0, 396},
+                        Want{DType::BFloat16, 4096, 1, Variant::Base, ForwardKernel::Prefetch, 4096, 0, 8192},
+                        Want{DType::BFloat16, 4096, 1, Variant::Reg, ForwardKernel::Prefetch, 4100, 0, 396},
+                        Want{DType::BFloat16, 1000, 2, Variant::Reg, ForwardKernel::Prefetch, 1000, 0, 792}}) {
+    Problem p = make_problem(w.dtype, w.reps > 1 ? stacked(parallel_layout(w.d), w.reps) : parallel_layout(w.d), 8192);
+    p.x_ld = w.x_ld;
+    Knobs knobs;
+    knobs.variant = w.variant;
+    knobs.xor_path = XorPath::Fused;
+    knobs.forward = w.forward;
+    const ForwardPlan plan = plan_forward(p, lim, knobs);
+    const bool has = plan.describe.find(" prefetch=" + std::to_string(w.prefetch) + " ") != std::string::npos;
+    if (!plan.parallel || plan.pa.prefetch != w.prefetch || plan.main.grid.x != w.grid || !has) {
+      std::fprintf(stderr, "FAIL prefetch plan dtype=%d d=%lld reps=%d x_ld=%lld: %s (want prefetch=%d grid=%u)\n",
+                   int(w.dtype), (long long)w.d, w.reps, (long long)w.x_ld, plan.describe.c_str(), w.prefetch, w.grid);
+      ++g_failures;
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -709,6 +805,7 @@ int main(int argc, char** argv) {
   const bool full = mode == "full";
   check_env_switches();
   check_stack_plans();
+  check_prefetch_plans();
   if (mode == "tiny") {  // for a race detector: a few small cases through every path
     for (int64_t d : {13, 300}) {
       Options o;

@@ -1,0 +1,62 @@
+// The prefetching forward of the parallel layout (QGOFT_CUDA_FORWARD=prefetch, ParallelArgs::prefetch; design,
+// counts and predictions: docs/CUDA.md, "The prefetching forward"): the table forward of the single layout
+// (reps == 1, the segment's blocks in shared memory, a persistent grid) with 16-byte rows and three changes:
+//  * software pipelining: the block's next row group is loaded into registers (RawChunk: the 16-byte words as
+//    loaded) before the current one is computed, so that its HBM latency overlaps the current row's layers
+//    and barriers instead of following them (as the reg backward does);
+//  * the row loop has no branch per pair: the lane's row-invariant facts are a mask computed once (LaneLive,
+//    as in the reg backward); every thread runs its in-thread pairs (with 16-byte rows a chunk lies wholly
+//    inside or outside the row: an outside chunk's zeros read zero blocks and are never stored nor used by a
+//    partner), and the shuffle and cross-warp layers read every participant's block and select the update by
+//    its LiveBits;
+//  * like the reg backward, it is compiled twice: for 512-thread segments with the segment shape as constants
+//    (kLogT = kRegLogT: rows of 2049 .. 4096 elements and every segmented row, the benchmark shapes) and for
+//    any shape (kLogT = 0).
+// Same rows, blocks, products (dot2: rounded as the table forward's expressions) and order as
+// parallel_forward_kernel<S, true, true>: bitwise equal results (the host emulation requires it).
+#pragma once
+
+#include "chain_parallel_reg.cuh"
+
+namespace qgoft::cuda::detail {
+
+template <class S, int kLogT>
+__global__ void __launch_bounds__(512, prefetch_forward_blocks(sizeof(S)))
+    parallel_forward_prefetch_kernel(const ParallelArgs args) {
+  using A = typename Elem<S>::A;
+  // `a` (segment shape as constants) for the row loop; `args` for the table fill
+  const ParallelArgs a = with_fixed_width<kLogT>(args);
+  QGOFT_DYNAMIC_SMEM(A, xch);
+  const Lanes ln(a);
+  A* tab = xch + 32;
+  fill_table(args, static_cast<const A*>(args.blocks), ln.seg_base, tab);
+  __syncthreads();
+  const int d = static_cast<int>(a.d);
+  const S* x = static_cast<const S*>(a.x);
+  S* y = static_cast<S*>(a.out);
+  // the lane mask: the cross-warp bits as participant lane % (T/32) of warp 0's R T / 32 words (via_warp0)
+  LaneLive live = lane_live<A, true>(a, ln, ln.tid & 31, a.R * (a.T >> 5));
+  live.bits |= LaneLive::kInThread;
+  RawChunk<S, true> next;
+  auto load_group = [&](int64_t g) {  // the rows of group g, the one after those loaded before
+    const int64_t row = g * a.R + ln.slot;
+    next.load(x + row * a.x_ld, ln.base, d, g < a.groups && row < a.rows);
+  };
+  load_group(blockIdx.x);
+  for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
+    const int64_t row = g * a.R + ln.slot;
+    const bool valid = row < a.rows;
+    A v[kChunk];
+    next.unpack(v);
+    load_group(g + gridDim.x);
+    Tape<A> tp;
+    parallel_forward_local<A, false, true>(a, ln, tab, v, xch, tp, &live);
+    if (a.nseg > 1 && ln.t == 0 && valid) static_cast<A*>(a.top)[row * a.nseg + ln.sigma] = v[0];
+    if (a.store) {
+      scale_chunk(static_cast<const A*>(a.scale), ln.base, d, v);
+      store_chunk<S, true>(y + row * d, ln.base, d, valid, v);
+    }
+  }
+}
+
+}  // namespace qgoft::cuda::detail
