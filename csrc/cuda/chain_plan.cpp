@@ -151,8 +151,13 @@ std::string describe_parallel(int reps, const ParallelShape& s, bool vec, int ta
 
 Variant resolved_variant(const Knobs& k) { return k.variant == Variant::FromEnv ? variant_from_env() : k.variant; }
 
-// Table and Reg: the shared-memory block table (Reg differs in the backward kernel only).
-bool table_variant(const Knobs& k) { return resolved_variant(k) != Variant::Base; }
+// Whether the kernels read the shared-memory block table: Table, and Reg for the single layout (Reg differs
+// from Table in the backward kernel only). A stack (reps > 1) under Reg runs Base's kernels: on the H100 its
+// forward took 0.202 ms with Base and 0.233 ms with Table, its backward the same (bench/RESULTS.md).
+bool table_variant(const Knobs& k, int reps) {
+  const Variant v = resolved_variant(k);
+  return v == Variant::Table || (v == Variant::Reg && reps == 1);
+}
 
 bool prefetch_forward(const Knobs& k) {
   return (k.forward == ForwardKernel::FromEnv ? forward_kernel_from_env() : k.forward) == ForwardKernel::Prefetch;
@@ -180,7 +185,7 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
   const int64_t es = acc_size(p.dtype);
   const int reps = parallel_reps(p, knobs);
   // table variant: segments of at most 4096 elements (a table of <= 64 KiB in float32)
-  bool table = reps > 0 && table_variant(knobs);
+  bool table = reps > 0 && table_variant(knobs, reps);
   ParallelShape s = reps > 0 ? parallel_shape(p.d, table ? kParallelBackwardMaxThreads : kParallelForwardMaxThreads,
                                               knobs.segment)
                              : ParallelShape{};
@@ -275,7 +280,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
   // more than an H100's 227 KiB): fewer rows per block, down to one warp, before giving up the fused path
   while (reps > 1 && s.nseg == 1 && s.R > 1 && s.R * s.T > 32 && !fits(0, false)) s.R /= 2;
   if (reps == 1 || (reps > 1 && s.nseg == 1 && fits(0, false))) {
-    const bool table = table_variant(knobs);
+    const bool table = table_variant(knobs, reps);
     const BackwardKernel kernel = reps > 1 ? BackwardKernel::ParallelStack : BackwardKernel::Parallel;
     plan.parallel = true;
     ParallelArgs& a = plan.pa;

@@ -746,6 +746,15 @@ void check_stack_plans() {
       p.want_blocks = p.want_scale = true;
       const BackwardPlan plan = plan_backward(p, lim, knobs, occupancy);
       const bool want = d <= 4096 && !(dtype == DType::Float64 && d == 4096);
+      Knobs reg = knobs;  // under Reg (the default) a stack runs Base's kernels: no block table
+      reg.variant = Variant::Reg;
+      const BackwardPlan reg_bwd = plan_backward(p, lim, reg, occupancy);
+      const ForwardPlan reg_fwd = plan_forward(p, lim, reg);
+      if (reg_bwd.pa.table != 0 || reg_bwd.pa.reg != 0 || reg_fwd.pa.table != 0) {
+        std::fprintf(stderr, "FAIL stack plan under reg dtype=%d d=%lld: %s | %s (want base's kernels)\n", int(dtype),
+                     (long long)d, reg_fwd.describe.c_str(), reg_bwd.describe.c_str());
+        ++g_failures;
+      }
       if (plan.parallel != want || (want && plan.pa.reps != reps)) {
         std::fprintf(stderr, "FAIL stack plan dtype=%d d=%lld reps=%d: %s (want %s)\n", int(dtype), (long long)d,
                      reps, plan.describe.c_str(), want ? "the fused stack" : "the general kernels");
@@ -780,7 +789,8 @@ void check_prefetch_plans() {
                         Want{DType::BFloat16, 4096, 1, Variant::Reg, ForwardKernel::Plain, 4096, 0, 396},
                         Want{DType::BFloat16, 4096, 1, Variant::Base, ForwardKernel::Prefetch, 4096, 0, 8192},
                         Want{DType::BFloat16, 4096, 1, Variant::Reg, ForwardKernel::Prefetch, 4100, 0, 396},
-                        Want{DType::BFloat16, 1000, 2, Variant::Reg, ForwardKernel::Prefetch, 1000, 0, 792}}) {
+                        // a stack under reg: base's kernels, one block per row group (8192 rows / R = 2)
+                        Want{DType::BFloat16, 1000, 2, Variant::Reg, ForwardKernel::Prefetch, 1000, 0, 4096}}) {
     Problem p = make_problem(w.dtype, w.reps > 1 ? stacked(parallel_layout(w.d), w.reps) : parallel_layout(w.d), 8192);
     p.x_ld = w.x_ld;
     Knobs knobs;
