@@ -421,6 +421,38 @@ def test_prefetch_forward(gen, env, capfd, d, rows, segment, method, dtype):
     assert torch.equal(outs["prefetch"], outs["plain"]), "prefetching forward differs from the plain table forward"
 
 
+@pytest.mark.parametrize("d,rows,segment,method,dtype,g_kind", [
+    (5000, 600, 0, "qgoft_scaled", BF16, "contiguous"),  # 2 backward segments of 4096: 512-thread instantiation
+    (1000, 2_000, 256, "goft", F32, "row_slice"),        # 32-thread segments; grad unaligned (backward vec=0)
+])
+def test_prefetch_backward_top_pass(gen, env, capfd, d, rows, segment, method, dtype, g_kind):
+    """QGOFT_CUDA_FORWARD=prefetch also runs the backward's top pass (segmented rows with parameter gradients:
+    the forward kernel recomputing the segment starts, docs/CUDA.md "The prefetching forward") on the
+    prefetching forward, which reads only x: gradients against the float64 reference and bitwise equal to the
+    plain top pass's."""
+    env(QGOFT_CUDA_VERBOSE=1, **({"QGOFT_CUDA_SEGMENT": segment} if segment else {}))
+    pairs, offsets = make_layout("parallel", d, gen)
+    params, scale = make_params(method, pairs.shape[0], d, gen)
+    x = make_tensor((rows,), d, "contiguous", gen, dtype)
+    g = make_tensor((rows,), d, g_kind, gen, dtype)
+    grads = {}
+    for forward in ("plain", "prefetch"):
+        env(QGOFT_CUDA_FORWARD=forward)
+        poison()
+        capfd.readouterr()
+        grads[forward] = k_backward(method, g, x, params, pairs, offsets, scale)
+        torch.cuda.synchronize()
+        seen = [p for p in plans(capfd) if " backward " in p]
+        assert len(seen) == 1 and f" top_prefetch={int(forward == 'prefetch')} " in seen[0], (forward, seen)
+    want = truth(method, x, g, params, pairs, offsets, scale)
+    names = ("grad_x", "grad_params", "grad_scale")
+    for name, got, ref_grad, tol_dtype in zip(names, grads["prefetch"], want[1:], (dtype, F32, F32)):
+        if ref_grad is not None:
+            check_close(got, ref_grad, tol_dtype, f"{method} parallel d={d} rows={rows} {dtype}: prefetch {name}")
+    for name, a, b in zip(names, grads["prefetch"], grads["plain"]):
+        assert torch.equal(a, b), f"{name}: the prefetching top pass differs from the plain one"
+
+
 @pytest.mark.parametrize("var,kind,message", [
     ("QGOFT_CUDA_XOR", "parallel*2", "QGOFT_CUDA_XOR must be general or fused"),
     ("QGOFT_CUDA_FORWARD", "parallel", "QGOFT_CUDA_FORWARD must be plain or prefetch"),

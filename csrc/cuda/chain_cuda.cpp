@@ -446,10 +446,8 @@ BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& gr
     if (plan.top_pass) {
       top = at::empty({plan.top_elems}, acc_opts);
       plan.pa.top = top.mutable_data_ptr();
-      qc::ParallelArgs fa = plan.pa;  // the forward kernel recomputing the segment starts only
-      fa.store = 0;
-      fa.out = nullptr;
-      qc::parallel_forward(dtype, plan.vec, fa, plan.top, stream);
+      // the forward kernel recomputing the segment starts only
+      qc::parallel_forward(dtype, plan.vec, plan.top_args(), plan.top, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (plan.pa.reps > 1) {

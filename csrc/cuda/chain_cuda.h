@@ -77,8 +77,9 @@ struct ParallelArgs {
   int reps = 1;
   // 1 (backward, with table > 0): the "reg" variant, parallel_backward_reg_kernel (chain_parallel_reg.cuh).
   int reg = 0;
-  // 1 (forward, with table > 0, reps == 1 and 16-byte rows): the prefetching forward,
-  // parallel_forward_prefetch_kernel (chain_parallel_prefetch.cuh; QGOFT_CUDA_FORWARD=prefetch).
+  // 1 (forward, with table > 0, reps == 1 and 16-byte rows; or the backward's top pass, store == 0, with 16-byte
+  // x rows): the prefetching forward, parallel_forward_prefetch_kernel (chain_parallel_prefetch.cuh;
+  // QGOFT_CUDA_FORWARD=prefetch).
   int prefetch = 0;
   // Stacked backward with parameter gradients: 1 = repetitions 0 .. reps-2 keep their tape in shared memory
   // from the first pass (no recomputation), 0 = only their inputs (recomputed); the planner picks 1 when it fits.

@@ -20,6 +20,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Whether rows of d elements with row stride ld (elements) from ptr are read and written in 16-byte chunks.
+bool rows16(int64_t d, int64_t ld, const void* ptr) { return d % kChunk == 0 && ld % kChunk == 0 && aligned16(ptr); }
 
 int64_t acc_size(DType t) { return t == DType::Float64 ? 8 : 4; }
 int elem_size(DType t) { return t == DType::Float64 ? 8 : t == DType::Float32 ? 4 : 2; }
@@ -159,8 +161,18 @@ bool table_variant(const Knobs& k, int reps) {
   return v == Variant::Table || (v == Variant::Reg && reps == 1);
 }
 
-bool prefetch_forward(const Knobs& k) {
-  return (k.forward == ForwardKernel::FromEnv ? forward_kernel_from_env() : k.forward) == ForwardKernel::Prefetch;
+// Whether a parallel forward launch runs the prefetching forward (docs/CUDA.md, "The prefetching forward"):
+// under QGOFT_CUDA_FORWARD=prefetch, the single layout (reps == 1) with the block table (table > 0) and 16-byte
+// rows (vec: every row the launch reads or writes). The one rule of the forward and of the backward's top pass.
+bool prefetch_forward(const Knobs& k, int reps, int table, bool vec) {
+  return reps == 1 && table > 0 && vec &&
+         (k.forward == ForwardKernel::FromEnv ? forward_kernel_from_env() : k.forward) == ForwardKernel::Prefetch;
+}
+
+// Resident blocks per SM of the prefetching forward with blocks of `threads`: at most occ (the shared memory's
+// estimate) and prefetch_forward_blocks per 512 threads (the registers it is compiled for).
+int64_t prefetch_occupancy(DType dtype, int threads, int64_t occ) {
+  return std::min<int64_t>(occ, detail::prefetch_forward_blocks(elem_size(dtype)) * 512 / threads);
 }
 
 }  // namespace
@@ -197,7 +209,7 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
     plan.parallel = true;
     ParallelArgs& a = plan.pa;
     fill_parallel(a, p, s, reps, /*backward=*/false);
-    plan.vec = p.d % kChunk == 0 && p.x_ld % kChunk == 0 && aligned16(p.x) && aligned16(p.out);
+    plan.vec = rows16(p.d, p.x_ld, p.x) && aligned16(p.out);
     plan.main.grid = dim3(static_cast<unsigned>(std::min(a.groups, kMaxGridX)), s.nseg);
     plan.main.threads = s.R * s.T;
     plan.main.smem = static_cast<size_t>(32 * es);
@@ -205,11 +217,9 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
       a.table = kChunk * s.T;
       plan.main.smem = static_cast<size_t>(detail::parallel_forward_smem(a.table, reps) * es);
       int64_t occ = estimated_occupancy(plan.main.threads, plan.main.smem, lim);
-      // the prefetching forward: the single layout with 16-byte rows; its registers allow fewer blocks per SM
-      // (prefetch_forward_blocks per 512 threads)
-      if (reps == 1 && plan.vec && prefetch_forward(knobs)) {
+      if (prefetch_forward(knobs, reps, a.table, plan.vec)) {  // its registers allow fewer blocks per SM
         a.prefetch = 1;
-        occ = std::min<int64_t>(occ, detail::prefetch_forward_blocks(elem_size(p.dtype)) * 512 / plan.main.threads);
+        occ = prefetch_occupancy(p.dtype, plan.main.threads, occ);
       }
       plan.main.grid.x = static_cast<unsigned>(persistent_blocks(a.groups, occ, s.nseg, lim));
     }
@@ -285,8 +295,8 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     plan.parallel = true;
     ParallelArgs& a = plan.pa;
     fill_parallel(a, p, s, reps, /*backward=*/true);
-    const bool vec = p.d % kChunk == 0 && p.grad_ld % kChunk == 0 && aligned16(p.grad) &&
-                     (a.out == nullptr || aligned16(a.out)) && (!grads || (p.x_ld % kChunk == 0 && aligned16(p.x)));
+    const bool vec = rows16(p.d, p.grad_ld, p.grad) && (a.out == nullptr || aligned16(a.out)) &&
+                     (!grads || rows16(p.d, p.x_ld, p.x));
     plan.vec = vec;
     reg_lanes = reg && detail::reg_branch_free(s.logT, vec, grads, static_cast<int>(es));
     const int threads = s.R * s.T;
@@ -302,7 +312,13 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
       plan.top.threads = s.T;
       plan.top.smem = static_cast<size_t>(detail::parallel_forward_smem(a.table) * es);
       if (a.table > 0) {
-        const int64_t occ = estimated_occupancy(s.T, plan.top.smem, lim);
+        int64_t occ = estimated_occupancy(s.T, plan.top.smem, lim);
+        // QGOFT_CUDA_FORWARD=prefetch: the prefetching forward, whose top-only mode reads x alone (16-byte x rows
+        // suffice, whatever grad and grad_x are)
+        if (prefetch_forward(knobs, reps, a.table, rows16(p.d, p.x_ld, p.x))) {
+          plan.top_prefetch = 1;
+          occ = prefetch_occupancy(p.dtype, s.T, occ);
+        }
         plan.top.grid.x = static_cast<unsigned>(persistent_blocks(a.groups, occ, s.nseg, lim));
       }
     }
@@ -320,7 +336,9 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     plan.main.grid = dim3(static_cast<unsigned>(blocks), s.nseg);
     plan.describe = describe_parallel(reps, s, vec, a.table) + " reg=" + str(a.reg) +
                     (reps > 1 ? " tape=" + str(a.stack_tape) : std::string()) + " grads=" + str(grads) +
-                    " grid=" + str(blocks) + " smem=" + str(plan.main.smem);
+                    " grid=" + str(blocks) + " smem=" + str(plan.main.smem) +
+                    (plan.top_pass ? " top_prefetch=" + str(plan.top_prefetch) + " top_grid=" + str(plan.top.grid.x)
+                                   : std::string());
     return plan;
   }
 

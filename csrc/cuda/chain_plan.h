@@ -101,6 +101,17 @@ struct ForwardPlan : LaunchPlan {};
 struct BackwardPlan : LaunchPlan {
   bool grads = false;                 // parameter gradients wanted: partial rows + reduction
   int64_t slots = 0, partial_ld = 0;  // partial: slots x partial_ld accumulation-type elements
+  int top_prefetch = 0;  // the top pass runs the prefetching forward (QGOFT_CUDA_FORWARD=prefetch, 16-byte x rows)
+
+  // The arguments of the top pass's forward kernel (launched with `top` and `vec`): pa writing only `top`
+  // (store = 0, no out), through the prefetching forward where top_prefetch.
+  ParallelArgs top_args() const {
+    ParallelArgs fa = pa;
+    fa.store = 0;
+    fa.out = nullptr;
+    fa.prefetch = top_prefetch;
+    return fa;
+  }
 };
 
 // The plans fill every field of pa / ga except the buffers the caller allocates (top, workspace,

@@ -240,6 +240,7 @@ std::vector<T> poisoned(size_t n) {
 int g_failures = 0;
 int g_cases = 0;
 int g_failed_cases = 0;
+int g_top_prefetch = 0;  // backward runs whose top pass ran the prefetching forward
 
 bool close_all(const char* what, const std::string& tag, const double* got, const std::vector<double>& want,
                double rtol, double atol_rel) {
@@ -322,6 +323,15 @@ void run_parallel_backward(const LaunchConfig& c, bool vec, bool grads, const Pa
 // Runs forward + backward (o.backward) through plan + kernels, like chain_cuda.cpp, and checks them. Returns
 // the forward's output, then the backward's results (grad_x, parameter and scale gradients as computed),
 // widened to double.
+// The emulated device of run_case: 3 SMs, the shared memory of kSimSmemBytes, 2 backward blocks per SM.
+Limits sim_limits() {
+  Limits lim;
+  lim.sm_count = 3;
+  lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
+  return lim;
+}
+int sim_occupancy(BackwardKernel, bool, bool, int, size_t) { return 2; }
+
 template <class S>
 std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
   using A = typename detail::Elem<S>::A;
@@ -392,10 +402,7 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
   }
   const Reference want = reference(lay, x, g, rows, blocks64, o.with_scale ? &scale64 : nullptr);
 
-  Limits lim;
-  lim.sm_count = 3;
-  lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
-  auto occupancy = [](BackwardKernel, bool, bool, int, size_t) { return 2; };
+  const Limits lim = sim_limits();
   const double rtol_out = std::is_same_v<S, double> ? 1e-11 : std::is_same_v<S, float> ? 2e-5 : Traits<S>::eps();
   const double atol_out = std::is_same_v<S, double> ? 1e-11 : 2e-5;
   const double rtol_par = std::is_same_v<A, double> ? 1e-10 : 1e-4;
@@ -445,7 +452,8 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
       p.x_ld = ld;
     }
     if (!p.want_x && !grads) return result;
-    BackwardPlan plan = plan_backward(p, lim, o.knobs, occupancy);
+    BackwardPlan plan = plan_backward(p, lim, o.knobs, sim_occupancy);
+    if (plan.top_pass && plan.top_prefetch) ++g_top_prefetch;
     const std::string btag = tag + " | bwd " + plan.describe;
     plan.pa.blocks = plan.ga.blocks = blocks.data();
     plan.pa.scale = plan.ga.scale = o.with_scale ? scale.data() : nullptr;
@@ -458,12 +466,7 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
     if (rep == 1) plan.pa.stack_tape = 0;
     if (plan.parallel) {
       plan.pa.top = top.data();
-      if (plan.top_pass) {
-        ParallelArgs fa = plan.pa;
-        fa.store = 0;
-        fa.out = nullptr;
-        run_parallel_forward<S>(plan.top, plan.vec, fa);
-      }
+      if (plan.top_pass) run_parallel_forward<S>(plan.top, plan.vec, plan.top_args());  // as the glue
       if (plan.pa.table > 0) run_parallel_backward<S, true>(plan.main, plan.vec, plan.grads, plan.pa);
       else run_parallel_backward<S, false>(plan.main, plan.vec, plan.grads, plan.pa);
     } else {
@@ -528,10 +531,22 @@ bool prefetch_too(const Layout& lay, const Options& o) {
          (o.knobs.variant == Variant::Table || o.knobs.variant == Variant::Reg);
 }
 
+// Whether a case's backward has a top pass (segmented parallel rows with parameter gradients), as planned: the
+// only part of the backward QGOFT_CUDA_FORWARD changes.
+template <class S>
+bool backward_top_pass(const Layout& lay, const Options& o) {
+  Problem p = make_problem(Traits<S>::dtype, lay, o.rows);
+  p.want_x = o.mask_x;
+  p.want_blocks = o.mask_params;
+  p.want_scale = o.mask_scale && o.with_scale;
+  return o.backward && plan_backward(p, sim_limits(), o.knobs, sim_occupancy).top_pass;
+}
+
 // run_case, counted as a failed case when any of its checks failed. vs_table (the reg variant): the same
 // inputs through the table variant too, whose backward must give bitwise the same results (the reg kernel
-// does the table kernel's arithmetic in the same order). prefetch_too: the same inputs' forward through the
-// prefetching forward too, whose output must be bitwise the plain forward's (same arithmetic, same order).
+// does the table kernel's arithmetic in the same order). prefetch_too: the same inputs' forward, and the
+// backward where it has a top pass, through the prefetching forward too, whose results must be bitwise the
+// plain forward's (same arithmetic, same order).
 template <class S>
 void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng, bool vs_table = false) {
   const int before = g_failures;
@@ -540,12 +555,13 @@ void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng,
   if (prefetch_too(lay, o)) {
     Options f = o;
     f.knobs.forward = ForwardKernel::Prefetch;
-    f.backward = false;
+    f.backward = backward_top_pass<S>(lay, o);
     const std::vector<double> y = run_case<S>(lay, f, same_fwd);
     --g_cases;
     if (got.size() < y.size() || (!y.empty() && std::memcmp(got.data(), y.data(), y.size() * sizeof(double)) != 0)) {
-      std::fprintf(stderr, "FAIL %s d=%lld rows=%lld variant=%d: prefetching forward not bitwise equal to the plain one\n",
-                   Traits<S>::name, (long long)lay.d, (long long)o.rows, int(o.knobs.variant));
+      std::fprintf(stderr, "FAIL %s d=%lld rows=%lld variant=%d seg=%d backward=%d: prefetching forward not bitwise "
+                   "equal to the plain one\n", Traits<S>::name, (long long)lay.d, (long long)o.rows,
+                   int(o.knobs.variant), o.knobs.segment, int(f.backward));
       ++g_failures;
     }
   }
@@ -598,8 +614,9 @@ void reg_fixed_width_cases(std::mt19937_64& rng) {
 // The prefetching forward over blocks that own several row groups (its next-row loads and their end): row
 // slots per block (d = 100, 1000, the last group partly past the rows), 512 threads (d = 4096, the
 // fixed-width instantiation), segmented rows (4104 with 16-byte rows, 1000 in 256-element segments), each
-// with many more rows than the emulated 3 SMs' persistent grid; table and reg variants; forward only, every
-// one also through the plain forward (run_case_counted), bitwise equal.
+// with many more rows than the emulated 3 SMs' persistent grid; table and reg variants; forward only, but
+// segmented rows also backward (its top pass in the top-only mode), every one also through the plain forward
+// (run_case_counted), bitwise equal.
 template <class S>
 void prefetch_cases(std::mt19937_64& rng) {
   for (auto [d, rows, segment] : {std::tuple<int64_t, int64_t, int>{100, 401, 0}, {1000, 101, 0}, {4096, 20, 0},
@@ -609,7 +626,7 @@ void prefetch_cases(std::mt19937_64& rng) {
       o.knobs.variant = variant;
       o.knobs.segment = segment;
       o.rows = rows;
-      o.backward = false;
+      o.backward = d > 4096 || segment > 0;
       o.quasi = variant == Variant::Table;
       o.with_scale = o.quasi;
       run_case_counted<S>(parallel_layout(d), o, rng);
@@ -805,6 +822,47 @@ void check_prefetch_plans() {
       ++g_failures;
     }
   }
+  // the backward's top pass (segmented rows, with parameter gradients) under the same rule, on x's rows alone:
+  // d = 11008 (3 segment columns of 4096) runs the prefetching forward with the knob, also where grad's rows
+  // are not 16-byte (grad_ld 11012: the backward's vec=0), with its persistent grid (bf16: 3 blocks per SM per
+  // column, 132, as the plain top pass; fp32: 2, 88 instead of the plain top pass's 132); not without the knob,
+  // not with x's rows unaligned, not under base
+  struct WantTop {
+    DType dtype;
+    Variant variant;
+    ForwardKernel forward;
+    int64_t x_ld, grad_ld;
+    int top_prefetch;
+    unsigned grid;
+  };
+  auto one_block = [](BackwardKernel, bool, bool, int, size_t) { return 1; };
+  for (const WantTop& w : {WantTop{DType::BFloat16, Variant::Reg, ForwardKernel::Prefetch, 11008, 11008, 1, 132},
+                           WantTop{DType::BFloat16, Variant::Table, ForwardKernel::Prefetch, 11008, 11012, 1, 132},
+                           WantTop{DType::Float32, Variant::Reg, ForwardKernel::Prefetch, 11008, 11008, 1, 88},
+                           WantTop{DType::Float32, Variant::Reg, ForwardKernel::Plain, 11008, 11008, 0, 132},
+                           WantTop{DType::BFloat16, Variant::Reg, ForwardKernel::Plain, 11008, 11008, 0, 132},
+                           WantTop{DType::BFloat16, Variant::Reg, ForwardKernel::Prefetch, 11012, 11008, 0, 132},
+                           WantTop{DType::BFloat16, Variant::Base, ForwardKernel::Prefetch, 11008, 11008, 0, 8192}}) {
+    Problem p = make_problem(w.dtype, parallel_layout(11008), 8192);
+    p.x_ld = w.x_ld;
+    p.grad_ld = w.grad_ld;
+    p.want_blocks = p.want_scale = true;
+    Knobs knobs;
+    knobs.variant = w.variant;
+    knobs.xor_path = XorPath::Fused;
+    knobs.forward = w.forward;
+    const BackwardPlan plan = plan_backward(p, lim, knobs, one_block);
+    const bool has = plan.describe.find(" top_prefetch=" + std::to_string(w.top_prefetch) + " ") != std::string::npos;
+    const ParallelArgs fa = plan.top_args();
+    if (!plan.top_pass || plan.top_prefetch != w.top_prefetch || fa.prefetch != w.top_prefetch || fa.store != 0 ||
+        fa.out != nullptr || plan.pa.prefetch != 0 || plan.top.grid.x != w.grid || plan.top.grid.y != 3 || !has) {
+      std::fprintf(stderr, "FAIL prefetch top-pass plan dtype=%d variant=%d forward=%d x_ld=%lld grad_ld=%lld: %s "
+                   "top grid %u x %u (want top_prefetch=%d top grid %u x 3)\n", int(w.dtype), int(w.variant),
+                   int(w.forward), (long long)w.x_ld, (long long)w.grad_ld, plan.describe.c_str(), plan.top.grid.x,
+                   plan.top.grid.y, w.top_prefetch, w.grid);
+      ++g_failures;
+    }
+  }
 }
 
 }  // namespace
@@ -857,7 +915,12 @@ int main(int argc, char** argv) {
       }
     }
   }
-  std::printf("cuda host emulation: %d cases, %d failed checks\n", g_cases, g_failures);
+  if (mode != "tiny" && g_top_prefetch == 0) {  // the prefetch runs' segmented backward cases must reach it
+    std::fprintf(stderr, "FAIL no backward ran its top pass through the prefetching forward\n");
+    ++g_failures;
+  }
+  std::printf("cuda host emulation: %d cases, %d failed checks, %d backward top passes on the prefetching forward\n",
+              g_cases, g_failures, g_top_prefetch);
   std::printf("cuda_emulation: %d passed, %d failed\n", g_cases - g_failed_cases, g_failed_cases);
   return g_failures == 0 ? 0 : 1;
 }
