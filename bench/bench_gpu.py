@@ -4,7 +4,7 @@ frozen nn.Linear, PEFT LoRA r=8 and PEFT OFT, and of a LLaMA-shaped stack's trai
 Contenders of a table run in one process, in interleaved rounds, timed with CUDA events after warm-up;
 medians are reported. The kernel variant of each chain call is chosen with QGOFT_CUDA_VARIANT (read by the
 planner per call), so the variants share every round; a variant `V+prefetch` is V with QGOFT_CUDA_FORWARD=prefetch
-(the prefetching forward, forward rows only); the layout table (target 3) times stack=2 on the
+(the prefetching forward: forward rows, and the backward rows of its top pass at d > 4096); the layout table (target 3) times stack=2 on the
 general and the fused XOR kernels (QGOFT_CUDA_XOR=general|fused) side by side.
 
     python bench/bench_gpu.py [--rounds 15] [--out DIR] [--quick] [--variants base,table,table+prefetch]
@@ -45,9 +45,16 @@ CHAIN_OPS = ("givens_chain", "givens_chain_backward", "quasi_givens_chain", "qua
 # the layout table (target 3) are timed under that variant only.
 SAME_FORWARD = {"reg": "table"}
 # Variants that change only the single parallel layout's forward kernel (`V+prefetch`: QGOFT_CUDA_FORWARD=prefetch
-# under V): only their chain forward rows are timed (their backward, stacks and layers are V's).
+# under V): only their chain forward rows are timed (their backward, stacks and layers are V's), and the backward
+# rows with parameter gradients of rows wider than one 4096-element backward segment, whose recomputing top pass
+# runs the prefetching forward (docs/CUDA.md, "The prefetching forward").
 def forward_only(variant: str) -> bool:
     return variant.endswith("+prefetch")
+
+
+def top_pass_row(name: str, d: int) -> bool:
+    """Whether the chain row `name` at width d is a backward with a top pass (segmented, parameter gradients)."""
+    return d > 4096 and ("dθ" in name or "dblocks" in name)
 COPY = "copy (buf.copy_(x))"
 FWD_TARGET = 0.80   # target 1: >= 80 % of the copy bandwidth of the same tensor
 BWD_TARGET = 2.0    # target 2: <= 2.0x the copy time of x
@@ -177,7 +184,7 @@ def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Lis
         for name, fn in calls.items():
             if "forward" in name and SAME_FORWARD.get(v) in variants:
                 continue
-            if "forward" not in name and forward_only(v):
+            if "forward" not in name and forward_only(v) and not top_pass_row(name, d):
                 continue
             contenders[f"{name} [{v}]"] = with_variant(v, fn)
     med = clock.timed(contenders, rounds, inner=5)
