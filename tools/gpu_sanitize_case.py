@@ -7,7 +7,8 @@ segmented parallel (forward top kernel, backward recomputation and top layers in
 (QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels), each in every kernel variant
 (QGOFT_CUDA_VARIANT=base|table|reg; reg's 512-thread instantiation by "512 threads" and "segmented default";
 a stack under reg runs table's kernels); the prefetching forward (QGOFT_CUDA_FORWARD=prefetch under table, forward
-only: the knob changes no backward kernel) on enough rows that blocks own several row groups; general in shared
+and the full backward only: the knob changes no other backward kernel than the segmented rows' recomputing top
+pass) on enough rows that blocks own several row groups; general in shared
 memory and in global memory; forward, full backward and the three single-output masks; goft with a scale and qgoft without; float32, bfloat16,
 float16 (parallel paths) and float64. Prints "sanitize case OK: N cases" at the end (checked by
 gpu_check.sh) after a loose correctness check of each forward against the float64 reference.
@@ -104,8 +105,10 @@ def run(lay, rows, dtype, quasi, with_scale, env, unaligned):
         fwd = torch.ops.qgoft.quasi_givens_chain if quasi else torch.ops.qgoft.givens_chain
         bwd = torch.ops.qgoft.quasi_givens_chain_backward if quasi else torch.ops.qgoft.givens_chain_backward
         y = fwd(x, params, pairs, offs, scale)
-        # QGOFT_CUDA_FORWARD selects the forward kernel only: its cases run no backward
-        outs = [] if "QGOFT_CUDA_FORWARD" in env else [bwd(g, x, params, pairs, offs, scale, list(m)) for m in MASKS]
+        # QGOFT_CUDA_FORWARD selects the forward kernel and the backward's top pass (segmented rows with parameter
+        # gradients): its cases run the full backward only
+        masks = MASKS[:1] if "QGOFT_CUDA_FORWARD" in env else MASKS
+        outs = [bwd(g, x, params, pairs, offs, scale, list(m)) for m in masks]
         torch.cuda.synchronize()
     finally:
         for k in KNOBS:

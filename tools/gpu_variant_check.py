@@ -10,8 +10,10 @@ fused XOR path (QGOFT_CUDA_XOR=fused, each variant) on stack(parallel(d), k) aga
 A variant runs the same arithmetic in the same order as base (only where the blocks are read from
 differs), so it must agree with base to a few units of rounding; with the reference to the dtype's
 tolerance. `V+prefetch` (QGOFT_CUDA_FORWARD=prefetch under V: the prefetching forward of the single layout)
-is checked forward only, on more rows (blocks of the persistent grid own several row groups), against base,
-the reference and, bitwise, V's plain forward. Exit status 1 on the first disagreement, naming the case.
+is checked forward, on more rows (blocks of the persistent grid own several row groups), against base,
+the reference and, bitwise, V's plain forward, and its full backward (segmented rows: the top pass runs the
+prefetching forward) bitwise against V's with the plain forward. Exit status 1 on the first disagreement,
+naming the case.
 """
 import argparse
 import os
@@ -74,9 +76,14 @@ def case(variant, d, rows, dtype, quasi, unaligned, gen, reps=0):
     y_var = mine(lambda: fwd(x, params, pairs, offs, scale))
     want = want_fn(x.double(), params.double(), pairs, offs, None if scale is None else scale.double())
     errs = {"y vs base": (rel(y_var, y_base), same_tol), "y vs reference": (rel(y_var, want), ref_tol)}
-    if variant.endswith("+prefetch"):  # the forward kernel only: bitwise the plain forward's output
-        y_plain = call(variant.partition("+")[0], lambda: fwd(x, params, pairs, offs, scale))
+    if variant.endswith("+prefetch"):  # the forward kernel and the backward's top pass: bitwise V's plain results
+        plain = variant.partition("+")[0]
+        y_plain = call(plain, lambda: fwd(x, params, pairs, offs, scale))
         errs["y vs plain forward (bitwise)"] = (0.0 if torch.equal(y_var, y_plain) else float("inf"), 0.0)
+        b_var = mine(lambda: bwd(g, x, params, pairs, offs, scale, list(MASKS[0])))
+        b_plain = call(plain, lambda: bwd(g, x, params, pairs, offs, scale, list(MASKS[0])))
+        same = all(torch.equal(a, b) for a, b in zip(b_var, b_plain))
+        errs["full backward vs plain top pass (bitwise)"] = (0.0 if same else float("inf"), 0.0)
         torch.cuda.synchronize()
         return {k: v for k, v in errs.items() if not v[0] <= v[1]}
     for m in MASKS:
