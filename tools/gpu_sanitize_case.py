@@ -6,7 +6,7 @@ Paths: parallel (rows sharing a block, one row of 512 threads, scalar loads of a
 segmented parallel (forward top kernel, backward recomputation and top layers in warp 0), stacked parallel
 (QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels), each in every kernel variant
 (QGOFT_CUDA_VARIANT=base|table|reg; reg's 512-thread instantiation by "512 threads" and "segmented default";
-a stack under reg runs table's kernels); the prefetching forward (QGOFT_CUDA_FORWARD=prefetch under table, forward
+a stack under reg runs base's kernels); the prefetching forward (QGOFT_CUDA_FORWARD=prefetch under table, forward
 and the full backward only: the knob changes no other backward kernel than the segmented rows' recomputing top
 pass) on enough rows that blocks own several row groups; general in shared
 memory and in global memory; forward, full backward and the three single-output masks; goft with a scale and qgoft without; float32, bfloat16,
@@ -66,7 +66,7 @@ def cases():
                 for name, lay, rows, env, unaligned in general:
                     out.append((name, lay, rows, dtype, quasi, with_scale, env, unaligned))
     for dtype, quasi, with_scale in ((torch.float32, False, True), (torch.bfloat16, True, False)):
-        for variant in ("base", "table"):  # reg changes the single layout's backward only: a stack runs table's
+        for variant in ("base", "table"):  # a stack under reg runs base's kernels
             for name, lay, rows, env, unaligned in stacked:
                 out.append((f"{name} [{variant}]", lay, rows, dtype, quasi, with_scale,
                             {**env, "QGOFT_CUDA_VARIANT": variant}, unaligned))

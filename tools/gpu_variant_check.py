@@ -25,6 +25,9 @@ import qgoft  # noqa: F401  (loads the ops)
 from qgoft import layouts
 from qgoft import reference as ref
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from bench_gpu import forward_only, with_variant  # noqa: E402  (the one home of the variant names' knobs)
+
 DEV = "cuda"
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
 SHAPES = ((100, 37), (1000, 5), (4096, 64), (9000, 3), (11008, 16))  # (d, rows)
@@ -33,16 +36,8 @@ PREFETCH_ROWS = {100: 20000, 1000: 3000, 4096: 1000, 9000: 300, 11008: 300}  # s
 
 
 def call(variant, fn, xor="general"):
-    """fn with QGOFT_CUDA_VARIANT=variant (V+prefetch: V with QGOFT_CUDA_FORWARD=prefetch) and QGOFT_CUDA_XOR=xor."""
-    name, _, forward = variant.partition("+")
-    os.environ["QGOFT_CUDA_VARIANT"] = name
-    os.environ["QGOFT_CUDA_XOR"] = xor
-    os.environ["QGOFT_CUDA_FORWARD"] = forward or "plain"
-    try:
-        return fn()
-    finally:
-        for k in ("QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", "QGOFT_CUDA_FORWARD"):
-            os.environ.pop(k, None)
+    """fn run now under `variant` (V+prefetch: V with QGOFT_CUDA_FORWARD=prefetch) and QGOFT_CUDA_XOR=xor."""
+    return with_variant(variant, fn, xor)()
 
 
 def rel(a, b):
@@ -76,7 +71,7 @@ def case(variant, d, rows, dtype, quasi, unaligned, gen, reps=0):
     y_var = mine(lambda: fwd(x, params, pairs, offs, scale))
     want = want_fn(x.double(), params.double(), pairs, offs, None if scale is None else scale.double())
     errs = {"y vs base": (rel(y_var, y_base), same_tol), "y vs reference": (rel(y_var, want), ref_tol)}
-    if variant.endswith("+prefetch"):  # the forward kernel and the backward's top pass: bitwise V's plain results
+    if forward_only(variant):  # the forward kernel and the backward's top pass: bitwise V's plain results
         plain = variant.partition("+")[0]
         y_plain = call(plain, lambda: fwd(x, params, pairs, offs, scale))
         errs["y vs plain forward (bitwise)"] = (0.0 if torch.equal(y_var, y_plain) else float("inf"), 0.0)
@@ -105,7 +100,7 @@ def main():
     n = 0
     for variant in args.variants.split(","):
         for d, rows in SHAPES:
-            if variant.endswith("+prefetch"):
+            if forward_only(variant):
                 rows = PREFETCH_ROWS[d]
             for dtype in (torch.float32, torch.bfloat16):
                 for quasi in (False, True):
@@ -116,8 +111,8 @@ def main():
                             print(f"FAIL variant {variant} d={d} rows={rows} {dtype} {'qgoft' if quasi else 'goft'} "
                                   f"unaligned={unaligned}: " + "; ".join(f"{k} {e:.2e} > {t:.0e}" for k, (e, t) in bad.items()))
                             return 1
-    # stacks: reg runs table, and the prefetching forward is the single layout's only
-    for variant in ["base"] + [v for v in args.variants.split(",") if v != "reg" and "+" not in v]:
+    # stacks: reg runs base's kernels, and the prefetching forward is the single layout's only
+    for variant in ["base"] + [v for v in args.variants.split(",") if v != "reg" and not forward_only(v)]:
         for d, reps, rows in STACKS:
             for dtype in (torch.float32, torch.bfloat16):
                 for quasi in (False, True):

@@ -331,6 +331,14 @@ Limits sim_limits() {
   return lim;
 }
 int sim_occupancy(BackwardKernel, bool, bool, int, size_t) { return 2; }
+// An H100's planning limits (the planner checks): 132 SMs, 227 KiB of shared memory per block; one block per SM.
+Limits h100_limits() {
+  Limits lim;
+  lim.sm_count = 132;
+  lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
+  return lim;
+}
+int one_block_per_sm(BackwardKernel, bool, bool, int, size_t) { return 1; }
 
 template <class S>
 std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
@@ -748,10 +756,7 @@ void check_env_switches() {
 // memory per block), with every parameter gradient: every dtype while a row fits one 4096-element segment,
 // float64 too (fewer rows per block where 256 / T rows would not fit), except float64 at d = 4096.
 void check_stack_plans() {
-  Limits lim;
-  lim.sm_count = 132;
-  lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
-  auto occupancy = [](BackwardKernel, bool, bool, int, size_t) { return 1; };
+  const Limits lim = h100_limits();
   Knobs knobs;
   knobs.variant = Variant::Base;
   knobs.xor_path = XorPath::Fused;
@@ -761,11 +766,11 @@ void check_stack_plans() {
       Problem p = make_problem(dtype, stacked(parallel_layout(d), reps), 1000);
       p.x_ld = p.grad_ld = d;
       p.want_blocks = p.want_scale = true;
-      const BackwardPlan plan = plan_backward(p, lim, knobs, occupancy);
+      const BackwardPlan plan = plan_backward(p, lim, knobs, one_block_per_sm);
       const bool want = d <= 4096 && !(dtype == DType::Float64 && d == 4096);
       Knobs reg = knobs;  // under Reg (the default) a stack runs Base's kernels: no block table
       reg.variant = Variant::Reg;
-      const BackwardPlan reg_bwd = plan_backward(p, lim, reg, occupancy);
+      const BackwardPlan reg_bwd = plan_backward(p, lim, reg, one_block_per_sm);
       const ForwardPlan reg_fwd = plan_forward(p, lim, reg);
       if (reg_bwd.pa.table != 0 || reg_bwd.pa.reg != 0 || reg_fwd.pa.table != 0) {
         std::fprintf(stderr, "FAIL stack plan under reg dtype=%d d=%lld: %s | %s (want base's kernels)\n", int(dtype),
@@ -786,9 +791,7 @@ void check_stack_plans() {
 // prefetch_forward_blocks per SM (bf16 3, fp32 2 at d = 4096: 396 / 264 blocks; d = 11008: 3 segment columns);
 // not under base, not for unaligned rows, not for stacks, and never without the knob.
 void check_prefetch_plans() {
-  Limits lim;
-  lim.sm_count = 132;
-  lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
+  const Limits lim = h100_limits();
   struct Want {
     DType dtype;
     int64_t d;
@@ -835,7 +838,6 @@ void check_prefetch_plans() {
     int top_prefetch;
     unsigned grid;
   };
-  auto one_block = [](BackwardKernel, bool, bool, int, size_t) { return 1; };
   for (const WantTop& w : {WantTop{DType::BFloat16, Variant::Reg, ForwardKernel::Prefetch, 11008, 11008, 1, 132},
                            WantTop{DType::BFloat16, Variant::Table, ForwardKernel::Prefetch, 11008, 11012, 1, 132},
                            WantTop{DType::Float32, Variant::Reg, ForwardKernel::Prefetch, 11008, 11008, 1, 88},
@@ -851,7 +853,7 @@ void check_prefetch_plans() {
     knobs.variant = w.variant;
     knobs.xor_path = XorPath::Fused;
     knobs.forward = w.forward;
-    const BackwardPlan plan = plan_backward(p, lim, knobs, one_block);
+    const BackwardPlan plan = plan_backward(p, lim, knobs, one_block_per_sm);
     const bool has = plan.describe.find(" top_prefetch=" + std::to_string(w.top_prefetch) + " ") != std::string::npos;
     const ParallelArgs fa = plan.top_args();
     if (!plan.top_pass || plan.top_prefetch != w.top_prefetch || fa.prefetch != w.top_prefetch || fa.store != 0 ||
