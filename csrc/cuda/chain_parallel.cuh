@@ -456,6 +456,19 @@ __device__ __forceinline__ StackBlocks<A> stack_blocks(const ParallelArgs& a, co
   return {global, rep_global};
 }
 
+// The end of a forward row's segment (the plain and the prefetching forward): a segmented row's segment start
+// to `top` (thread 0 of the segment), then, when the launch stores (a.store), the scale and the chunk to y.
+template <class S, bool kVec, class A>
+__device__ __forceinline__ void finish_forward_row(const ParallelArgs& a, const Lanes& ln, int64_t row, bool valid,
+                                                   A (&v)[kChunk]) {
+  const int d = static_cast<int>(a.d);
+  if (a.nseg > 1 && ln.t == 0 && valid) static_cast<A*>(a.top)[row * a.nseg + ln.sigma] = v[0];
+  if (a.store) {
+    scale_chunk(static_cast<const A*>(a.scale), ln.base, d, v);
+    store_chunk<S, kVec>(static_cast<S*>(a.out) + row * d, ln.base, d, valid, v);
+  }
+}
+
 // Forward: y = scale * chain(x) on row segments (blockIdx.y = segment), the layout's repetitions (a.reps;
 // > 1 only with whole rows, nseg == 1) in order over the registers. Segmented rows also write the local
 // result of every segment start to `top` (parallel_top_forward_kernel finishes them).
@@ -471,7 +484,6 @@ __global__ void __launch_bounds__(kTable ? 512 : 1024, kTable && sizeof(S) < 8 ?
   if constexpr (kTable) __syncthreads();
   const int d = static_cast<int>(a.d);
   const S* x = static_cast<const S*>(a.x);
-  S* y = static_cast<S*>(a.out);
   for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
     const int64_t row = g * a.R + ln.slot;
     const bool valid = row < a.rows;
@@ -479,11 +491,7 @@ __global__ void __launch_bounds__(kTable ? 512 : 1024, kTable && sizeof(S) < 8 ?
     load_chunk<S, kVec>(x + row * a.x_ld, ln.base, d, valid, v);
     Tape<A> tp;
     for (int j = 0; j < a.reps; ++j) parallel_forward_local<A, false, kTable>(a, ln, blocks.rep(j), v, xch, tp);
-    if (a.nseg > 1 && ln.t == 0 && valid) static_cast<A*>(a.top)[row * a.nseg + ln.sigma] = v[0];
-    if (a.store) {
-      scale_chunk(static_cast<const A*>(a.scale), ln.base, d, v);
-      store_chunk<S, kVec>(y + row * d, ln.base, d, valid, v);
-    }
+    finish_forward_row<S, kVec>(a, ln, row, valid, v);
   }
 }
 

@@ -33,7 +33,6 @@ __global__ void __launch_bounds__(512, prefetch_forward_blocks(sizeof(S)))
   __syncthreads();
   const int d = static_cast<int>(a.d);
   const S* x = static_cast<const S*>(a.x);
-  S* y = static_cast<S*>(a.out);
   // the lane mask: the cross-warp bits as participant lane % (T/32) of warp 0's R T / 32 words (via_warp0)
   LaneLive live = lane_live<A, true>(a, ln, ln.tid & 31, a.R * (a.T >> 5));
   live.bits |= LaneLive::kInThread;
@@ -51,11 +50,7 @@ __global__ void __launch_bounds__(512, prefetch_forward_blocks(sizeof(S)))
     load_group(g + gridDim.x);
     Tape<A> tp;
     parallel_forward_local<A, false, true>(a, ln, tab, v, xch, tp, &live);
-    if (a.nseg > 1 && ln.t == 0 && valid) static_cast<A*>(a.top)[row * a.nseg + ln.sigma] = v[0];
-    if (a.store) {
-      scale_chunk(static_cast<const A*>(a.scale), ln.base, d, v);
-      store_chunk<S, true>(y + row * d, ln.base, d, valid, v);
-    }
+    finish_forward_row<S, true>(a, ln, row, valid, v);
   }
 }
 
