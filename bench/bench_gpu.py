@@ -39,15 +39,17 @@ sys.path.insert(0, HERE)
 import bench_common as bc  # noqa: E402
 import bench_layer as bl  # noqa: E402
 
-VARIANTS = ("base", "table", "reg", "table+prefetch")
+VARIANTS = ("base", "table", "reg", "table+prefetch", "reg+prefetch")
 CHAIN_OPS = ("givens_chain", "givens_chain_backward", "quasi_givens_chain", "quasi_givens_chain_backward")
 # Variants whose forward kernels are another variant's (reg changes the backward only): their forward rows and
 # the layout table (target 3) are timed under that variant only.
-SAME_FORWARD = {"reg": "table"}
+SAME_FORWARD = {"reg": "table", "reg+prefetch": "table+prefetch"}
 # Variants that change only the single parallel layout's forward kernel (`V+prefetch`: QGOFT_CUDA_FORWARD=prefetch
-# under V): only their chain forward rows are timed (their backward, stacks and layers are V's), and the backward
+# under V): of the chain table only their forward rows are timed (their backward kernels are V's), and the backward
 # rows with parameter gradients of rows wider than one 4096-element backward segment, whose recomputing top pass
-# runs the prefetching forward (docs/CUDA.md, "The prefetching forward").
+# runs the prefetching forward (docs/CUDA.md, "The prefetching forward"); the layout table (stacks and the
+# butterfly, which it does not change) leaves them out; the Linear and LLaMA tables, whose steps run a forward,
+# time them like any variant.
 def forward_only(variant: str) -> bool:
     return variant.endswith("+prefetch")
 
@@ -534,17 +536,17 @@ def main() -> int:
             chain += chain_rows(rows, d, dtype, rounds if d == widths[0] else max(5, rounds // 2), variants, dev, clock)
             print(f"bench_gpu: chain {rows}x{d} {dtype_name(dtype)} done", flush=True)
     xor_paths = [p for p in args.xor.split(",") if p]
-    whole = [v for v in variants if not forward_only(v)]  # the variants of the layout, Linear and LLaMA tables
+    whole = [v for v in variants if not forward_only(v)]  # the variants of the layout table
     lays = [] if args.quick else layout_rows(rows, widths[0], torch.bfloat16, rounds, whole, dev, clock, xor_paths)
     lin: List[dict] = []
     llama: List[dict] = []
     if args.only == "all":
-        lin = linear_rows(lin_rows, lin_d, rounds, whole, dev, torch.bfloat16, clock)
+        lin = linear_rows(lin_rows, lin_d, rounds, variants, dev, torch.bfloat16, clock)
         print("bench_gpu: Linear done", flush=True)
         if args.dry_run:
-            llama = llama_rows(2, 64, 172, 4, 2, 16, 2, dev, torch.float32, whole)
+            llama = llama_rows(2, 64, 172, 4, 2, 16, 2, dev, torch.float32, variants)
         elif not args.quick:
-            llama = llama_rows(4, 4096, 11008, 32, 8, 1024, 7, dev, torch.bfloat16, whole)
+            llama = llama_rows(4, 4096, 11008, 32, 8, 1024, 7, dev, torch.bfloat16, variants)
     targets = evaluate(chain, lays, lin, llama, variants)
     text = render(header, chain, lays, lin, llama, targets)
     print(text)

@@ -162,7 +162,7 @@ bool table_variant(const Knobs& k, int reps) {
 }
 
 // Whether a parallel forward launch runs the prefetching forward (docs/CUDA.md, "The prefetching forward"):
-// under QGOFT_CUDA_FORWARD=prefetch, the single layout (reps == 1) with the block table (table > 0) and 16-byte
+// under QGOFT_CUDA_FORWARD=prefetch (the default), the single layout (reps == 1) with the block table (table > 0) and 16-byte
 // rows (vec: every row the launch reads or writes). The one rule of the forward and of the backward's top pass.
 bool prefetch_forward(const Knobs& k, int reps, int table, bool vec) {
   return reps == 1 && table > 0 && vec &&
@@ -188,7 +188,7 @@ XorPath xor_path_from_env() {
 }
 
 ForwardKernel forward_kernel_from_env() {
-  return env_switch<ForwardKernel>("QGOFT_CUDA_FORWARD", ForwardKernel::Plain,
+  return env_switch<ForwardKernel>("QGOFT_CUDA_FORWARD", ForwardKernel::Prefetch,
                                    {{"plain", ForwardKernel::Plain}, {"prefetch", ForwardKernel::Prefetch}});
 }
 

@@ -25,8 +25,8 @@ enum class Variant { FromEnv, Base, Table, Reg };
 enum class XorPath { FromEnv, General, Fused };
 // The forward kernel of the single parallel layout under the table variants (table and reg): Plain is
 // parallel_forward_kernel; Prefetch is parallel_forward_prefetch_kernel (docs/CUDA.md, "The prefetching
-// forward"), used with 16-byte rows. FromEnv: QGOFT_CUDA_FORWARD=plain|prefetch (default plain until a GPU has
-// timed both), read by the planner.
+// forward"), used with 16-byte rows. FromEnv: QGOFT_CUDA_FORWARD=plain|prefetch (default prefetch: 1.0-1.6x
+// faster on an H100, bench/RESULTS.md), read by the planner.
 enum class ForwardKernel { FromEnv, Plain, Prefetch };
 struct Knobs {
   ForcedPath path = ForcedPath::Auto;
@@ -42,7 +42,7 @@ Variant variant_from_env();
 // The path named by QGOFT_CUDA_XOR (unset or empty: Fused); throws std::invalid_argument for any other
 // value than general or fused.
 XorPath xor_path_from_env();
-// The forward kernel named by QGOFT_CUDA_FORWARD (unset or empty: Plain); throws std::invalid_argument for
+// The forward kernel named by QGOFT_CUDA_FORWARD (unset or empty: Prefetch); throws std::invalid_argument for
 // any other value than plain or prefetch.
 ForwardKernel forward_kernel_from_env();
 

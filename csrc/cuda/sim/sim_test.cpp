@@ -747,7 +747,7 @@ void check_env_switches() {
   check_switch("QGOFT_CUDA_VARIANT", variant_from_env, Variant::Reg,
                {{"table", Variant::Table}, {"reg", Variant::Reg}, {"base", Variant::Base}}, "tabel",
                "QGOFT_CUDA_VARIANT must be base, table or reg, got 'tabel'");
-  check_switch("QGOFT_CUDA_FORWARD", forward_kernel_from_env, ForwardKernel::Plain,
+  check_switch("QGOFT_CUDA_FORWARD", forward_kernel_from_env, ForwardKernel::Prefetch,
                {{"plain", ForwardKernel::Plain}, {"prefetch", ForwardKernel::Prefetch}}, "pre-fetch",
                "QGOFT_CUDA_FORWARD must be plain or prefetch, got 'pre-fetch'");
 }
