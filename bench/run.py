@@ -612,6 +612,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="auto: CPU, plus CUDA when available (default)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="torch threads (default: torch's default, %(default)s here)")
+    ap.add_argument("--model-batch", type=int, metavar="B",
+                    help="the model part's batch (sequences per step; default 32, smoke 2)")
+    ap.add_argument("--model-seq", type=int, metavar="S", help="the model part's tokens per sequence (default 64)")
     ap.add_argument("--only", action="append", choices=["layer", "kernel", "breakdown", "model"],
                     help="run only these parts (repeatable)")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"), help="where the report goes")
@@ -630,7 +633,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"rendered {stem}.md" + ("" if err else f" and {stem}.png"))
         return 0
     mode = "quick" if args.quick else "smoke" if args.smoke else "full"
-    cfg = MODES[mode]
+    cfg = dict(MODES[mode])
+    for key, value in (("model_batch", args.model_batch), ("model_seq", args.model_seq)):
+        if value is not None:
+            if value < 1:
+                ap.error(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+            cfg[key] = value
     parts = set(args.only or ["layer", "kernel", "breakdown", "model"])
     torch.set_num_threads(args.threads)
     log = Log()

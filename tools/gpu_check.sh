@@ -32,7 +32,8 @@
 #                 initcheck; every path and variant in float32 for racecheck and synccheck (the slow tools;
 #                 their hazards do not depend on the dtype) (target 6)             sanitizer_*.log
 #   layer     60  bench/run.py --quick --only layer --device cuda (with PEFT LoRA r=8, OFT) run/
-#   model     90  bench/run.py --quick --only model --device cuda (MiniLM step; target 5) run/; the weights
+#   model    120  bench/run.py --quick --only model --device cuda --model-batch 256 --model-seq 128 (a MiniLM
+#                 step at a batch that fills the card; target 5) run/; the weights
 #                 from build/minilm when it exists (carried; tools/gpu_minilm_prep.sh), as QGOFT_MINILM_PATH
 #   baseline-build 90  after the speed targets' parts above (they come first), only when build/baseline/src
 #                 exists (an earlier commit's sources, written and carried as bench/README.md, "Against an
@@ -326,7 +327,7 @@ else
   if [ -z "${QGOFT_MINILM_PATH:-}" ] && [ -d "$ROOT/build/minilm" ]; then
     export QGOFT_MINILM_PATH="$ROOT/build/minilm"; log "model: the MiniLM weights of $QGOFT_MINILM_PATH"
   fi
-  part model 90 run_model.log "$PYTHON" bench/run.py --quick --device cuda --only model --out-dir "$OUTDIR/run" --no-readme
+  part model 120 run_model.log "$PYTHON" bench/run.py --quick --device cuda --only model --model-batch 256 --model-seq 128 --out-dir "$OUTDIR/run" --no-readme
   baseline_parts
   part op-tests 150 op_tests.log run_op_tests
 fi

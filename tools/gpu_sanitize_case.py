@@ -46,7 +46,7 @@ def cases():
         ("stacked*3 scalar loads", layouts.stack(layouts.parallel(300), 3), 5, {"QGOFT_CUDA_XOR": "fused"}, True),
     ]
     prefetch = [  # QGOFT_CUDA_FORWARD=prefetch (table): rows past the persistent grid, the last group partial
-        ("prefetch R>1 row slots", layouts.parallel(100), 20_000, {}, False),
+        ("prefetch R>1 row slots", layouts.parallel(120), 20_000, {}, False),  # 16-byte rows (d % 8 == 0)
         ("prefetch 512 threads", layouts.parallel(4096), 1_000, {}, False),
         ("prefetch segmented 256", layouts.parallel(1000), 3_000, {"QGOFT_CUDA_SEGMENT": "256"}, False),
         ("prefetch segmented default", layouts.parallel(9000), 300, {}, False),
