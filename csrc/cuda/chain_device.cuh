@@ -239,6 +239,18 @@ __device__ __forceinline__ void load_chunk(const S* row, int base, int d, bool v
   }
 }
 
+// Asks for the line of a thread's chunk of a row in L2 ahead of its load_chunk, without tying up registers (a
+// hint: no result, nothing to wait for; the host emulation ignores it). A chunk (8 elements from a multiple of 8)
+// lies in one 128-byte line.
+template <class S>
+__device__ __forceinline__ void prefetch_chunk(const S* row, int base, int d, bool valid) {
+#ifndef QGOFT_CUDA_HOST_SIM
+  if (valid && base < d) asm volatile("prefetch.global.L2 [%0];" ::"l"(row + base));
+#else
+  (void)row, (void)base, (void)d, (void)valid;
+#endif
+}
+
 template <class S, bool kVec>
 __device__ __forceinline__ void store_chunk(S* row, int base, int d, bool valid,
                                             const typename Elem<S>::A (&v)[kChunk]) {

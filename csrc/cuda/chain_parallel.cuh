@@ -758,18 +758,27 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
     const int64_t row = g * R + ln.slot;
     const bool valid = row < a.rows;
     A gv[kChunk];
-    load_chunk<S, kVec>(grad + row * a.grad_ld, ln.base, d, valid, gv);
     Tape<A> tp;
     if constexpr (kGrads) {  // recompute the forward, recording the tape
+      // The block's next row is asked for in L2 (x and grad) and grad is loaded after the forward: at the register
+      // cap the compiler issues a load only shortly before its first use, so grad loaded here went out after the
+      // wait for x (two memory latencies per row) and x's two 16-byte halves (float) one after the other; from L2
+      // those waits are short.
+      const int64_t next = row + static_cast<int64_t>(gridDim.x) * R;
+      prefetch_chunk(x + next * a.x_ld, ln.base, d, next < a.rows);
+      prefetch_chunk(grad + next * a.grad_ld, ln.base, d, next < a.rows);
       A v[kChunk];
       load_chunk<S, kVec>(x + row * a.x_ld, ln.base, d, valid, v);
       parallel_forward_local<A, true, kTable>(a, ln, blocks, v, xch, tp);
+      load_chunk<S, kVec>(grad + row * a.grad_ld, ln.base, d, valid, gv);
       if (acc_scale && valid) {
 #pragma unroll
         for (int e = 0; e < kChunk; ++e) {
           if (!(segmented && ln.t == 0 && e == 0)) acc_s[e] += gv[e] * v[e];
         }
       }
+    } else {
+      load_chunk<S, kVec>(grad + row * a.grad_ld, ln.base, d, valid, gv);
     }
     scale_chunk(static_cast<const A*>(a.scale), ln.base, d, gv);
 
