@@ -767,6 +767,9 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
       const int64_t next = row + static_cast<int64_t>(gridDim.x) * R;
       prefetch_chunk(x + next * a.x_ld, ln.base, d, next < a.rows);
       prefetch_chunk(grad + next * a.grad_ld, ln.base, d, next < a.rows);
+      if (ln.tid < a.nseg && segmented) {  // and the segment starts' top words that top_backward reads (its lanes)
+        prefetch_chunk(static_cast<const A*>(a.top) + next * a.nseg, ln.tid, a.nseg, next < a.rows);
+      }
       A v[kChunk];
       load_chunk<S, kVec>(x + row * a.x_ld, ln.base, d, valid, v);
       parallel_forward_local<A, true, kTable>(a, ln, blocks, v, xch, tp);
