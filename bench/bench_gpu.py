@@ -4,8 +4,10 @@ frozen nn.Linear, PEFT LoRA r=8 and PEFT OFT, and of a LLaMA-shaped stack's trai
 Contenders of a table run in one process, in interleaved rounds, timed with CUDA events after warm-up;
 medians are reported. The kernel variant of each chain call is chosen with QGOFT_CUDA_VARIANT (read by the
 planner per call), so the variants share every round; a variant `V+prefetch` is V with QGOFT_CUDA_FORWARD=prefetch
-(the prefetching forward: forward rows, and the backward rows of its top pass at d > 4096); the layout table (target 3) times stack=2 on the
-general and the fused XOR kernels (QGOFT_CUDA_XOR=general|fused) side by side.
+(the prefetching forward: forward rows, and the backward rows of its top pass at d > 4096), `V+serial` is V with
+QGOFT_CUDA_REDUCE=serial (the serial reduction of the partial rows: backward rows with parameter gradients, also in
+a table at all-MiniLM-L6-v2's shapes, 2048 rows x d = 384 and 1536 bf16, beside the split one); the layout table
+(target 3) times stack=2 on the general and the fused XOR kernels (QGOFT_CUDA_XOR=general|fused) side by side.
 
     python bench/bench_gpu.py [--rounds 15] [--out DIR] [--quick] [--variants base,table,table+prefetch]
     python bench/bench_gpu.py --dry-run     # no GPU: tiny shapes on the CPU, CPU timers (checks the script)
@@ -39,7 +41,7 @@ sys.path.insert(0, HERE)
 import bench_common as bc  # noqa: E402
 import bench_layer as bl  # noqa: E402
 
-VARIANTS = ("base", "table", "reg", "table+prefetch", "reg+prefetch")
+VARIANTS = ("base", "table", "reg", "table+prefetch", "reg+prefetch", "reg+serial")
 CHAIN_OPS = ("givens_chain", "givens_chain_backward", "quasi_givens_chain", "quasi_givens_chain_backward")
 # Variants whose forward kernels are another variant's (reg changes the backward only): their forward rows and
 # the layout table (target 3) are timed under that variant only.
@@ -52,6 +54,14 @@ SAME_FORWARD = {"reg": "table", "reg+prefetch": "table+prefetch"}
 # time them like any variant.
 def forward_only(variant: str) -> bool:
     return variant.endswith("+prefetch")
+
+
+# Variants that change only the reduction of the backward's partial rows (`V+serial`: QGOFT_CUDA_REDUCE=serial under
+# V, one thread per item over every slot; without it the split reduction, docs/CUDA.md "Deterministic reduction"):
+# of the chain tables only their backward rows with parameter gradients are timed; the layout and LLaMA tables
+# leave them out.
+def reduce_only(variant: str) -> bool:
+    return variant.endswith("+serial")
 
 
 def top_pass_row(name: str, d: int) -> bool:
@@ -136,17 +146,21 @@ class Clock:
 
 
 def with_variant(variant: str, fn: Callable[[], object], xor: str = "general") -> Callable[[], object]:
-    """fn run with QGOFT_CUDA_VARIANT=variant (`V+prefetch`: V and QGOFT_CUDA_FORWARD=prefetch, else plain) and
-    QGOFT_CUDA_XOR=xor (the planner reads them on every call)."""
-    name, _, forward = variant.partition("+")
+    """fn run with QGOFT_CUDA_VARIANT=variant (`V+prefetch`: V and QGOFT_CUDA_FORWARD=prefetch, else plain;
+    `V+serial`: V and QGOFT_CUDA_REDUCE=serial, else split) and QGOFT_CUDA_XOR=xor (the planner reads them on
+    every call)."""
+    name, _, modifier = variant.partition("+")
+    if modifier not in ("", "prefetch", "serial"):
+        raise ValueError(f"unknown variant {variant!r} (V, V+prefetch or V+serial)")
+    knobs = {"QGOFT_CUDA_VARIANT": name, "QGOFT_CUDA_XOR": xor,
+             "QGOFT_CUDA_FORWARD": "prefetch" if modifier == "prefetch" else "plain",
+             "QGOFT_CUDA_REDUCE": "serial" if modifier == "serial" else "split"}
     def run() -> object:
-        os.environ["QGOFT_CUDA_VARIANT"] = name
-        os.environ["QGOFT_CUDA_XOR"] = xor
-        os.environ["QGOFT_CUDA_FORWARD"] = forward or "plain"
+        os.environ.update(knobs)
         try:
             return fn()
         finally:
-            for k in ("QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", "QGOFT_CUDA_FORWARD"):
+            for k in knobs:
                 os.environ.pop(k, None)
     return run
 
@@ -155,9 +169,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+GRAD_ROWS = ("goft backward (dx, dθ)", "goft_scaled backward (dx, dθ, ds)", "qgoft backward (dx, dblocks)")
+
+
 def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: List[str], dev: str,
-               clock: Clock) -> List[dict]:
-    """Targets 1-2: the parallel-layout chain ops against a copy of x, per variant."""
+               clock: Clock, only: Optional[Sequence[str]] = None) -> List[dict]:
+    """Targets 1-2: the parallel-layout chain ops against a copy of x, per variant (only: these rows alone)."""
     gen = torch.Generator(device=dev).manual_seed(0)
     lay = layouts.parallel(d)
     pairs, offs = lay.pairs_tensor(dev), lay.layer_offsets_tensor(dev)
@@ -184,9 +201,13 @@ def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Lis
     contenders: Dict[str, Callable[[], object]] = {COPY: lambda: buf.copy_(x)}
     for v in variants:
         for name, fn in calls.items():
+            if only is not None and name not in only:
+                continue
             if "forward" in name and SAME_FORWARD.get(v) in variants:
                 continue
             if "forward" not in name and forward_only(v) and not top_pass_row(name, d):
+                continue
+            if reduce_only(v) and name not in GRAD_ROWS:
                 continue
             contenders[f"{name} [{v}]"] = with_variant(v, fn)
     med = clock.timed(contenders, rounds, inner=5)
@@ -200,6 +221,31 @@ def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Lis
         out.append({"case": f"{rows}x{d} {dtype_name(dtype)}", "contender": name, "variant": variant.rstrip("]"),
                     "ms": ms, "vs_copy": ms / copy, "GBps": moved / ms / 1e6,
                     "copy_bw_fraction": (moved / ms) / (2 * nbytes / copy)})
+    return out
+
+
+def reduce_variants(variants: Sequence[str]) -> List[str]:
+    """The variants of the reduction table: each one that changes the backward (not V+prefetch), beside it
+    V+serial (the serial reduction under V)."""
+    out: List[str] = []
+    for v in variants:
+        base = v.partition("+")[0] if reduce_only(v) else v
+        if forward_only(base):
+            continue
+        for w in (base, f"{base}+serial"):
+            if w not in out:
+                out.append(w)
+    return out
+
+
+def reduction_rows(rows: int, widths: Sequence[int], dtype: torch.dtype, rounds: int, variants: List[str],
+                   dev: str, clock: Clock) -> List[dict]:
+    """The backward rows with parameter gradients at all-MiniLM-L6-v2's shapes (2048 rows, d = 384 and 1536),
+    where the reduction of the partial rows is the largest cost: the split reduction (V) and the serial one
+    (V+serial) side by side (docs/CUDA.md, "The reduction of the partial rows")."""
+    out: List[dict] = []
+    for d in widths:
+        out += chain_rows(rows, d, dtype, rounds, reduce_variants(variants), dev, clock, only=GRAD_ROWS)
     return out
 
 
@@ -316,7 +362,7 @@ def llama_rows(blocks: int, d: int, mlp: int, heads: int, batch: int, seq: int, 
         return model
 
     contenders = [(FLOOR, "floor", "")] + [(f"qgoft {m.upper() if m == 'goft' else 'qGOFT'}", m, v)
-                                           for m in ("goft", "qgoft") for v in variants]
+                                           for m in ("goft", "qgoft") for v in variants if not reduce_only(v)]
     if bl.peft_missing() is None:
         contenders.append((bl.LORA, "lora", ""))
     out = []
@@ -436,16 +482,22 @@ def evaluate(chain: List[dict], lays: List[dict], lin: List[dict], llama: List[d
 
 
 def render(header: dict, chain: List[dict], lays: List[dict], lin: List[dict], llama: List[dict],
-           targets: List[dict]) -> str:
+           targets: List[dict], reduction: Sequence[dict] = ()) -> str:
     lines = [f"# qgoft CUDA kernels ({header['date']})", "",
              ", ".join(f"{k}: {v}" for k, v in header.items()), "",
              "Medians over interleaved rounds (CUDA events) after warm-up; `variant` is QGOFT_CUDA_VARIANT "
-             "(`+prefetch`: with QGOFT_CUDA_FORWARD=prefetch).", "",
+             "(`+prefetch`: with QGOFT_CUDA_FORWARD=prefetch; `+serial`: with QGOFT_CUDA_REDUCE=serial).", "",
              "| case | contender | variant | ms | x copy | GB/s | % of copy bandwidth |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in chain:
         lines.append(f"| {r['case']} | {r['contender']} | {r['variant']} | {r['ms']:.3f} | {r['vs_copy']:.2f} | "
                      f"{r['GBps']:.0f} | {r['copy_bw_fraction']:.0%} |")
+    if reduction:
+        lines += ["", "The reduction of the partial rows at all-MiniLM-L6-v2's shapes (`V+serial`: QGOFT_CUDA_REDUCE=serial, "
+                  "one thread per item; `V`: the split reduction):", "",
+                  "| case | contender | variant | ms | x copy |", "| --- | --- | --- | ---: | ---: |"]
+        lines += [f"| {r['case']} | {r['contender']} | {r['variant']} | {r['ms']:.4f} | {r['vs_copy']:.2f} |"
+                  for r in reduction]
     if lays:
         lines += ["", "| case | contender | variant | ms | x parallel layout |", "| --- | --- | --- | ---: | ---: |"]
         lines += [f"| {r['case']} | {r['contender']} | {r['variant']} | {r['ms']:.3f} | {r['vs_parallel']:.2f} |"
@@ -525,18 +577,22 @@ def main() -> int:
     if args.dry_run:
         header["device"] = "CPU (dry run: the numbers mean nothing)"
         rows, widths, lin_rows, lin_d = 64, (256, 344), 16, 256
+        red_rows, red_widths = 64, (48, 96)
     else:
         prop = torch.cuda.get_device_properties(0)
         header.update(device=prop.name, sm_count=prop.multi_processor_count,
                       memory_GiB=round(prop.total_memory / 2 ** 30, 1))
         rows, widths, lin_rows, lin_d = 8192, ((4096,) if args.quick else (4096, 11008)), 8192, 4096
+        red_rows, red_widths = 2048, (384, 1536)  # all-MiniLM-L6-v2: batch 32 x 64 tokens, hidden 384, MLP 1536
     chain: List[dict] = []
     for d in widths:
         for dtype in (torch.bfloat16, torch.float32):
             chain += chain_rows(rows, d, dtype, rounds if d == widths[0] else max(5, rounds // 2), variants, dev, clock)
             print(f"bench_gpu: chain {rows}x{d} {dtype_name(dtype)} done", flush=True)
+    reduction = reduction_rows(red_rows, red_widths, torch.bfloat16, rounds, variants, dev, clock)
+    print("bench_gpu: reduction table done", flush=True)
     xor_paths = [p for p in args.xor.split(",") if p]
-    whole = [v for v in variants if not forward_only(v)]  # the variants of the layout table
+    whole = [v for v in variants if not forward_only(v) and not reduce_only(v)]  # the variants of the layout table
     lays = [] if args.quick else layout_rows(rows, widths[0], torch.bfloat16, rounds, whole, dev, clock, xor_paths)
     lin: List[dict] = []
     llama: List[dict] = []
@@ -548,15 +604,15 @@ def main() -> int:
         elif not args.quick:
             llama = llama_rows(4, 4096, 11008, 32, 8, 1024, 7, dev, torch.bfloat16, variants)
     targets = evaluate(chain, lays, lin, llama, variants)
-    text = render(header, chain, lays, lin, llama, targets)
+    text = render(header, chain, lays, lin, llama, targets, reduction)
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench_gpu.md"), "w") as f:
             f.write(text + "\n")
         with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
-            json.dump({"header": header, "chain": chain, "layouts": lays, "linear": lin, "llama": llama,
-                       "targets": targets}, f, indent=1)
+            json.dump({"header": header, "chain": chain, "reduction": reduction, "layouts": lays, "linear": lin,
+                       "llama": llama, "targets": targets}, f, indent=1)
     return 0
 
 

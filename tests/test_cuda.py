@@ -456,6 +456,7 @@ def test_prefetch_backward_top_pass(gen, env, capfd, d, rows, segment, method, d
 @pytest.mark.parametrize("var,kind,message", [
     ("QGOFT_CUDA_XOR", "parallel*2", "QGOFT_CUDA_XOR must be general or fused"),
     ("QGOFT_CUDA_FORWARD", "parallel", "QGOFT_CUDA_FORWARD must be plain or prefetch"),
+    ("QGOFT_CUDA_REDUCE", "parallel", "QGOFT_CUDA_REDUCE must be split or serial"),  # read by the backward
 ])
 def test_switch_rejects_unknown_values(gen, env, var, kind, message):
     env(**{var: "fast"})
@@ -464,6 +465,50 @@ def test_switch_rejects_unknown_values(gen, env, var, kind, message):
     x = torch.randn(4, 64, device=DEV)
     with pytest.raises((RuntimeError, ValueError), match=message):
         k_forward("goft", x, params, pairs, offsets, None)
+        k_backward("goft", x, x, params, pairs, offsets, None)
+
+
+@pytest.mark.parametrize("kind,d,rows,method,dtype", [
+    ("parallel", 384, 2048, "qgoft", BF16),            # all-MiniLM-L6-v2's shapes (an H100: 264 slots, 64 lanes)
+    ("parallel", 1536, 2048, "goft", BF16),
+    ("parallel", 1001, 2000, "qgoft_scaled", F32),     # d % 4 != 0: the last scale item loads entry by entry
+    ("parallel", 4096, 3000, "goft_scaled", BF16),
+    ("parallel", 11008, 300, "qgoft_scaled", BF16),    # segmented: fewer slots (3 segment columns)
+    ("parallel", 1024, 3000, "goft_scaled", F64),      # float64 accumulation
+    ("custom", 200, 5000, "qgoft_scaled", F32),        # general kernels
+])
+def test_split_reduction(gen, env, capfd, kind, d, rows, method, dtype):
+    """QGOFT_CUDA_REDUCE=split (the default; docs/CUDA.md, "Deterministic reduction"): each item's slots spread
+    over several lanes and a fixed tree. Parameter and scale gradients against the float64 reference, bitwise
+    equal over repeated runs (fresh poisoned memory each), and the serial reduction (one thread per item, every
+    slot in order) on the same inputs against the reference too; the plans show the lanes."""
+    env(QGOFT_CUDA_VERBOSE=1)
+    pairs, offsets = make_layout(kind, d, gen)
+    params, scale = make_params(method, pairs.shape[0], d, gen, dtype=F64 if dtype == F64 else F32)
+    x = make_tensor((rows,), d, "contiguous", gen, dtype)
+    g = make_tensor((rows,), d, "contiguous", gen, dtype)
+    want = truth(method, x, g, params, pairs, offsets, scale)
+    names = ("grad_x", "grad_params", "grad_scale")
+    for reduce in ("split", "serial"):
+        env(QGOFT_CUDA_REDUCE=reduce)
+        runs = []
+        for _ in range(3 if reduce == "split" else 1):
+            poison()
+            capfd.readouterr()
+            runs.append(k_backward(method, g, x, params, pairs, offsets, scale))
+            torch.cuda.synchronize()
+            seen = [p for p in plans(capfd) if " backward " in p]
+            lanes = re.search(r" slots=(\d+) reduce_lanes=(\d+) ", seen[0]) if len(seen) == 1 else None
+            assert lanes, seen
+            slots, lanes = int(lanes.group(1)), int(lanes.group(2))
+            assert lanes == 1 if reduce == "serial" else (lanes > 1) == (slots > 8), (reduce, seen)
+        for name, got, ref_grad, tol_dtype in zip(names, runs[0], want[1:], (dtype, F32, F32)):
+            if ref_grad is not None:
+                check_close(got, ref_grad, F64 if dtype == F64 else tol_dtype,
+                            f"{method} {kind} d={d} rows={rows} {dtype} reduce={reduce}: {name}")
+        for other in runs[1:]:
+            for name, a, b in zip(names, runs[0], other):
+                assert torch.equal(a, b), f"{name}: the split reduction differs between runs"
 
 
 def test_path_selection(gen, env, capfd):

@@ -21,8 +21,9 @@
 #                 float64 reference, the fused XOR path against the general kernels
 #                 (tools/gpu_variant_check.py)                                        variants.log
 #   chain    150  bench/bench_gpu.py: chain kernels with every QGOFT_CUDA_VARIANT (base, table, reg; reg's
-#                 forward is table's, timed once) and table+prefetch (the prefetching forward, forward rows
-#                 only) side by side, butterfly and stack=2 (the stack on the
+#                 forward is table's, timed once), table+prefetch (the prefetching forward, forward rows
+#                 only) and reg+serial (QGOFT_CUDA_REDUCE=serial: backward rows with parameter gradients; and
+#                 every backward variant split / serial at MiniLM's 2048 x 384 and 1536) side by side, butterfly and stack=2 (the stack on the
 #                 general and the fused XOR kernels, QGOFT_CUDA_XOR), qgoft.nn.Linear vs frozen / PEFT
 #                 LoRA r=8 / PEFT OFT, a LLaMA-shaped stack's training step vs LoRA (targets 1-4, half of 5)
 #                                                                                     bench_gpu.md/.json
@@ -320,7 +321,7 @@ else
   part ptxas 60 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --binary qgoft/libqgoft_ops.so --out "$OUTDIR/ptxas.json"
   part load 30 load.log load_check
   part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py --variants table,reg,table+prefetch
-  part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants base,table,reg,table+prefetch --out "$OUTDIR"
+  part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants base,table,reg,table+prefetch,reg+serial --out "$OUTDIR"
   part tests 120 tests.log run_tests
   part sanitize 120 sanitize.log sanitize_all
   part layer 60 run_layer.log "$PYTHON" bench/run.py --quick --device cuda --only layer --out-dir "$OUTDIR/run" --no-readme

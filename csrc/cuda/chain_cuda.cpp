@@ -470,16 +470,12 @@ BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& gr
       res.grad_params = givens ? at::empty({num_pairs}, acc_opts) : at::empty({num_pairs, 4}, acc_opts);
     }
     if (want_scale) res.grad_scale = at::empty({d}, acc_opts);
-    qc::ReduceArgs r;
+    qc::ReduceArgs& r = plan.ra;
     r.partial = partial.const_data_ptr();
-    r.partial_ld = plan.partial_ld;
-    r.slots = plan.slots;
-    r.num_pairs = num_pairs;
-    r.d = d;
     r.blocks = o.blocks.const_data_ptr();
     r.grad_params = want_params ? res.grad_params.mutable_data_ptr() : nullptr;
     r.grad_scale = want_scale ? res.grad_scale.mutable_data_ptr() : nullptr;
-    qc::reduce_partials(o.acc == at::kDouble, givens, r, stream);
+    qc::reduce_partials(o.acc == at::kDouble, givens, r, plan.reduce, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return res;

@@ -129,6 +129,7 @@ struct ReduceArgs {
   const void* blocks = nullptr;   // (P, 4) A (givens: for d theta)
   void* grad_params = nullptr;    // givens: (P,) A; quasi: (P, 4) A; null if not wanted
   void* grad_scale = nullptr;     // (d,) A; null if not wanted
+  int lanes = 1;                  // threads per item, each summing every lanes-th slot (ReduceItems in chain_sizes.h)
 };
 
 struct LaunchConfig {
@@ -149,7 +150,7 @@ void general_forward(DType t, const GeneralArgs& a, const LaunchConfig& c, cudaS
 void general_backward(DType t, bool grads, const GeneralArgs& a, const LaunchConfig& c,
                       cudaStream_t s);
 void givens_blocks(bool acc_double, bool angles_double, const GivensArgs& a, cudaStream_t s);
-void reduce_partials(bool acc_double, bool givens, const ReduceArgs& a, cudaStream_t s);
+void reduce_partials(bool acc_double, bool givens, const ReduceArgs& a, const LaunchConfig& c, cudaStream_t s);
 
 // Resident blocks per SM of the backward kernels (for sizing their persistent grids); >= 1.
 int parallel_backward_occupancy(DType t, bool vec, bool grads, int threads, size_t smem);

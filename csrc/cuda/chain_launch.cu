@@ -1,6 +1,6 @@
 // The entry points of chain_cuda.h: dtype dispatch to the per-dtype launchers (chain_launch.h,
 // instantiated in chain_<dtype>.cu), and the launches of the dtype-independent kernels (blocks from
-// angles, reduction of the partial rows).
+// angles; reduction of the partial rows, planned by plan_backward).
 #include "chain_launch.h"
 #include "chain_params.cuh"
 
@@ -77,13 +77,12 @@ void givens_blocks(bool acc_double, bool angles_double, const GivensArgs& a, cud
   k<<<grid, 256, 0, s>>>(a);
 }
 
-void reduce_partials(bool acc_double, bool givens, const ReduceArgs& a, cudaStream_t s) {
-  const unsigned grid = grid_for(a.num_pairs + a.d, 256, 8192);
+void reduce_partials(bool acc_double, bool givens, const ReduceArgs& a, const LaunchConfig& c, cudaStream_t s) {
   auto k = acc_double ? (givens ? detail::reduce_partials_kernel<double, true>
                                 : detail::reduce_partials_kernel<double, false>)
                       : (givens ? detail::reduce_partials_kernel<float, true>
                                 : detail::reduce_partials_kernel<float, false>);
-  k<<<grid, 256, 0, s>>>(a);
+  k<<<c.grid, c.threads, c.smem, s>>>(a);
 }
 
 }  // namespace qgoft::cuda

@@ -175,6 +175,20 @@ int64_t prefetch_occupancy(DType dtype, int threads, int64_t occ) {
   return std::min<int64_t>(occ, detail::prefetch_forward_blocks(elem_size(dtype)) * 512 / threads);
 }
 
+// Slot lanes per item of the reduction (ReduceItems): Split, the fewest (a power of two, at most kReduceMaxLanes)
+// that leave each lane at most kReduceBatch slots, i.e. one batch of loads in flight; Serial, 1.
+int reduce_lanes(int64_t slots, const Knobs& k) {
+  if ((k.reduce == ReduceKind::FromEnv ? reduce_kind_from_env() : k.reduce) == ReduceKind::Serial) return 1;
+  int lanes = 1;
+  while (lanes < detail::kReduceMaxLanes && int64_t(lanes) * detail::kReduceBatch < slots) lanes *= 2;
+  return lanes;
+}
+
+// The reduction's part of the verbose line.
+std::string describe_reduce(const BackwardPlan& plan) {
+  return " slots=" + str(plan.slots) + " reduce_lanes=" + str(plan.ra.lanes) + " reduce_grid=" + str(plan.reduce.grid.x);
+}
+
 }  // namespace
 
 Variant variant_from_env() {
@@ -190,6 +204,26 @@ XorPath xor_path_from_env() {
 ForwardKernel forward_kernel_from_env() {
   return env_switch<ForwardKernel>("QGOFT_CUDA_FORWARD", ForwardKernel::Prefetch,
                                    {{"plain", ForwardKernel::Plain}, {"prefetch", ForwardKernel::Prefetch}});
+}
+
+ReduceKind reduce_kind_from_env() {
+  return env_switch<ReduceKind>("QGOFT_CUDA_REDUCE", ReduceKind::Split,
+                                {{"split", ReduceKind::Split}, {"serial", ReduceKind::Serial}});
+}
+
+void plan_reduce(BackwardPlan& plan, const Problem& p, const Knobs& knobs) {
+  ReduceArgs& r = plan.ra;
+  r.partial_ld = plan.partial_ld;
+  r.slots = plan.slots;
+  r.num_pairs = p.num_pairs;
+  r.d = p.d;
+  r.lanes = reduce_lanes(plan.slots, knobs);
+  const detail::ReduceItems items(p.num_pairs, p.d, p.want_blocks, p.want_scale);
+  const int64_t per_block = detail::kReduceThreads / r.lanes;
+  plan.reduce.grid = dim3(static_cast<unsigned>(
+      std::clamp<int64_t>(ceil_div(items.end - items.first, per_block), 1, kMaxGridX)));
+  plan.reduce.threads = detail::kReduceThreads;
+  plan.reduce.smem = static_cast<size_t>(4 * detail::kReduceThreads * acc_size(p.dtype));
 }
 
 ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs) {
@@ -328,17 +362,21 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     if (a.table > 0 || grads) {  // persistent grid: the table read, the parameter gradients summed once per block
       blocks = persistent_blocks(a.groups, occupancy(kernel, vec, grads, threads, plan.main.smem), s.nseg, lim);
     }
+    std::string reduce;
     if (grads) {
       blocks = std::min(blocks, partial_cap);
       plan.slots = blocks;
       a.partial_ld = plan.partial_ld;
+      plan_reduce(plan, p, knobs);
+      reduce = describe_reduce(plan);
     }
     plan.main.grid = dim3(static_cast<unsigned>(blocks), s.nseg);
     plan.describe = describe_parallel(reps, s, vec, a.table) + " reg=" + str(a.reg) +
                     (reps > 1 ? " tape=" + str(a.stack_tape) : std::string()) + " grads=" + str(grads) +
                     " grid=" + str(blocks) + " smem=" + str(plan.main.smem) +
                     (plan.top_pass ? " top_prefetch=" + str(plan.top_prefetch) + " top_grid=" + str(plan.top.grid.x)
-                                   : std::string());
+                                   : std::string()) +
+                    reduce;
     return plan;
   }
 
@@ -378,10 +416,13 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
                                             kWorkspaceCapBytes / std::max<int64_t>(row_elems * es, 1)}));
     plan.main.smem = 0;
   }
+  std::string reduce;
   if (grads) {
     blocks = std::min(blocks, partial_cap);
     plan.slots = blocks;
     a.partial_ld = plan.partial_ld;
+    plan_reduce(plan, p, knobs);
+    reduce = describe_reduce(plan);
   }
   if (!smem_rows) {
     a.ws_stride = row_elems;
@@ -390,7 +431,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
   plan.main.grid = dim3(static_cast<unsigned>(blocks));
   plan.describe = std::string("path=general") + (smem_rows ? "(smem)" : "(global)") +
                   " acc_in_smem=" + str(a.acc_in_smem) + " R=" + str(a.R) + " grads=" + str(grads) +
-                  " grid=" + str(blocks) + " smem=" + str(plan.main.smem);
+                  " grid=" + str(blocks) + " smem=" + str(plan.main.smem) + reduce;
   return plan;
 }
 

@@ -28,12 +28,18 @@ enum class XorPath { FromEnv, General, Fused };
 // forward"), used with 16-byte rows. FromEnv: QGOFT_CUDA_FORWARD=plain|prefetch (default prefetch: 1.0-1.6x
 // faster on an H100, bench/RESULTS.md), read by the planner.
 enum class ForwardKernel { FromEnv, Plain, Prefetch };
+// The reduction of the backward's partial rows (docs/CUDA.md, "Deterministic reduction"): Split spreads each
+// item's slots over up to kReduceMaxLanes threads and a fixed tree; Serial is one thread per item over every slot
+// (lanes = 1, the order of the kernel before Split). FromEnv: QGOFT_CUDA_REDUCE=split|serial (default split), read
+// by the planner.
+enum class ReduceKind { FromEnv, Split, Serial };
 struct Knobs {
   ForcedPath path = ForcedPath::Auto;
   int segment = 0;  // 0 or a power of two in [256, 8192]: segment width of the parallel kernels
   Variant variant = Variant::FromEnv;
   XorPath xor_path = XorPath::FromEnv;
   ForwardKernel forward = ForwardKernel::FromEnv;
+  ReduceKind reduce = ReduceKind::FromEnv;
 };
 
 // The variant named by QGOFT_CUDA_VARIANT (unset or empty: Reg); throws std::invalid_argument for any
@@ -45,6 +51,9 @@ XorPath xor_path_from_env();
 // The forward kernel named by QGOFT_CUDA_FORWARD (unset or empty: Prefetch); throws std::invalid_argument for
 // any other value than plain or prefetch.
 ForwardKernel forward_kernel_from_env();
+// The reduction named by QGOFT_CUDA_REDUCE (unset or empty: Split); throws std::invalid_argument for any other
+// value than split or serial.
+ReduceKind reduce_kind_from_env();
 
 struct Limits {
   int sm_count = 1;
@@ -102,6 +111,10 @@ struct BackwardPlan : LaunchPlan {
   bool grads = false;                 // parameter gradients wanted: partial rows + reduction
   int64_t slots = 0, partial_ld = 0;  // partial: slots x partial_ld accumulation-type elements
   int top_prefetch = 0;  // the top pass runs the prefetching forward (QGOFT_CUDA_FORWARD=prefetch, 16-byte x rows)
+  // grads: the reduction of the partial rows, launched after the backward kernel with `reduce`; ra is filled
+  // except its pointers (partial, blocks, grad_params, grad_scale), which the caller sets
+  ReduceArgs ra;
+  LaunchConfig reduce;
 
   // The arguments of the top pass's forward kernel (launched with `top` and `vec`): pa writing only `top`
   // (store = 0, no out), through the prefetching forward where top_prefetch.
@@ -119,5 +132,8 @@ struct BackwardPlan : LaunchPlan {
 ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs);
 BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& knobs,
                            const OccupancyFn& occupancy);
+// The reduction of plan.slots partial rows of plan.partial_ld entries (plan_backward calls it when gradients are
+// wanted): plan.ra but its pointers, and plan.reduce. p: the problem's sizes, dtype and wanted gradients.
+void plan_reduce(BackwardPlan& plan, const Problem& p, const Knobs& knobs);
 
 }  // namespace qgoft::cuda

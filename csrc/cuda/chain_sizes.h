@@ -114,6 +114,21 @@ struct StackBackwardSmem {
   }
 };
 
+// The reduction of the backward's partial rows into the parameter gradients (reduce_partials_kernel; docs/CUDA.md,
+// "Deterministic reduction"). Its items are the 4-entry columns of the partial rows: item k holds entries
+// 4k .. 4k + 3 of every row, pair k's block gradient for k < P, then scale entries 4 (k - P) .. 4 (k - P) + 3 (those
+// below d); the wanted ones are [first, end). Blocks of kReduceThreads threads, ReduceArgs::lanes threads per item
+// (a power of two <= kReduceMaxLanes; kReduceThreads / lanes items per block), lane j summing slots j, j + lanes,
+// j + 2 lanes, ... with up to kReduceBatch loads in flight; then a fixed tree over the lanes.
+constexpr int kReduceThreads = 256;
+constexpr int kReduceMaxLanes = 64;  // >= 4 items per block: a warp's 16-byte loads cover whole 32-byte sectors
+constexpr int kReduceBatch = 8;
+struct ReduceItems {
+  int64_t first, end;
+  QGOFT_HOST_DEVICE ReduceItems(int64_t num_pairs, int64_t d, bool params, bool scale)
+      : first(params ? 0 : num_pairs), end(scale ? num_pairs + (d + 3) / 4 : num_pairs) {}
+};
+
 // General kernels: per-row buffer elements (z and g rows, and the tape of block inputs) and the
 // accumulator elements (4P block entries, d scale entries).
 QGOFT_HOST_DEVICE inline int64_t general_row_elems(int64_t d, int64_t num_pairs, bool grads,

@@ -6,7 +6,9 @@
 // twice and must be bitwise identical. No GPU and no torch needed:
 //
 //   g++ -std=c++20 -O2 -pthread -I/usr/local/cuda/include -Icsrc/cuda csrc/cuda/sim/sim_test.cpp \
-//       csrc/cuda/chain_plan.cpp -o sim_test && ./sim_test [quick|full]
+//       csrc/cuda/chain_plan.cpp -o sim_test && ./sim_test [quick|full|reduce|tiny]
+//
+// (reduce: the planner checks and the reduction's cases of quick alone, seconds)
 //
 // (tools/check_cuda_build.sh builds and runs it; add -fsanitize=thread for a race check.)
 #include "cuda_host_sim.h"
@@ -268,6 +270,7 @@ struct Options {
   bool mask_x = true, mask_params = true, mask_scale = true;
   bool backward = true;  // false: the forward only
   Knobs knobs = {ForcedPath::Auto, 0, Variant::Base, XorPath::Fused, ForwardKernel::Plain};
+  int sm_count = 3;  // of the emulated device (sim_limits): more SMs, more slots (partial rows) to reduce
 };
 
 // The problem the glue would describe for this layout and these rows (pointers set by the caller).
@@ -353,7 +356,8 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
                     " off=" + std::to_string(o.offset) + " path=" + std::to_string(int(o.knobs.path)) +
                     " variant=" + std::to_string(int(o.knobs.variant)) +
                     " forward=" + std::to_string(int(o.knobs.forward)) +
-                    " seg=" + std::to_string(o.knobs.segment) + " mask=" + std::to_string(o.mask_x) +
+                    " seg=" + std::to_string(o.knobs.segment) + " sms=" + std::to_string(o.sm_count) +
+                    " reduce=" + std::to_string(int(o.knobs.reduce)) + " mask=" + std::to_string(o.mask_x) +
                     std::to_string(o.mask_params) + std::to_string(o.mask_scale);
 
   // inputs (S), rows with stride ld starting at `offset`
@@ -410,7 +414,8 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
   }
   const Reference want = reference(lay, x, g, rows, blocks64, o.with_scale ? &scale64 : nullptr);
 
-  const Limits lim = sim_limits();
+  Limits lim = sim_limits();
+  lim.sm_count = o.sm_count;
   const double rtol_out = std::is_same_v<S, double> ? 1e-11 : std::is_same_v<S, float> ? 2e-5 : Traits<S>::eps();
   const double atol_out = std::is_same_v<S, double> ? 1e-11 : 2e-5;
   const double rtol_par = std::is_same_v<A, double> ? 1e-10 : 1e-4;
@@ -484,20 +489,13 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
     }
     std::vector<A> gparams = poisoned<A>(o.quasi ? 4 * P : P), gscale = poisoned<A>(d);
     if (plan.grads) {
-      ReduceArgs ra;
+      ReduceArgs& ra = plan.ra;  // as the glue: the planner's arguments and launch, the pointers set here
       ra.partial = partial.data();
-      ra.partial_ld = plan.partial_ld;
-      ra.slots = plan.slots;
-      ra.num_pairs = P;
-      ra.d = d;
       ra.blocks = blocks.data();
       ra.grad_params = p.want_blocks ? gparams.data() : nullptr;
       ra.grad_scale = p.want_scale ? gscale.data() : nullptr;
-      LaunchConfig rc;
-      rc.grid = dim3(static_cast<unsigned>(std::min<int64_t>((P + d + 255) / 256, 8)));
-      rc.threads = 256;
-      if (o.quasi) run_kernel(rc, [&] { detail::reduce_partials_kernel<A, false>(ra); });
-      else run_kernel(rc, [&] { detail::reduce_partials_kernel<A, true>(ra); });
+      if (o.quasi) run_kernel(plan.reduce, [&] { detail::reduce_partials_kernel<A, false>(ra); });
+      else run_kernel(plan.reduce, [&] { detail::reduce_partials_kernel<A, true>(ra); });
     }
     std::vector<double> all;
     if (p.want_x) {
@@ -642,6 +640,184 @@ void prefetch_cases(std::mt19937_64& rng) {
   }
 }
 
+// The reduction alone (reduce_partials_kernel) on random partial rows, launched as plan_reduce plans it (or on a
+// grid of `grid_cap` blocks when smaller: blocks that own several item groups). Every wanted gradient must be
+// bitwise the order the kernel promises, written out here in the accumulation type: lane j's sum of slots j,
+// j + lanes, ... in slot order from 0, then lane j + h added into lane j for h = lanes / 2 .. 1 (lanes = 1,
+// QGOFT_CUDA_REDUCE=serial: every slot in slot order, the order of the kernel before the split), and within
+// rounding of the float64 sum; a result that depends on the order in which threads run cannot pass. The padding
+// of the rows (past 4P + d) and the unwanted columns hold NaN; outputs past d must stay untouched.
+template <class A, bool kGivens>
+void reduce_case(int64_t P, int64_t d, int64_t slots, bool params, bool scale, ReduceKind kind, unsigned grid_cap,
+                 std::mt19937_64& rng, int want_lanes = 0) {
+  ++g_cases;
+  const int before = g_failures;
+  char tagbuf[200];
+  std::snprintf(tagbuf, sizeof tagbuf, "reduce %s %s P=%lld d=%lld slots=%lld params=%d scale=%d kind=%d grid_cap=%u",
+                std::is_same_v<A, double> ? "float64" : "float32", kGivens ? "givens" : "quasi", (long long)P,
+                (long long)d, (long long)slots, int(params), int(scale), int(kind), grid_cap);
+  BackwardPlan plan;
+  plan.slots = slots;
+  plan.partial_ld = (4 * P + d + 3) / 4 * 4;
+  Problem p;
+  p.dtype = std::is_same_v<A, double> ? DType::Float64 : DType::Float32;
+  p.d = d;
+  p.num_pairs = P;
+  p.want_blocks = params;
+  p.want_scale = scale;
+  Knobs knobs;
+  knobs.reduce = kind;
+  plan_reduce(plan, p, knobs);
+  const int lanes = plan.ra.lanes;
+  const std::string tag = std::string(tagbuf) + " lanes=" + std::to_string(lanes) +
+                          " grid=" + std::to_string(plan.reduce.grid.x);
+  if (want_lanes > 0 && lanes != want_lanes) {
+    std::fprintf(stderr, "FAIL %s: want lanes=%d\n", tag.c_str(), want_lanes);
+    ++g_failures;
+  }
+  std::normal_distribution<double> normal;
+  std::vector<A> partial = poisoned<A>(slots * plan.partial_ld), blocks(4 * P);
+  const int64_t width = 4 * P + d;
+  for (int64_t b = 0; b < slots; ++b) {
+    for (int64_t e = 0; e < width; ++e) {
+      const bool wanted = e < 4 * P ? params : scale;
+      if (wanted) partial[b * plan.partial_ld + e] = A(normal(rng));
+    }
+  }
+  for (int64_t k = 0; k < P; ++k) {
+    const double t = normal(rng);
+    const A c = A(std::cos(t)), sn = A(std::sin(t));
+    blocks[4 * k] = c;
+    blocks[4 * k + 1] = -sn;
+    blocks[4 * k + 2] = sn;
+    blocks[4 * k + 3] = c;
+  }
+  const int64_t nparams = kGivens ? P : 4 * P;
+  std::vector<A> gparams = poisoned<A>(nparams + 4), gscale = poisoned<A>(d + 4);
+  ReduceArgs& ra = plan.ra;
+  ra.partial = partial.data();
+  ra.blocks = blocks.data();
+  ra.grad_params = params ? gparams.data() : nullptr;
+  ra.grad_scale = scale ? gscale.data() : nullptr;
+  LaunchConfig launch = plan.reduce;
+  launch.grid.x = std::min(launch.grid.x, grid_cap);
+  run_kernel(launch, [&] { detail::reduce_partials_kernel<A, kGivens>(ra); });
+
+  // the promised order, and the float64 sums
+  std::vector<A> want_bits(width);
+  std::vector<double> want64(width, 0.0);
+  std::vector<A> lane(lanes);
+  for (int64_t e = 0; e < width; ++e) {
+    if (!(e < 4 * P ? params : scale)) continue;
+    for (int j = 0; j < lanes; ++j) {
+      lane[j] = A(0);
+      for (int64_t b = j; b < slots; b += lanes) lane[j] += partial[b * plan.partial_ld + e];
+    }
+    for (int h = lanes / 2; h > 0; h /= 2) {
+      for (int j = 0; j < h; ++j) lane[j] += lane[j + h];
+    }
+    want_bits[e] = lane[0];
+    for (int64_t b = 0; b < slots; ++b) want64[e] += double(partial[b * plan.partial_ld + e]);
+  }
+  const double tol = std::is_same_v<A, double> ? 1e-13 : 1e-5;
+  auto check = [&](const char* what, int64_t idx, A got, A want_exact, double want) {
+    if (std::memcmp(&got, &want_exact, sizeof(A)) != 0) {
+      std::fprintf(stderr, "FAIL %s: %s[%lld] = %.10g, not bitwise the promised order's %.10g\n", tag.c_str(), what,
+                   (long long)idx, double(got), double(want_exact));
+      ++g_failures;
+      return false;
+    }
+    if (!(std::fabs(double(got) - want) <= tol * (1 + std::sqrt(double(slots))) * (1 + std::fabs(want)))) {
+      std::fprintf(stderr, "FAIL %s: %s[%lld] = %.10g, float64 sum %.10g\n", tag.c_str(), what, (long long)idx,
+                   double(got), want);
+      ++g_failures;
+      return false;
+    }
+    return true;
+  };
+  auto untouched = [&](const std::vector<A>& v, int64_t from, const char* what) {
+    std::vector<A> nan = poisoned<A>(v.size() - from);
+    if (std::memcmp(v.data() + from, nan.data(), nan.size() * sizeof(A)) != 0) {
+      std::fprintf(stderr, "FAIL %s: %s written past its end\n", tag.c_str(), what);
+      ++g_failures;
+    }
+  };
+  if (params) {
+    for (int64_t k = 0; k < P && g_failures == before; ++k) {
+      const A* w = &want_bits[4 * k];
+      const double* w64 = &want64[4 * k];
+      if constexpr (kGivens) {
+        const A c = blocks[4 * k], sn = blocks[4 * k + 2];
+        const A exact = -sn * w[0] - c * w[1] + c * w[2] - sn * w[3];
+        const double t64 = -double(sn) * w64[0] - double(c) * w64[1] + double(c) * w64[2] - double(sn) * w64[3];
+        check("grad_angles", k, gparams[k], exact, t64);
+      } else {
+        for (int c = 0; c < 4; ++c) check("grad_blocks", 4 * k + c, gparams[4 * k + c], w[c], w64[c]);
+      }
+    }
+    untouched(gparams, nparams, "grad_params");
+  }
+  if (scale) {
+    for (int64_t c = 0; c < d && g_failures == before; ++c) {
+      check("grad_scale", c, gscale[c], want_bits[4 * P + c], want64[4 * P + c]);
+    }
+    untouched(gscale, d, "grad_scale");
+  }
+  if (g_failures != before) ++g_failed_cases;
+}
+
+// reduce_case over the shapes of its paths: one slot; slots up to one batch per lane (lanes 1 .. 64), two batches
+// per lane (700 slots: 64 lanes of 10-11); items not a multiple of a block's (P + ceil(d / 4) odd, d % 4 != 0: the
+// last scale item's partial load); scale only, parameters only, both; givens and blocks; float32 and float64
+// accumulation; blocks that own several item groups (grid_cap 2); split and serial; the MiniLM shapes
+// (2048 rows, d = 384 and 1536: 264 slots on an H100).
+template <class A, bool kGivens>
+void reduce_cases(bool full, std::mt19937_64& rng) {
+  struct Shape {
+    int64_t P, d, slots;
+    int lanes;  // the split's lanes, as planned
+  };
+  std::vector<Shape> shapes = {{5, 13, 1, 1}, {5, 13, 8, 1}, {5, 13, 9, 2}, {30, 31, 44, 8}, {30, 31, 132, 32},
+                               {9, 10, 264, 64}, {9, 10, 700, 64}, {0, 7, 20, 4}};
+  if (full || (std::is_same_v<A, float> && !kGivens)) shapes.push_back({383, 384, 264, 64});
+  if (full) shapes.push_back({1535, 1536, 264, 64});
+  for (const Shape& sh : shapes) {
+    for (auto [params, scale] : {std::pair{true, true}, {true, false}, {false, true}}) {
+      if (sh.P == 0 && !scale) continue;
+      if (sh.P > 100 && !full && !(params && !scale)) continue;  // MiniLM's qgoft: parameters only
+      for (ReduceKind kind : {ReduceKind::Split, ReduceKind::Serial}) {
+        reduce_case<A, kGivens>(sh.P, sh.d, sh.slots, params, scale, kind, 1u << 30, rng,
+                                kind == ReduceKind::Split ? sh.lanes : 1);
+        if (params && scale && sh.slots > 1) reduce_case<A, kGivens>(sh.P, sh.d, sh.slots, params, scale, kind, 2, rng);
+      }
+    }
+  }
+}
+
+// The whole backward with many slots (an emulated device of 66 SMs): the split reduction with 8-16 lanes per
+// item after the parallel kernels (reg: qgoft with scale; base: goft_scaled), the general kernels and a stack,
+// every gradient against the float64 reference, bitwise reproducible; float32 also through QGOFT_CUDA_REDUCE=serial.
+template <class S>
+void many_slot_cases(std::mt19937_64& rng) {
+  for (ReduceKind kind : {ReduceKind::Split, ReduceKind::Serial}) {
+    if (kind == ReduceKind::Serial && !std::is_same_v<S, float>) continue;
+    Options o;
+    o.sm_count = 66;
+    o.knobs.reduce = kind;
+    o.rows = 136;  // d = 1000: 68 row groups of 2 rows, 68 slots: 16 lanes
+    o.knobs.variant = kind == ReduceKind::Split ? Variant::Reg : Variant::Base;
+    o.quasi = kind == ReduceKind::Split;
+    run_case_counted<S>(parallel_layout(1000), o, rng);
+    o.knobs.variant = Variant::Base;
+    o.rows = 70;  // the general kernels with rows in global memory: a block per row, 70 slots: 16 lanes
+    o.knobs.path = ForcedPath::Global;
+    run_case_counted<S>(sequential_layout(40), o, rng);
+    o.knobs.path = ForcedPath::Auto;
+    o.rows = 640;  // 40 row groups of 16 rows, 40 slots: 8 lanes
+    run_case_counted<S>(stacked(parallel_layout(100), 2), o, rng);
+  }
+}
+
 template <class S>
 void suite(bool full, std::mt19937_64& rng) {
   std::vector<Layout> lays;
@@ -750,6 +926,51 @@ void check_env_switches() {
   check_switch("QGOFT_CUDA_FORWARD", forward_kernel_from_env, ForwardKernel::Prefetch,
                {{"plain", ForwardKernel::Plain}, {"prefetch", ForwardKernel::Prefetch}}, "pre-fetch",
                "QGOFT_CUDA_FORWARD must be plain or prefetch, got 'pre-fetch'");
+  check_switch("QGOFT_CUDA_REDUCE", reduce_kind_from_env, ReduceKind::Split,
+               {{"split", ReduceKind::Split}, {"serial", ReduceKind::Serial}}, "tree",
+               "QGOFT_CUDA_REDUCE must be split or serial, got 'tree'");
+}
+
+// The reduction's plan on an H100 at the shapes counted in docs/CUDA.md ("The reduction of the partial rows"):
+// all-MiniLM-L6-v2's Linears (2048 rows, d = 384 and 1536, bf16, reg; 256-thread backward blocks of 128
+// registers: 2 per SM, 264 slots) and the benchmark shapes (8192 rows, d = 4096: 132 slots; 11008: 3 segment
+// columns, 44 slots); split and serial; qgoft without scale (parameters only) and goft_scaled (both).
+int two_blocks_per_sm(BackwardKernel, bool, bool, int, size_t) { return 2; }
+void check_reduce_plans() {
+  struct Want {
+    int64_t rows, d;
+    bool scale;
+    ReduceKind kind;
+    int64_t slots;
+    int lanes;
+    unsigned grid;
+  };
+  // 2048 rows: 2 backward blocks per SM (256 threads); 8192 rows: 1 (512 threads)
+  for (const Want& w : {Want{2048, 384, false, ReduceKind::Split, 264, 64, 96},
+                        Want{2048, 384, false, ReduceKind::Serial, 264, 1, 2},
+                        Want{2048, 384, true, ReduceKind::Split, 264, 64, 120},
+                        Want{2048, 1536, false, ReduceKind::Split, 264, 64, 384},
+                        Want{8192, 4096, true, ReduceKind::Split, 132, 32, 640},
+                        Want{8192, 4096, true, ReduceKind::Serial, 132, 1, 20},
+                        Want{8192, 11008, true, ReduceKind::Split, 44, 8, 430}}) {
+    Problem p = make_problem(DType::BFloat16, parallel_layout(w.d), w.rows);
+    p.x_ld = p.grad_ld = w.d;
+    p.want_blocks = true;
+    p.want_scale = w.scale;
+    Knobs knobs;
+    knobs.variant = Variant::Reg;
+    knobs.reduce = w.kind;
+    const BackwardPlan plan = plan_backward(p, h100_limits(), knobs, w.rows == 2048 ? two_blocks_per_sm : one_block_per_sm);
+    const std::string want = " slots=" + std::to_string(w.slots) + " reduce_lanes=" + std::to_string(w.lanes) +
+                             " reduce_grid=" + std::to_string(w.grid);
+    if (plan.slots != w.slots || plan.ra.lanes != w.lanes || plan.reduce.grid.x != w.grid ||
+        plan.reduce.threads != detail::kReduceThreads || plan.ra.slots != w.slots ||
+        plan.ra.partial_ld != plan.partial_ld || plan.describe.find(want) == std::string::npos) {
+      std::fprintf(stderr, "FAIL reduce plan rows=%lld d=%lld scale=%d kind=%d: %s (want%s)\n", (long long)w.rows,
+                   (long long)w.d, int(w.scale), int(w.kind), plan.describe.c_str(), want.c_str());
+      ++g_failures;
+    }
+  }
 }
 
 // Which stacks of the parallel layout the fused XOR backward takes on an H100 (sm_count 132, 227 KiB of shared
@@ -876,7 +1097,10 @@ int main(int argc, char** argv) {
   check_env_switches();
   check_stack_plans();
   check_prefetch_plans();
+  check_reduce_plans();
   if (mode == "tiny") {  // for a race detector: a few small cases through every path
+    reduce_case<float, false>(37, 38, 264, true, true, ReduceKind::Split, 2, rng, 64);  // the tree's barriers
+    reduce_case<double, true>(100, 101, 44, true, true, ReduceKind::Split, 1u << 30, rng, 8);
     for (int64_t d : {13, 300}) {
       Options o;
       o.rows = 3;
@@ -899,6 +1123,15 @@ int main(int argc, char** argv) {
     o.knobs.variant = Variant::Base;
     run_case_counted<float>(stacked(parallel_layout(300), 2), o, rng);
   } else {
+    reduce_cases<float, false>(full, rng);
+    reduce_cases<float, true>(full, rng);
+    reduce_cases<double, false>(full, rng);
+    reduce_cases<double, true>(full, rng);
+    many_slot_cases<float>(rng);
+    many_slot_cases<double>(rng);
+    many_slot_cases<__nv_bfloat16>(rng);
+  }
+  if (mode == "quick" || mode == "full") {
     suite<float>(full, rng);
     suite<double>(full, rng);
     suite<__nv_bfloat16>(full, rng);
@@ -917,7 +1150,7 @@ int main(int argc, char** argv) {
       }
     }
   }
-  if (mode != "tiny" && g_top_prefetch == 0) {  // the prefetch runs' segmented backward cases must reach it
+  if ((mode == "quick" || mode == "full") && g_top_prefetch == 0) {  // the prefetch runs' segmented backward cases must reach it
     std::fprintf(stderr, "FAIL no backward ran its top pass through the prefetching forward\n");
     ++g_failures;
   }
