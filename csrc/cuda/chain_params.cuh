@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kReduceThreads, sizeof(A) == 4 ? 4 : 2) reduce
       }
     }
     if (j == 0 && k < items.end) write_item<A, kGivens>(a, k, s);
-    if (lanes > 1) __syncthreads();  // the next group's tree rewrites buf
+    if (lanes > 1) __syncthreads();  // the next group's first writes to buf after this group's last reads (lanes 2)
   }
 }
 

@@ -1099,7 +1099,10 @@ int main(int argc, char** argv) {
   check_prefetch_plans();
   check_reduce_plans();
   if (mode == "tiny") {  // for a race detector: a few small cases through every path
-    reduce_case<float, false>(37, 38, 264, true, true, ReduceKind::Split, 2, rng, 64);  // the tree's barriers
+    // the tree's barriers, blocks of several item groups: 64 lanes (3 shared-memory levels), 2 lanes (1 level:
+    // the barrier after each group keeps the next group's writes from the last reads)
+    reduce_case<float, false>(37, 38, 264, true, true, ReduceKind::Split, 2, rng, 64);
+    reduce_case<float, false>(300, 10, 12, true, true, ReduceKind::Split, 1, rng, 2);
     reduce_case<double, true>(100, 101, 44, true, true, ReduceKind::Split, 1u << 30, rng, 8);
     for (int64_t d : {13, 300}) {
       Options o;
