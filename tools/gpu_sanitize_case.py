@@ -8,7 +8,8 @@ segmented parallel (forward top kernel, backward recomputation and top layers in
 (QGOFT_CUDA_VARIANT=base|table|reg; reg's 512-thread instantiation by "512 threads" and "segmented default";
 a stack under reg runs base's kernels); the prefetching forward (QGOFT_CUDA_FORWARD=prefetch under table, forward
 and the full backward only: the knob changes no other backward kernel than the segmented rows' recomputing top
-pass) on enough rows that blocks own several row groups; general in shared
+pass) on enough rows that blocks own several row groups; the split reduction of the partial rows
+(QGOFT_CUDA_REDUCE=split, the default) with 2 to 64 lanes per item and d % 4 != 0; general in shared
 memory and in global memory; forward, full backward and the three single-output masks; goft with a scale and qgoft without; float32, bfloat16,
 float16 (parallel paths) and float64. Prints "sanitize case OK: N cases" at the end (checked by
 gpu_check.sh) after a loose correctness check of each forward against the float64 reference.
@@ -25,7 +26,8 @@ from qgoft import layouts
 from qgoft import reference as ref
 
 DEV = "cuda"
-KNOBS = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", "QGOFT_CUDA_FORWARD")
+KNOBS = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", "QGOFT_CUDA_FORWARD",
+         "QGOFT_CUDA_REDUCE")
 VARIANTS = ("base", "table", "reg")
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
 
@@ -50,6 +52,11 @@ def cases():
         ("prefetch 512 threads", layouts.parallel(4096), 1_000, {}, False),
         ("prefetch segmented 256", layouts.parallel(1000), 3_000, {"QGOFT_CUDA_SEGMENT": "256"}, False),
         ("prefetch segmented default", layouts.parallel(9000), 300, {}, False),
+    ]
+    reduction = [  # the split reduction (the default) with many slots; d % 4 != 0: the last scale item's entries
+        ("split reduction 64 lanes", layouts.parallel(1001), 600, {}, False),  # one by one (padding never read)
+        ("split reduction 2 lanes", layouts.parallel(1001), 24, {}, False),  # 12 slots: one shared-memory level
+        ("split reduction general", layouts.sequential(41), 300, {"QGOFT_CUDA_PATH": "global"}, False),
     ]
     general = [
         ("general smem butterfly", layouts.butterfly(64), 9, {}, False),
@@ -81,6 +88,9 @@ def cases():
     out.append(("float64 prefetch [table]", layouts.parallel(1024), 1_000, torch.float64, True, True,
                 {"QGOFT_CUDA_VARIANT": "table", "QGOFT_CUDA_FORWARD": "prefetch"}, False))
     out.append(("general global (natural)", layouts.butterfly(8192), 2, torch.float32, False, True, {}, False))
+    for dtype in (torch.float32, torch.float64):
+        for name, lay, rows, env, unaligned in reduction:  # goft with a scale: angle and scale items
+            out.append((f"{name} {dtype}", lay, rows, dtype, False, True, env, unaligned))
     return out
 
 
