@@ -6,10 +6,12 @@ medians are reported. The kernel variant of each chain call is chosen with QGOFT
 planner per call), so the variants share every round; a variant `V+prefetch` is V with QGOFT_CUDA_FORWARD=prefetch
 (the prefetching forward: forward rows, and the backward rows of its top pass at d > 4096), `V+serial` is V with
 QGOFT_CUDA_REDUCE=serial (the serial reduction of the partial rows: backward rows with parameter gradients, also in
-a table at all-MiniLM-L6-v2's shapes, 2048 rows x d = 384 and 1536 bf16, beside the split one); the layout table
+a table at all-MiniLM-L6-v2's shapes, 2048 rows x d = 384 and 1536 bf16, beside the split one), `V+pair` V with
+QGOFT_CUDA_BACKWARD=pair (the paired reg backward: the bf16 backward rows with parameter gradients); the layout table
 (target 3) times stack=2 on the general and the fused XOR kernels (QGOFT_CUDA_XOR=general|fused) side by side.
 
     python bench/bench_gpu.py [--rounds 15] [--out DIR] [--quick] [--variants base,table,table+prefetch]
+    python bench/bench_gpu.py --only kernels --variants reg,reg+pair   # the paired reg backward beside reg
     python bench/bench_gpu.py --dry-run     # no GPU: tiny shapes on the CPU, CPU timers (checks the script)
     python bench/bench_gpu.py --only kernels --xor general   # the chain and layout tables only
     QGOFT_DISABLE_EXTENSION=1 python bench/bench_gpu.py --only kernels --ops-library OTHER/libqgoft_ops.so
@@ -41,11 +43,17 @@ sys.path.insert(0, HERE)
 import bench_common as bc  # noqa: E402
 import bench_layer as bl  # noqa: E402
 
-VARIANTS = ("base", "table", "reg", "table+prefetch", "reg+prefetch", "reg+serial")
+VARIANTS = ("base", "table", "reg", "table+prefetch", "reg+prefetch", "reg+serial", "reg+pair")
 CHAIN_OPS = ("givens_chain", "givens_chain_backward", "quasi_givens_chain", "quasi_givens_chain_backward")
 # Variants whose forward kernels are another variant's (reg changes the backward only): their forward rows and
 # the layout table (target 3) are timed under that variant only.
-SAME_FORWARD = {"reg": "table", "reg+prefetch": "table+prefetch"}
+SAME_FORWARD = {"reg": "table", "reg+prefetch": "table+prefetch", "reg+pair": "reg"}
+# The switches a variant name's `+S` suffixes set (`V+S1+S2`: variant V with S1 and S2), and their values without:
+# `+prefetch` the prefetching forward, `+serial` the serial reduction, `+pair` the paired reg backward (docs/CUDA.md,
+# "Debug knobs").
+SUFFIX_KNOBS = {"prefetch": ("QGOFT_CUDA_FORWARD", "prefetch"), "serial": ("QGOFT_CUDA_REDUCE", "serial"),
+                "pair": ("QGOFT_CUDA_BACKWARD", "pair")}
+KNOB_DEFAULTS = {"QGOFT_CUDA_FORWARD": "plain", "QGOFT_CUDA_REDUCE": "split", "QGOFT_CUDA_BACKWARD": "single"}
 # Variants that change only the single parallel layout's forward kernel (`V+prefetch`: QGOFT_CUDA_FORWARD=prefetch
 # under V): of the chain table only their forward rows are timed (their backward kernels are V's), and the backward
 # rows with parameter gradients of rows wider than one 4096-element backward segment, whose recomputing top pass
@@ -62,6 +70,27 @@ def forward_only(variant: str) -> bool:
 # leave them out.
 def reduce_only(variant: str) -> bool:
     return variant.endswith("+serial")
+
+
+# Variants that change only the backward with parameter gradients of the single parallel layout (`V+pair`:
+# QGOFT_CUDA_BACKWARD=pair under V, 16-bit rows): of the chain table only those backward rows in bfloat16 are timed
+# (their forward, adjoint and float32 kernels are V's); the layout table leaves them out (stacks run other
+# kernels); the Linear and LLaMA tables, whose steps run that backward, time them like any variant.
+def backward_only(variant: str) -> bool:
+    return "+pair" in variant
+
+
+def knob_env(variant: str) -> Dict[str, str]:
+    """The environment variant `V+S...` runs under: QGOFT_CUDA_VARIANT=V and the suffixes' switches (KNOB_DEFAULTS
+    for the others)."""
+    name, *suffixes = variant.split("+")
+    env = {"QGOFT_CUDA_VARIANT": name, **KNOB_DEFAULTS}
+    for s in suffixes:
+        if s not in SUFFIX_KNOBS:
+            raise ValueError(f"variant {variant!r}: unknown suffix +{s} (known: {', '.join(SUFFIX_KNOBS)})")
+        var, value = SUFFIX_KNOBS[s]
+        env[var] = value
+    return env
 
 
 def top_pass_row(name: str, d: int) -> bool:
@@ -146,21 +175,16 @@ class Clock:
 
 
 def with_variant(variant: str, fn: Callable[[], object], xor: str = "general") -> Callable[[], object]:
-    """fn run with QGOFT_CUDA_VARIANT=variant (`V+prefetch`: V and QGOFT_CUDA_FORWARD=prefetch, else plain;
-    `V+serial`: V and QGOFT_CUDA_REDUCE=serial, else split) and QGOFT_CUDA_XOR=xor (the planner reads them on
-    every call)."""
-    name, _, modifier = variant.partition("+")
-    if modifier not in ("", "prefetch", "serial"):
-        raise ValueError(f"unknown variant {variant!r} (V, V+prefetch or V+serial)")
-    knobs = {"QGOFT_CUDA_VARIANT": name, "QGOFT_CUDA_XOR": xor,
-             "QGOFT_CUDA_FORWARD": "prefetch" if modifier == "prefetch" else "plain",
-             "QGOFT_CUDA_REDUCE": "serial" if modifier == "serial" else "split"}
+    """fn run with the switches of `variant` (knob_env: QGOFT_CUDA_VARIANT=V, `+prefetch`: QGOFT_CUDA_FORWARD=prefetch,
+    else plain; `+serial`: QGOFT_CUDA_REDUCE=serial, else split; `+pair`: QGOFT_CUDA_BACKWARD=pair, else single) and
+    QGOFT_CUDA_XOR=xor (the planner reads them on every call)."""
+    env = {**knob_env(variant), "QGOFT_CUDA_XOR": xor}
     def run() -> object:
-        os.environ.update(knobs)
+        os.environ.update(env)
         try:
             return fn()
         finally:
-            for k in knobs:
+            for k in env:
                 os.environ.pop(k, None)
     return run
 
@@ -209,6 +233,8 @@ def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Lis
                 continue
             if reduce_only(v) and name not in GRAD_ROWS:
                 continue
+            if backward_only(v) and ("forward" in name or "dx only" in name or x.element_size() != 2):
+                continue  # the paired reg backward: 16-bit rows with parameter gradients only (elsewhere V's kernel)
             contenders[f"{name} [{v}]"] = with_variant(v, fn)
     med = clock.timed(contenders, rounds, inner=5)
     copy = med[COPY]
@@ -225,12 +251,12 @@ def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Lis
 
 
 def reduce_variants(variants: Sequence[str]) -> List[str]:
-    """The variants of the reduction table: each one that changes the backward (not V+prefetch), beside it
-    V+serial (the serial reduction under V)."""
+    """The variants of the reduction table: each one that changes the backward (not V+prefetch; not V+pair, whose
+    kernel rows of MiniLM's widths do not take), beside it V+serial (the serial reduction under V)."""
     out: List[str] = []
     for v in variants:
         base = v.partition("+")[0] if reduce_only(v) else v
-        if forward_only(base):
+        if forward_only(base) or backward_only(base):
             continue
         for w in (base, f"{base}+serial"):
             if w not in out:
@@ -486,7 +512,8 @@ def render(header: dict, chain: List[dict], lays: List[dict], lin: List[dict], l
     lines = [f"# qgoft CUDA kernels ({header['date']})", "",
              ", ".join(f"{k}: {v}" for k, v in header.items()), "",
              "Medians over interleaved rounds (CUDA events) after warm-up; `variant` is QGOFT_CUDA_VARIANT "
-             "(`+prefetch`: with QGOFT_CUDA_FORWARD=prefetch; `+serial`: with QGOFT_CUDA_REDUCE=serial).", "",
+             "(`+prefetch`: with QGOFT_CUDA_FORWARD=prefetch; `+serial`: with QGOFT_CUDA_REDUCE=serial; `+pair`: with "
+             "QGOFT_CUDA_BACKWARD=pair).", "",
              "| case | contender | variant | ms | x copy | GB/s | % of copy bandwidth |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in chain:
@@ -592,7 +619,8 @@ def main() -> int:
     reduction = reduction_rows(red_rows, red_widths, torch.bfloat16, rounds, variants, dev, clock)
     print("bench_gpu: reduction table done", flush=True)
     xor_paths = [p for p in args.xor.split(",") if p]
-    whole = [v for v in variants if not forward_only(v) and not reduce_only(v)]  # the variants of the layout table
+    # the variants of the layout table
+    whole = [v for v in variants if not forward_only(v) and not reduce_only(v) and not backward_only(v)]
     lays = [] if args.quick else layout_rows(rows, widths[0], torch.bfloat16, rounds, whole, dev, clock, xor_paths)
     lin: List[dict] = []
     llama: List[dict] = []

@@ -453,6 +453,48 @@ def test_prefetch_backward_top_pass(gen, env, capfd, d, rows, segment, method, d
         assert torch.equal(a, b), f"{name}: the prefetching top pass differs from the plain one"
 
 
+@pytest.mark.parametrize("d,rows,method,dtype,mask,g_kind,pair", [
+    (4096, 1_001, "goft", BF16, (True, True, False), "contiguous", 1),         # 1001 rows: blocks own pairs and a last single row
+    (4096, 1_000, "goft_scaled", BF16, (True, True, True), "contiguous", 1),
+    (4096, 1_000, "qgoft", F16, (True, True, False), "contiguous", 1),
+    (4096, 999, "qgoft_scaled", BF16, (False, True, True), "contiguous", 1),   # no grad_x
+    (4096, 1_000, "goft_scaled", BF16, (False, False, True), "contiguous", 1),  # the scale gradient alone
+    (11008, 301, "goft_scaled", BF16, (True, True, True), "contiguous", 1),   # 3 segments: top layers in warp 0
+    (4096, 1_000, "goft", BF16, (True, False, False), "contiguous", 0),       # the adjoint: the reg kernel
+    (4096, 1_000, "qgoft", F32, (True, True, False), "contiguous", 0),        # float32: the reg kernel
+    (4096, 1_000, "goft", BF16, (True, True, False), "row_slice", 0),         # unaligned grad: the reg kernel
+])
+def test_pair_backward(gen, env, capfd, d, rows, method, dtype, mask, g_kind, pair):
+    """QGOFT_CUDA_BACKWARD=pair (docs/CUDA.md, "The paired reg backward"): the reg backward with two rows per thread
+    in flight, where the planner takes it (pair=1 in the plan: 16-bit rows of 512-thread segments with parameter
+    gradients; elsewhere the reg kernel, pair=0), against the float64 reference and bitwise equal to the reg
+    kernel's results (same arithmetic, same row order), run twice (bitwise reproducible)."""
+    env(QGOFT_CUDA_VERBOSE=1, QGOFT_CUDA_VARIANT="reg")
+    pairs, offsets = make_layout("parallel", d, gen)
+    params, scale = make_params(method, pairs.shape[0], d, gen)
+    x = make_tensor((rows,), d, "contiguous", gen, dtype)
+    g = make_tensor((rows,), d, g_kind, gen, dtype)
+    grads = {}
+    for backward in ("single", "pair", "pair"):
+        env(QGOFT_CUDA_BACKWARD=backward)
+        poison()
+        capfd.readouterr()
+        got = k_backward(method, g, x, params, pairs, offsets, scale, mask)
+        torch.cuda.synchronize()
+        seen = [p for p in plans(capfd) if " backward " in p]
+        assert len(seen) == 1 and f" pair={pair if backward == 'pair' else 0} " in seen[0], (backward, seen)
+        if backward in grads:
+            assert all(torch.equal(a, b) for a, b in zip(got, grads[backward])), "paired reg backward not reproducible"
+        grads[backward] = got
+    want = truth(method, x, g, params, pairs, offsets, scale)
+    names = ("grad_x", "grad_params", "grad_scale")
+    for name, wanted, got, ref_grad, tol_dtype in zip(names, mask, grads["pair"], want[1:], (dtype, F32, F32)):
+        if wanted and ref_grad is not None:
+            check_close(got, ref_grad, tol_dtype, f"{method} parallel d={d} rows={rows} {dtype}: pair {name}")
+    for name, a, b in zip(names, grads["pair"], grads["single"]):
+        assert torch.equal(a, b), f"{name}: the paired reg backward differs from the reg kernel"
+
+
 @pytest.mark.parametrize("var,kind,message", [
     ("QGOFT_CUDA_XOR", "parallel*2", "QGOFT_CUDA_XOR must be general or fused"),
     ("QGOFT_CUDA_FORWARD", "parallel", "QGOFT_CUDA_FORWARD must be plain or prefetch"),
@@ -509,6 +551,16 @@ def test_split_reduction(gen, env, capfd, kind, d, rows, method, dtype):
         for other in runs[1:]:
             for name, a, b in zip(names, runs[0], other):
                 assert torch.equal(a, b), f"{name}: the split reduction differs between runs"
+
+
+def test_backward_switch_rejects_unknown_values(gen, env):
+    """QGOFT_CUDA_BACKWARD (read by the backward's planner) names its two values."""
+    env(QGOFT_CUDA_BACKWARD="fast")
+    pairs, offsets = make_layout("parallel", 64, gen)
+    params, _ = make_params("goft", pairs.shape[0], 64, gen)
+    x = torch.randn(4, 64, device=DEV)
+    with pytest.raises((RuntimeError, ValueError), match="QGOFT_CUDA_BACKWARD must be single or pair"):
+        k_backward("goft", x, x, params, pairs, offsets, None)
 
 
 def test_path_selection(gen, env, capfd):

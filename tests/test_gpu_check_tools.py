@@ -35,6 +35,36 @@ def test_sanitizer_cases_cover_every_variant():
             for dtype in ("float32", "bfloat16", "float16"):
                 assert any(line.startswith(f"{path} [{variant}]") and dtype in line for line in lines), (path, variant, dtype)
     assert any(line.startswith("general global") for line in lines)
+    for path in ("pair 512 threads [reg]", "pair segmented default [reg]"):  # QGOFT_CUDA_BACKWARD=pair: 16-bit rows
+        for dtype in ("bfloat16", "float16"):
+            assert any(line.startswith(path) and dtype in line and "'pair'" in line for line in lines), (path, dtype)
+    slow = subprocess.run([sys.executable, os.path.join(ROOT, "tools/gpu_sanitize_case.py"), "--list", "--float32-only"],
+                          check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}).stdout
+    assert sum(line.startswith("pair ") for line in slow.splitlines()) == 1  # racecheck / synccheck see the pair kernel
+
+
+def test_variant_names_set_their_switches():
+    """bench_gpu's variant names (the one home of their switches, also gpu_variant_check's): `V+S` suffixes."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.pop(0)
+    base = {"QGOFT_CUDA_FORWARD": "plain", "QGOFT_CUDA_REDUCE": "split", "QGOFT_CUDA_BACKWARD": "single"}
+    assert bench_gpu.knob_env("reg") == {"QGOFT_CUDA_VARIANT": "reg", **base}
+    assert bench_gpu.knob_env("table+prefetch") == {**base, "QGOFT_CUDA_VARIANT": "table", "QGOFT_CUDA_FORWARD": "prefetch"}
+    assert bench_gpu.knob_env("reg+pair") == {**base, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_BACKWARD": "pair"}
+    assert bench_gpu.knob_env("reg+serial") == {**base, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_REDUCE": "serial"}
+    assert bench_gpu.backward_only("reg+pair") and not bench_gpu.forward_only("reg+pair")
+    assert bench_gpu.forward_only("reg+prefetch") and not bench_gpu.backward_only("reg+prefetch")
+    with pytest.raises(ValueError, match="unknown suffix"):
+        bench_gpu.knob_env("reg+fast")
+    seen = {}
+    run = bench_gpu.with_variant("reg+pair", lambda: seen.update({k: os.environ.get(k) for k in
+                                                                   ("QGOFT_CUDA_VARIANT", "QGOFT_CUDA_BACKWARD")}))
+    run()
+    assert seen == {"QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_BACKWARD": "pair"}
+    assert "QGOFT_CUDA_BACKWARD" not in os.environ
 
 
 def summarize(tmp_path, parts, targets):

@@ -17,13 +17,16 @@
 #                 (tools/cuda_resource_report.py --binary)                             ptxas.txt
 #   load      30  the four ops have CUDA kernels; an identity chain is the identity     load.log
 #   variants  60  every QGOFT_CUDA_VARIANT (table, reg) and the prefetching forward (table+prefetch:
-#                 QGOFT_CUDA_FORWARD=prefetch, also bitwise against table's plain forward) against base and the
+#                 QGOFT_CUDA_FORWARD=prefetch, also bitwise against table's plain forward) and the paired reg
+#                 backward (reg+pair: QGOFT_CUDA_BACKWARD=pair, also bitwise against reg's) against base and the
 #                 float64 reference, the fused XOR path against the general kernels
 #                 (tools/gpu_variant_check.py)                                        variants.log
 #   chain    150  bench/bench_gpu.py: chain kernels with every QGOFT_CUDA_VARIANT (base, table, reg; reg's
 #                 forward is table's, timed once), table+prefetch (the prefetching forward, forward rows
-#                 only) and reg+serial (QGOFT_CUDA_REDUCE=serial: backward rows with parameter gradients; and
-#                 every backward variant split / serial at MiniLM's 2048 x 384 and 1536) side by side, butterfly and stack=2 (the stack on the
+#                 only), reg+serial (QGOFT_CUDA_REDUCE=serial: backward rows with parameter gradients; and
+#                 every backward variant split / serial at MiniLM's 2048 x 384 and 1536) and reg+pair (the
+#                 paired reg backward, bf16 backward rows with parameter gradients) side by side, butterfly
+#                 and stack=2 (the stack on the
 #                 general and the fused XOR kernels, QGOFT_CUDA_XOR), qgoft.nn.Linear vs frozen / PEFT
 #                 LoRA r=8 / PEFT OFT, a LLaMA-shaped stack's training step vs LoRA (targets 1-4, half of 5)
 #                                                                                     bench_gpu.md/.json
@@ -320,8 +323,8 @@ else
   part build 150 build.log build_extension
   part ptxas 60 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --binary qgoft/libqgoft_ops.so --out "$OUTDIR/ptxas.json"
   part load 30 load.log load_check
-  part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py --variants table,reg,table+prefetch
-  part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants base,table,reg,table+prefetch,reg+serial --out "$OUTDIR"
+  part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py --variants table,reg,table+prefetch,reg+pair
+  part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants base,table,reg,table+prefetch,reg+serial,reg+pair --out "$OUTDIR"
   part tests 120 tests.log run_tests
   part sanitize 120 sanitize.log sanitize_all
   part layer 60 run_layer.log "$PYTHON" bench/run.py --quick --device cuda --only layer --out-dir "$OUTDIR/run" --no-readme

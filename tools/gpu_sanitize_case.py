@@ -9,12 +9,15 @@ segmented parallel (forward top kernel, backward recomputation and top layers in
 a stack under reg runs base's kernels); the prefetching forward (QGOFT_CUDA_FORWARD=prefetch under table, forward
 and the full backward only: the knob changes no other backward kernel than the segmented rows' recomputing top
 pass) on enough rows that blocks own several row groups; the split reduction of the partial rows
-(QGOFT_CUDA_REDUCE=split, the default) with 2 to 64 lanes per item and d % 4 != 0; general in shared
+(QGOFT_CUDA_REDUCE=split, the default) with 2 to 64 lanes per item and d % 4 != 0; the paired reg backward
+(QGOFT_CUDA_BACKWARD=pair under reg: 16-bit rows of 512-thread segments, one segment and three, every mask: the
+adjoint runs the reg kernel) on rows that give blocks pairs of rows and a last single row; general in shared
 memory and in global memory; forward, full backward and the three single-output masks; goft with a scale and qgoft without; float32, bfloat16,
 float16 (parallel paths) and float64. Prints "sanitize case OK: N cases" at the end (checked by
 gpu_check.sh) after a loose correctness check of each forward against the float64 reference.
 With --list it prints the cases without running them (no GPU needed); --float32-only keeps the float32
-cases (every path and variant: for the slow tools, racecheck and synccheck).
+cases (every path and variant: for the slow tools, racecheck and synccheck), and one case of the paired reg backward,
+which has 16-bit rows only.
 """
 import os
 import sys
@@ -27,7 +30,7 @@ from qgoft import reference as ref
 
 DEV = "cuda"
 KNOBS = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", "QGOFT_CUDA_FORWARD",
-         "QGOFT_CUDA_REDUCE")
+         "QGOFT_CUDA_REDUCE", "QGOFT_CUDA_BACKWARD")
 VARIANTS = ("base", "table", "reg")
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
 
@@ -58,6 +61,10 @@ def cases():
         ("split reduction 2 lanes", layouts.parallel(1001), 24, {}, False),  # 12 slots: one shared-memory level
         ("split reduction general", layouts.sequential(41), 300, {"QGOFT_CUDA_PATH": "global"}, False),
     ]
+    pair = [  # QGOFT_CUDA_BACKWARD=pair (reg): more rows than the persistent grid's blocks, odd counts
+        ("pair 512 threads", layouts.parallel(4096), 401, {}, False),
+        ("pair segmented default", layouts.parallel(9000), 133, {}, False),
+    ]
     general = [
         ("general smem butterfly", layouts.butterfly(64), 9, {}, False),
         ("general smem sequential", layouts.sequential(40), 4, {}, False),
@@ -82,6 +89,10 @@ def cases():
         for name, lay, rows, env, unaligned in prefetch:
             out.append((f"{name} [table]", lay, rows, dtype, quasi, with_scale,
                         {**env, "QGOFT_CUDA_VARIANT": "table", "QGOFT_CUDA_FORWARD": "prefetch"}, unaligned))
+    for dtype, quasi, with_scale in ((torch.bfloat16, False, True), (torch.float16, True, False)):
+        for name, lay, rows, env, unaligned in pair:
+            out.append((f"{name} [reg]", lay, rows, dtype, quasi, with_scale,
+                        {**env, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_BACKWARD": "pair"}, unaligned))
     for variant in VARIANTS:
         out.append((f"float64 parallel [{variant}]", layouts.parallel(513), 5, torch.float64, True, True,
                     {"QGOFT_CUDA_VARIANT": variant}, False))
@@ -132,8 +143,9 @@ def run(lay, rows, dtype, quasi, with_scale, env, unaligned):
 
 def main():
     all_cases = cases()
-    if "--float32-only" in sys.argv:
-        all_cases = [c for c in all_cases if c[3] == torch.float32]
+    if "--float32-only" in sys.argv:  # and the paired reg backward's first case (16-bit rows only; its barriers)
+        first_pair = next(c for c in all_cases if "QGOFT_CUDA_BACKWARD" in c[6])
+        all_cases = [c for c in all_cases if c[3] == torch.float32 or c is first_pair]
     if "--list" in sys.argv:
         for c in all_cases:
             print(f"{c[0]}: d={c[1].d} rows={c[2]} {c[3]} {'qgoft' if c[4] else 'goft'} scale={c[5]} env={c[6]}")

@@ -12,8 +12,10 @@ differs), so it must agree with base to a few units of rounding; with the refere
 tolerance. `V+prefetch` (QGOFT_CUDA_FORWARD=prefetch under V: the prefetching forward of the single layout)
 is checked forward, on more rows (blocks of the persistent grid own several row groups), against base,
 the reference and, bitwise, V's plain forward, and its full backward (segmented rows: the top pass runs the
-prefetching forward) bitwise against V's with the plain forward. Exit status 1 on the first disagreement,
-naming the case.
+prefetching forward) bitwise against V's with the plain forward. `V+pair` (QGOFT_CUDA_BACKWARD=pair under V: the
+paired reg backward, where it applies: 16-bit rows of one or more 512-thread segments with parameter gradients) is
+checked backward, on as many rows as the prefetching forward, against base and, bitwise, V's backward with every
+mask. Exit status 1 on the first disagreement, naming the case.
 """
 import argparse
 import os
@@ -26,7 +28,7 @@ from qgoft import layouts
 from qgoft import reference as ref
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from bench_gpu import forward_only, with_variant  # noqa: E402  (the one home of the variant names' knobs)
+from bench_gpu import backward_only, forward_only, with_variant  # noqa: E402  (the one home of the variant names' knobs)
 
 DEV = "cuda"
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
@@ -36,7 +38,8 @@ PREFETCH_ROWS = {100: 20000, 1000: 3000, 4096: 1000, 9000: 300, 11008: 300}  # s
 
 
 def call(variant, fn, xor="general"):
-    """fn run now under `variant` (V+prefetch: V with QGOFT_CUDA_FORWARD=prefetch) and QGOFT_CUDA_XOR=xor."""
+    """fn run now under `variant` (V+prefetch: V with QGOFT_CUDA_FORWARD=prefetch; V+pair: V with
+    QGOFT_CUDA_BACKWARD=pair) and QGOFT_CUDA_XOR=xor."""
     return with_variant(variant, fn, xor)()
 
 
@@ -87,6 +90,11 @@ def case(variant, d, rows, dtype, quasi, unaligned, gen, reps=0):
         for k, (tb, tv) in enumerate(zip(b_base, b_var)):
             if tb is not None and tv is not None and tb.numel():
                 errs[f"backward mask {m} output {k} vs base"] = (rel(tv, tb), same_tol)
+        if backward_only(variant):  # the paired reg backward: bitwise V's (one row per thread) results
+            plain = variant.split("+")[0]
+            b_plain = call(plain, lambda: bwd(g, x, params, pairs, offs, scale, list(m)))
+            same = all((a is None) == (b is None) and (a is None or torch.equal(a, b)) for a, b in zip(b_var, b_plain))
+            errs[f"backward mask {m} vs {plain} (bitwise)"] = (0.0 if same else float("inf"), 0.0)
     torch.cuda.synchronize()
     return {k: v for k, v in errs.items() if not v[0] <= v[1]}
 
@@ -100,7 +108,7 @@ def main():
     n = 0
     for variant in args.variants.split(","):
         for d, rows in SHAPES:
-            if forward_only(variant):
+            if forward_only(variant) or backward_only(variant):
                 rows = PREFETCH_ROWS[d]
             for dtype in (torch.float32, torch.bfloat16):
                 for quasi in (False, True):
@@ -112,7 +120,8 @@ def main():
                                   f"unaligned={unaligned}: " + "; ".join(f"{k} {e:.2e} > {t:.0e}" for k, (e, t) in bad.items()))
                             return 1
     # stacks: reg runs base's kernels, and the prefetching forward is the single layout's only
-    for variant in ["base"] + [v for v in args.variants.split(",") if v != "reg" and not forward_only(v)]:
+    for variant in ["base"] + [v for v in args.variants.split(",")
+                               if v != "reg" and not forward_only(v) and not backward_only(v)]:
         for d, reps, rows in STACKS:
             for dtype in (torch.float32, torch.bfloat16):
                 for quasi in (False, True):

@@ -81,6 +81,9 @@ struct ParallelArgs {
   // x rows): the prefetching forward, parallel_forward_prefetch_kernel (chain_parallel_prefetch.cuh;
   // QGOFT_CUDA_FORWARD=prefetch).
   int prefetch = 0;
+  // 1 (backward, with reg == 1): the paired reg backward, parallel_backward_pair_kernel (chain_parallel_pair.cuh;
+  // QGOFT_CUDA_BACKWARD=pair): two rows per thread in flight; only where reg_pair_applies (chain_sizes.h).
+  int pair = 0;
   // Stacked backward with parameter gradients: 1 = repetitions 0 .. reps-2 keep their tape in shared memory
   // from the first pass (no recomputation), 0 = only their inputs (recomputed); the planner picks 1 when it fits.
   int stack_tape = 0;

@@ -282,13 +282,18 @@ __device__ __forceinline__ void scale_chunk(const A* scale, int base, int d, A (
 // ---------------------------------------------------------------------------------------------
 // (xi, xj) <- G^T (xi, xj) (forward) or, kTransposed, G (xi, xj) (backward) for block p of the table (in
 // shared memory when kShared).
+// The same with the block's entries given (g0, g1, g2, g3) = (g00, g01, g10, g11).
+template <bool kTransposed = false, class A>
+__device__ __forceinline__ void rotate_values(A g0, A g1, A g2, A g3, A& xi, A& xj) {
+  const A a = xi, b = xj;
+  xi = g0 * a + (kTransposed ? g1 : g2) * b;
+  xj = (kTransposed ? g2 : g1) * a + g3 * b;
+}
 template <bool kTransposed = false, bool kShared = false, class A>
 __device__ __forceinline__ void rotate_pair(const A* blocks, int64_t p, A& xi, A& xj) {
   A g0, g1, g2, g3;
   load_block_from<kShared>(blocks, p, g0, g1, g2, g3);
-  const A a = xi, b = xj;
-  xi = g0 * a + (kTransposed ? g1 : g2) * b;
-  xj = (kTransposed ? g2 : g1) * a + g3 * b;
+  rotate_values<kTransposed>(g0, g1, g2, g3, xi, xj);
 }
 
 // acc[0], acc[stride], acc[2 stride], acc[3 stride] += (ui gi, ui gj, uj gi, uj gj)
@@ -304,20 +309,32 @@ __device__ __forceinline__ void accumulate_outer(A* acc, A ui, A uj, A gi, A gj,
 // accumulators cacc / tacc: blocks of 4 from aligned starts); float: one 16-byte shared read and write. Through
 // XLevel::acc_at's index, which it cannot prove a multiple of 4, the compiler made them 4 scalar reads and 4
 // writes (float backward with parameter gradients: 44 LDS + 44 STS per row instead of 14 LDS.128 + 14 STS.128).
-template <class A>
-__device__ __forceinline__ void accumulate_pair(A* acc, A ui, A uj, A gi, A gj) {
+// The same for N rows' sums of one pair, row r's (ui, uj, gi, gj) in p[r], added in row order (one read and one
+// write for all rows).
+template <int N, class A>
+__device__ __forceinline__ void accumulate_pair_rows(A* acc, const A (&p)[N][4]) {
   QGOFT_CHECK_ALIGN16(acc);
   if constexpr (std::is_same_v<A, float>) {
-    float4* p = reinterpret_cast<float4*>(acc);
-    float4 c = *p;
-    c.x += ui * gi;
-    c.y += ui * gj;
-    c.z += uj * gi;
-    c.w += uj * gj;
-    *p = c;
+    float4* q = reinterpret_cast<float4*>(acc);
+    float4 c = *q;
+#pragma unroll
+    for (int r = 0; r < N; ++r) {
+      const A ui = p[r][0], uj = p[r][1], gi = p[r][2], gj = p[r][3];
+      c.x += ui * gi;
+      c.y += ui * gj;
+      c.z += uj * gi;
+      c.w += uj * gj;
+    }
+    *q = c;
   } else {
-    accumulate_outer(acc, ui, uj, gi, gj);
+#pragma unroll
+    for (int r = 0; r < N; ++r) accumulate_outer(acc, p[r][0], p[r][1], p[r][2], p[r][3]);
   }
+}
+template <class A>
+__device__ __forceinline__ void accumulate_pair(A* acc, A ui, A uj, A gi, A gj) {
+  const A p[1][4] = {{ui, uj, gi, gj}};
+  accumulate_pair_rows(acc, p);
 }
 
 }  // namespace qgoft::cuda::detail

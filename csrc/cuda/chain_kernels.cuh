@@ -3,6 +3,7 @@
 //   chain_parallel.cuh  the parallel layout's register / shuffle kernels
 //   chain_stack.cuh     stack(parallel(d), k): the parallel machinery k times over the registers
 //   chain_parallel_reg.cuh  the parallel backward's reg variant
+//   chain_parallel_pair.cuh the reg backward with two rows per thread in flight (QGOFT_CUDA_BACKWARD=pair)
 //   chain_parallel_prefetch.cuh  the parallel table forward, software-pipelined (QGOFT_CUDA_FORWARD=prefetch)
 //   chain_general.cuh   any layout, rows in shared or global memory
 //   chain_params.cuh    blocks from angles, the deterministic reduction of partial rows
@@ -12,6 +13,7 @@
 #include "chain_device.cuh"
 #include "chain_general.cuh"
 #include "chain_parallel.cuh"
+#include "chain_parallel_pair.cuh"
 #include "chain_parallel_prefetch.cuh"
 #include "chain_parallel_reg.cuh"
 #include "chain_params.cuh"

@@ -95,6 +95,12 @@ void Launchers<S>::parallel_top_forward(const ParallelArgs& a, const LaunchConfi
 template <class S>
 void Launchers<S>::parallel_backward(bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                                      cudaStream_t s) {
+  if constexpr (sizeof(S) == 2) {  // the paired reg backward (reg_pair_applies: 16-bit activations only)
+    if (a.pair > 0) {
+      launch(parallel_backward_pair_kernel<S>, c, s, a);
+      return;
+    }
+  }
   const int reg = a.reg > 0 ? (reg_fixed_width(a) ? 2 : 1) : 0;
   launch(Kernels<S>::parallel_backward(vec, grads, a.table > 0, reg), c, s, a);
 }

@@ -166,6 +166,35 @@ __device__ __forceinline__ A own_half(bool upper, A g0, A g1, A g2, A g3, A v, A
   return upper ? dot2(g1, w, g3, v) : dot2(g0, v, g2, w);
 }
 
+// level_forward's LiveBits path on N rows at once: the same participant of N rows that share the level's
+// blocks and roles (the paired reg backward, chain_parallel_pair.cuh); each layer's block read once for all
+// rows, the rows' shuffles and updates side by side (independent chains). v[r], tape[r]: row r's v and tape.
+template <bool kTape, int N, class A, bool kTable, class Blocks>
+__device__ __forceinline__ void level_forward_rows(const XLevel<A, kTable>& lv, int layers, int pos, LiveBits active,
+                                                   Blocks blocks, A (&v)[N], A (&tape)[N][5]) {
+  static_assert(kTable, "LiveBits read every participant's block: from the segment's table only");
+#pragma unroll
+  for (int s = 0; s < 5; ++s) {
+    if (s < layers) {
+      const int m = 1 << s;
+      A w[N];
+#pragma unroll
+      for (int r = 0; r < N; ++r) {
+        w[r] = __shfl_xor_sync(kFullMask, v[r], m);
+        if constexpr (kTape) tape[r][s] = v[r];
+      }
+      A g0, g1, g2, g3;
+      live_block(lv, blocks, s, pos, g0, g1, g2, g3);
+      const bool upper = ((active.upper >> s) & 1u) != 0, live = ((active.live >> s) & 1u) != 0;
+#pragma unroll
+      for (int r = 0; r < N; ++r) {
+        const A nv = own_half<false>(upper, g0, g1, g2, g3, v[r], w[r]);
+        if (live) v[r] = nv;
+      }
+    }
+  }
+}
+
 // Forward through the first `layers` layers of a level (all 32 lanes of the warp must call it);
 // participant `pos` holds v; `active`: a bool (taking part in the level) or the participant's LiveBits.
 // With kTape, tape[s] receives v as it was before layer s. blocks: the table (const A*), or with LiveBits a
@@ -173,31 +202,69 @@ __device__ __forceinline__ A own_half(bool upper, A g0, A g1, A g2, A g3, A v, A
 template <bool kTape, class A, bool kTable, class Active, class Blocks>
 __device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int layers, int pos, Active active,
                                            Blocks blocks, A v, A (&tape)[5]) {
-  constexpr bool kLive = std::is_same_v<Active, LiveBits>;
-  static_assert(!kLive || kTable, "LiveBits read every participant's block: from the segment's table only");
+  if constexpr (std::is_same_v<Active, LiveBits>) {  // one row of level_forward_rows
+    A vr[1] = {v};
+    A tr[1][5];
+    level_forward_rows<kTape>(lv, layers, pos, active, blocks, vr, tr);
 #pragma unroll
-  for (int s = 0; s < 5; ++s) {
-    if (s < layers) {
-      const int m = 1 << s;
-      const A w = __shfl_xor_sync(kFullMask, v, m);
-      if constexpr (kTape) tape[s] = v;
-      if constexpr (kLive) {
-        A g0, g1, g2, g3;
-        live_block(lv, blocks, s, pos, g0, g1, g2, g3);
-        const A nv = own_half<false>(((active.upper >> s) & 1u) != 0, g0, g1, g2, g3, v, w);
-        if ((active.live >> s) & 1u) v = nv;
-      } else if (takes_part(active, pos, s)) {
-        const bool upper = (pos & m) != 0;
-        const int p = lv.pair(s, upper ? pos - m : pos);
-        if (p >= 0) {
-          A g0, g1, g2, g3;
-          load_block_from<kTable>(blocks, p, g0, g1, g2, g3);
-          v = upper ? g1 * w + g3 * v : g0 * v + g2 * w;  // the own half of rotate_pair
+    for (int s = 0; s < 5; ++s) {
+      if (kTape && s < layers) tape[s] = tr[0][s];
+    }
+    return vr[0];
+  } else {
+#pragma unroll
+    for (int s = 0; s < 5; ++s) {
+      if (s < layers) {
+        const int m = 1 << s;
+        const A w = __shfl_xor_sync(kFullMask, v, m);
+        if constexpr (kTape) tape[s] = v;
+        if (takes_part(active, pos, s)) {
+          const bool upper = (pos & m) != 0;
+          const int p = lv.pair(s, upper ? pos - m : pos);
+          if (p >= 0) {
+            A g0, g1, g2, g3;
+            load_block_from<kTable>(blocks, p, g0, g1, g2, g3);
+            v = upper ? g1 * w + g3 * v : g0 * v + g2 * w;  // the own half of rotate_pair
+          }
         }
       }
     }
+    return v;
   }
-  return v;
+}
+
+// level_backward's LiveBits path on N rows at once (as level_forward_rows): g[r], tape[r] row r's; acc(r, s, lo,
+// ui, uj, gi, gj) receives row r's pair sums, rows in order within each layer.
+template <bool kTape, bool kUpperAcc, int N, class A, bool kTable, class Blocks, class Acc>
+__device__ __forceinline__ void level_backward_rows(const XLevel<A, kTable>& lv, int layers, int pos, LiveBits active,
+                                                    Blocks blocks, A (&g)[N], const A (&tape)[N][5], Acc&& acc) {
+  static_assert(kTable, "LiveBits read every participant's block: from the segment's table only");
+#pragma unroll
+  for (int s = 4; s >= 0; --s) {
+    if (s < layers) {
+      const int m = 1 << s;
+      A gw[N], uw[N];
+#pragma unroll
+      for (int r = 0; r < N; ++r) {
+        gw[r] = __shfl_xor_sync(kFullMask, g[r], m);
+        uw[r] = A(0);
+        if constexpr (kTape) uw[r] = __shfl_xor_sync(kFullMask, tape[r][s], m);
+      }
+      A g0, g1, g2, g3;
+      live_block(lv, blocks, s, pos, g0, g1, g2, g3);
+      const bool upper = ((active.upper >> s) & 1u) != 0, live = ((active.live >> s) & 1u) != 0;
+#pragma unroll
+      for (int r = 0; r < N; ++r) {
+        if (upper) {
+          if constexpr (kTape && kUpperAcc) acc(r, s, pos - m, uw[r], tape[r][s], gw[r], g[r]);
+        } else if (live) {
+          if constexpr (kTape && !kUpperAcc) acc(r, s, pos, tape[r][s], uw[r], g[r], gw[r]);
+        }
+        const A ng = own_half<true>(upper, g0, g1, g2, g3, g[r], gw[r]);
+        if (live) g[r] = ng;
+      }
+    }
+  }
 }
 
 // Backward through the layers of a level, last first: g is this participant's gradient; with kTape,
@@ -208,45 +275,46 @@ __device__ __forceinline__ A level_forward(const XLevel<A, kTable>& lv, int laye
 template <bool kTape, bool kUpperAcc = false, class A, bool kTable, class Active, class Blocks, class Acc>
 __device__ __forceinline__ A level_backward(const XLevel<A, kTable>& lv, int layers, int pos, Active active,
                                             Blocks blocks, A g, const A (&tape)[5], Acc&& acc) {
-  constexpr bool kLive = std::is_same_v<Active, LiveBits>;
-  static_assert(!kLive || kTable, "LiveBits read every participant's block: from the segment's table only");
+  if constexpr (std::is_same_v<Active, LiveBits>) {  // one row of level_backward_rows
+    A gr[1] = {g};
+    A tr[1][5];
 #pragma unroll
-  for (int s = 4; s >= 0; --s) {
-    if (s < layers) {
-      const int m = 1 << s;
-      const A gw = __shfl_xor_sync(kFullMask, g, m);
-      A uw = A(0);
-      if constexpr (kTape) uw = __shfl_xor_sync(kFullMask, tape[s], m);
-      if constexpr (kLive) {
-        A g0, g1, g2, g3;
-        live_block(lv, blocks, s, pos, g0, g1, g2, g3);
-        const bool upper = ((active.upper >> s) & 1u) != 0, live = ((active.live >> s) & 1u) != 0;
-        if (upper) {
-          if constexpr (kTape && kUpperAcc) acc(s, pos - m, uw, tape[s], gw, g);
-        } else if (live) {
-          if constexpr (kTape && !kUpperAcc) acc(s, pos, tape[s], uw, g, gw);
-        }
-        const A ng = own_half<true>(upper, g0, g1, g2, g3, g, gw);
-        if (live) g = ng;
-      } else if (takes_part(active, pos, s)) {
-        const bool upper = (pos & m) != 0;
-        const int lo = upper ? pos - m : pos;
-        const int p = lv.pair(s, lo);
-        if (p >= 0) {
-          A g0, g1, g2, g3;
-          load_block_from<kTable>(blocks, p, g0, g1, g2, g3);
-          if (!upper) {
-            if constexpr (kTape && !kUpperAcc) acc(s, lo, tape[s], uw, g, gw);
-            g = g0 * g + g1 * gw;  // the own half of rotate_pair<true>
-          } else {
-            if constexpr (kTape && kUpperAcc) acc(s, lo, uw, tape[s], gw, g);
-            g = g2 * gw + g3 * g;
+    for (int s = 0; s < 5; ++s) {
+      if (kTape && s < layers) tr[0][s] = tape[s];
+    }
+    level_backward_rows<kTape, kUpperAcc>(lv, layers, pos, active, blocks, gr, tr,
+                                          [&](int, int s, int lo, A ui, A uj, A gi, A gj) {
+                                            acc(s, lo, ui, uj, gi, gj);
+                                          });
+    return gr[0];
+  } else {
+#pragma unroll
+    for (int s = 4; s >= 0; --s) {
+      if (s < layers) {
+        const int m = 1 << s;
+        const A gw = __shfl_xor_sync(kFullMask, g, m);
+        A uw = A(0);
+        if constexpr (kTape) uw = __shfl_xor_sync(kFullMask, tape[s], m);
+        if (takes_part(active, pos, s)) {
+          const bool upper = (pos & m) != 0;
+          const int lo = upper ? pos - m : pos;
+          const int p = lv.pair(s, lo);
+          if (p >= 0) {
+            A g0, g1, g2, g3;
+            load_block_from<kTable>(blocks, p, g0, g1, g2, g3);
+            if (!upper) {
+              if constexpr (kTape && !kUpperAcc) acc(s, lo, tape[s], uw, g, gw);
+              g = g0 * g + g1 * gw;  // the own half of rotate_pair<true>
+            } else {
+              if constexpr (kTape && kUpperAcc) acc(s, lo, uw, tape[s], gw, g);
+              g = g2 * gw + g3 * g;
+            }
           }
         }
       }
     }
+    return g;
   }
-  return g;
 }
 
 // The same, accumulating the block gradients into acc[lv.acc_at(s, lo)] (when lv.acc >= 0).
@@ -373,6 +441,37 @@ __device__ __forceinline__ LaneLive lane_live(const ParallelArgs& a, const Lanes
   return {bits};
 }
 
+// The in-thread layers 1-3 of a thread's chunk in N rows (forward direction), each block read once for all rows;
+// kTape: tp[r].x records row r's chunk before each layer. live: the thread's LaneLive, or null (the pairs are
+// checked against d).
+template <bool kTape, bool kTable, int N, class A>
+__device__ __forceinline__ void in_thread_forward_rows(const ParallelArgs& a, const Lanes& ln, const A* blocks,
+                                                       A (&v)[N][kChunk], Tape<A> (&tp)[N], const LaneLive* live) {
+  const int d = static_cast<int>(a.d);
+#pragma unroll
+  for (int li = 0; li < kLogChunk; ++li) {
+    if constexpr (kTape) {
+#pragma unroll
+      for (int r = 0; r < N; ++r) {
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) tp[r].x[li][e] = v[r][e];
+      }
+    }
+    const int h = 1 << li;
+#pragma unroll
+    for (int e = 0; e < kChunk; e += 2 * h) {
+      const int i = ln.base + e;
+      const bool exists = live != nullptr ? live->in_thread(in_thread_pair_number(li, e)) : i + h < d;
+      if (exists) {
+        A g0, g1, g2, g3;
+        load_block_from<kTable>(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), g0, g1, g2, g3);
+#pragma unroll
+        for (int r = 0; r < N; ++r) rotate_values<false>(g0, g1, g2, g3, v[r][e], v[r][e + h]);
+      }
+    }
+  }
+}
+
 // Applies the layers inside a warp (in-thread layers 1-3, shuffle layers 4 .. 3 + min(log2 T, 5)) to a
 // row segment (forward direction), optionally recording the tape (tp.x, tp.sh). live: the thread's
 // LaneLive, or null (the pairs are checked against d); sh_blocks (with live): where the shuffle layers'
@@ -382,19 +481,20 @@ __device__ __forceinline__ void parallel_forward_in_warp(const ParallelArgs& a, 
                                                          A (&v)[kChunk], Tape<A>& tp,
                                                          const LaneLive* live = nullptr,
                                                          ShBlocks sh_blocks = nullptr) {
-  const int d = static_cast<int>(a.d);
+  {  // in-thread layers 1-3: one row of in_thread_forward_rows
+    A vr[1][kChunk];
+    Tape<A> tr[1];
 #pragma unroll
-  for (int li = 0; li < kLogChunk; ++li) {  // in-thread layers 1-3
+    for (int e = 0; e < kChunk; ++e) vr[0][e] = v[e];
+    in_thread_forward_rows<kTape, kTable>(a, ln, blocks, vr, tr, live);
+#pragma unroll
+    for (int e = 0; e < kChunk; ++e) v[e] = vr[0][e];
     if constexpr (kTape) {
 #pragma unroll
-      for (int e = 0; e < kChunk; ++e) tp.x[li][e] = v[e];
-    }
-    const int h = 1 << li;
+      for (int li = 0; li < kLogChunk; ++li) {
 #pragma unroll
-    for (int e = 0; e < kChunk; e += 2 * h) {
-      const int i = ln.base + e;
-      const bool exists = live != nullptr ? live->in_thread(in_thread_pair_number(li, e)) : i + h < d;
-      if (exists) rotate_pair<false, kTable>(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), v[e], v[e + h]);
+        for (int e = 0; e < kChunk; ++e) tp.x[li][e] = tr[0].x[li][e];
+      }
     }
   }
   const int LS = shuffle_layers(a);
@@ -653,15 +753,12 @@ __device__ __forceinline__ void parallel_write_sums(const ParallelArgs& a, const
   reduce_slot_rows(a, ln, red, width);
 }
 
-// Backward through the in-thread layers 3, 2, 1 of a thread's chunk (gv: the gradient of layer 3's
-// output in, of layer 1's input out). With kTape, in-thread pair k (layer 1 -> 0..3, layer 2 -> 4..5,
-// layer 3 -> 6; in_thread_pair_number) hands its inputs (from the tape) and output gradients to
-// acc(k, ui, uj, gi, gj). d: the caller's row width, hoisted out of its row loop; live: the thread's
-// LaneLive, or null (the pairs are checked against d).
-template <bool kTape, bool kTable, class A, class Acc>
-__device__ __forceinline__ void in_thread_backward(const ParallelArgs& a, const Lanes& ln, const A* blocks, int d,
-                                                   A (&gv)[kChunk], const Tape<A>& tp, Acc&& acc,
-                                                   const LaneLive* live = nullptr) {
+// in_thread_backward on N rows at once, each block read once for all rows: gv[r], tp[r] row r's; acc(r, k, ui, uj,
+// gi, gj) receives row r's sums of in-thread pair k, rows in order for each pair.
+template <bool kTape, bool kTable, int N, class A, class Acc>
+__device__ __forceinline__ void in_thread_backward_rows(const ParallelArgs& a, const Lanes& ln, const A* blocks, int d,
+                                                        A (&gv)[N][kChunk], const Tape<A> (&tp)[N], Acc&& acc,
+                                                        const LaneLive* live) {
 #pragma unroll
   for (int li = kLogChunk - 1; li >= 0; --li) {
     const int h = 1 << li;
@@ -671,13 +768,35 @@ __device__ __forceinline__ void in_thread_backward(const ParallelArgs& a, const 
       if (live != nullptr ? live->in_thread(in_thread_pair_number(li, e)) : i + h < d) {
         A g0, g1, g2, g3;
         load_block_from<kTable>(blocks, in_thread_pair<kTable>(a, ln, li + 1, e), g0, g1, g2, g3);
-        const A gi = gv[e], gj = gv[e + h];
-        if constexpr (kTape) acc(in_thread_pair_number(li, e), tp.x[li][e], tp.x[li][e + h], gi, gj);
-        gv[e] = g0 * gi + g1 * gj;
-        gv[e + h] = g2 * gi + g3 * gj;
+#pragma unroll
+        for (int r = 0; r < N; ++r) {
+          if constexpr (kTape) {
+            acc(r, in_thread_pair_number(li, e), tp[r].x[li][e], tp[r].x[li][e + h], gv[r][e], gv[r][e + h]);
+          }
+          rotate_values<true>(g0, g1, g2, g3, gv[r][e], gv[r][e + h]);
+        }
       }
     }
   }
+}
+
+// Backward through the in-thread layers 3, 2, 1 of a thread's chunk (gv: the gradient of layer 3's
+// output in, of layer 1's input out). With kTape, in-thread pair k (layer 1 -> 0..3, layer 2 -> 4..5,
+// layer 3 -> 6; in_thread_pair_number) hands its inputs (from the tape) and output gradients to
+// acc(k, ui, uj, gi, gj). d: the caller's row width, hoisted out of its row loop; live: the thread's
+// LaneLive, or null (the pairs are checked against d).
+template <bool kTape, bool kTable, class A, class Acc>
+__device__ __forceinline__ void in_thread_backward(const ParallelArgs& a, const Lanes& ln, const A* blocks, int d,
+                                                   A (&gv)[kChunk], const Tape<A>& tp, Acc&& acc,
+                                                   const LaneLive* live = nullptr) {
+  A gr[1][kChunk];  // one row of in_thread_backward_rows
+  const Tape<A> tr[1] = {tp};
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) gr[0][e] = gv[e];
+  in_thread_backward_rows<kTape, kTable>(a, ln, blocks, d, gr, tr,
+                                         [&](int, int k, A ui, A uj, A gi, A gj) { acc(k, ui, uj, gi, gj); }, live);
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) gv[e] = gr[0][e];
 }
 
 // Backward through layers log2(8 T) .. 1 of a row segment (cross-warp, shuffle, in-thread): the reverse of

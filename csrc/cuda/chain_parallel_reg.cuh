@@ -91,6 +91,93 @@ __device__ __forceinline__ void fill_lane_table(const ParallelArgs& a, int seg_b
   }
 }
 
+// The start of the reg kernels (the reg backward and the paired one, chain_parallel_pair.cuh): the segment's block
+// table, its scale (scl: 1 past d; when a.scale is set) and the zeroed cross-thread accumulators in shared memory,
+// a barrier, then (kLive) the lane table and a barrier. args: the layout's offsets (the table fill); a: the shape.
+template <class A, bool kGrads, bool kLive>
+__device__ __forceinline__ void reg_backward_start(const ParallelArgs& args, const ParallelArgs& a, const Lanes& ln,
+                                                   const ParallelBackwardSmem& layout, A* sm) {
+  fill_table(args, static_cast<const A*>(args.blocks), ln.seg_base, sm + layout.tab);
+  const A* scale = static_cast<const A*>(a.scale);
+  const int d = static_cast<int>(a.d);
+  A* scl = sm + layout.scl;  // [S]: the segment's scale (1 past d; only when scale != nullptr)
+  if (scale != nullptr) {
+    for (int k = ln.tid; k < a.table; k += blockDim.x) scl[k] = ln.seg_base + k < d ? scale[ln.seg_base + k] : A(1);
+  }
+  if constexpr (kGrads) {
+    A* cacc = sm + layout.cacc;
+    for (int k = ln.tid; k < static_cast<int>(layout.red - layout.cacc); k += blockDim.x) cacc[k] = A(0);
+  }
+  __syncthreads();
+  if constexpr (kLive) {
+    fill_lane_table(args, ln.seg_base, sm + layout.tab, sm + layout.lane);
+    __syncthreads();
+  }
+}
+
+// kLive: whether lane `lane` of warp 0 (wq == 0) owns a cross-warp pair as its upper lane (at most one, whose sums
+// it adds to the block's accumulators once per row) with acc_blocks; `pair`: that pair's accumulators (4 each).
+template <class A>
+__device__ __forceinline__ bool cross_warp_owner(const ParallelArgs& a, const Lanes& ln, int lane, int wq,
+                                                 bool acc_blocks, int& pair) {
+  pair = 0;
+  if (a.logT <= 5 || lane == 0) return false;
+  XLevel<A, true> lv = cross_warp_level<A, true>(a, ln.seg_base);
+  lv.acc = 4 * ln.slot * (a.T - 1);
+  pair = upper_pair(lv, lane);
+  return acc_blocks && wq == 0 && level_live(lv, a.logT - 5, lane, lane < (a.T >> 5)).upper != 0;
+}
+
+// The accumulators (4 each, from layout.cacc) of the shuffle-layer pair lane ln.t (% 32 != 0) owns as its upper lane.
+template <class A>
+__device__ __forceinline__ int shuffle_owner_pair(const ParallelArgs& a, const Lanes& ln) {
+  XLevel<A, true> lv = shuffle_level<A, true>(a, ln.seg_base);
+  lv.acc = 4 * ln.slot * (a.T - 1);
+  return upper_pair(lv, ln.t);
+}
+
+// The end of the reg kernels with parameter gradients: each lane's shuffle-layer sums (acc_sh, the pair it owns as
+// its upper lane; acc_sh == nullptr: already in the cross-thread accumulators) into the cross-thread accumulators, a
+// barrier, then the block's sums (parallel_write_sums).
+template <class A>
+__device__ __forceinline__ void reg_backward_finish(const ParallelArgs& args, const ParallelArgs& a, const Lanes& ln,
+                                                    const ParallelBackwardSmem& layout, A* sm, bool acc_blocks,
+                                                    const A (&acc_in)[kChunk - 1][4], const A* acc_sh,
+                                                    const A (&acc_s)[kChunk]) {
+  if (acc_sh != nullptr && acc_blocks && (ln.t & 31) != 0) {
+    A* c = sm + layout.cacc + 4 * shuffle_owner_pair<A>(a, ln);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) c[k] = acc_sh[k];
+  }
+  __syncthreads();
+  parallel_write_sums(args, ln, layout, sm, acc_in, acc_s);
+}
+
+// What the reg kernels read and write: their operands (ParallelArgs) and their regions of shared memory (layout).
+template <class S>
+struct RegOperands {
+  using A = typename Elem<S>::A;
+  A* xch;          // exchange words of the cross-warp layers (ParallelBackwardSmem: [2][rows][2][32])
+  A* cacc;         // [R][T-1][4]: cross-thread pairs of each slot
+  A* tacc;         // [31][4] top pairs, then [32] segment-start scale
+  const A* blocks;  // the segment's block table
+  const A* scale;  // the scale (global), or null
+  const A* scl;    // [S]: the segment's scale (1 past d; only when scale != nullptr)
+  const S* x;
+  const S* grad;
+  S* gx;
+  __device__ __forceinline__ RegOperands(const ParallelArgs& a, const ParallelBackwardSmem& layout, A* sm)
+      : xch(sm),
+        cacc(sm + layout.cacc),
+        tacc(sm + layout.tacc),
+        blocks(sm + layout.tab),
+        scale(static_cast<const A*>(a.scale)),
+        scl(sm + layout.scl),
+        x(static_cast<const S*>(a.x)),
+        grad(static_cast<const S*>(a.grad)),
+        gx(static_cast<S*>(a.out)) {}
+};
+
 template <class S, bool kVec, bool kGrads, int kLogT>
 __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const ParallelArgs args) {
   using A = typename Elem<S>::A;
@@ -106,19 +193,10 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
   // kLive: the branch-free row loop (see lane_bits below), which reads the lane table
   constexpr bool kLive = reg_branch_free(kLogT, kVec, kGrads, sizeof(A));
   const ParallelBackwardSmem layout(R, T, a.nseg, width, kGrads, a.table, true, kLive);
-  A* xch = sm;                 // [2][2][32]: per row parity, the warps' chunk-start values, then gradients
-  A* cacc = sm + layout.cacc;  // [R][T-1][4]: cross-thread pairs of each slot
-  A* tacc = sm + layout.tacc;  // [31][4] top pairs, then [32] segment-start scale
-  fill_table(args, static_cast<const A*>(args.blocks), ln.seg_base, sm + layout.tab);
-  const A* blocks = sm + layout.tab;
-  const A* scale = static_cast<const A*>(a.scale);
-  A* scl = sm + layout.scl;  // [S]: the segment's scale (1 past d; only when scale != nullptr)
-  if (scale != nullptr) {
-    for (int k = ln.tid; k < a.table; k += blockDim.x) scl[k] = ln.seg_base + k < d ? scale[ln.seg_base + k] : A(1);
-  }
-  const S* x = static_cast<const S*>(a.x);
-  const S* grad = static_cast<const S*>(a.grad);
-  S* gx = static_cast<S*>(a.out);
+  // the block and lane tables (kLive: read by the shuffle and cross-warp layers, at one address per thread, through
+  // LaneBlocks: layer s at a constant offset from it; the others read the block table)
+  reg_backward_start<A, kGrads, kLive>(args, a, ln, layout, sm);
+  const RegOperands<S> op(a, layout, sm);
   const bool acc_blocks = kGrads && a.want_blocks;
   const bool acc_scale = kGrads && a.want_scale;
   const int lane = ln.tid & 31;
@@ -133,21 +211,11 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
   acc_sh[0] = acc_sh[1] = acc_sh[2] = acc_sh[3] = A(0);
 #pragma unroll
   for (int e = 0; e < kChunk; ++e) acc_s[e] = A(0);
-  if constexpr (kGrads) {
-    for (int k = ln.tid; k < static_cast<int>(layout.red - layout.cacc); k += blockDim.x) cacc[k] = A(0);
-  }
-  __syncthreads();
-  // kLive: the blocks of the shuffle and cross-warp layers from the lane table, at one address per thread
-  // (LaneBlocks: layer s at a constant offset from it); the others from the block table
-  if constexpr (kLive) {
-    fill_lane_table(args, ln.seg_base, blocks, sm + layout.lane);
-    __syncthreads();
-  }
   auto level_blocks = [&](int first_layer) {
     if constexpr (kLive) {
       return LaneBlocks<A>{sm + layout.lane + 4 * ParallelLaneTable::at(a.logT, first_layer, ln.t), T >> 1};
     } else {
-      return blocks;
+      return op.blocks;
     }
   };
   const auto sh_blocks = level_blocks(0);
@@ -177,25 +245,19 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
     const int64_t row = group * R + slot;
     const bool valid = group < a.groups && (kLogT > 0 || row < a.rows);  // kLogT > 0: R == 1
     if constexpr (kRowSteps) {
-      gr.load(grad + next_grad, ln.base, d, valid);
-      if constexpr (kGrads) xr.load(x + next_x, ln.base, d, valid);
+      gr.load(op.grad + next_grad, ln.base, d, valid);
+      if constexpr (kGrads) xr.load(op.x + next_x, ln.base, d, valid);
       next_grad += grad_step;
       next_x += x_step;
     } else {  // multiplied out per row
-      gr.load(grad + row * a.grad_ld, ln.base, d, valid);
-      if constexpr (kGrads) xr.load(x + row * a.x_ld, ln.base, d, valid);
+      gr.load(op.grad + row * a.grad_ld, ln.base, d, valid);
+      if constexpr (kGrads) xr.load(op.x + row * a.x_ld, ln.base, d, valid);
     }
   };
   // kLive: warp 0's lanes 1 .. T/32 - 1, the cross-warp pair each owns as its upper lane (one per lane),
   // whose sums it adds to cacc once per row (the generic instantiation adds them per layer)
   int xw_pair = 0;
-  bool xw_owner = false;
-  if (kLive && a.logT > 5 && lane > 0) {
-    XLevel<A, true> lv = cross_warp_level<A, true>(a, ln.seg_base);
-    lv.acc = 4 * ln.slot * (T - 1);
-    xw_pair = upper_pair(lv, lane);
-    xw_owner = acc_blocks && wq == 0 && level_live(lv, a.logT - 5, lane, lane < (T >> 5)).upper != 0;
-  }
+  const bool xw_owner = kLive && cross_warp_owner<A>(a, ln, lane, wq, acc_blocks, xw_pair);
   load_rows(blockIdx.x);
   int parity = 0;
   for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x, out_at += out_step) {
@@ -220,7 +282,7 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
     const bool late_start = a.logT > 5 && lane == 0;
     const A g_start = gv[0];
     if constexpr (kGrads) {  // recompute the layers inside the warp, recording the tape
-      parallel_forward_in_warp<A, true, true>(a, ln, blocks, v, tp, lp, sh_blocks);
+      parallel_forward_in_warp<A, true, true>(a, ln, op.blocks, v, tp, lp, sh_blocks);
       if (acc_scale && valid) {
 #pragma unroll
         for (int e = 0; e < kChunk; ++e) {
@@ -228,18 +290,18 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
         }
       }
     }
-    if (scale != nullptr) {
+    if (op.scale != nullptr) {
 #pragma unroll
-      for (int e = 0; e < kChunk; ++e) gv[e] *= scl[(ln.t << kLogChunk) + e];
+      for (int e = 0; e < kChunk; ++e) gv[e] *= op.scl[(ln.t << kLogChunk) + e];
     }
 
     if (segmented && ln.tid < 32) {  // top layers (warp 0; R == 1): the segment start's gradient
-      const A top = top_backward<S, kGrads>(args, row, valid, ln.sigma, tacc);
+      const A top = top_backward<S, kGrads>(args, row, valid, ln.sigma, op.tacc);
       if (ln.tid == 0) gv[0] = top;
     }
     if (a.logT > 5) {  // cross-warp layers, computed by every warp for its row
       const int nw = T >> 5;
-      A* xb = xch + 64 * parity + ln.slot * nw;  // the words of this warp's row (R * nw <= 32)
+      A* xb = op.xch + 64 * parity + ln.slot * nw;  // the words of this warp's row (R * nw <= 32)
       parity ^= 1;
       if (lane == 0) {
         if constexpr (kGrads) xb[wq] = v[0];
@@ -268,11 +330,11 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
                                           if constexpr (kLive) {
                                             up[0] = ui, up[1] = uj, up[2] = gi, up[3] = gj;
                                           } else if (owner) {
-                                            accumulate_outer(cacc + lv.acc_at(s, lo), ui, uj, gi, gj);
+                                            accumulate_outer(op.cacc + lv.acc_at(s, lo), ui, uj, gi, gj);
                                           }
                                         });
       if (kLive && xw_owner && valid) {
-        A* c = static_cast<A*>(__builtin_assume_aligned(cacc + 4 * xw_pair, 4 * sizeof(A)));
+        A* c = static_cast<A*>(__builtin_assume_aligned(op.cacc + 4 * xw_pair, 4 * sizeof(A)));
         accumulate_outer(c, up[0], up[1], up[2], up[3]);
       }
       const A mine = __shfl_sync(kFullMask, gq, wq);
@@ -283,23 +345,13 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
                                          [&](int, int, A ui, A uj, A gi, A gj) {
                                            if (acc_blocks && valid) accumulate_outer(acc_sh, ui, uj, gi, gj);
                                          });
-    in_thread_backward<kGrads, true>(a, ln, blocks, d, gv, tp, [&](int k, A ui, A uj, A gi, A gj) {
+    in_thread_backward<kGrads, true>(a, ln, op.blocks, d, gv, tp, [&](int k, A ui, A uj, A gi, A gj) {
       if (acc_blocks && valid) accumulate_outer(acc_in[k], ui, uj, gi, gj);
     }, lp);
-    if (gx != nullptr) store_chunk<S, kVec>(gx + (kRowSteps ? out_at : row * d), ln.base, d, valid, gv);
+    if (op.gx != nullptr) store_chunk<S, kVec>(op.gx + (kRowSteps ? out_at : row * d), ln.base, d, valid, gv);
   }
 
-  if constexpr (kGrads) {
-    if (acc_blocks && (ln.t & 31) != 0) {  // this lane's shuffle-layer sums into the cross-thread accumulators
-      XLevel<A, true> lv = shl;
-      lv.acc = 4 * ln.slot * (T - 1);
-      A* c = cacc + 4 * upper_pair(lv, ln.t);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) c[k] = acc_sh[k];
-    }
-    __syncthreads();
-    parallel_write_sums(args, ln, layout, sm, acc_in, acc_s);
-  }
+  if constexpr (kGrads) reg_backward_finish<A>(args, a, ln, layout, sm, acc_blocks, acc_in, acc_sh, acc_s);
 }
 
 }  // namespace qgoft::cuda::detail

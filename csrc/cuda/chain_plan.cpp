@@ -226,6 +226,11 @@ void plan_reduce(BackwardPlan& plan, const Problem& p, const Knobs& knobs) {
   plan.reduce.smem = static_cast<size_t>(4 * detail::kReduceThreads * acc_size(p.dtype));
 }
 
+RegBackward reg_backward_from_env() {
+  return env_switch<RegBackward>("QGOFT_CUDA_BACKWARD", RegBackward::Single,
+                                 {{"single", RegBackward::Single}, {"pair", RegBackward::Pair}});
+}
+
 ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs) {
   ForwardPlan plan;
   const int64_t es = acc_size(p.dtype);
@@ -309,14 +314,16 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
   ParallelShape s = reps > 0 ? parallel_shape(p.d, kParallelBackwardMaxThreads, knobs.segment) : ParallelShape{};
   // reg: the single layout's backward with register accumulators (its shared memory has a larger exchange)
   const bool reg = reps == 1 && resolved_variant(knobs) == Variant::Reg;
-  // reg with 16-byte rows (set below): whether its launched instantiation reads a lane table
+  // reg with 16-byte rows (set below): whether its launched instantiation reads a lane table; rows per thread in
+  // flight (2: the paired reg backward, QGOFT_CUDA_BACKWARD=pair)
   bool reg_lanes = false;
+  int reg_rows = 1;
   // shared memory (accumulation-type elements) of the parallel or stacked backward kernel with a table of S
   // (stacks: and the earlier repetitions' tapes kept, `tape`)
   auto smem_elems = [&](int S, bool tape) {
     return reps > 1 ? detail::StackBackwardSmem(reps, s.R, s.T, width, p.want_blocks, grads, S, tape).total
                     : detail::ParallelBackwardSmem(s.R, s.T, s.nseg, width, grads, S, reg && S > 0,
-                                                   reg && S > 0 && reg_lanes)
+                                                   reg && S > 0 && reg_lanes, reg && S > 0 ? reg_rows : 1)
                           .total;
   };
   auto fits = [&](int S, bool tape) { return smem_elems(S, tape) * es <= lim.smem_optin; };
@@ -333,11 +340,17 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
                      (!grads || rows16(p.d, p.x_ld, p.x));
     plan.vec = vec;
     reg_lanes = reg && detail::reg_branch_free(s.logT, vec, grads, static_cast<int>(es));
+    const RegBackward reg_kernel = knobs.backward == RegBackward::FromEnv ? reg_backward_from_env() : knobs.backward;
+    if (reg && reg_kernel == RegBackward::Pair && detail::reg_pair_applies(s.logT, vec, grads, elem_size(p.dtype))) {
+      reg_rows = detail::kPairRows;
+      if (table && !fits(kChunk * s.T, false)) reg_rows = 1;  // its larger exchange does not fit: the reg kernel
+    }
     const int threads = s.R * s.T;
     a.stack_tape = reps > 1 && grads && fits(0, true) ? 1 : 0;  // a kept tape saves a forward pass
     if (table && fits(kChunk * s.T, a.stack_tape)) {
       a.table = kChunk * s.T;
       a.reg = reg ? 1 : 0;
+      a.pair = reg && reg_rows > 1 ? 1 : 0;
     }
     if (grads && s.nseg > 1) {  // the forward kernel, with the same variant, recomputes the segment starts
       plan.top_pass = true;
@@ -371,7 +384,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
       reduce = describe_reduce(plan);
     }
     plan.main.grid = dim3(static_cast<unsigned>(blocks), s.nseg);
-    plan.describe = describe_parallel(reps, s, vec, a.table) + " reg=" + str(a.reg) +
+    plan.describe = describe_parallel(reps, s, vec, a.table) + " reg=" + str(a.reg) + " pair=" + str(a.pair) +
                     (reps > 1 ? " tape=" + str(a.stack_tape) : std::string()) + " grads=" + str(grads) +
                     " grid=" + str(blocks) + " smem=" + str(plan.main.smem) +
                     (plan.top_pass ? " top_prefetch=" + str(plan.top_prefetch) + " top_grid=" + str(plan.top.grid.x)

@@ -33,6 +33,12 @@ enum class ForwardKernel { FromEnv, Plain, Prefetch };
 // (lanes = 1, the order of the kernel before Split). FromEnv: QGOFT_CUDA_REDUCE=split|serial (default split), read
 // by the planner.
 enum class ReduceKind { FromEnv, Split, Serial };
+// The reg variant's backward kernel for the single parallel layout where it applies (16-bit activations, 16-byte
+// rows, parameter gradients, rows of 2049 .. 4096 elements or segmented: reg_pair_applies): Single is
+// parallel_backward_reg_kernel (one row per thread at a time); Pair is parallel_backward_pair_kernel (two rows per
+// thread in flight; docs/CUDA.md, "The paired reg backward"). FromEnv: QGOFT_CUDA_BACKWARD=single|pair (default
+// single until a GPU has timed both), read by the planner.
+enum class RegBackward { FromEnv, Single, Pair };
 struct Knobs {
   ForcedPath path = ForcedPath::Auto;
   int segment = 0;  // 0 or a power of two in [256, 8192]: segment width of the parallel kernels
@@ -40,6 +46,7 @@ struct Knobs {
   XorPath xor_path = XorPath::FromEnv;
   ForwardKernel forward = ForwardKernel::FromEnv;
   ReduceKind reduce = ReduceKind::FromEnv;
+  RegBackward backward = RegBackward::FromEnv;
 };
 
 // The variant named by QGOFT_CUDA_VARIANT (unset or empty: Reg); throws std::invalid_argument for any
@@ -54,6 +61,9 @@ ForwardKernel forward_kernel_from_env();
 // The reduction named by QGOFT_CUDA_REDUCE (unset or empty: Split); throws std::invalid_argument for any other
 // value than split or serial.
 ReduceKind reduce_kind_from_env();
+// The reg backward kernel named by QGOFT_CUDA_BACKWARD (unset or empty: Single); throws std::invalid_argument for
+// any other value than single or pair.
+RegBackward reg_backward_from_env();
 
 struct Limits {
   int sm_count = 1;

@@ -52,6 +52,16 @@ struct ParallelLaneTable {
   static QGOFT_HOST_DEVICE int at(int logT, int layer, int t) { return (layer << (logT - 1)) + (t >> 1); }
 };
 
+// Whether the paired reg backward (parallel_backward_pair_kernel, chain_parallel_pair.cuh; two rows per thread in
+// flight) can run a launch: the reg backward's branch-free instantiation (reg_branch_free) with 16-bit activations
+// (elem_bytes 2; float32 rows' 32 bytes per chunk and row do not fit its registers twice). One rule for the
+// kernel's instantiation and the planner.
+QGOFT_HOST_DEVICE constexpr bool reg_pair_applies(int logT, bool vec, bool grads, int elem_bytes) {
+  return elem_bytes == 2 && reg_branch_free(logT, vec, grads, 4);  // 16-bit activations accumulate in float
+}
+// Rows per thread in flight of the paired reg backward.
+constexpr int kPairRows = 2;
+
 // Resident blocks of 512 threads per SM the prefetching forward (parallel_forward_prefetch_kernel) is compiled
 // for (its __launch_bounds__ minimum, which caps its registers) and the planner sizes its persistent grid by
 // (smaller blocks: as many more as fit the same threads): 16-bit rows 3 (40 registers, like the table forward),
@@ -68,23 +78,26 @@ QGOFT_HOST_DEVICE inline int64_t parallel_forward_smem(int table, int reps = 1) 
 }
 
 // Shared memory of the parallel backward kernel, in accumulation-type elements:
-// [32] exchange words (the reg variant, `pipelined`: [2][2][32], two buffers of values and gradients) | [R][T-1][4] cross-thread pair accumulators | [31 * 4 + 32] top-layer
+// [32] exchange words (the reg variant, `pipelined`: [2][rows][2][32], two buffers of values and gradients of each of
+// the `rows` rows a thread has in flight: 1, or 2 in the paired reg backward) | [R][T-1][4] cross-thread pair
+// accumulators | [31 * 4 + 32] top-layer
 // accumulators (segmented rows) | [R][width] per-slot sums (R > 1) | (table variant, from a multiple
 // of 4 elements) [4 (S - 1)] the segment's block table | (reg variant) [S] the segment's scale |
 // (`lanes`: the reg variant's branch-free instantiation, reg_branch_free) [4 ParallelLaneTable::blocks] the
-// lane table.
+// lane table | (rows > 1: the paired reg backward) [S] the scale sums of each thread's chunk (owner-only).
 struct ParallelBackwardSmem {
-  int64_t cacc, tacc, red, tab, scl, lane, total;
+  int64_t cacc, tacc, red, tab, scl, lane, ssum, total;
   QGOFT_HOST_DEVICE ParallelBackwardSmem(int R, int T, int nseg, int64_t width, bool grads, int table,
-                                         bool pipelined = false, bool lanes = false) {
-    cacc = pipelined ? 128 : 32;
+                                         bool pipelined = false, bool lanes = false, int rows = 1) {
+    cacc = pipelined ? 128 * rows : 32;
     tacc = cacc + (grads ? static_cast<int64_t>(R) * (T - 1) * 4 : 0);
     red = tacc + (grads && nseg > 1 ? 5 * kMaxTopLanes : 0);
     const int64_t end = red + (grads && R > 1 ? static_cast<int64_t>(R) * width : 0);
     tab = table > 0 ? (end + 3) / 4 * 4 : end;
     scl = tab + 4 * ParallelTable::blocks(table);
     lane = scl + (pipelined ? table : 0);  // a multiple of 4 elements (tab, 4 (S - 1) and S are): 16-byte blocks
-    total = lane + (lanes ? 4 * ParallelLaneTable::blocks(ceil_log2(T)) : 0);
+    ssum = lane + (lanes ? 4 * ParallelLaneTable::blocks(ceil_log2(T)) : 0);
+    total = ssum + (pipelined && rows > 1 ? table : 0);
   }
 };
 

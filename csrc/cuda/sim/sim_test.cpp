@@ -243,6 +243,7 @@ int g_failures = 0;
 int g_cases = 0;
 int g_failed_cases = 0;
 int g_top_prefetch = 0;  // backward runs whose top pass ran the prefetching forward
+int g_pair = 0;          // backward runs on the paired reg backward
 
 bool close_all(const char* what, const std::string& tag, const double* got, const std::vector<double>& want,
                double rtol, double atol_rel) {
@@ -269,7 +270,8 @@ struct Options {
   int64_t offset = 0;  // elements before the first input row (0: 16-byte aligned)
   bool mask_x = true, mask_params = true, mask_scale = true;
   bool backward = true;  // false: the forward only
-  Knobs knobs = {ForcedPath::Auto, 0, Variant::Base, XorPath::Fused, ForwardKernel::Plain};
+  Knobs knobs = {ForcedPath::Auto, 0, Variant::Base, XorPath::Fused, ForwardKernel::Plain, ReduceKind::FromEnv,
+                 RegBackward::Single};
   int sm_count = 3;  // of the emulated device (sim_limits): more SMs, more slots (partial rows) to reduce
 };
 
@@ -293,6 +295,16 @@ void parallel_forward_instance(const ParallelArgs& a) {
 }
 template <class S, bool kVec, bool kGrads, bool kTable>
 void parallel_backward_instance(const ParallelArgs& a) {
+  if constexpr (sizeof(S) == 2 && kVec && kGrads) {  // the paired reg backward (reg_pair_applies)
+    if (a.pair > 0) {
+      detail::parallel_backward_pair_kernel<S>(a);
+      return;
+    }
+  }
+  if (a.pair > 0) {
+    std::fprintf(stderr, "sim: a paired reg backward planned outside reg_pair_applies\n");
+    std::abort();
+  }
   if (a.reg > 0 && detail::reg_fixed_width(a)) detail::parallel_backward_reg_kernel<S, kVec, kGrads, detail::kRegLogT>(a);
   else if (a.reg > 0) detail::parallel_backward_reg_kernel<S, kVec, kGrads, 0>(a);
   else if (a.reps > 1) detail::parallel_stack_backward_kernel<S, kVec, kGrads, kTable>(a);
@@ -356,6 +368,7 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
                     " off=" + std::to_string(o.offset) + " path=" + std::to_string(int(o.knobs.path)) +
                     " variant=" + std::to_string(int(o.knobs.variant)) +
                     " forward=" + std::to_string(int(o.knobs.forward)) +
+                    " backward=" + std::to_string(int(o.knobs.backward)) +
                     " seg=" + std::to_string(o.knobs.segment) + " sms=" + std::to_string(o.sm_count) +
                     " reduce=" + std::to_string(int(o.knobs.reduce)) + " mask=" + std::to_string(o.mask_x) +
                     std::to_string(o.mask_params) + std::to_string(o.mask_scale);
@@ -467,6 +480,7 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
     if (!p.want_x && !grads) return result;
     BackwardPlan plan = plan_backward(p, lim, o.knobs, sim_occupancy);
     if (plan.top_pass && plan.top_prefetch) ++g_top_prefetch;
+    if (plan.pa.pair > 0) ++g_pair;
     const std::string btag = tag + " | bwd " + plan.describe;
     plan.pa.blocks = plan.ga.blocks = blocks.data();
     plan.pa.scale = plan.ga.scale = o.with_scale ? scale.data() : nullptr;
@@ -548,40 +562,60 @@ bool backward_top_pass(const Layout& lay, const Options& o) {
   return o.backward && plan_backward(p, sim_limits(), o.knobs, sim_occupancy).top_pass;
 }
 
+// Whether a case's backward runs the paired reg backward under QGOFT_CUDA_BACKWARD=pair, as planned.
+template <class S>
+bool pair_applies(const Layout& lay, const Options& o) {
+  if (!o.backward || o.knobs.variant != Variant::Reg || o.knobs.backward != RegBackward::Single) return false;
+  Problem p = make_problem(Traits<S>::dtype, lay, o.rows);
+  p.want_x = o.mask_x;
+  p.want_blocks = o.mask_params;
+  p.want_scale = o.mask_scale && o.with_scale;
+  p.grad = p.x = p.out = reinterpret_cast<const void*>(uintptr_t(o.offset == 0 ? 4096 : 4098));  // as run_case's rows
+  p.grad_ld = p.x_ld = lay.d + o.pad;
+  Knobs k = o.knobs;
+  k.backward = RegBackward::Pair;
+  return plan_backward(p, sim_limits(), k, sim_occupancy).pa.pair > 0;
+}
+
 // run_case, counted as a failed case when any of its checks failed. vs_table (the reg variant): the same
 // inputs through the table variant too, whose backward must give bitwise the same results (the reg kernel
 // does the table kernel's arithmetic in the same order). prefetch_too: the same inputs' forward, and the
 // backward where it has a top pass, through the prefetching forward too, whose results must be bitwise the
-// plain forward's (same arithmetic, same order).
+// plain forward's (same arithmetic, same order). pair_applies: the same inputs through the paired reg backward
+// (QGOFT_CUDA_BACKWARD=pair), whose results must be bitwise the reg kernel's (same arithmetic, same row order).
 template <class S>
 void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng, bool vs_table = false) {
   const int before = g_failures;
-  std::mt19937_64 same = rng, same_fwd = rng;
+  const std::mt19937_64 inputs = rng;  // the case's inputs, for the runs that must give bitwise its results
   const std::vector<double> got = run_case<S>(lay, o, rng);
+  // the same inputs under `other`: its results (all of them, or with `prefix` its first ones) bitwise `got`'s
+  auto same_as = [&](const Options& other, bool prefix, const char* what) {
+    std::mt19937_64 same = inputs;
+    const std::vector<double> want = run_case<S>(lay, other, same);
+    --g_cases;
+    if ((prefix ? got.size() < want.size() : got.size() != want.size()) ||
+        (!want.empty() && std::memcmp(got.data(), want.data(), want.size() * sizeof(double)) != 0)) {
+      std::fprintf(stderr, "FAIL %s d=%lld rows=%lld variant=%d seg=%d masks=%d%d%d backward=%d: %s\n", Traits<S>::name,
+                   (long long)lay.d, (long long)o.rows, int(o.knobs.variant), o.knobs.segment, int(o.mask_x),
+                   int(o.mask_params), int(o.mask_scale), int(other.backward), what);
+      ++g_failures;
+    }
+  };
+  if (pair_applies<S>(lay, o)) {
+    Options q = o;
+    q.knobs.backward = RegBackward::Pair;
+    same_as(q, false, "paired reg backward not bitwise equal to the reg kernel's");
+  }
   if (prefetch_too(lay, o)) {
     Options f = o;
     f.knobs.forward = ForwardKernel::Prefetch;
     f.backward = backward_top_pass<S>(lay, o);
-    const std::vector<double> y = run_case<S>(lay, f, same_fwd);
-    --g_cases;
-    if (got.size() < y.size() || (!y.empty() && std::memcmp(got.data(), y.data(), y.size() * sizeof(double)) != 0)) {
-      std::fprintf(stderr, "FAIL %s d=%lld rows=%lld variant=%d seg=%d backward=%d: prefetching forward not bitwise "
-                   "equal to the plain one\n", Traits<S>::name, (long long)lay.d, (long long)o.rows,
-                   int(o.knobs.variant), o.knobs.segment, int(f.backward));
-      ++g_failures;
-    }
+    same_as(f, true, "prefetching forward not bitwise equal to the plain one");
   }
   if (vs_table) {
     Options t = o;
     t.knobs.variant = Variant::Table;
-    const std::vector<double> want = run_case<S>(lay, t, same);
-    --g_cases;
-    if (got.size() != want.size() ||
-        (!got.empty() && std::memcmp(got.data(), want.data(), got.size() * sizeof(double)) != 0)) {
-      std::fprintf(stderr, "FAIL %s d=%lld variant=%d: backward not bitwise equal to the table variant's\n",
-                   Traits<S>::name, (long long)lay.d, int(o.knobs.variant));
-      ++g_failures;
-    }
+    same_as(t, false, "backward not bitwise equal to the table variant's");
   }
   if (g_failures != before) ++g_failed_cases;
 }
@@ -818,6 +852,23 @@ void many_slot_cases(std::mt19937_64& rng) {
   }
 }
 
+// The paired reg backward over blocks that own several pairs of rows, the last pair with one row past the block's
+// rows (its second row invalid) or whole: rows of 4096 (13 and 14 rows over the emulated 6 blocks) and segmented rows
+// of 4104 (9 and 8 rows over 3 blocks per segment column), goft, goft_scaled and qgoft, every mask; each also
+// through the reg kernel, bitwise equal (run_case_counted). Other dtypes: the planner keeps the reg kernel.
+template <class S>
+void pair_cases(std::mt19937_64& rng) {
+  for (auto [d, rows, quasi, scale] : {std::tuple<int64_t, int64_t, bool, bool>{4096, 13, true, true},
+                                      {4096, 14, false, false}, {4104, 9, false, true}, {4104, 8, true, false}}) {
+    Options o;
+    o.knobs.variant = Variant::Reg;
+    o.rows = rows;
+    o.quasi = quasi;
+    o.with_scale = scale;
+    run_all_masks<S>(parallel_layout(d), o, rng);
+  }
+}
+
 template <class S>
 void suite(bool full, std::mt19937_64& rng) {
   std::vector<Layout> lays;
@@ -883,6 +934,7 @@ void suite(bool full, std::mt19937_64& rng) {
   }
   reg_fixed_width_cases<S>(rng);
   prefetch_cases<S>(rng);
+  if constexpr (sizeof(S) == 2) pair_cases<S>(rng);
 }
 
 // One environment switch the planner reads: unset and empty give `fallback`, every name its value, and `bad`
@@ -929,6 +981,9 @@ void check_env_switches() {
   check_switch("QGOFT_CUDA_REDUCE", reduce_kind_from_env, ReduceKind::Split,
                {{"split", ReduceKind::Split}, {"serial", ReduceKind::Serial}}, "tree",
                "QGOFT_CUDA_REDUCE must be split or serial, got 'tree'");
+  check_switch("QGOFT_CUDA_BACKWARD", reg_backward_from_env, RegBackward::Single,
+               {{"pair", RegBackward::Pair}, {"single", RegBackward::Single}}, "paired",
+               "QGOFT_CUDA_BACKWARD must be single or pair, got 'paired'");
 }
 
 // The reduction's plan on an H100 at the shapes counted in docs/CUDA.md ("The reduction of the partial rows"):
@@ -968,6 +1023,61 @@ void check_reduce_plans() {
         plan.ra.partial_ld != plan.partial_ld || plan.describe.find(want) == std::string::npos) {
       std::fprintf(stderr, "FAIL reduce plan rows=%lld d=%lld scale=%d kind=%d: %s (want%s)\n", (long long)w.rows,
                    (long long)w.d, int(w.scale), int(w.kind), plan.describe.c_str(), want.c_str());
+      ++g_failures;
+    }
+  }
+}
+
+// Where QGOFT_CUDA_BACKWARD=pair applies on an H100 (sm_count 132, 227 KiB of shared memory per block): the reg
+// variant's backward of the single parallel layout with 16-bit activations, 16-byte rows and parameter gradients, in
+// 512-thread segments (d = 4096, and 11008 in 3 segment columns), with the reg kernel's grid (one block per SM and
+// column) and 16.5 KiB more shared memory (the second row's exchange words, the scale sums); not without the knob,
+// not for float32 or float64, not for the adjoint (dx only), unaligned rows, rows of 2048, the table variant or
+// stacks.
+void check_pair_plans() {
+  const Limits lim = h100_limits();
+  struct Want {  // the problem (d, row stride ld, repetitions of the layout, parameter gradients), knobs, pair
+    DType dtype;
+    int64_t d, ld;
+    int reps;
+    bool grads;
+    Variant variant;
+    RegBackward backward;
+    int pair;
+  };
+  constexpr Variant kReg = Variant::Reg;
+  constexpr RegBackward kPair = RegBackward::Pair;
+  for (const Want& w : {Want{DType::BFloat16, 4096, 4096, 1, true, kReg, kPair, 1},
+                        Want{DType::Float16, 4096, 4096, 1, true, kReg, kPair, 1},
+                        Want{DType::BFloat16, 11008, 11008, 1, true, kReg, kPair, 1},
+                        Want{DType::BFloat16, 4096, 4096, 1, true, kReg, RegBackward::Single, 0},
+                        Want{DType::Float32, 4096, 4096, 1, true, kReg, kPair, 0},
+                        Want{DType::Float64, 4096, 4096, 1, true, kReg, kPair, 0},
+                        Want{DType::BFloat16, 4096, 4096, 1, false, kReg, kPair, 0},
+                        Want{DType::BFloat16, 4096, 4100, 1, true, kReg, kPair, 0},
+                        Want{DType::BFloat16, 2048, 2048, 1, true, kReg, kPair, 0},
+                        Want{DType::BFloat16, 4096, 4096, 1, true, Variant::Table, kPair, 0},
+                        Want{DType::BFloat16, 1000, 1000, 2, true, kReg, kPair, 0}}) {
+    Problem p = make_problem(w.dtype, w.reps > 1 ? stacked(parallel_layout(w.d), w.reps) : parallel_layout(w.d), 8192);
+    p.x_ld = p.grad_ld = w.ld;
+    p.want_blocks = p.want_scale = w.grads;
+    Knobs knobs;
+    knobs.variant = w.variant;
+    knobs.xor_path = XorPath::Fused;
+    knobs.forward = ForwardKernel::Plain;
+    knobs.backward = w.backward;
+    const BackwardPlan plan = plan_backward(p, lim, knobs, one_block_per_sm);
+    Knobs single = knobs;
+    single.backward = RegBackward::Single;
+    const BackwardPlan base = plan_backward(p, lim, single, one_block_per_sm);
+    const bool has = plan.describe.find(" pair=" + std::to_string(w.pair) + " ") != std::string::npos;
+    // the second row's [2][2][32] float exchange words and the scale sums ([S] floats, S = 4096)
+    const size_t extra = w.pair ? (2 * 2 * 32 + 4096) * 4 : 0;
+    if (plan.pa.pair != w.pair || !has || plan.main.grid.x != base.main.grid.x || plan.main.grid.y != base.main.grid.y ||
+        plan.main.smem != base.main.smem + extra || plan.pa.reg != base.pa.reg) {
+      std::fprintf(stderr, "FAIL pair plan dtype=%d d=%lld reps=%d variant=%d ld=%lld grads=%d: %s | single: %s (want "
+                   "pair=%d)\n", int(w.dtype), (long long)w.d, w.reps, int(w.variant), (long long)w.ld, int(w.grads),
+                   plan.describe.c_str(), base.describe.c_str(), w.pair);
       ++g_failures;
     }
   }
@@ -1098,6 +1208,7 @@ int main(int argc, char** argv) {
   check_stack_plans();
   check_prefetch_plans();
   check_reduce_plans();
+  check_pair_plans();
   if (mode == "tiny") {  // for a race detector: a few small cases through every path
     // the tree's barriers, blocks of several item groups: 64 lanes (3 shared-memory levels), 2 lanes (1 level:
     // the barrier after each group keeps the next group's writes from the last reads)
@@ -1157,8 +1268,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "FAIL no backward ran its top pass through the prefetching forward\n");
     ++g_failures;
   }
-  std::printf("cuda host emulation: %d cases, %d failed checks, %d backward top passes on the prefetching forward\n",
-              g_cases, g_failures, g_top_prefetch);
+  if (mode != "tiny" && g_pair == 0) {  // pair_cases and the reg cases must reach the paired reg backward
+    std::fprintf(stderr, "FAIL no backward ran on the paired reg backward\n");
+    ++g_failures;
+  }
+  std::printf("cuda host emulation: %d cases, %d failed checks, %d backward top passes on the prefetching forward, "
+              "%d backward runs on the paired reg backward\n", g_cases, g_failures, g_top_prefetch, g_pair);
   std::printf("cuda_emulation: %d passed, %d failed\n", g_cases - g_failed_cases, g_failed_cases);
   return g_failures == 0 ? 0 : 1;
 }
