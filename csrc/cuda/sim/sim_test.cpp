@@ -1236,6 +1236,10 @@ int main(int argc, char** argv) {
     run_case_counted<float>(stacked(parallel_layout(300), 2), o, rng);  // stacked kernels, cross-warp layers
     o.knobs.variant = Variant::Base;
     run_case_counted<float>(stacked(parallel_layout(300), 2), o, rng);
+    o.knobs.variant = Variant::Reg;  // and through the paired reg backward: 7 rows over 6 blocks (a pair, singles)
+    o.rows = 7;
+    o.with_scale = true;
+    run_case_counted<__nv_bfloat16>(parallel_layout(4096), o, rng);
   } else {
     reduce_cases<float, false>(full, rng);
     reduce_cases<float, true>(full, rng);
