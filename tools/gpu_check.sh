@@ -21,11 +21,12 @@
 #                 backward (reg+pair: QGOFT_CUDA_BACKWARD=pair, also bitwise against reg's) against base and the
 #                 float64 reference, the fused XOR path against the general kernels
 #                 (tools/gpu_variant_check.py)                                        variants.log
-#   chain    150  bench/bench_gpu.py: chain kernels with every QGOFT_CUDA_VARIANT (base, table, reg; reg's
-#                 forward is table's, timed once), table+prefetch (the prefetching forward, forward rows
-#                 only), reg+serial (QGOFT_CUDA_REDUCE=serial: backward rows with parameter gradients; and
-#                 every backward variant split / serial at MiniLM's 2048 x 384 and 1536) and reg+pair (the
-#                 paired reg backward, bf16 backward rows with parameter gradients) side by side, butterfly
+#   chain    150  bench/bench_gpu.py: chain kernels under reg with the plain forward, reg+prefetch (the
+#                 default: the prefetching forward, forward rows and d > 4096 backward rows with gradients),
+#                 reg+serial (QGOFT_CUDA_REDUCE=serial: backward rows with parameter gradients; and every
+#                 backward variant split / serial at MiniLM's 2048 x 384 and 1536) and reg+prefetch+pair (the
+#                 paired reg backward, bf16 backward rows with parameter gradients) side by side (base is
+#                 timed by the baseline part, table was slower than reg everywhere), butterfly
 #                 and stack=2 (the stack on the
 #                 general and the fused XOR kernels, QGOFT_CUDA_XOR), qgoft.nn.Linear vs frozen / PEFT
 #                 LoRA r=8 / PEFT OFT, a LLaMA-shaped stack's training step vs LoRA (targets 1-4, half of 5)
@@ -324,7 +325,7 @@ else
   part ptxas 60 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --binary qgoft/libqgoft_ops.so --out "$OUTDIR/ptxas.json"
   part load 30 load.log load_check
   part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py --variants table,reg,table+prefetch,reg+pair
-  part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants base,table,reg,table+prefetch,reg+serial,reg+pair --out "$OUTDIR"
+  part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants reg,reg+prefetch,reg+serial,reg+prefetch+pair --out "$OUTDIR"
   part tests 120 tests.log run_tests
   part sanitize 120 sanitize.log sanitize_all
   part layer 60 run_layer.log "$PYTHON" bench/run.py --quick --device cuda --only layer --out-dir "$OUTDIR/run" --no-readme
