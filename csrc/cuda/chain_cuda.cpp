@@ -306,10 +306,13 @@ qc::Limits device_limits() {
   return lim;
 }
 
-int occupancy(qc::DType dtype, qc::BackwardKernel kernel, bool vec, bool grads, int threads, size_t smem) {
+int occupancy(qc::DType dtype, qc::BackwardKernel kernel, bool vec, bool grads, int threads, size_t smem,
+              const qc::ParallelArgs& pa) {
   int blocks = 1;
   switch (kernel) {
-    case qc::BackwardKernel::Parallel: blocks = qc::parallel_backward_occupancy(dtype, vec, grads, threads, smem); break;
+    case qc::BackwardKernel::Parallel:
+      blocks = qc::parallel_backward_occupancy(dtype, vec, grads, pa, threads, smem);
+      break;
     case qc::BackwardKernel::ParallelStack:
       blocks = qc::parallel_stack_backward_occupancy(dtype, vec, grads, threads, smem);
       break;
@@ -430,8 +433,9 @@ BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& gr
   p.want_scale = want_scale;
   const qc::DType dtype = o.dtype;
   qc::BackwardPlan plan = qc::plan_backward(
-      p, lim, knobs(), [dtype](qc::BackwardKernel kernel, bool vec, bool g, int threads, size_t smem) {
-        return occupancy(dtype, kernel, vec, g, threads, smem);
+      p, lim, knobs(),
+      [dtype](qc::BackwardKernel kernel, bool vec, bool g, int threads, size_t smem, const qc::ParallelArgs& pa) {
+        return occupancy(dtype, kernel, vec, g, threads, smem, pa);
       });
   log_plan(op, "backward", plan.describe);
   set_params(o, plan.pa, plan.ga);

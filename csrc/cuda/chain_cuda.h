@@ -156,7 +156,8 @@ void givens_blocks(bool acc_double, bool angles_double, const GivensArgs& a, cud
 void reduce_partials(bool acc_double, bool givens, const ReduceArgs& a, const LaunchConfig& c, cudaStream_t s);
 
 // Resident blocks per SM of the backward kernels (for sizing their persistent grids); >= 1.
-int parallel_backward_occupancy(DType t, bool vec, bool grads, int threads, size_t smem);
+// (the parallel backward: of the kernel parallel_backward launches for a)
+int parallel_backward_occupancy(DType t, bool vec, bool grads, const ParallelArgs& a, int threads, size_t smem);
 int parallel_stack_backward_occupancy(DType t, bool vec, bool grads, int threads, size_t smem);
 int general_backward_occupancy(DType t, bool grads, int threads, size_t smem);
 

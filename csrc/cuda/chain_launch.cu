@@ -46,8 +46,10 @@ void parallel_backward(DType t, bool vec, bool grads, const ParallelArgs& a, con
                        cudaStream_t s) {
   by_dtype(t, [&](auto tag) { L<decltype(tag)>::parallel_backward(vec, grads, a, c, s); });
 }
-int parallel_backward_occupancy(DType t, bool vec, bool grads, int threads, size_t smem) {
-  return by_dtype(t, [&](auto tag) { return L<decltype(tag)>::parallel_backward_occupancy(vec, grads, threads, smem); });
+int parallel_backward_occupancy(DType t, bool vec, bool grads, const ParallelArgs& a, int threads, size_t smem) {
+  return by_dtype(t, [&](auto tag) {
+    return L<decltype(tag)>::parallel_backward_occupancy(vec, grads, a, threads, smem);
+  });
 }
 void parallel_stack_backward(DType t, bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                              cudaStream_t s) {

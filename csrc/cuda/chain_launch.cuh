@@ -92,22 +92,25 @@ template <class S>
 void Launchers<S>::parallel_top_forward(const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s) {
   launch(parallel_top_forward_kernel<S>, c, s, a);
 }
+// The parallel backward kernel for a (variant, table, reg instantiation, paired rows): the one rule of its launch
+// and of the occupancy its persistent grid is sized by.
+template <class S>
+auto parallel_backward_for(bool vec, bool grads, const ParallelArgs& a) {
+  if constexpr (sizeof(S) == 2) {  // the paired reg backward (reg_pair_applies: 16-bit activations only)
+    if (a.pair > 0) return parallel_backward_pair_kernel<S>;
+  }
+  const int reg = a.reg > 0 ? (reg_fixed_width(a) ? 2 : 1) : 0;
+  return Kernels<S>::parallel_backward(vec, grads, a.table > 0, reg);
+}
 template <class S>
 void Launchers<S>::parallel_backward(bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                                      cudaStream_t s) {
-  if constexpr (sizeof(S) == 2) {  // the paired reg backward (reg_pair_applies: 16-bit activations only)
-    if (a.pair > 0) {
-      launch(parallel_backward_pair_kernel<S>, c, s, a);
-      return;
-    }
-  }
-  const int reg = a.reg > 0 ? (reg_fixed_width(a) ? 2 : 1) : 0;
-  launch(Kernels<S>::parallel_backward(vec, grads, a.table > 0, reg), c, s, a);
+  launch(parallel_backward_for<S>(vec, grads, a), c, s, a);
 }
 template <class S>
-int Launchers<S>::parallel_backward_occupancy(bool vec, bool grads, int threads, size_t smem) {
-  // the base kernel's (the table and reg variants have the same register budget; smem covers the table)
-  return occupancy(Kernels<S>::parallel_backward(vec, grads, false), threads, smem);
+int Launchers<S>::parallel_backward_occupancy(bool vec, bool grads, const ParallelArgs& a, int threads,
+                                              size_t smem) {
+  return occupancy(parallel_backward_for<S>(vec, grads, a), threads, smem);
 }
 template <class S>
 void Launchers<S>::parallel_stack_backward(bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,

@@ -16,7 +16,7 @@ struct Launchers {
   static void parallel_top_forward(const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s);
   static void parallel_backward(bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                                 cudaStream_t s);
-  static int parallel_backward_occupancy(bool vec, bool grads, int threads, size_t smem);
+  static int parallel_backward_occupancy(bool vec, bool grads, const ParallelArgs& a, int threads, size_t smem);
   static void parallel_stack_backward(bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                                       cudaStream_t s);
   static int parallel_stack_backward_occupancy(bool vec, bool grads, int threads, size_t smem);

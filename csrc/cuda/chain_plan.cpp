@@ -373,7 +373,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     plan.main.smem = static_cast<size_t>(smem_elems(a.table, a.stack_tape) * es);
     int64_t blocks = std::min(a.groups, kMaxGridX);
     if (a.table > 0 || grads) {  // persistent grid: the table read, the parameter gradients summed once per block
-      blocks = persistent_blocks(a.groups, occupancy(kernel, vec, grads, threads, plan.main.smem), s.nseg, lim);
+      blocks = persistent_blocks(a.groups, occupancy(kernel, vec, grads, threads, plan.main.smem, a), s.nseg, lim);
     }
     std::string reduce;
     if (grads) {
@@ -418,7 +418,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     plan.main.smem = static_cast<size_t>((R * row_elems + fixed) * es);
     blocks = std::min(a.groups, kMaxGridX);
     if (grads) {
-      const int occ = occupancy(BackwardKernel::General, false, grads, plan.main.threads, plan.main.smem);
+      const int occ = occupancy(BackwardKernel::General, false, grads, plan.main.threads, plan.main.smem, plan.pa);
       blocks = persistent_blocks(a.groups, occ, 1, lim);
     }
   } else {

@@ -70,9 +70,12 @@ struct Limits {
   int64_t smem_optin = 48 * 1024;  // max dynamic shared memory per block
 };
 
-// Resident blocks per SM of a backward kernel configuration (>= 1).
+// Resident blocks per SM of a backward kernel configuration (>= 1). For BackwardKernel::Parallel, `pa` is the
+// launch's arguments as planned (table, reg, pair pick the instantiation, whose registers differ: e.g. the reg
+// kernel without parameter gradients fits two 512-thread blocks per SM where base's fits one).
 enum class BackwardKernel { General, Parallel, ParallelStack };
-using OccupancyFn = std::function<int(BackwardKernel kernel, bool vec, bool grads, int threads, size_t smem)>;
+using OccupancyFn =
+    std::function<int(BackwardKernel kernel, bool vec, bool grads, int threads, size_t smem, const ParallelArgs& pa)>;
 
 struct Problem {
   DType dtype = DType::Float32;

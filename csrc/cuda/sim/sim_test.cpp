@@ -345,7 +345,7 @@ Limits sim_limits() {
   lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
   return lim;
 }
-int sim_occupancy(BackwardKernel, bool, bool, int, size_t) { return 2; }
+int sim_occupancy(BackwardKernel, bool, bool, int, size_t, const ParallelArgs&) { return 2; }
 // An H100's planning limits (the planner checks): 132 SMs, 227 KiB of shared memory per block; one block per SM.
 Limits h100_limits() {
   Limits lim;
@@ -353,7 +353,7 @@ Limits h100_limits() {
   lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
   return lim;
 }
-int one_block_per_sm(BackwardKernel, bool, bool, int, size_t) { return 1; }
+int one_block_per_sm(BackwardKernel, bool, bool, int, size_t, const ParallelArgs&) { return 1; }
 
 template <class S>
 std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
@@ -990,7 +990,7 @@ void check_env_switches() {
 // all-MiniLM-L6-v2's Linears (2048 rows, d = 384 and 1536, bf16, reg; 256-thread backward blocks of 128
 // registers: 2 per SM, 264 slots) and the benchmark shapes (8192 rows, d = 4096: 132 slots; 11008: 3 segment
 // columns, 44 slots); split and serial; qgoft without scale (parameters only) and goft_scaled (both).
-int two_blocks_per_sm(BackwardKernel, bool, bool, int, size_t) { return 2; }
+int two_blocks_per_sm(BackwardKernel, bool, bool, int, size_t, const ParallelArgs&) { return 2; }
 void check_reduce_plans() {
   struct Want {
     int64_t rows, d;
@@ -1198,6 +1198,41 @@ void check_prefetch_plans() {
   }
 }
 
+// The parallel backward's persistent grid is sized by the occupancy of the kernel its launch runs: the planner
+// asks with the planned arguments (table, reg, pair set first). H100, 8192 x 4096 bf16, 16-byte rows; an
+// occupancy function that, like the real one, fits two 512-thread blocks per SM only for the reg kernel without
+// parameter gradients (64 registers; base's 119, table's 70, every kernel with gradients 128).
+void check_backward_occupancy_args() {
+  auto reg_dx_two = [](BackwardKernel kernel, bool, bool grads, int, size_t, const ParallelArgs& pa) {
+    return kernel == BackwardKernel::Parallel && pa.reg > 0 && pa.table > 0 && pa.pair == 0 && !grads ? 2 : 1;
+  };
+  struct Want {
+    Variant variant;
+    RegBackward backward;
+    bool grads;
+    unsigned grid;
+    int pair;
+  };
+  for (const Want& w : {Want{Variant::Reg, RegBackward::Single, false, 264, 0},
+                        Want{Variant::Table, RegBackward::Single, false, 132, 0},
+                        Want{Variant::Base, RegBackward::Single, false, 8192, 0},  // no table: one block per row
+                        Want{Variant::Reg, RegBackward::Single, true, 132, 0},
+                        Want{Variant::Reg, RegBackward::Pair, true, 132, 1}}) {
+    Problem p = make_problem(DType::BFloat16, parallel_layout(4096), 8192);
+    p.x_ld = p.grad_ld = 4096;
+    p.want_blocks = w.grads;
+    Knobs knobs;
+    knobs.variant = w.variant;
+    knobs.backward = w.backward;
+    const BackwardPlan plan = plan_backward(p, h100_limits(), knobs, reg_dx_two);
+    if (!plan.parallel || plan.main.grid.x != w.grid || plan.pa.pair != w.pair) {
+      std::fprintf(stderr, "FAIL backward occupancy variant=%d grads=%d: %s (want grid=%u pair=%d)\n",
+                   int(w.variant), int(w.grads), plan.describe.c_str(), w.grid, w.pair);
+      ++g_failures;
+    }
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -1209,6 +1244,7 @@ int main(int argc, char** argv) {
   check_prefetch_plans();
   check_reduce_plans();
   check_pair_plans();
+  check_backward_occupancy_args();
   if (mode == "tiny") {  // for a race detector: a few small cases through every path
     // the tree's barriers, blocks of several item groups: 64 lanes (3 shared-memory levels), 2 lanes (1 level:
     // the barrier after each group keeps the next group's writes from the last reads)
