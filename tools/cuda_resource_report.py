@@ -4,7 +4,7 @@ stack frame, shared memory) and SASS instruction counts (all, 16-byte global loa
 accesses, shuffles, barriers).
 
     python tools/cuda_resource_report.py [--arch sm_90] [--out report.json] [--compare old.json]
-    python tools/cuda_resource_report.py --binary qgoft/libqgoft_ops.so    # a built library: no compiling
+    python tools/cuda_resource_report.py --binary qgoft/libqgoft_cuda.so   # a built library: no compiling
 
 Needs nvcc; SASS counts need cuobjdump (CUDA toolkit, or `pip install nvidia-cuda-cuobjdump`; found on
 PATH, next to nvcc, or through $CUOBJDUMP). --compare prints the differences against an earlier report.
@@ -306,6 +306,8 @@ def main() -> int:
         if cuobjdump is None:
             sys.exit("cuobjdump not found (set CUOBJDUMP)")
         report = from_binary(cuobjdump, args.binary)
+        if not report:  # e.g. the ops library, whose CUDA kernels live in libqgoft_cuda.so
+            sys.exit(f"{args.binary}: no CUDA kernels found (the kernels are in qgoft/libqgoft_cuda.so)")
         return print_report(report, args)
     if nvcc is None:
         sys.exit("nvcc not found (set CUDACXX)")

@@ -322,7 +322,7 @@ elif [ "$GPU" = 0 ]; then
   record gpu FAIL "$(elapsed)" "torch sees no GPU (use --dry-run on a machine without one)"
 else
   part build 150 build.log build_extension
-  part ptxas 60 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --binary qgoft/libqgoft_ops.so --out "$OUTDIR/ptxas.json"
+  part ptxas 60 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --binary qgoft/libqgoft_cuda.so --out "$OUTDIR/ptxas.json"
   part load 30 load.log load_check
   part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py --variants table,reg,table+prefetch,reg+pair
   part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants reg,reg+prefetch,reg+serial,reg+prefetch+pair --out "$OUTDIR"
