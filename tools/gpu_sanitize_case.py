@@ -6,7 +6,8 @@ Paths: parallel (rows sharing a block, one row of 512 threads, scalar loads of a
 segmented parallel (forward top kernel, backward recomputation and top layers in warp 0), stacked parallel
 (QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels), each in every kernel variant
 (QGOFT_CUDA_VARIANT=base|table|reg; reg's 512-thread instantiation by "512 threads" and "segmented default";
-a stack under reg runs base's kernels); the prefetching forward (QGOFT_CUDA_FORWARD=prefetch under table, forward
+a stack under reg runs base's kernels; these with the plain forward, QGOFT_CUDA_FORWARD=plain); the prefetching
+forward (QGOFT_CUDA_FORWARD=prefetch, the default, under table, forward
 and the full backward only: the knob changes no other backward kernel than the segmented rows' recomputing top
 pass) on enough rows that blocks own several row groups; the split reduction of the partial rows
 (QGOFT_CUDA_REDUCE=split, the default) with 2 to 64 lanes per item and d % 4 != 0; the paired reg backward
@@ -75,7 +76,7 @@ def cases():
             for variant in VARIANTS:
                 for name, lay, rows, env, unaligned in parallel:
                     out.append((f"{name} [{variant}]", lay, rows, dtype, quasi, with_scale,
-                                {**env, "QGOFT_CUDA_VARIANT": variant}, unaligned))
+                                {**env, "QGOFT_CUDA_VARIANT": variant, "QGOFT_CUDA_FORWARD": "plain"}, unaligned))
             if dtype != torch.float16:
                 for name, lay, rows, env, unaligned in general:
                     out.append((name, lay, rows, dtype, quasi, with_scale, env, unaligned))
@@ -95,7 +96,7 @@ def cases():
                         {**env, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_BACKWARD": "pair"}, unaligned))
     for variant in VARIANTS:
         out.append((f"float64 parallel [{variant}]", layouts.parallel(513), 5, torch.float64, True, True,
-                    {"QGOFT_CUDA_VARIANT": variant}, False))
+                    {"QGOFT_CUDA_VARIANT": variant, "QGOFT_CUDA_FORWARD": "plain"}, False))
     out.append(("float64 prefetch [table]", layouts.parallel(1024), 1_000, torch.float64, True, True,
                 {"QGOFT_CUDA_VARIANT": "table", "QGOFT_CUDA_FORWARD": "prefetch"}, False))
     out.append(("general global (natural)", layouts.butterfly(8192), 2, torch.float32, False, True, {}, False))
@@ -126,9 +127,9 @@ def run(lay, rows, dtype, quasi, with_scale, env, unaligned):
         fwd = torch.ops.qgoft.quasi_givens_chain if quasi else torch.ops.qgoft.givens_chain
         bwd = torch.ops.qgoft.quasi_givens_chain_backward if quasi else torch.ops.qgoft.givens_chain_backward
         y = fwd(x, params, pairs, offs, scale)
-        # QGOFT_CUDA_FORWARD selects the forward kernel and the backward's top pass (segmented rows with parameter
-        # gradients): its cases run the full backward only
-        masks = MASKS[:1] if "QGOFT_CUDA_FORWARD" in env else MASKS
+        # QGOFT_CUDA_FORWARD=prefetch selects the forward kernel and the backward's top pass (segmented rows with
+        # parameter gradients): its cases run the full backward only
+        masks = MASKS[:1] if env.get("QGOFT_CUDA_FORWARD") == "prefetch" else MASKS
         outs = [bwd(g, x, params, pairs, offs, scale, list(m)) for m in masks]
         torch.cuda.synchronize()
     finally:
