@@ -309,6 +309,16 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
   const int64_t width = 4 * p.num_pairs + p.d;
   plan.partial_ld = round_up(width, 4);
   const int64_t partial_cap = std::max<int64_t>(1, kPartialCapBytes / (plan.partial_ld * es));
+  // With parameter gradients, both paths: one partial row per block of the grid (blocks, capped here by
+  // partial_cap) and their reduction; returns the reduction's part of the verbose line ("" without gradients).
+  auto plan_partials = [&](int64_t& blocks, int64_t& args_partial_ld) -> std::string {
+    if (!grads) return {};
+    blocks = std::min(blocks, partial_cap);
+    plan.slots = blocks;
+    args_partial_ld = plan.partial_ld;
+    plan_reduce(plan, p, knobs);
+    return describe_reduce(plan);
+  };
 
   const int reps = parallel_reps(p, knobs);
   ParallelShape s = reps > 0 ? parallel_shape(p.d, kParallelBackwardMaxThreads, knobs.segment) : ParallelShape{};
@@ -375,14 +385,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     if (a.table > 0 || grads) {  // persistent grid: the table read, the parameter gradients summed once per block
       blocks = persistent_blocks(a.groups, occupancy(kernel, vec, grads, threads, plan.main.smem, a), s.nseg, lim);
     }
-    std::string reduce;
-    if (grads) {
-      blocks = std::min(blocks, partial_cap);
-      plan.slots = blocks;
-      a.partial_ld = plan.partial_ld;
-      plan_reduce(plan, p, knobs);
-      reduce = describe_reduce(plan);
-    }
+    const std::string reduce = plan_partials(blocks, a.partial_ld);
     plan.main.grid = dim3(static_cast<unsigned>(blocks), s.nseg);
     plan.describe = describe_parallel(reps, s, vec, a.table) + " reg=" + str(a.reg) + " pair=" + str(a.pair) +
                     (reps > 1 ? " tape=" + str(a.stack_tape) : std::string()) + " grads=" + str(grads) +
@@ -429,14 +432,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
                                             kWorkspaceCapBytes / std::max<int64_t>(row_elems * es, 1)}));
     plan.main.smem = 0;
   }
-  std::string reduce;
-  if (grads) {
-    blocks = std::min(blocks, partial_cap);
-    plan.slots = blocks;
-    a.partial_ld = plan.partial_ld;
-    plan_reduce(plan, p, knobs);
-    reduce = describe_reduce(plan);
-  }
+  const std::string reduce = plan_partials(blocks, a.partial_ld);
   if (!smem_rows) {
     a.ws_stride = row_elems;
     plan.workspace_elems = blocks * row_elems;
