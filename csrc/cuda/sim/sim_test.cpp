@@ -335,26 +335,25 @@ void run_parallel_backward(const LaunchConfig& c, bool vec, bool grads, const Pa
   });
 }
 
+// The planning limits of an emulated device of sm_count SMs with kSimSmemBytes (227 KiB) of shared memory per
+// block: run_case's (3 SMs) and an H100's (132 SMs, for the planner checks).
+Limits sim_limits(int sm_count = 3) {
+  Limits lim;
+  lim.sm_count = sm_count;
+  lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
+  return lim;
+}
+Limits h100_limits() { return sim_limits(132); }
+// An occupancy function (OccupancyFn) of N backward blocks per SM whatever the kernel: run_case's device (2), the
+// planner checks (1 as a 512-thread block of 128 registers on an H100, 2 for 256-thread blocks).
+template <int N>
+int blocks_per_sm(BackwardKernel, bool, bool, int, size_t, const ParallelArgs&) {
+  return N;
+}
+
 // Runs forward + backward (o.backward) through plan + kernels, like chain_cuda.cpp, and checks them. Returns
 // the forward's output, then the backward's results (grad_x, parameter and scale gradients as computed),
 // widened to double.
-// The emulated device of run_case: 3 SMs, the shared memory of kSimSmemBytes, 2 backward blocks per SM.
-Limits sim_limits() {
-  Limits lim;
-  lim.sm_count = 3;
-  lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
-  return lim;
-}
-int sim_occupancy(BackwardKernel, bool, bool, int, size_t, const ParallelArgs&) { return 2; }
-// An H100's planning limits (the planner checks): 132 SMs, 227 KiB of shared memory per block; one block per SM.
-Limits h100_limits() {
-  Limits lim;
-  lim.sm_count = 132;
-  lim.smem_optin = static_cast<int64_t>(detail::kSimSmemBytes);
-  return lim;
-}
-int one_block_per_sm(BackwardKernel, bool, bool, int, size_t, const ParallelArgs&) { return 1; }
-
 template <class S>
 std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_64& rng) {
   using A = typename detail::Elem<S>::A;
@@ -478,7 +477,7 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
       p.x_ld = ld;
     }
     if (!p.want_x && !grads) return result;
-    BackwardPlan plan = plan_backward(p, lim, o.knobs, sim_occupancy);
+    BackwardPlan plan = plan_backward(p, lim, o.knobs, blocks_per_sm<2>);
     if (plan.top_pass && plan.top_prefetch) ++g_top_prefetch;
     if (plan.pa.pair > 0) ++g_pair;
     const std::string btag = tag + " | bwd " + plan.describe;
@@ -559,7 +558,7 @@ bool backward_top_pass(const Layout& lay, const Options& o) {
   p.want_x = o.mask_x;
   p.want_blocks = o.mask_params;
   p.want_scale = o.mask_scale && o.with_scale;
-  return o.backward && plan_backward(p, sim_limits(), o.knobs, sim_occupancy).top_pass;
+  return o.backward && plan_backward(p, sim_limits(), o.knobs, blocks_per_sm<2>).top_pass;
 }
 
 // Whether a case's backward runs the paired reg backward under QGOFT_CUDA_BACKWARD=pair, as planned.
@@ -574,7 +573,7 @@ bool pair_applies(const Layout& lay, const Options& o) {
   p.grad_ld = p.x_ld = lay.d + o.pad;
   Knobs k = o.knobs;
   k.backward = RegBackward::Pair;
-  return plan_backward(p, sim_limits(), k, sim_occupancy).pa.pair > 0;
+  return plan_backward(p, sim_limits(), k, blocks_per_sm<2>).pa.pair > 0;
 }
 
 // run_case, counted as a failed case when any of its checks failed. vs_table (the reg variant): the same
@@ -990,7 +989,6 @@ void check_env_switches() {
 // all-MiniLM-L6-v2's Linears (2048 rows, d = 384 and 1536, bf16, reg; 256-thread backward blocks of 128
 // registers: 2 per SM, 264 slots) and the benchmark shapes (8192 rows, d = 4096: 132 slots; 11008: 3 segment
 // columns, 44 slots); split and serial; qgoft without scale (parameters only) and goft_scaled (both).
-int two_blocks_per_sm(BackwardKernel, bool, bool, int, size_t, const ParallelArgs&) { return 2; }
 void check_reduce_plans() {
   struct Want {
     int64_t rows, d;
@@ -1015,7 +1013,7 @@ void check_reduce_plans() {
     Knobs knobs;
     knobs.variant = Variant::Reg;
     knobs.reduce = w.kind;
-    const BackwardPlan plan = plan_backward(p, h100_limits(), knobs, w.rows == 2048 ? two_blocks_per_sm : one_block_per_sm);
+    const BackwardPlan plan = plan_backward(p, h100_limits(), knobs, w.rows == 2048 ? blocks_per_sm<2> : blocks_per_sm<1>);
     const std::string want = " slots=" + std::to_string(w.slots) + " reduce_lanes=" + std::to_string(w.lanes) +
                              " reduce_grid=" + std::to_string(w.grid);
     if (plan.slots != w.slots || plan.ra.lanes != w.lanes || plan.reduce.grid.x != w.grid ||
@@ -1066,10 +1064,10 @@ void check_pair_plans() {
     knobs.xor_path = XorPath::Fused;
     knobs.forward = ForwardKernel::Plain;
     knobs.backward = w.backward;
-    const BackwardPlan plan = plan_backward(p, lim, knobs, one_block_per_sm);
+    const BackwardPlan plan = plan_backward(p, lim, knobs, blocks_per_sm<1>);
     Knobs single = knobs;
     single.backward = RegBackward::Single;
-    const BackwardPlan base = plan_backward(p, lim, single, one_block_per_sm);
+    const BackwardPlan base = plan_backward(p, lim, single, blocks_per_sm<1>);
     const bool has = plan.describe.find(" pair=" + std::to_string(w.pair) + " ") != std::string::npos;
     // the second row's [2][2][32] float exchange words and the scale sums ([S] floats, S = 4096)
     const size_t extra = w.pair ? (2 * 2 * 32 + 4096) * 4 : 0;
@@ -1097,11 +1095,11 @@ void check_stack_plans() {
       Problem p = make_problem(dtype, stacked(parallel_layout(d), reps), 1000);
       p.x_ld = p.grad_ld = d;
       p.want_blocks = p.want_scale = true;
-      const BackwardPlan plan = plan_backward(p, lim, knobs, one_block_per_sm);
+      const BackwardPlan plan = plan_backward(p, lim, knobs, blocks_per_sm<1>);
       const bool want = d <= 4096 && !(dtype == DType::Float64 && d == 4096);
       Knobs reg = knobs;  // under Reg (the default) a stack runs Base's kernels: no block table
       reg.variant = Variant::Reg;
-      const BackwardPlan reg_bwd = plan_backward(p, lim, reg, one_block_per_sm);
+      const BackwardPlan reg_bwd = plan_backward(p, lim, reg, blocks_per_sm<1>);
       const ForwardPlan reg_fwd = plan_forward(p, lim, reg);
       if (reg_bwd.pa.table != 0 || reg_bwd.pa.reg != 0 || reg_fwd.pa.table != 0) {
         std::fprintf(stderr, "FAIL stack plan under reg dtype=%d d=%lld: %s | %s (want base's kernels)\n", int(dtype),
@@ -1184,7 +1182,7 @@ void check_prefetch_plans() {
     knobs.variant = w.variant;
     knobs.xor_path = XorPath::Fused;
     knobs.forward = w.forward;
-    const BackwardPlan plan = plan_backward(p, lim, knobs, one_block_per_sm);
+    const BackwardPlan plan = plan_backward(p, lim, knobs, blocks_per_sm<1>);
     const bool has = plan.describe.find(" top_prefetch=" + std::to_string(w.top_prefetch) + " ") != std::string::npos;
     const ParallelArgs fa = plan.top_args();
     if (!plan.top_pass || plan.top_prefetch != w.top_prefetch || fa.prefetch != w.top_prefetch || fa.store != 0 ||
