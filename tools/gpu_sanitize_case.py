@@ -29,9 +29,12 @@ import qgoft
 from qgoft import layouts
 from qgoft import reference as ref
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from bench_gpu import KNOB_DEFAULTS  # noqa: E402  (the one list of the kernel switches a variant name sets)
+
 DEV = "cuda"
-KNOBS = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", "QGOFT_CUDA_FORWARD",
-         "QGOFT_CUDA_REDUCE", "QGOFT_CUDA_BACKWARD")
+# every switch a case may set, cleared before and after each case
+KNOBS = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", *KNOB_DEFAULTS)
 VARIANTS = ("base", "table", "reg")
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
 
