@@ -499,8 +499,11 @@ def test_pair_backward(gen, env, capfd, d, rows, method, dtype, mask, g_kind, pa
     ("QGOFT_CUDA_XOR", "parallel*2", "QGOFT_CUDA_XOR must be general or fused"),
     ("QGOFT_CUDA_FORWARD", "parallel", "QGOFT_CUDA_FORWARD must be plain or prefetch"),
     ("QGOFT_CUDA_REDUCE", "parallel", "QGOFT_CUDA_REDUCE must be split or serial"),  # read by the backward
+    ("QGOFT_CUDA_BACKWARD", "parallel", "QGOFT_CUDA_BACKWARD must be single or pair"),  # read by the backward
 ])
 def test_switch_rejects_unknown_values(gen, env, var, kind, message):
+    """A switch the planner reads names its values: those of the forward fail at the forward call, those read by
+    the backward's planner only at the backward call."""
     env(**{var: "fast"})
     pairs, offsets = make_layout(kind, 64, gen)
     params, _ = make_params("goft", pairs.shape[0], 64, gen)
@@ -551,16 +554,6 @@ def test_split_reduction(gen, env, capfd, kind, d, rows, method, dtype):
         for other in runs[1:]:
             for name, a, b in zip(names, runs[0], other):
                 assert torch.equal(a, b), f"{name}: the split reduction differs between runs"
-
-
-def test_backward_switch_rejects_unknown_values(gen, env):
-    """QGOFT_CUDA_BACKWARD (read by the backward's planner) names its two values."""
-    env(QGOFT_CUDA_BACKWARD="fast")
-    pairs, offsets = make_layout("parallel", 64, gen)
-    params, _ = make_params("goft", pairs.shape[0], 64, gen)
-    x = torch.randn(4, 64, device=DEV)
-    with pytest.raises((RuntimeError, ValueError), match="QGOFT_CUDA_BACKWARD must be single or pair"):
-        k_backward("goft", x, x, params, pairs, offsets, None)
 
 
 def test_path_selection(gen, env, capfd):
