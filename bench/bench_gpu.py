@@ -54,6 +54,9 @@ SAME_FORWARD = {"reg": "table", "reg+prefetch": "table+prefetch", "reg+pair": "r
 SUFFIX_KNOBS = {"prefetch": ("QGOFT_CUDA_FORWARD", "prefetch"), "serial": ("QGOFT_CUDA_REDUCE", "serial"),
                 "pair": ("QGOFT_CUDA_BACKWARD", "pair")}
 KNOB_DEFAULTS = {"QGOFT_CUDA_FORWARD": "plain", "QGOFT_CUDA_REDUCE": "split", "QGOFT_CUDA_BACKWARD": "single"}
+# Every kernel switch of the CUDA planner (docs/CUDA.md, "Debug knobs"): the ones a variant name sets and the path,
+# segment and XOR-path overrides; a tool that runs kernels under chosen switches clears these first.
+KERNEL_SWITCHES = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", *KNOB_DEFAULTS)
 # Variants that change only the single parallel layout's forward kernel (`V+prefetch`: QGOFT_CUDA_FORWARD=prefetch
 # under V): of the chain table only their forward rows are timed (their backward kernels are V's), and the backward
 # rows with parameter gradients of rows wider than one 4096-element backward segment, whose recomputing top pass

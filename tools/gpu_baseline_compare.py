@@ -33,6 +33,8 @@ from typing import Dict, List, Optional, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench", "bench_gpu.py")
 CURRENT, BASELINE = "current", "baseline"
+sys.path.insert(0, os.path.dirname(BENCH))
+from bench_gpu import KERNEL_SWITCHES  # noqa: E402  (the one list of the planner's switches)
 Key = Tuple[str, str, str, str]  # table, case, contender, variant of this tree ("" for the copy)
 
 
@@ -42,7 +44,7 @@ def run_process(build: str, index: int, args: argparse.Namespace, work: str) -> 
     os.makedirs(out, exist_ok=True)
     cmd = [sys.executable, BENCH, "--only", "kernels", "--xor", "general", "--rounds", str(args.rounds), "--out", out]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
-    for var in ("QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR"):
+    for var in KERNEL_SWITCHES:  # bench_gpu sets them per variant; none may leak in from the caller
         env.pop(var, None)
     if build == BASELINE:
         cmd += ["--variants", "base", "--ops-library", args.baseline_lib]

@@ -30,11 +30,11 @@ from qgoft import layouts
 from qgoft import reference as ref
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from bench_gpu import KNOB_DEFAULTS  # noqa: E402  (the one list of the kernel switches a variant name sets)
+from bench_gpu import KERNEL_SWITCHES  # noqa: E402  (the one list of the planner's switches)
 
 DEV = "cuda"
 # every switch a case may set, cleared before and after each case
-KNOBS = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", *KNOB_DEFAULTS)
+KNOBS = KERNEL_SWITCHES
 VARIANTS = ("base", "table", "reg")
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
 
