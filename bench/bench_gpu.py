@@ -448,7 +448,8 @@ def verdict(ok: Optional[bool]) -> str:
 def evaluate(chain: List[dict], lays: List[dict], lin: List[dict], llama: List[dict],
              variants: List[str]) -> List[dict]:
     """Targets 1-4 and the LLaMA half of 5 per variant: {"target", "variant", "met": True/False/None,
-    "measured"}."""
+    "measured", "over"}; `over` (targets 1-4) is how far the case is from its limit, measured / limit for the
+    at-most targets and limit / measured for target 1's at-least one: <= 1 within it."""
     def find(rows, case, contender, variant):
         for r in rows:
             if r["case"] == case and r["contender"] == contender and r.get("variant") == variant:
@@ -464,20 +465,21 @@ def evaluate(chain: List[dict], lays: List[dict], lin: List[dict], llama: List[d
                 if r:
                     out.append({"target": 1, "what": f"{name} {case}: >= {FWD_TARGET:.0%} of copy bandwidth",
                                 "variant": v, "met": r["copy_bw_fraction"] >= FWD_TARGET,
-                                "measured": f"{r['copy_bw_fraction']:.0%} ({r['ms']:.3f} ms)"})
+                                "measured": f"{r['copy_bw_fraction']:.0%} ({r['ms']:.3f} ms)",
+                                "over": FWD_TARGET / r["copy_bw_fraction"]})
             for name in ("goft backward (dx, dθ)", "goft_scaled backward (dx, dθ, ds)", "qgoft backward (dx, dblocks)"):
                 r = find(chain, case, name, v)
                 if r:
                     out.append({"target": 2, "what": f"{name} {case}: <= {BWD_TARGET}x copy time",
                                 "variant": v, "met": r["vs_copy"] <= BWD_TARGET,
-                                "measured": f"{r['vs_copy']:.2f}x ({r['ms']:.3f} ms)"})
+                                "measured": f"{r['vs_copy']:.2f}x ({r['ms']:.3f} ms)", "over": r["vs_copy"] / BWD_TARGET})
         for r in lays:
             if r.get("variant") != v or r["case"].endswith(" parallel") or r.get("baseline"):
                 continue
             limit = BUTTERFLY_TARGET if "butterfly" in r["case"] else STACK_TARGET
             out.append({"target": 3, "what": f"{r['case']} {r['contender']}: <= {limit}x the parallel layout",
                         "variant": v, "met": r["vs_parallel"] <= limit,
-                        "measured": f"{r['vs_parallel']:.2f}x ({r['ms']:.3f} ms)"})
+                        "measured": f"{r['vs_parallel']:.2f}x ({r['ms']:.3f} ms)", "over": r["vs_parallel"] / limit})
         peers = {r["contender"]: r for r in lin if "ms" in r and not r["variant"]}
         for r in lin:
             if r.get("variant") != v or "ms" not in r:
@@ -492,7 +494,7 @@ def evaluate(chain: List[dict], lays: List[dict], lin: List[dict], llama: List[d
                     ok = None if ok else ok
                     text += f"; {bl.SHORT[peer]} not timed"
             out.append({"target": 4, "what": f"{r['contender']} {r['case']}: <= {LINEAR_TARGET}x frozen, below LoRA and OFT",
-                        "variant": v, "met": ok, "measured": text})
+                        "variant": v, "met": ok, "measured": text, "over": r["vs_frozen"] / LINEAR_TARGET})
         lora = next((r for r in llama if r["contender"] == bl.LORA), None)
         for r in llama:
             if r.get("variant") != v:
