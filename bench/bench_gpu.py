@@ -7,11 +7,14 @@ planner per call), so the variants share every round; a variant `V+prefetch` is 
 (the prefetching forward: forward rows, and the backward rows of its top pass at d > 4096), `V+serial` is V with
 QGOFT_CUDA_REDUCE=serial (the serial reduction of the partial rows: backward rows with parameter gradients, also in
 a table at all-MiniLM-L6-v2's shapes, 2048 rows x d = 384 and 1536 bf16, beside the split one), `V+pair` V with
-QGOFT_CUDA_BACKWARD=pair (the paired reg backward: the bf16 backward rows with parameter gradients); the layout table
+QGOFT_CUDA_BACKWARD=pair (the paired reg backward: the bf16 backward rows with parameter gradients), `V+recompute` V
+with QGOFT_CUDA_TOPS=recompute (the backward rows with parameter gradients at d > 4096, which are given the
+forward's segment tops, recompute them in a top pass instead: docs/CUDA.md, "Saved segment tops"); the layout table
 (target 3) times stack=2 on the general and the fused XOR kernels (QGOFT_CUDA_XOR=general|fused) side by side.
 
     python bench/bench_gpu.py [--rounds 15] [--out DIR] [--quick] [--variants base,table,table+prefetch]
     python bench/bench_gpu.py --only kernels --variants reg,reg+pair   # the paired reg backward beside reg
+    python bench/bench_gpu.py --only kernels --variants reg+prefetch,reg+prefetch+recompute   # saved tops or not
     python bench/bench_gpu.py --dry-run     # no GPU: tiny shapes on the CPU, CPU timers (checks the script)
     python bench/bench_gpu.py --only kernels --xor general   # the chain and layout tables only
     QGOFT_DISABLE_EXTENSION=1 python bench/bench_gpu.py --only kernels --ops-library OTHER/libqgoft_ops.so
@@ -49,11 +52,12 @@ CHAIN_OPS = ("givens_chain", "givens_chain_backward", "quasi_givens_chain", "qua
 # the layout table (target 3) are timed under that variant only.
 SAME_FORWARD = {"reg": "table", "reg+prefetch": "table+prefetch", "reg+pair": "reg"}
 # The switches a variant name's `+S` suffixes set (`V+S1+S2`: variant V with S1 and S2), and their values without:
-# `+prefetch` the prefetching forward, `+serial` the serial reduction, `+pair` the paired reg backward (docs/CUDA.md,
-# "Debug knobs").
+# `+prefetch` the prefetching forward, `+serial` the serial reduction, `+pair` the paired reg backward, `+recompute` the
+# top pass whatever segment tops the backward is given (docs/CUDA.md, "Debug knobs").
 SUFFIX_KNOBS = {"prefetch": ("QGOFT_CUDA_FORWARD", "prefetch"), "serial": ("QGOFT_CUDA_REDUCE", "serial"),
-                "pair": ("QGOFT_CUDA_BACKWARD", "pair")}
-KNOB_DEFAULTS = {"QGOFT_CUDA_FORWARD": "plain", "QGOFT_CUDA_REDUCE": "split", "QGOFT_CUDA_BACKWARD": "single"}
+                "pair": ("QGOFT_CUDA_BACKWARD", "pair"), "recompute": ("QGOFT_CUDA_TOPS", "recompute")}
+KNOB_DEFAULTS = {"QGOFT_CUDA_FORWARD": "plain", "QGOFT_CUDA_REDUCE": "split", "QGOFT_CUDA_BACKWARD": "single",
+                 "QGOFT_CUDA_TOPS": "saved"}
 # Every kernel switch of the CUDA planner (docs/CUDA.md, "Debug knobs"): the ones a variant name sets and the path,
 # segment and XOR-path overrides; a tool that runs kernels under chosen switches clears these first.
 KERNEL_SWITCHES = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", *KNOB_DEFAULTS)
@@ -81,6 +85,14 @@ def reduce_only(variant: str) -> bool:
 # kernels); the Linear and LLaMA tables, whose steps run that backward, time them like any variant.
 def backward_only(variant: str) -> bool:
     return "+pair" in variant
+
+
+# Variants that change only where the backward of segmented rows with parameter gradients takes its segment tops
+# (`V+recompute`: QGOFT_CUDA_TOPS=recompute under V, the top pass; without it the tops the backward is given, the
+# forward's): of the chain table only those backward rows (d > 4096) are timed; the layout, reduction and Linear
+# tables (rows of one segment) leave them out; the LLaMA table, whose MLP input has 11008 features, times them.
+def tops_only(variant: str) -> bool:
+    return variant.endswith("+recompute")
 
 
 def knob_env(variant: str) -> Dict[str, str]:
@@ -213,15 +225,21 @@ def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Lis
         lay.num_pairs, 2, 2, device=dev, generator=gen)
     scale = 1 + 0.1 * torch.randn(d, device=dev, generator=gen)
     ops = torch.ops.qgoft
+    # the backward with parameter gradients is given the segment tops of the forward of its x (under the default
+    # switches: (rows, segments) at d > 4096, as autograd saves them; (rows, 0), i.e. none, for rows of one segment);
+    # an earlier build's ops library (--ops-library) has no tops: its backward is called without them
+    has_tops = hasattr(ops, "givens_chain_with_tops")
+    goft_tops = (ops.givens_chain_with_tops(x, angles, pairs, offs, None)[1],) if has_tops else ()
+    qgoft_tops = (ops.quasi_givens_chain_with_tops(x, blocks, pairs, offs, None)[1],) if has_tops else ()
     calls = {
         "goft forward": lambda: ops.givens_chain(x, angles, pairs, offs, None),
         "qgoft forward": lambda: ops.quasi_givens_chain(x, blocks, pairs, offs, None),
         "goft backward (dx, dθ)": lambda: ops.givens_chain_backward(g, x, angles, pairs, offs, None,
-                                                                    [True, True, False]),
+                                                                    [True, True, False], *goft_tops),
         "goft_scaled backward (dx, dθ, ds)": lambda: ops.givens_chain_backward(
-            g, x, angles, pairs, offs, scale, [True, True, True]),
+            g, x, angles, pairs, offs, scale, [True, True, True], *goft_tops),
         "qgoft backward (dx, dblocks)": lambda: ops.quasi_givens_chain_backward(
-            g, x, blocks, pairs, offs, None, [True, True, False]),
+            g, x, blocks, pairs, offs, None, [True, True, False], *qgoft_tops),
         "adjoint (dx only)": lambda: ops.givens_chain_backward(g, x, angles, pairs, offs, None,
                                                                [True, False, False]),
     }
@@ -233,6 +251,8 @@ def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Lis
             if "forward" in name and SAME_FORWARD.get(v) in variants:
                 continue
             if "forward" not in name and forward_only(v) and not top_pass_row(name, d):
+                continue
+            if tops_only(v) and not top_pass_row(name, d):
                 continue
             if reduce_only(v) and name not in GRAD_ROWS:
                 continue
@@ -259,7 +279,7 @@ def reduce_variants(variants: Sequence[str]) -> List[str]:
     out: List[str] = []
     for v in variants:
         base = v.partition("+")[0] if reduce_only(v) else v
-        if forward_only(base) or backward_only(base):
+        if forward_only(base) or backward_only(base) or tops_only(base):
             continue
         for w in (base, f"{base}+serial"):
             if w not in out:
@@ -328,7 +348,8 @@ def linear_rows(rows: int, d: int, rounds: int, variants: List[str], dev: str, d
         step = bl.train_step(c.module, x, gy)
         if c.name.startswith("qgoft"):
             for v in variants:
-                fns[f"{c.name} [{v}]"] = with_variant(v, step)
+                if not tops_only(v):  # rows of one segment: no tops
+                    fns[f"{c.name} [{v}]"] = with_variant(v, step)
         else:
             fns[c.name] = step
     med = clock.timed(fns, rounds, inner=3)
@@ -625,7 +646,8 @@ def main() -> int:
     print("bench_gpu: reduction table done", flush=True)
     xor_paths = [p for p in args.xor.split(",") if p]
     # the variants of the layout table
-    whole = [v for v in variants if not forward_only(v) and not reduce_only(v) and not backward_only(v)]
+    whole = [v for v in variants
+             if not forward_only(v) and not reduce_only(v) and not backward_only(v) and not tops_only(v)]
     lays = [] if args.quick else layout_rows(rows, widths[0], torch.bfloat16, rounds, whole, dev, clock, xor_paths)
     lin: List[dict] = []
     llama: List[dict] = []

@@ -9,32 +9,39 @@ reference and the C++ glue.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["KERNEL_DTYPES", "check_chain_arguments"]
+__all__ = ["KERNEL_DTYPES", "accumulation_dtype", "check_chain_arguments"]
 
 # Activation dtypes the kernels accept.
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def accumulation_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels compute in for activations of ``x_dtype``: float64 for float64, else float32."""
+    return torch.float64 if x_dtype == torch.float64 else torch.float32
 
 Check = Callable[[bool, Callable[[], str]], None]
 
 
 def check_chain_arguments(check: Check, op: str, x: Tensor, params: Tensor, params_name: str, pairs: Tensor,
                           layer_offsets: Tensor, scale: Optional[Tensor],
-                          grad_out: Optional[Tensor] = None) -> None:
+                          grad_out: Optional[Tensor] = None, tops: Optional[Tensor] = None) -> None:
     """Check the arguments of a chain op (or of its backward, with ``grad_out``) without reading values.
 
     ``params_name`` is ``"angles"`` (shape ``(P,)``) or ``"blocks"`` (``(P, 2, 2)``). In this order (the
     order of the compiled ops' glue too, csrc/common/checks.cpp): every argument is a tensor; x has a
     dimension and is float32/float64/bfloat16/float16; every tensor is on x's device; params and scale are real
     floating point; pairs is int32 ``(P, 2)``; layer_offsets is int32 ``(L + 1,)``; params have shape ``(P,)``
-    or ``(P, 2, 2)``; scale ``(d,)`` with ``d = x.shape[-1]``; grad_out has x's shape and is floating point.
+    or ``(P, 2, 2)``; scale ``(d,)`` with ``d = x.shape[-1]``; grad_out has x's shape and is floating point;
+    tops (the backward's segment tops, docs/CONTRACT.md) has x's accumulation dtype and shape ``(rows, k)``.
     Messages read ``"<op>: <argument> must ..., got <actual>"``."""
     named = [("x", x), (params_name, params), ("pairs", pairs), ("layer_offsets", layer_offsets),
-             ("scale", scale), ("grad_out", grad_out)]
+             ("scale", scale), ("grad_out", grad_out), ("tops", tops)]
     named = [(name, t) for name, t in named if t is not None or name == "x"]
     for name, t in named:
         check(isinstance(t, Tensor), lambda: f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -66,3 +73,11 @@ def check_chain_arguments(check: Check, op: str, x: Tensor, params: Tensor, para
               lambda: f"{op}: grad_out must have the shape of x {list(x.shape)}, got {list(grad_out.shape)}")
         check(grad_out.is_floating_point(),
               lambda: f"{op}: grad_out must be a floating point tensor, got {grad_out.dtype}")
+    if tops is not None:
+        acc = accumulation_dtype(x.dtype)
+        check(tops.dtype == acc,
+              lambda: f"{op}: tops must be {acc} (the accumulation type of x), got {tops.dtype}")
+        rows = math.prod(x.shape[:-1])
+        check(tops.dim() == 2 and tops.shape[0] == rows,
+              lambda: f"{op}: tops must have shape (rows, segments) with rows = {rows}, got {list(tops.shape)}")
+

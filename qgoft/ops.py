@@ -11,13 +11,14 @@ pure-PyTorch reference (:mod:`qgoft.reference`) instead.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import _extension, reference
-from ._checks import check_chain_arguments
+from ._checks import accumulation_dtype, check_chain_arguments
 
 __all__ = [
     "givens_chain",
@@ -58,13 +59,30 @@ def _make_fake_chain(name: str, params_name: str):
     return _fake_chain
 
 
+def _make_fake_chain_with_tops(name: str, params_name: str):
+    op = f"qgoft::{name}"  # the forward's checks and messages
+
+    def _fake_chain_with_tops(x: Tensor, params: Tensor, pairs: Tensor, layer_offsets: Tensor,
+                              scale: Tensor | None) -> tuple[Tensor, Tensor]:
+        check_chain_arguments(torch._check, op, x, params, params_name, pairs, layer_offsets, scale)
+        # The tops' column count is the backward's segment count where the device's forward keeps them, else 0
+        # (the CPU, rows of one segment, other layouts): it depends on the device, the layout's values and the
+        # CUDA switches, so it is a data-dependent size here.
+        cols = torch.library.get_ctx().new_dynamic_size()
+        tops = torch.empty((math.prod(x.shape[:-1]), cols), dtype=accumulation_dtype(x.dtype), device=x.device)
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device), tops
+
+    return _fake_chain_with_tops
+
+
 def _make_fake_chain_backward(name: str, params_name: str):
     op = f"qgoft::{name}_backward"
 
     def _fake_chain_backward(grad_out: Tensor, x: Tensor, params: Tensor, pairs: Tensor,
                              layer_offsets: Tensor, scale: Tensor | None,
-                             output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-        check_chain_arguments(torch._check, op, x, params, params_name, pairs, layer_offsets, scale, grad_out)
+                             output_mask: list[bool], tops: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        check_chain_arguments(torch._check, op, x, params, params_name, pairs, layer_offsets, scale, grad_out,
+                              tops)
         grad_x = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if output_mask[0]
                   else x.new_empty(_EMPTY_SHAPE))
         grad_params = (torch.empty(params.shape, dtype=params.dtype, device=params.device)
@@ -80,12 +98,20 @@ def _make_fake_chain_backward(name: str, params_name: str):
 
 def _setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
     x, params, pairs, layer_offsets, scale = inputs
-    ctx.save_for_backward(x, params, pairs, layer_offsets, scale)
+    ctx.save_for_backward(x, params, pairs, layer_offsets, scale, None)
+
+
+def _setup_context_with_tops(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
+    """The forward's segment tops are saved for the backward op (which then skips recomputing them); they are
+    not differentiable."""
+    x, params, pairs, layer_offsets, scale = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, params, pairs, layer_offsets, scale, output[1])
 
 
 def _make_backward(backward_op: Any, reference_fn: Any):
-    def _backward(ctx: Any, grad: Tensor):
-        x, params, pairs, layer_offsets, scale = ctx.saved_tensors
+    def _backward(ctx: Any, grad: Tensor, *unused_grad_tops: Tensor):
+        x, params, pairs, layer_offsets, scale, tops = ctx.saved_tensors
         need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_scale = scale is not None and ctx.needs_input_grad[4]
         if not (need_x or need_params or need_scale):
@@ -99,7 +125,8 @@ def _make_backward(backward_op: Any, reference_fn: Any):
                                           (need_x, need_params, need_scale))
             return grads[0], grads[1], None, None, grads[2]
         grad_x, grad_params, grad_scale = backward_op(
-            grad, x, params, pairs, layer_offsets, scale, [need_x, need_params, need_scale])
+            grad, x, params, pairs, layer_offsets, scale, [need_x, need_params, need_scale],
+            *(() if tops is None else (tops,)))
         return (grad_x if need_x else None, grad_params if need_params else None, None, None,
                 grad_scale if need_scale else None)
 
@@ -132,6 +159,11 @@ def _register_compiled_ops() -> None:
         reference_fn = getattr(reference, f"{name}_reference")
         torch.library.register_autograd(
             f"qgoft::{name}", _make_backward(backward_op, reference_fn), setup_context=_setup_context)
+        if not hasattr(torch.ops.qgoft, f"{name}_with_tops"):
+            continue  # an earlier build's ops library (bench_gpu.py --ops-library): no segment tops
+        torch.library.register_fake(f"qgoft::{name}_with_tops")(_make_fake_chain_with_tops(name, params_name))
+        torch.library.register_autograd(f"qgoft::{name}_with_tops", _make_backward(backward_op, reference_fn),
+                                        setup_context=_setup_context_with_tops)
 
 
 if _extension.extension_loaded():
@@ -142,10 +174,20 @@ if _extension.extension_loaded():
 # Public functions.
 # --------------------------------------------------------------------------------------------------
 
+def _keeps_tops(x: Tensor, params: Tensor, scale: Tensor | None) -> bool:
+    """Whether a compiled forward on ``x`` runs the ``*_with_tops`` op, whose segment tops autograd saves for the
+    backward: where autograd records the call (not on meta tensors, nor under ``torch.jit.trace``, which keep
+    the plain forward op, whose schema TorchScript and C++ programs use)."""
+    return (torch.is_grad_enabled() and x.device.type != "meta" and not torch.jit.is_tracing()
+            and any(t is not None and t.requires_grad for t in (x, params, scale)))
+
+
 def givens_chain(x: Tensor, angles: Tensor, pairs: Tensor, layer_offsets: Tensor,
                  scale: Tensor | None = None) -> Tensor:
     """Apply a chain of strict Givens rotations: rows of x (..., d) -> ``s * (R^T x)``. Differentiable."""
     if uses_compiled_kernel(x):
+        if _keeps_tops(x, angles, scale):
+            return torch.ops.qgoft.givens_chain_with_tops(x, angles, pairs, layer_offsets, scale)[0]
         return torch.ops.qgoft.givens_chain(x, angles, pairs, layer_offsets, scale)
     return reference.givens_chain_reference(x, angles, pairs, layer_offsets, scale)
 
@@ -154,6 +196,8 @@ def quasi_givens_chain(x: Tensor, blocks: Tensor, pairs: Tensor, layer_offsets: 
                        scale: Tensor | None = None) -> Tensor:
     """Apply a chain of quasi-Givens 2x2 blocks (P, 2, 2): rows of x -> ``s * (R^T x)``. Differentiable."""
     if uses_compiled_kernel(x):
+        if _keeps_tops(x, blocks, scale):
+            return torch.ops.qgoft.quasi_givens_chain_with_tops(x, blocks, pairs, layer_offsets, scale)[0]
         return torch.ops.qgoft.quasi_givens_chain(x, blocks, pairs, layer_offsets, scale)
     return reference.quasi_givens_chain_reference(x, blocks, pairs, layer_offsets, scale)
 

@@ -37,7 +37,7 @@ from qgoft import ops as qops
 from qgoft import reference as ref
 import chain_helpers  # noqa: E402
 from chain_helpers import (OP_VARIANTS, cuda_required, cuda_unavailable_reason,  # noqa: E402
-                           is_quasi, kernel_backward, kernel_chain, ref_chain)
+                           is_quasi, kernel_backward, kernel_chain, ops_chain, ref_chain)
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 DEV = "cuda"
@@ -493,6 +493,122 @@ def test_pair_backward(gen, env, capfd, d, rows, method, dtype, mask, g_kind, pa
             check_close(got, ref_grad, tol_dtype, f"{method} parallel d={d} rows={rows} {dtype}: pair {name}")
     for name, a, b in zip(names, grads["pair"], grads["single"]):
         assert torch.equal(a, b), f"{name}: the paired reg backward differs from the reg kernel"
+
+
+def _with_tops(method):
+    return op().quasi_givens_chain_with_tops if is_quasi(method) else op().givens_chain_with_tops
+
+
+def _backward_op(method):
+    return op().quasi_givens_chain_backward if is_quasi(method) else op().givens_chain_backward
+
+
+@pytest.mark.parametrize("d,rows,segment,variant,method,dtype,mask,cols", [
+    (11008, 301, 0, "reg", "goft_scaled", BF16, (True, True, True), 3),   # 3 segments of 4096, reg 512-thread
+    (11008, 300, 0, "reg", "qgoft", F32, (True, True, False), 3),
+    (5000, 257, 0, "table", "goft", F64, (False, True, True), 2),           # float64: the top pass has no table
+    (4100, 300, 0, "reg", "qgoft_scaled", F16, (True, True, True), 2),     # d % 8 != 0: scalar loads
+    (1000, 500, 256, "base", "goft", BF16, (True, True, False), 4),         # base with 256-element segments
+    (11008, 64, 0, "base", "goft", BF16, (True, True, False), 0),           # base: 8192-element forward segments
+    (4096, 64, 0, "reg", "goft", BF16, (True, True, False), 0),             # one segment: no tops
+])
+def test_saved_tops(gen, env, capfd, d, rows, segment, variant, method, dtype, mask, cols):
+    """The forward's segment tops (docs/CUDA.md, "Saved segment tops"): ``*_with_tops`` returns the plain forward's
+    output bitwise and (rows, nseg) tops where its segments are the backward's ((rows, 0) elsewhere); the backward
+    given them plans no top pass (top_saved=1) and gives bitwise the results of the backward that recomputes them
+    (no tops, and QGOFT_CUDA_TOPS=recompute with them), close to the float64 reference; the public function's
+    autograd (which saves them) gives the same gradients."""
+    env(QGOFT_CUDA_VERBOSE=1, QGOFT_CUDA_VARIANT=variant, **({"QGOFT_CUDA_SEGMENT": segment} if segment else {}))
+    pairs, offsets = make_layout("parallel", d, gen)
+    params, scale = make_params(method, pairs.shape[0], d, gen, dtype=F64 if dtype == F64 else F32)
+    x = make_tensor((rows,), d, "contiguous", gen, dtype)
+    g = make_tensor((rows,), d, "contiguous", gen, dtype)
+    poison()
+    y, tops = _with_tops(method)(x, params, pairs, offsets, scale)
+    assert torch.equal(y, k_forward(method, x, params, pairs, offsets, scale))
+    assert tops.shape == (rows, cols) and tops.dtype == (F64 if dtype == F64 else F32) and tops.is_contiguous()
+    grads = {}
+    for name, given, tops_env in (("recomputed", None, "saved"), ("saved", tops, "saved"),
+                                  ("forced", tops, "recompute")):
+        env(QGOFT_CUDA_TOPS=tops_env)
+        poison()
+        capfd.readouterr()
+        grads[name] = _backward_op(method)(g, x, params, pairs, offsets, scale, list(mask), given)
+        torch.cuda.synchronize()
+        seen = [p for p in plans(capfd) if " backward " in p]
+        assert len(seen) == 1, seen
+        saved = name == "saved" and cols > 0 and (mask[1] or mask[2])
+        assert (" top_saved=1" in seen[0]) == saved, (name, seen)
+        if saved:
+            assert " top_prefetch=" not in seen[0], seen  # no top pass
+    for name in ("saved", "forced"):
+        for a, b in zip(grads[name], grads["recomputed"]):
+            assert torch.equal(a, b), f"backward {name} differs from the backward with its top pass"
+    want = truth(method, x, g, params, pairs, offsets, scale)
+    for label, wanted, got, ref_grad, tol_dtype in zip(("grad_x", "grad_params", "grad_scale"), mask, grads["saved"],
+                                                       want[1:], (dtype, F32, F32)):
+        if wanted and ref_grad is not None:
+            check_close(got, ref_grad, tol_dtype, f"{method} d={d} rows={rows} {dtype}: saved-tops {label}")
+    # autograd: the public function keeps the tops (with_tops in the graph); the same gradients as the backward op
+    env(QGOFT_CUDA_TOPS="saved")
+    leaves = [t.detach().requires_grad_() for t in (x, params)] + ([] if scale is None else
+                                                                  [scale.detach().requires_grad_()])
+    out = ops_chain(method, leaves[0], leaves[1], pairs, offsets, leaves[2] if scale is not None else None)
+    assert "with_tops" in type(out.grad_fn).__name__
+    auto = torch.autograd.grad(out, leaves, g)
+    full = _backward_op(method)(g, x, params, pairs, offsets, scale, [True, True, scale is not None])
+    for a, b in zip(auto, full):
+        assert torch.equal(a, b), "autograd with the saved tops differs from the backward op"
+
+
+def test_hostile_tops_are_refused(gen, env):
+    """Tops that the checks shared with the CPU accept but whose column count is not this backward's segment count
+    (another d's, another segment width's, a stale tensor of another shape) are refused before any launch; tops of
+    the right shape in another memory layout are copied, not read with the wrong strides; the adjoint and rows of
+    one segment ignore them; QGOFT_CUDA_TOPS names its values."""
+    d, rows = 11008, 40
+    pairs, offsets = make_layout("parallel", d, gen)
+    angles, _ = make_params("goft", pairs.shape[0], d, gen)
+    x = make_tensor((rows,), d, "contiguous", gen, BF16)
+    g = make_tensor((rows,), d, "contiguous", gen, BF16)
+    _, tops = op().givens_chain_with_tops(x, angles, pairs, offsets, None)
+    assert tops.shape == (rows, 3)
+    want = k_backward("goft", g, x, angles, pairs, offsets, None, (True, True, False))
+    for bad in (torch.zeros(rows, 2, device=DEV), torch.zeros(rows, 4, device=DEV),
+                torch.zeros(rows, 33, device=DEV)):
+        with pytest.raises(RuntimeError, match=r"qgoft::givens_chain_backward: tops must have shape \(rows, "
+                                               rf"segments\) = \({rows}, 3\) for this backward's segments"):
+            op().givens_chain_backward(g, x, angles, pairs, offsets, None, [True, True, False], bad)
+    strided = torch.empty(3, rows, device=DEV).t().copy_(tops)  # (rows, 3), column-major
+    assert not strided.is_contiguous()
+    got = op().givens_chain_backward(g, x, angles, pairs, offsets, None, [True, True, False], strided)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    adjoint = op().givens_chain_backward(g, x, angles, pairs, offsets, None, [True, False, False],
+                                         torch.zeros(rows, 5, device=DEV))
+    assert torch.equal(adjoint[0], want[0])
+    env(QGOFT_CUDA_TOPS="fast")
+    with pytest.raises((RuntimeError, ValueError), match="QGOFT_CUDA_TOPS must be saved or recompute"):
+        op().givens_chain_backward(g, x, angles, pairs, offsets, None, [True, True, False], tops)
+
+
+def test_saved_tops_under_torch_compile(gen):
+    """torch.compile of a training step through the public function (the tops' column count is a data-dependent
+    size in the fake kernel): the same output and gradients as eager, bitwise."""
+    d, rows = 5000, 64
+    pairs, offsets = make_layout("parallel", d, gen)
+    blocks, scale = make_params("qgoft_scaled", pairs.shape[0], d, gen)
+    x = make_tensor((rows,), d, "contiguous", gen, BF16)
+
+    def step(x, blocks, scale):
+        y = qops.quasi_givens_chain(x, blocks, pairs, offsets, scale)
+        return y, torch.autograd.grad(y.float().square().sum(), (blocks, scale))
+
+    leaves = [blocks.detach().requires_grad_(), scale.detach().requires_grad_()]
+    want = step(x, *leaves)
+    got = torch.compile(step, fullgraph=False)(x, *leaves)
+    assert torch.equal(got[0], want[0])
+    for a, b in zip(got[1], want[1]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("var,kind,message", [

@@ -22,14 +22,18 @@ needs_extension = pytest.mark.skipif(not qgoft.extension_loaded(),
 SCHEMAS = {
     "givens_chain": "qgoft::givens_chain(Tensor x, Tensor angles, Tensor pairs, Tensor layer_offsets, "
                     "Tensor? scale) -> Tensor",
+    "givens_chain_with_tops": "qgoft::givens_chain_with_tops(Tensor x, Tensor angles, Tensor pairs, "
+                              "Tensor layer_offsets, Tensor? scale) -> (Tensor, Tensor)",
     "givens_chain_backward": "qgoft::givens_chain_backward(Tensor grad_out, Tensor x, Tensor angles, "
-                             "Tensor pairs, Tensor layer_offsets, Tensor? scale, bool[3] output_mask) "
-                             "-> (Tensor, Tensor, Tensor)",
+                             "Tensor pairs, Tensor layer_offsets, Tensor? scale, bool[3] output_mask, "
+                             "Tensor? tops=None) -> (Tensor, Tensor, Tensor)",
     "quasi_givens_chain": "qgoft::quasi_givens_chain(Tensor x, Tensor blocks, Tensor pairs, "
                           "Tensor layer_offsets, Tensor? scale) -> Tensor",
+    "quasi_givens_chain_with_tops": "qgoft::quasi_givens_chain_with_tops(Tensor x, Tensor blocks, Tensor pairs, "
+                                    "Tensor layer_offsets, Tensor? scale) -> (Tensor, Tensor)",
     "quasi_givens_chain_backward": "qgoft::quasi_givens_chain_backward(Tensor grad_out, Tensor x, "
                                    "Tensor blocks, Tensor pairs, Tensor layer_offsets, Tensor? scale, "
-                                   "bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+                                   "bool[3] output_mask, Tensor? tops=None) -> (Tensor, Tensor, Tensor)",
 }
 IS_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -125,7 +129,7 @@ def test_op_schemas(name):
 
 @needs_extension
 def test_forward_ops_have_autograd_and_fake_registrations():
-    for name in ("givens_chain", "quasi_givens_chain"):
+    for name in ("givens_chain", "quasi_givens_chain", "givens_chain_with_tops", "quasi_givens_chain_with_tops"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qgoft::{name}", "Autograd")
     pairs = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
     offsets = torch.tensor([0, 2], dtype=torch.int32)

@@ -41,6 +41,8 @@ def test_sanitizer_cases_cover_every_variant():
     slow = subprocess.run([sys.executable, os.path.join(ROOT, "tools/gpu_sanitize_case.py"), "--list", "--float32-only"],
                           check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}).stdout
     assert sum(line.startswith("pair ") for line in slow.splitlines()) == 1  # racecheck / synccheck see the pair kernel
+    # the backward on the forward's saved segment tops (QGOFT_CUDA_TOPS=saved: run() passes the with_tops tops)
+    assert sum(line.startswith("saved tops ") for line in slow.splitlines()) == 3
 
 
 def test_variant_names_set_their_switches():
@@ -50,13 +52,18 @@ def test_variant_names_set_their_switches():
         import bench_gpu
     finally:
         sys.path.pop(0)
-    base = {"QGOFT_CUDA_FORWARD": "plain", "QGOFT_CUDA_REDUCE": "split", "QGOFT_CUDA_BACKWARD": "single"}
+    base = {"QGOFT_CUDA_FORWARD": "plain", "QGOFT_CUDA_REDUCE": "split", "QGOFT_CUDA_BACKWARD": "single",
+            "QGOFT_CUDA_TOPS": "saved"}
     assert bench_gpu.knob_env("reg") == {"QGOFT_CUDA_VARIANT": "reg", **base}
     assert bench_gpu.knob_env("table+prefetch") == {**base, "QGOFT_CUDA_VARIANT": "table", "QGOFT_CUDA_FORWARD": "prefetch"}
     assert bench_gpu.knob_env("reg+pair") == {**base, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_BACKWARD": "pair"}
     assert bench_gpu.knob_env("reg+serial") == {**base, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_REDUCE": "serial"}
     assert bench_gpu.backward_only("reg+pair") and not bench_gpu.forward_only("reg+pair")
     assert bench_gpu.forward_only("reg+prefetch") and not bench_gpu.backward_only("reg+prefetch")
+    assert bench_gpu.knob_env("reg+prefetch+recompute") == {**base, "QGOFT_CUDA_VARIANT": "reg",
+                                                            "QGOFT_CUDA_FORWARD": "prefetch", "QGOFT_CUDA_TOPS": "recompute"}
+    assert bench_gpu.tops_only("reg+prefetch+recompute") and not bench_gpu.tops_only("reg+prefetch")
+    assert not bench_gpu.forward_only("reg+prefetch+recompute")
     with pytest.raises(ValueError, match="unknown suffix"):
         bench_gpu.knob_env("reg+fast")
     seen = {}

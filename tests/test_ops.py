@@ -349,11 +349,14 @@ def _opcheck_args(method, with_scale, requires_grad, device):
     return g, x, params, pairs, offsets, scale
 
 
+@pytest.mark.parametrize("suffix", ["", "_with_tops"])
 @pytest.mark.parametrize("with_scale", [False, True])
 @pytest.mark.parametrize("method", ["goft", "qgoft"])
-def test_opcheck_forward(device, method, with_scale):
+def test_opcheck_forward(device, method, with_scale, suffix):
+    """The forward, and the forward that also returns the backward's segment tops (a data-dependent column count in
+    its fake kernel)."""
     g, x, params, pairs, offsets, scale = _opcheck_args(method, with_scale, requires_grad=True, device=device)
-    fn = op().quasi_givens_chain if is_quasi(method) else op().givens_chain
+    fn = getattr(op(), ("quasi_givens_chain" if is_quasi(method) else "givens_chain") + suffix)
     torch.library.opcheck(fn.default, (x, params, pairs, offsets, scale))
 
 
@@ -370,6 +373,56 @@ def test_opcheck_backward(device, method, with_scale, mask):
     g, x, params, pairs, offsets, scale = _opcheck_args(method, with_scale, requires_grad=False, device=device)
     fn = op().quasi_givens_chain_backward if is_quasi(method) else op().givens_chain_backward
     torch.library.opcheck(fn.default, (g, x, params, pairs, offsets, scale, list(mask)))
+
+
+@pytest.mark.parametrize("method", ["goft", "qgoft"])
+def test_opcheck_backward_with_tops(device, method):
+    g, x, params, pairs, offsets, scale = _opcheck_args(method, True, requires_grad=False, device=device)
+    fwd = op().quasi_givens_chain_with_tops if is_quasi(method) else op().givens_chain_with_tops
+    tops = fwd(x, params, pairs, offsets, scale)[1]
+    fn = op().quasi_givens_chain_backward if is_quasi(method) else op().givens_chain_backward
+    torch.library.opcheck(fn.default, (g, x, params, pairs, offsets, scale, [True, True, True], tops))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16])
+@pytest.mark.parametrize("method", OP_VARIANTS)
+def test_with_tops_forward_and_backward(device, method, dtype):
+    """``*_with_tops`` gives the plain forward's output bitwise, and tops (rows, k) in the accumulation dtype on
+    x's device (k = 0 where the forward keeps none: always on the CPU, rows of one segment on CUDA); the backward
+    given them gives bitwise the results it gives without them."""
+    gen = torch.Generator().manual_seed(7)
+    d = 40
+    pairs, offsets = make_layout("parallel", d, device)
+    params, scale = make_params(method, pairs.shape[0], d, gen, device=device)
+    x = make_tensor((2, 3), d, "contiguous", gen, device=device).to(dtype)
+    g = make_tensor((2, 3), d, "contiguous", gen, device=device).to(dtype)
+    if dtype == F64:
+        params, scale = params.double(), None if scale is None else scale.double()
+    fwd = op().quasi_givens_chain_with_tops if is_quasi(method) else op().givens_chain_with_tops
+    y, tops = fwd(x, params, pairs, offsets, scale)
+    assert torch.equal(y, kernel_chain(method, x, params, pairs, offsets, scale))
+    assert tops.dtype == (F64 if dtype == F64 else F32) and tops.device == x.device
+    assert tops.shape == (6, 0)
+    for mask in ([True, True, True], [True, False, False], [False, True, False]):
+        want = kernel_backward(method, g, x, params, pairs, offsets, scale, mask)
+        bwd = op().quasi_givens_chain_backward if is_quasi(method) else op().givens_chain_backward
+        got = bwd(g, x, params, pairs, offsets, scale, mask, tops)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+
+
+def test_autograd_keeps_the_forwards_tops(device):
+    """The public function runs ``*_with_tops`` where autograd records the call (its tops saved for the backward),
+    the plain op otherwise (no_grad, nothing requiring grad)."""
+    gen = torch.Generator().manual_seed(3)
+    pairs, offsets = make_layout("parallel", 16, device)
+    angles, _ = make_params("goft", pairs.shape[0], 16, gen, device=device)
+    x = make_tensor((5,), 16, "contiguous", gen, device=device)
+    y = qops.givens_chain(x, angles.requires_grad_(), pairs, offsets)
+    assert "with_tops" in type(y.grad_fn).__name__
+    with torch.no_grad():
+        assert qops.givens_chain(x, angles, pairs, offsets).grad_fn is None
+    assert qops.givens_chain(x, angles.detach(), pairs, offsets).grad_fn is None
 
 
 @pytest.mark.parametrize("method", ["goft", "qgoft"])
@@ -797,6 +850,32 @@ def test_rejects_grad_out_of_wrong_shape(device):
         raises_same_on_every_device(device, op().quasi_givens_chain_backward,
                                     (g, x, torch.zeros(7, 2, 2), pairs, offsets, None, [True, False, False]),
                                     "grad_out")
+
+
+def test_rejects_hostile_tops(device):
+    """The backward's segment tops (docs/CONTRACT.md): another dtype than x's accumulation type, another row
+    count, another rank, or another device are refused, with the same words on every backend (and in the fake
+    kernels); the column count is the CUDA glue's to check against its segments (tests/test_cuda.py)."""
+    d = 8
+    pairs, offsets = make_layout("parallel", d)
+    x, g = torch.randn(3, 4, d), torch.randn(3, 4, d)
+    cases = [(torch.zeros(12, 2, dtype=F64), r"tops must be Float \(the accumulation type of x\), got Double"),
+             (torch.zeros(12, 2, dtype=BF16), r"tops must be Float \(the accumulation type of x\), got BFloat16"),
+             (torch.zeros(11, 2), r"tops must have shape \(rows, segments\) with rows = 12, got \[11, 2\]"),
+             (torch.zeros(24), r"tops must have shape \(rows, segments\) with rows = 12, got \[24\]"),
+             (torch.zeros(3, 4, 2), r"tops must have shape \(rows, segments\) with rows = 12, got \[3, 4, 2\]")]
+    for tops, pattern in cases:
+        for fn, params in ((op().givens_chain_backward, torch.zeros(7)),
+                           (op().quasi_givens_chain_backward, torch.zeros(7, 2, 2))):
+            raises_same_on_every_device(device, fn, (g, x, params, pairs, offsets, None, [True, True, False], tops),
+                                        pattern)
+    # float64 x: the tops are float64
+    raises_same_on_every_device(device, op().givens_chain_backward,
+                                (g.double(), x.double(), torch.zeros(7, dtype=F64), pairs, offsets, None,
+                                 [True, True, False], torch.zeros(12, 0)), r"tops must be Double \(.*\), got Float")
+    with pytest.raises(RuntimeError, match=r"tops must be on the same device as x \(.*\), got meta"):
+        op().givens_chain_backward(g.to(device), x.to(device), torch.zeros(7, device=device), pairs.to(device),
+                                   offsets.to(device), None, [True, True, False], torch.zeros(12, 0, device="meta"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -93,12 +93,13 @@ assert info["cuda_compiled"], "qgoft.build_info() says the CUDA kernels were not
 assert info["cuda_loaded"], f"the CUDA kernels did not load: {info.get('cuda_error')}"
 assert info["abi"] == "stable", info["abi"]
 missing = []
-for name in ("givens_chain", "givens_chain_backward", "quasi_givens_chain", "quasi_givens_chain_backward"):
+for name in ("givens_chain", "givens_chain_with_tops", "givens_chain_backward", "quasi_givens_chain",
+             "quasi_givens_chain_with_tops", "quasi_givens_chain_backward"):
     for key in ("CPU", "CUDA"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"qgoft::{name}", key):
             missing.append(f"qgoft::{name} [{key}]")
 assert not missing, f"kernels not registered: {missing}"
-print("check_cuda_build: CPU and CUDA kernels registered for the 4 ops; CUDA available here:",
+print("check_cuda_build: CPU and CUDA kernels registered for the 6 ops; CUDA available here:",
       torch.cuda.is_available())
 EOF
 

@@ -15,17 +15,21 @@
 #                 `pip install -e .`                                                  build.log
 #   ptxas     60  registers, stack, SASS counts of every kernel of the built library
 #                 (tools/cuda_resource_report.py --binary)                             ptxas.txt
-#   load      30  the four ops have CUDA kernels; an identity chain is the identity     load.log
+#   load      30  the six ops have CUDA kernels; an identity chain is the identity      load.log
 #   variants  60  every QGOFT_CUDA_VARIANT (table, reg) and the prefetching forward (table+prefetch:
 #                 QGOFT_CUDA_FORWARD=prefetch, also bitwise against table's plain forward) and the paired reg
 #                 backward (reg+pair: QGOFT_CUDA_BACKWARD=pair, also bitwise against reg's) against base and the
-#                 float64 reference, the fused XOR path against the general kernels
+#                 float64 reference, the backward on the forward's saved segment tops bitwise against its top
+#                 pass (reg+prefetch+recompute: QGOFT_CUDA_TOPS=recompute), the fused XOR path against the general
+#                 kernels
 #                 (tools/gpu_variant_check.py)                                        variants.log
 #   chain    150  bench/bench_gpu.py: chain kernels under reg with the plain forward, reg+prefetch (the
 #                 default: the prefetching forward, forward rows and d > 4096 backward rows with gradients),
 #                 reg+serial (QGOFT_CUDA_REDUCE=serial: backward rows with parameter gradients; and every
 #                 backward variant split / serial at MiniLM's 2048 x 384 and 1536) and reg+prefetch+pair (the
-#                 paired reg backward, bf16 backward rows with parameter gradients) side by side (base is
+#                 paired reg backward, bf16 backward rows with parameter gradients) and reg+prefetch+recompute
+#                 (the top pass instead of the forward's saved segment tops: d > 4096 backward rows with
+#                 gradients; the LLaMA step) side by side (base is
 #                 timed by the baseline part, table was slower than reg everywhere), butterfly
 #                 and stack=2 (the stack on the
 #                 general and the fused XOR kernels, QGOFT_CUDA_XOR), qgoft.nn.Linear vs frozen / PEFT
@@ -228,7 +232,8 @@ assert qgoft.extension_loaded(), qgoft._extension.extension_error()
 info = qgoft.build_info()
 print(info)
 assert info["cuda_compiled"], "built without CUDA kernels"
-for n in ("givens_chain", "givens_chain_backward", "quasi_givens_chain", "quasi_givens_chain_backward"):
+for n in ("givens_chain", "givens_chain_with_tops", "givens_chain_backward", "quasi_givens_chain",
+          "quasi_givens_chain_with_tops", "quasi_givens_chain_backward"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"qgoft::{n}", "CUDA"), n
 lay = qgoft.layouts.parallel(4096)
 x = torch.randn(8, 4096, device="cuda")
@@ -324,8 +329,8 @@ else
   part build 150 build.log build_extension
   part ptxas 60 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --binary qgoft/libqgoft_cuda.so --out "$OUTDIR/ptxas.json"
   part load 30 load.log load_check
-  part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py --variants table,reg,table+prefetch,reg+pair
-  part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants reg,reg+prefetch,reg+serial,reg+prefetch+pair --out "$OUTDIR"
+  part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py --variants table,reg,table+prefetch,reg+pair,reg+prefetch+recompute
+  part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants reg,reg+prefetch,reg+serial,reg+prefetch+pair,reg+prefetch+recompute --out "$OUTDIR"
   part tests 120 tests.log run_tests
   part sanitize 120 sanitize.log sanitize_all
   part layer 60 run_layer.log "$PYTHON" bench/run.py --quick --device cuda --only layer --out-dir "$OUTDIR/run" --no-readme

@@ -12,7 +12,9 @@ and the full backward only: the knob changes no other backward kernel than the s
 pass) on enough rows that blocks own several row groups; the split reduction of the partial rows
 (QGOFT_CUDA_REDUCE=split, the default) with 2 to 64 lanes per item and d % 4 != 0; the paired reg backward
 (QGOFT_CUDA_BACKWARD=pair under reg: 16-bit rows of 512-thread segments, one segment and three, every mask: the
-adjoint runs the reg kernel) on rows that give blocks pairs of rows and a last single row; general in shared
+adjoint runs the reg kernel) on rows that give blocks pairs of rows and a last single row; the backward of segmented
+rows given the forward's segment tops (QGOFT_CUDA_TOPS=saved, the default, with the tops of `*_with_tops`: no top
+pass, warp 0 reads them; every mask, the paired reg backward too); general in shared
 memory and in global memory; forward, full backward and the three single-output masks; goft with a scale and qgoft without; float32, bfloat16,
 float16 (parallel paths) and float64. Prints "sanitize case OK: N cases" at the end (checked by
 gpu_check.sh) after a loose correctness check of each forward against the float64 reference.
@@ -69,6 +71,11 @@ def cases():
         ("pair 512 threads", layouts.parallel(4096), 401, {}, False),
         ("pair segmented default", layouts.parallel(9000), 133, {}, False),
     ]
+    tops = [  # QGOFT_CUDA_TOPS=saved (reg): the backward reads the forward's segment tops (run() passes them)
+        ("saved tops segmented default", layouts.parallel(9000), 300, {}, False),
+        ("saved tops segmented 256", layouts.parallel(1000), 3_000, {"QGOFT_CUDA_SEGMENT": "256"}, False),
+        ("saved tops scalar loads", layouts.parallel(4100), 40, {}, True),
+    ]
     general = [
         ("general smem butterfly", layouts.butterfly(64), 9, {}, False),
         ("general smem sequential", layouts.sequential(40), 4, {}, False),
@@ -97,6 +104,13 @@ def cases():
         for name, lay, rows, env, unaligned in pair:
             out.append((f"{name} [reg]", lay, rows, dtype, quasi, with_scale,
                         {**env, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_BACKWARD": "pair"}, unaligned))
+    for dtype, quasi, with_scale, extra in ((torch.float32, False, True, {}), (torch.bfloat16, True, False, {}),
+                                            (torch.bfloat16, False, True, {"QGOFT_CUDA_BACKWARD": "pair"})):
+        for name, lay, rows, env, unaligned in tops if not extra else tops[:1]:
+            out.append((f"{name} [reg{'+pair' if extra else ''}]", lay, rows, dtype, quasi, with_scale,
+                        {**env, **extra, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_TOPS": "saved"}, unaligned))
+    out.append(("saved tops float64 [table]", layouts.parallel(5000), 7, torch.float64, True, True,
+                {"QGOFT_CUDA_VARIANT": "table", "QGOFT_CUDA_TOPS": "saved"}, False))
     for variant in VARIANTS:
         out.append((f"float64 parallel [{variant}]", layouts.parallel(513), 5, torch.float64, True, True,
                     {"QGOFT_CUDA_VARIANT": variant, "QGOFT_CUDA_FORWARD": "plain"}, False))
@@ -129,11 +143,18 @@ def run(lay, rows, dtype, quasi, with_scale, env, unaligned):
         g = torch.randn(rows, d, device=DEV, dtype=dtype)
         fwd = torch.ops.qgoft.quasi_givens_chain if quasi else torch.ops.qgoft.givens_chain
         bwd = torch.ops.qgoft.quasi_givens_chain_backward if quasi else torch.ops.qgoft.givens_chain_backward
-        y = fwd(x, params, pairs, offs, scale)
+        tops = None
+        if env.get("QGOFT_CUDA_TOPS") == "saved":  # the forward's segment tops, given to every backward
+            with_tops = (torch.ops.qgoft.quasi_givens_chain_with_tops if quasi
+                         else torch.ops.qgoft.givens_chain_with_tops)
+            y, tops = with_tops(x, params, pairs, offs, scale)
+            assert tops.shape[1] > 0, f"no segment tops kept: {tuple(tops.shape)}"
+        else:
+            y = fwd(x, params, pairs, offs, scale)
         # QGOFT_CUDA_FORWARD=prefetch selects the forward kernel and the backward's top pass (segmented rows with
         # parameter gradients): its cases run the full backward only
         masks = MASKS[:1] if env.get("QGOFT_CUDA_FORWARD") == "prefetch" else MASKS
-        outs = [bwd(g, x, params, pairs, offs, scale, list(m)) for m in masks]
+        outs = [bwd(g, x, params, pairs, offs, scale, list(m), tops) for m in masks]
         torch.cuda.synchronize()
     finally:
         for k in KNOBS:

@@ -15,7 +15,10 @@ the reference and, bitwise, V's plain forward, and its full backward (segmented 
 prefetching forward) bitwise against V's with the plain forward. `V+pair` (QGOFT_CUDA_BACKWARD=pair under V: the
 paired reg backward, where it applies: 16-bit rows of one or more 512-thread segments with parameter gradients) is
 checked backward, on as many rows as the prefetching forward, against base and, bitwise, V's backward with every
-mask. Exit status 1 on the first disagreement, naming the case.
+mask. `V+recompute` (QGOFT_CUDA_TOPS=recompute under V: the backward's top pass whatever tops it is given) is checked
+backward with every mask: V's backward given the tops of V's `*_with_tops` forward (whose output must be V's
+forward's, bitwise) must give bitwise the results of the backward that recomputes them. Exit status 1 on the first
+disagreement, naming the case.
 """
 import argparse
 import os
@@ -28,7 +31,7 @@ from qgoft import layouts
 from qgoft import reference as ref
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from bench_gpu import backward_only, forward_only, with_variant  # noqa: E402  (the one home of the variant names' knobs)
+from bench_gpu import backward_only, forward_only, tops_only, with_variant  # noqa: E402  (the one home of the variant names' knobs)
 
 DEV = "cuda"
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
@@ -84,6 +87,18 @@ def case(variant, d, rows, dtype, quasi, unaligned, gen, reps=0):
         errs["full backward vs plain top pass (bitwise)"] = (0.0 if same else float("inf"), 0.0)
         torch.cuda.synchronize()
         return {k: v for k, v in errs.items() if not v[0] <= v[1]}
+    if tops_only(variant):  # V's backward on V's forward's segment tops: bitwise the backward with its top pass
+        plain = variant.rpartition("+")[0]
+        with_tops = torch.ops.qgoft.quasi_givens_chain_with_tops if quasi else torch.ops.qgoft.givens_chain_with_tops
+        y_tops, tops = call(plain, lambda: with_tops(x, params, pairs, offs, scale))
+        errs["with_tops y vs forward (bitwise)"] = (0.0 if torch.equal(y_tops, y_var) else float("inf"), 0.0)
+        for m in MASKS:
+            b_saved = call(plain, lambda: bwd(g, x, params, pairs, offs, scale, list(m), tops))
+            b_top_pass = mine(lambda: bwd(g, x, params, pairs, offs, scale, list(m), tops))
+            same = all(torch.equal(a, b) for a, b in zip(b_saved, b_top_pass))
+            errs[f"backward mask {m} on saved tops vs top pass (bitwise)"] = (0.0 if same else float("inf"), 0.0)
+        torch.cuda.synchronize()
+        return {k: v for k, v in errs.items() if not v[0] <= v[1]}
     for m in MASKS:
         b_base = call("base", lambda: bwd(g, x, params, pairs, offs, scale, list(m)))
         b_var = mine(lambda: bwd(g, x, params, pairs, offs, scale, list(m)))
@@ -121,7 +136,7 @@ def main():
                             return 1
     # stacks: reg runs base's kernels, and the prefetching forward is the single layout's only
     for variant in ["base"] + [v for v in args.variants.split(",")
-                               if v != "reg" and not forward_only(v) and not backward_only(v)]:
+                               if v != "reg" and not forward_only(v) and not backward_only(v) and not tops_only(v)]:
         for d, reps, rows in STACKS:
             for dtype in (torch.float32, torch.bfloat16):
                 for quasi in (False, True):

@@ -68,6 +68,7 @@ DType check_chain_args(const ChainArgs& a, const char* op) {
   check_same_device(a.layer_offsets, a.x, op, "layer_offsets");
   if (a.scale != nullptr) check_same_device(*a.scale, a.x, op, "scale");
   if (a.grad_out != nullptr) check_same_device(*a.grad_out, a.x, op, "grad_out");
+  if (a.tops != nullptr) check_same_device(*a.tops, a.x, op, "tops");
   const TensorMeta& params = a.params;
   check_floating(params, op, params_name);
   if (a.scale != nullptr) check_floating(*a.scale, op, "scale");
@@ -98,6 +99,14 @@ DType check_chain_args(const ChainArgs& a, const char* op) {
     QGOFT_CHECK(a.grad_out->sizes == a.x.sizes, op, ": grad_out must have the shape of x ",
                 format_sizes(a.x.sizes), ", got ", format_sizes(a.grad_out->sizes));
     check_floating(*a.grad_out, op, "grad_out");
+  }
+  if (a.tops != nullptr) {
+    const ScalarType acc = accumulation_type(dtype);
+    QGOFT_CHECK(a.tops->dtype == acc, op, ": tops must be ", acc, " (the accumulation type of x), got ",
+                a.tops->dtype);
+    const int64_t rows = num_rows(a.x.sizes);
+    QGOFT_CHECK(a.tops->dim() == 2 && a.tops->size(0) == rows, op,
+                ": tops must have shape (rows, segments) with rows = ", rows, ", got ", format_sizes(a.tops->sizes));
   }
   return dtype;
 }

@@ -77,26 +77,30 @@ struct ChainArgs {
   TensorMeta x, params, pairs, layer_offsets;
   const TensorMeta* scale = nullptr;
   const TensorMeta* grad_out = nullptr;
+  const TensorMeta* tops = nullptr;  // backward only: the segment tops kept by the forward (docs/CONTRACT.md)
   bool givens = true;
 };
 
 // Every check of one call that needs no tensor values, in this order: x has a dimension and a kernel
 // dtype; params, pairs, layer_offsets, scale and grad_out are on x's device; params and scale are
 // floating point; pairs is int32 (P, 2); layer_offsets is int32 (L + 1,); params and scale ((d,)) have
-// their shapes; grad_out has x's shape and is floating point. Returns the kernel dtype of x.
+// their shapes; grad_out has x's shape and is floating point; tops (when given) is on x's device, of x's
+// accumulation type and of shape (rows, k) (k = 0: no tops; the CUDA glue checks k against its segments).
+// Returns the kernel dtype of x.
 DType check_chain_args(const ChainArgs& args, const char* op);
 
 // check_chain_args on the tensors of a glue (at::Tensor or torch::stable::Tensor), which meta_of describes.
 template <class Tensor, class MetaOf>
 DType check_chain_tensors(MetaOf&& meta_of, const Tensor& x, const Tensor& params, bool givens,
                           const Tensor& pairs, const Tensor& layer_offsets, const std::optional<Tensor>& scale,
-                          const Tensor* grad_out, const char* op) {
+                          const Tensor* grad_out, const char* op,
+                          const std::optional<Tensor>* tops = nullptr) {
   ChainArgs args;
   args.x = meta_of(x);
   args.params = meta_of(params);
   args.pairs = meta_of(pairs);
   args.layer_offsets = meta_of(layer_offsets);
-  TensorMeta scale_meta, grad_meta;
+  TensorMeta scale_meta, grad_meta, tops_meta;
   if (scale.has_value()) {
     scale_meta = meta_of(*scale);
     args.scale = &scale_meta;
@@ -104,6 +108,10 @@ DType check_chain_tensors(MetaOf&& meta_of, const Tensor& x, const Tensor& param
   if (grad_out != nullptr) {
     grad_meta = meta_of(*grad_out);
     args.grad_out = &grad_meta;
+  }
+  if (tops != nullptr && tops->has_value()) {
+    tops_meta = meta_of(**tops);
+    args.tops = &tops_meta;
   }
   args.givens = givens;
   return check_chain_args(args, op);

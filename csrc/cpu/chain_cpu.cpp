@@ -84,13 +84,13 @@ struct Operands {
 };
 
 // Checks every argument (common/checks.h) and the layout values, and builds the kernel parameters.
-// params: the angles (P,) (givens) or the quasi-Givens blocks (P, 2, 2); grad_out: backward only.
+// params: the angles (P,) (givens) or the quasi-Givens blocks (P, 2, 2); grad_out, tops: backward only.
 Operands prepare(const Tensor& x, const Tensor& params, bool givens, const Tensor& pairs,
                  const Tensor& offsets, const std::optional<Tensor>& scale, const Tensor* grad_out,
-                 const char* op) {
+                 const char* op, const std::optional<Tensor>* tops = nullptr) {
   Operands o;
   o.params.dtype =
-      check_chain_tensors(stable::meta_of, x, params, givens, pairs, offsets, scale, grad_out, op);
+      check_chain_tensors(stable::meta_of, x, params, givens, pairs, offsets, scale, grad_out, op, tops);
   const int64_t d = x.size(-1);
   o.acc = accumulation_type(o.params.dtype);
   o.pairs = stable::contiguous_as(pairs, ScalarType::Int);
@@ -228,12 +228,22 @@ Tensor chain_cpu(Tensor x, Tensor params, Tensor pairs, Tensor layer_offsets, st
   return forward(o, x);
 }
 
+// The forward with its segment tops: the CPU kernels do not cut rows into segments, so the tops are (rows, 0).
+template <bool kGivens>
+std::tuple<Tensor, Tensor> chain_with_tops_cpu(Tensor x, Tensor params, Tensor pairs, Tensor layer_offsets,
+                                               std::optional<Tensor> scale) {
+  const char* op = chain_op_name(kGivens, /*backward=*/false);
+  const Operands o = prepare(x, params, kGivens, pairs, layer_offsets, scale, nullptr, op);
+  return {forward(o, x), stable::empty_on(x, {num_rows(stable::sizes_of(x)), 0}, o.acc)};
+}
+
+// tops (checked by prepare) are ignored: rows are never segmented here.
 template <bool kGivens>
 std::tuple<Tensor, Tensor, Tensor> chain_backward_cpu(Tensor grad_out, Tensor x, Tensor params, Tensor pairs,
                                                       Tensor layer_offsets, std::optional<Tensor> scale,
-                                                      std::vector<bool> output_mask) {
+                                                      std::vector<bool> output_mask, std::optional<Tensor> tops) {
   const char* op = chain_op_name(kGivens, /*backward=*/true);
-  const Operands o = prepare(x, params, kGivens, pairs, layer_offsets, scale, &grad_out, op);
+  const Operands o = prepare(x, params, kGivens, pairs, layer_offsets, scale, &grad_out, op, &tops);
   Grads g = backward(o, grad_out, x, output_mask[0], output_mask[1], output_mask[2]);
   return backward_outputs(std::move(g), o, x, params, kGivens, scale);
 }
@@ -246,4 +256,6 @@ STABLE_TORCH_LIBRARY_IMPL(qgoft, CPU, m) {
   m.impl("givens_chain_backward", TORCH_BOX(&qgoft::chain_backward_cpu<true>));
   m.impl("quasi_givens_chain", TORCH_BOX(&qgoft::chain_cpu<false>));
   m.impl("quasi_givens_chain_backward", TORCH_BOX(&qgoft::chain_backward_cpu<false>));
+  m.impl("givens_chain_with_tops", TORCH_BOX(&qgoft::chain_with_tops_cpu<true>));
+  m.impl("quasi_givens_chain_with_tops", TORCH_BOX(&qgoft::chain_with_tops_cpu<false>));
 }

@@ -250,9 +250,9 @@ Tensor rows_view(const Tensor& x, int64_t d) {
 // Checks every argument (common/checks.h) and the layout; the blocks are made by the caller.
 Operands prepare(const Tensor& x, const Tensor& params, bool givens, const Tensor& pairs,
                  const Tensor& offsets, const std::optional<Tensor>& scale, const Tensor* grad_out,
-                 const char* op) {
+                 const char* op, const std::optional<Tensor>* tops = nullptr) {
   Operands o;
-  o.dtype = check_chain_tensors(meta_of, x, params, givens, pairs, offsets, scale, grad_out, op);
+  o.dtype = check_chain_tensors(meta_of, x, params, givens, pairs, offsets, scale, grad_out, op, tops);
   // Every tensor is on x's device; the dispatcher only sends CUDA work here.
   TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
   o.d = x.size(-1);
@@ -351,9 +351,10 @@ void check_smem(const qc::LaunchConfig& c, const qc::Limits& lim, const char* op
 }
 
 // ------------------------------------------------------------------------------------------------
-// Forward.
+// Forward. Returns the segment tops for the backward (rows, nseg) where the plan keeps them
+// (ForwardPlan::tops_for_backward), else an undefined tensor.
 // ------------------------------------------------------------------------------------------------
-void run_forward(const Operands& o, const Tensor& x2, Tensor& y, const char* op) {
+Tensor run_forward(const Operands& o, const Tensor& x2, Tensor& y, const char* op) {
   const qc::Limits lim = device_limits();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   qc::Problem p = problem(o);
@@ -377,7 +378,9 @@ void run_forward(const Operands& o, const Tensor& x2, Tensor& y, const char* op)
       qc::parallel_top_forward(o.dtype, plan.pa, plan.top, stream);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    return;
+    // the main kernel's segment starts, which the top kernel reads and never writes
+    if (plan.tops_for_backward) return top.view({o.rows, plan.pa.nseg});
+    return {};
   }
   Tensor workspace;
   if (plan.workspace_elems > 0) {
@@ -386,6 +389,7 @@ void run_forward(const Operands& o, const Tensor& x2, Tensor& y, const char* op)
   }
   qc::general_forward(o.dtype, plan.ga, plan.main, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {};
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -396,9 +400,11 @@ struct BackwardResult {
   Tensor grad_x, grad_params, grad_scale;
 };
 
+// tops: the forward's segment tops (checked by prepare: x's device, the accumulation type, (rows, k)); used
+// where the plan needs k of them (BackwardPlan::top_cols) instead of the top pass; refused with another k.
 BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& grad_out,
                             bool want_x, bool want_params, bool want_scale, bool givens,
-                            const char* op) {
+                            const std::optional<Tensor>& tops, const char* op) {
   BackwardResult res;
   const int64_t rows = o.rows, d = o.d, num_pairs = o.layout->num_pairs;
   want_scale = want_scale && o.scale.defined();
@@ -431,6 +437,12 @@ BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& gr
   p.want_x = want_x;
   p.want_blocks = want_params;
   p.want_scale = want_scale;
+  Tensor saved_tops;
+  if (tops.has_value() && tops->size(1) > 0) {
+    saved_tops = tops->contiguous();
+    p.tops = saved_tops.const_data_ptr();
+    p.tops_cols = saved_tops.size(1);
+  }
   const qc::DType dtype = o.dtype;
   qc::BackwardPlan plan = qc::plan_backward(
       p, lim, knobs(),
@@ -438,6 +450,9 @@ BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& gr
         return occupancy(dtype, kernel, vec, g, threads, smem, pa);
       });
   log_plan(op, "backward", plan.describe);
+  TORCH_CHECK(p.tops_cols == 0 || plan.top_cols == 0 || p.tops_cols == plan.top_cols, op,
+              ": tops must have shape (rows, segments) = (", rows, ", ", plan.top_cols,
+              ") for this backward's segments (the forward's tops of this x), got ", saved_tops.sizes());
   set_params(o, plan.pa, plan.ga);
   check_smem(plan.main, lim, op);
 
@@ -496,9 +511,11 @@ Tensor chain_blocks(const Tensor& params, bool givens, at::ScalarType acc) {
   return aligned_blocks(params.reshape({params.size(0), 4}).to(acc));
 }
 
+// The forward: y (x's shape) and, with want_tops, the backward's segment tops: (rows, nseg) where the forward's plan
+// keeps them, else (rows, 0) (docs/CUDA.md, "Saved segment tops"); undefined without want_tops.
 template <bool kGivens>
-Tensor chain_cuda(const Tensor& x, const Tensor& params, const Tensor& pairs, const Tensor& layer_offsets,
-                  const std::optional<Tensor>& scale) {
+std::tuple<Tensor, Tensor> forward_op(const Tensor& x, const Tensor& params, const Tensor& pairs,
+                                      const Tensor& layer_offsets, const std::optional<Tensor>& scale, bool want_tops) {
   const char* op = chain_op_name(kGivens, /*backward=*/false);
   c10::cuda::OptionalCUDAGuard guard;
   if (x.is_cuda()) guard.set_device(x.device());
@@ -506,22 +523,37 @@ Tensor chain_cuda(const Tensor& x, const Tensor& params, const Tensor& pairs, co
   o.blocks = chain_blocks(params, kGivens, o.acc);
   const Tensor x2 = rows_view(x, o.d);
   Tensor y = at::empty({o.rows, o.d}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (o.rows > 0 && o.d > 0) run_forward(o, x2, y, op);
-  return y.view(x.sizes());
+  Tensor tops;
+  if (o.rows > 0 && o.d > 0) tops = run_forward(o, x2, y, op);
+  if (want_tops && !tops.defined()) tops = at::empty({o.rows, 0}, x.options().dtype(o.acc));
+  return {y.view(x.sizes()), tops};
+}
+
+template <bool kGivens>
+Tensor chain_cuda(const Tensor& x, const Tensor& params, const Tensor& pairs, const Tensor& layer_offsets,
+                  const std::optional<Tensor>& scale) {
+  return std::get<0>(forward_op<kGivens>(x, params, pairs, layer_offsets, scale, /*want_tops=*/false));
+}
+
+template <bool kGivens>
+std::tuple<Tensor, Tensor> chain_with_tops_cuda(const Tensor& x, const Tensor& params, const Tensor& pairs,
+                                                const Tensor& layer_offsets, const std::optional<Tensor>& scale) {
+  return forward_op<kGivens>(x, params, pairs, layer_offsets, scale, /*want_tops=*/true);
 }
 
 template <bool kGivens>
 std::tuple<Tensor, Tensor, Tensor> chain_backward_cuda(const Tensor& grad_out, const Tensor& x, const Tensor& params,
                                                        const Tensor& pairs, const Tensor& layer_offsets,
                                                        const std::optional<Tensor>& scale,
-                                                       std::array<bool, 3> output_mask) {
+                                                       std::array<bool, 3> output_mask,
+                                                       const std::optional<Tensor>& tops) {
   const char* op = chain_op_name(kGivens, /*backward=*/true);
   c10::cuda::OptionalCUDAGuard guard;
   if (x.is_cuda()) guard.set_device(x.device());
-  Operands o = prepare(x, params, kGivens, pairs, layer_offsets, scale, &grad_out, op);
+  Operands o = prepare(x, params, kGivens, pairs, layer_offsets, scale, &grad_out, op, &tops);
   o.blocks = chain_blocks(params, kGivens, o.acc);
   BackwardResult r = run_backward(o, x, grad_out, output_mask[0], output_mask[1], output_mask[2],
-                                  kGivens, op);
+                                  kGivens, tops, op);
   return {r.grad_x.defined() ? r.grad_x.view(x.sizes()) : empty_like_flat(x),
           r.grad_params.defined() ? r.grad_params.view(params.sizes()).to(params.scalar_type())
                                   : empty_like_flat(params),
@@ -536,4 +568,6 @@ TORCH_LIBRARY_IMPL(qgoft, CUDA, m) {
   m.impl("givens_chain_backward", &qgoft::chain_backward_cuda<true>);
   m.impl("quasi_givens_chain", &qgoft::chain_cuda<false>);
   m.impl("quasi_givens_chain_backward", &qgoft::chain_backward_cuda<false>);
+  m.impl("givens_chain_with_tops", &qgoft::chain_with_tops_cuda<true>);
+  m.impl("quasi_givens_chain_with_tops", &qgoft::chain_with_tops_cuda<false>);
 }

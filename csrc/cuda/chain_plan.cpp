@@ -231,6 +231,11 @@ RegBackward reg_backward_from_env() {
                                  {{"single", RegBackward::Single}, {"pair", RegBackward::Pair}});
 }
 
+TopsKind tops_kind_from_env() {
+  return env_switch<TopsKind>("QGOFT_CUDA_TOPS", TopsKind::Saved,
+                              {{"saved", TopsKind::Saved}, {"recompute", TopsKind::Recompute}});
+}
+
 ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs) {
   ForwardPlan plan;
   const int64_t es = acc_size(p.dtype);
@@ -268,6 +273,10 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
       plan.top.grid = dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(p.rows, kTopRowsPerBlock), 65535)));
       plan.top.threads = 32 * kTopRowsPerBlock;
       plan.top.smem = 0;
+      // the backward's segments (parallel_shape as plan_backward calls it) are this forward's: its top buffer
+      // holds the backward's segment tops (under `base` the forward's segments are 8192 elements: not kept)
+      const ParallelShape b = parallel_shape(p.d, kParallelBackwardMaxThreads, knobs.segment);
+      plan.tops_for_backward = reps == 1 && b.T == s.T && b.nseg == s.nseg;
     }
     plan.describe =
         describe_parallel(reps, s, plan.vec, a.table) + " prefetch=" + str(a.prefetch) + " grid=" + str(plan.main.grid.x);
@@ -362,7 +371,13 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
       a.reg = reg ? 1 : 0;
       a.pair = reg && reg_rows > 1 ? 1 : 0;
     }
-    if (grads && s.nseg > 1) {  // the forward kernel, with the same variant, recomputes the segment starts
+    if (grads && s.nseg > 1) plan.top_cols = s.nseg;
+    const bool saved_tops =
+        plan.top_cols > 0 && (knobs.tops == TopsKind::FromEnv ? tops_kind_from_env() : knobs.tops) == TopsKind::Saved;
+    if (saved_tops && p.tops != nullptr && p.tops_cols == plan.top_cols) {
+      plan.top_saved = true;  // the forward's segment tops: no top pass
+      a.top = const_cast<void*>(p.tops);
+    } else if (plan.top_cols > 0) {  // the forward kernel, with the same variant, recomputes the segment starts
       plan.top_pass = true;
       plan.top_elems = p.rows * s.nseg;
       plan.top.grid = dim3(static_cast<unsigned>(std::min(a.groups, kMaxGridX)), s.nseg);
@@ -392,6 +407,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
                     " grid=" + str(blocks) + " smem=" + str(plan.main.smem) +
                     (plan.top_pass ? " top_prefetch=" + str(plan.top_prefetch) + " top_grid=" + str(plan.top.grid.x)
                                    : std::string()) +
+                    (plan.top_saved ? " top_saved=1" : std::string()) +
                     reduce;
     return plan;
   }

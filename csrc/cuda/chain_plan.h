@@ -39,6 +39,11 @@ enum class ReduceKind { FromEnv, Split, Serial };
 // thread in flight; docs/CUDA.md, "The paired reg backward"). FromEnv: QGOFT_CUDA_BACKWARD=single|pair (default
 // single until a GPU has timed both), read by the planner.
 enum class RegBackward { FromEnv, Single, Pair };
+// The segment starts' local results a backward of segmented rows with parameter gradients needs (docs/CUDA.md,
+// "Saved segment tops"): Saved takes them from the forward that produced the layer's output when the caller gives
+// them (Problem::tops), so the top pass is skipped; Recompute always runs the top pass (the forward kernel over x,
+// before the backward). FromEnv: QGOFT_CUDA_TOPS=saved|recompute (default saved), read by the planner.
+enum class TopsKind { FromEnv, Saved, Recompute };
 struct Knobs {
   ForcedPath path = ForcedPath::Auto;
   int segment = 0;  // 0 or a power of two in [256, 8192]: segment width of the parallel kernels
@@ -47,6 +52,7 @@ struct Knobs {
   ForwardKernel forward = ForwardKernel::FromEnv;
   ReduceKind reduce = ReduceKind::FromEnv;
   RegBackward backward = RegBackward::FromEnv;
+  TopsKind tops = TopsKind::FromEnv;
 };
 
 // The variant named by QGOFT_CUDA_VARIANT (unset or empty: Reg); throws std::invalid_argument for any
@@ -64,6 +70,9 @@ ReduceKind reduce_kind_from_env();
 // The reg backward kernel named by QGOFT_CUDA_BACKWARD (unset or empty: Single); throws std::invalid_argument for
 // any other value than single or pair.
 RegBackward reg_backward_from_env();
+// The tops named by QGOFT_CUDA_TOPS (unset or empty: Saved); throws std::invalid_argument for any other value than
+// saved or recompute.
+TopsKind tops_kind_from_env();
 
 struct Limits {
   int sm_count = 1;
@@ -90,6 +99,10 @@ struct Problem {
   const void* out = nullptr;
   // backward only
   bool want_x = true, want_blocks = false, want_scale = false;
+  // backward only: the segment tops the caller kept from the forward (ForwardPlan::tops_for_backward), rows x
+  // tops_cols accumulation-type elements, contiguous; null / 0: none
+  const void* tops = nullptr;
+  int64_t tops_cols = 0;
 };
 
 constexpr int kParallelForwardMaxThreads = 1024;  // forward segments of 8192 elements
@@ -118,12 +131,23 @@ struct LaunchPlan {
   std::string describe;  // one line for QGOFT_CUDA_VERBOSE
 };
 
-struct ForwardPlan : LaunchPlan {};
+struct ForwardPlan : LaunchPlan {
+  // The forward's `top` (rows x nseg: each segment start's local result, written by the main kernel, read but
+  // never written by the top kernel) holds exactly what the backward's top pass would compute (the single
+  // parallel layout in the backward's segments): the caller may keep it as the segment tops for the backward.
+  bool tops_for_backward = false;
+};
 
 struct BackwardPlan : LaunchPlan {
   bool grads = false;                 // parameter gradients wanted: partial rows + reduction
   int64_t slots = 0, partial_ld = 0;  // partial: slots x partial_ld accumulation-type elements
   int top_prefetch = 0;  // the top pass runs the prefetching forward (QGOFT_CUDA_FORWARD=prefetch, 16-byte x rows)
+  // Segmented rows with parameter gradients: the segment tops the backward kernel reads (pa.top), rows x top_cols;
+  // 0 where it reads none. top_saved: they are the caller's (Problem::tops with tops_cols == top_cols, under
+  // TopsKind::Saved): pa.top points to them and there is no top pass; otherwise top_pass recomputes them. Tops
+  // given with another column count are the caller's error (the glue rejects them).
+  int64_t top_cols = 0;
+  bool top_saved = false;
   // grads: the reduction of the partial rows, launched after the backward kernel with `reduce`; ra is filled
   // except its pointers (partial, blocks, grad_params, grad_scale), which the caller sets
   ReduceArgs ra;

@@ -244,6 +244,7 @@ int g_cases = 0;
 int g_failed_cases = 0;
 int g_top_prefetch = 0;  // backward runs whose top pass ran the prefetching forward
 int g_pair = 0;          // backward runs on the paired reg backward
+int g_top_saved = 0;     // backward runs on the forward's saved segment tops (no top pass)
 
 bool close_all(const char* what, const std::string& tag, const double* got, const std::vector<double>& want,
                double rtol, double atol_rel) {
@@ -434,6 +435,8 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
 
   // ---- forward ----
   std::vector<double> result(rows * d);
+  std::vector<A> saved_tops;  // the forward's segment tops where its plan keeps them for the backward
+  int64_t saved_cols = 0;
   {
     std::vector<S> y = poisoned<S>(rows * d);
     Problem p = make_problem(Traits<S>::dtype, lay, rows);
@@ -451,6 +454,10 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
       plan.pa.top = top.data();
       run_parallel_forward<S>(plan.main, plan.vec, plan.pa);
       if (plan.top_pass) run_kernel(plan.top, [&] { detail::parallel_top_forward_kernel<S>(plan.pa); });
+      if (plan.tops_for_backward) {  // as the glue's *_with_tops: the buffer after the top kernel
+        saved_tops = top;
+        saved_cols = plan.pa.nseg;
+      }
     } else {
       if (plan.workspace_elems) plan.ga.workspace = ws.data();
       run_kernel(plan.main, [&] { detail::general_forward_kernel<S>(plan.ga); });
@@ -460,8 +467,9 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
   }
   if (!o.backward) return result;
 
-  // ---- backward (twice: bitwise identical) ----
+  // ---- backward (twice: bitwise identical; the second on the forward's saved segment tops where it kept them) ----
   std::vector<double> first;
+  bool second_on_saved_tops = false;
   for (int rep = 0; rep < 2; ++rep) {
     std::vector<S> gx = poisoned<S>(rows * d);
     Problem p = make_problem(Traits<S>::dtype, lay, rows);
@@ -477,10 +485,31 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
       p.x_ld = ld;
     }
     if (!p.want_x && !grads) return result;
+    if (rep == 1 && saved_cols > 0) {  // as autograd: the backward op given the forward's tops
+      p.tops = saved_tops.data();
+      p.tops_cols = saved_cols;
+    }
     BackwardPlan plan = plan_backward(p, lim, o.knobs, blocks_per_sm<2>);
     if (plan.top_pass && plan.top_prefetch) ++g_top_prefetch;
     if (plan.pa.pair > 0) ++g_pair;
     const std::string btag = tag + " | bwd " + plan.describe;
+    // the plan takes the given tops exactly where it needs that many (no top pass then), and the forward keeps
+    // them wherever a backward with gradients needs them under a table variant (the forward's segments are 4096)
+    if (p.tops != nullptr && plan.top_cols > 0 &&
+        (plan.top_cols != saved_cols || !plan.top_saved || plan.top_pass || plan.pa.top != p.tops)) {
+      std::fprintf(stderr, "FAIL %s: saved tops (%lld columns) not used as planned\n", btag.c_str(), (long long)saved_cols);
+      ++g_failures;
+    }
+    if (plan.top_saved && p.tops == nullptr) {
+      std::fprintf(stderr, "FAIL %s: top_saved without tops\n", btag.c_str());
+      ++g_failures;
+    }
+    if (rep == 0 && plan.top_pass && plan.pa.reps == 1 && o.knobs.variant != Variant::Base && saved_cols == 0) {
+      std::fprintf(stderr, "FAIL %s: the forward kept no tops for a backward that needs them\n", btag.c_str());
+      ++g_failures;
+    }
+    second_on_saved_tops = second_on_saved_tops || plan.top_saved;
+    if (plan.top_saved) ++g_top_saved;
     plan.pa.blocks = plan.ga.blocks = blocks.data();
     plan.pa.scale = plan.ga.scale = o.with_scale ? scale.data() : nullptr;
     plan.ga.pairs = lay.pairs.data();
@@ -491,8 +520,15 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
     // a stack's second run recomputes its earlier repetitions' tapes (the same values: bitwise equal results)
     if (rep == 1) plan.pa.stack_tape = 0;
     if (plan.parallel) {
-      plan.pa.top = top.data();
+      if (!plan.top_saved) plan.pa.top = top.data();
       if (plan.top_pass) run_parallel_forward<S>(plan.top, plan.vec, plan.top_args());  // as the glue
+      // the top pass recomputes exactly what the forward kept (same segments, blocks and arithmetic)
+      if (plan.top_pass && saved_cols > 0 &&
+          (top.size() != saved_tops.size() ||
+           std::memcmp(top.data(), saved_tops.data(), top.size() * sizeof(A)) != 0)) {
+        std::fprintf(stderr, "FAIL %s: the top pass's segment tops not bitwise the forward's\n", btag.c_str());
+        ++g_failures;
+      }
       if (plan.pa.table > 0) run_parallel_backward<S, true>(plan.main, plan.vec, plan.grads, plan.pa);
       else run_parallel_backward<S, false>(plan.main, plan.vec, plan.grads, plan.pa);
     } else {
@@ -534,7 +570,8 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
       first = all;
     } else if (first.size() != all.size() ||
                (!all.empty() && std::memcmp(first.data(), all.data(), all.size() * sizeof(double)) != 0)) {
-      std::fprintf(stderr, "FAIL %s: backward not bitwise reproducible\n", btag.c_str());
+      std::fprintf(stderr, "FAIL %s: backward not bitwise reproducible%s\n", btag.c_str(),
+                   second_on_saved_tops ? " (second run on the forward's saved tops, first with the top pass)" : "");
       ++g_failures;
     }
   }
@@ -983,6 +1020,9 @@ void check_env_switches() {
   check_switch("QGOFT_CUDA_BACKWARD", reg_backward_from_env, RegBackward::Single,
                {{"pair", RegBackward::Pair}, {"single", RegBackward::Single}}, "paired",
                "QGOFT_CUDA_BACKWARD must be single or pair, got 'paired'");
+  check_switch("QGOFT_CUDA_TOPS", tops_kind_from_env, TopsKind::Saved,
+               {{"recompute", TopsKind::Recompute}, {"saved", TopsKind::Saved}}, "kept",
+               "QGOFT_CUDA_TOPS must be saved or recompute, got 'kept'");
 }
 
 // The reduction's plan on an H100 at the shapes counted in docs/CUDA.md ("The reduction of the partial rows"):
@@ -1200,6 +1240,81 @@ void check_prefetch_plans() {
 // asks with the planned arguments (table, reg, pair set first). H100, 8192 x 4096 bf16, 16-byte rows; an
 // occupancy function that, like the real one, fits two 512-thread blocks per SM only for the reg kernel without
 // parameter gradients (64 registers; base's 119, table's 70, every kernel with gradients 128).
+// The segment tops on an H100 (docs/CUDA.md, "Saved segment tops"): the forward keeps them exactly where its
+// segments are the backward's (the single parallel layout, segmented rows, table / reg: 4096 elements; base with
+// QGOFT_CUDA_SEGMENT <= 4096); the backward with gradients takes tops of its column count instead of its top
+// pass (under QGOFT_CUDA_TOPS=saved), recomputes them with another count (the glue refuses those) or under
+// recompute; the adjoint, rows of one segment, stacks and the general kernels need none (top_cols = 0).
+void check_tops_plans() {
+  const Limits lim = h100_limits();
+  struct Want {
+    DType dtype;
+    int64_t d;
+    int reps;
+    Variant variant;
+    int segment;
+    ForcedPath path;
+    bool keeps;          // the forward's top buffer is the backward's tops
+    int64_t cols;        // the backward's top_cols (with gradients)
+  };
+  const float dummy[4] = {};
+  for (const Want& w : {Want{DType::BFloat16, 11008, 1, Variant::Reg, 0, ForcedPath::Auto, true, 3},
+                        Want{DType::Float32, 11008, 1, Variant::Reg, 0, ForcedPath::Auto, true, 3},
+                        Want{DType::Float64, 11008, 1, Variant::Reg, 0, ForcedPath::Auto, true, 3},
+                        Want{DType::Float16, 4097, 1, Variant::Table, 0, ForcedPath::Auto, true, 2},
+                        Want{DType::BFloat16, 65536, 1, Variant::Reg, 0, ForcedPath::Auto, true, 16},
+                        Want{DType::BFloat16, 11008, 1, Variant::Base, 0, ForcedPath::Auto, false, 3},
+                        Want{DType::BFloat16, 6000, 1, Variant::Base, 0, ForcedPath::Auto, false, 2},
+                        Want{DType::BFloat16, 11008, 1, Variant::Base, 4096, ForcedPath::Auto, true, 3},
+                        Want{DType::Float32, 2048, 1, Variant::Reg, 256, ForcedPath::Auto, true, 8},
+                        Want{DType::BFloat16, 4096, 1, Variant::Reg, 0, ForcedPath::Auto, false, 0},
+                        Want{DType::BFloat16, 11008, 1, Variant::Reg, 0, ForcedPath::General, false, 0},
+                        Want{DType::BFloat16, 1000, 2, Variant::Table, 256, ForcedPath::Auto, false, 0}}) {
+    const Layout lay = w.reps > 1 ? stacked(parallel_layout(w.d), w.reps) : parallel_layout(w.d);
+    Knobs knobs;
+    knobs.variant = w.variant;
+    knobs.segment = w.segment;
+    knobs.path = w.path;
+    knobs.xor_path = XorPath::Fused;
+    knobs.tops = TopsKind::Saved;
+    Problem p = make_problem(w.dtype, lay, 8192);
+    const ForwardPlan fwd = plan_forward(p, lim, knobs);
+    auto fail = [&](const std::string& what, const std::string& plan) {
+      std::fprintf(stderr, "FAIL tops plan dtype=%d d=%lld reps=%d variant=%d seg=%d path=%d: %s: %s\n", int(w.dtype),
+                   (long long)w.d, w.reps, int(w.variant), w.segment, int(w.path), what.c_str(), plan.c_str());
+      ++g_failures;
+    };
+    if (fwd.tops_for_backward != w.keeps || (w.keeps && (!fwd.top_pass || fwd.pa.nseg != w.cols))) {
+      fail("forward keeps tops " + std::to_string(fwd.tops_for_backward), fwd.describe);
+    }
+    p.want_blocks = true;
+    const BackwardPlan none = plan_backward(p, lim, knobs, blocks_per_sm<1>);
+    if (none.top_cols != w.cols || none.top_saved || none.top_pass != (w.cols > 0)) {
+      fail("without tops", none.describe);
+    }
+    p.tops = dummy;
+    for (int64_t cols : {w.cols, w.cols + 1}) {
+      if (cols == 0) continue;
+      p.tops_cols = cols;
+      const BackwardPlan given = plan_backward(p, lim, knobs, blocks_per_sm<1>);
+      const bool use = cols == w.cols && w.cols > 0;
+      const bool verbose = given.describe.find(" top_saved=1") != std::string::npos;
+      if (given.top_cols != w.cols || given.top_saved != use || given.top_pass != (w.cols > 0 && !use) ||
+          verbose != use || (use && given.pa.top != dummy)) {
+        fail("given " + std::to_string(cols) + " columns", given.describe);
+      }
+    }
+    knobs.tops = TopsKind::Recompute;  // the top pass whatever is given
+    p.tops_cols = w.cols;
+    const BackwardPlan forced = plan_backward(p, lim, knobs, blocks_per_sm<1>);
+    if (forced.top_saved || forced.top_pass != (w.cols > 0)) fail("under recompute", forced.describe);
+    knobs.tops = TopsKind::Saved;  // the adjoint: no gradients, no tops needed
+    p.want_blocks = false;
+    const BackwardPlan adjoint = plan_backward(p, lim, knobs, blocks_per_sm<1>);
+    if (adjoint.top_cols != 0 || adjoint.top_saved || adjoint.top_pass) fail("adjoint", adjoint.describe);
+  }
+}
+
 void check_backward_occupancy_args() {
   auto reg_dx_two = [](BackwardKernel kernel, bool, bool grads, int, size_t, const ParallelArgs& pa) {
     return kernel == BackwardKernel::Parallel && pa.reg > 0 && pa.table > 0 && pa.pair == 0 && !grads ? 2 : 1;
@@ -1242,6 +1357,7 @@ int main(int argc, char** argv) {
   check_prefetch_plans();
   check_reduce_plans();
   check_pair_plans();
+  check_tops_plans();
   check_backward_occupancy_args();
   if (mode == "tiny") {  // for a race detector: a few small cases through every path
     // the tree's barriers, blocks of several item groups: 64 lanes (3 shared-memory levels), 2 lanes (1 level:
@@ -1310,8 +1426,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "FAIL no backward ran on the paired reg backward\n");
     ++g_failures;
   }
+  if (mode != "tiny" && g_top_saved == 0) {  // the segmented table / reg cases must reach the saved tops
+    std::fprintf(stderr, "FAIL no backward ran on the forward's saved segment tops\n");
+    ++g_failures;
+  }
   std::printf("cuda host emulation: %d cases, %d failed checks, %d backward top passes on the prefetching forward, "
-              "%d backward runs on the paired reg backward\n", g_cases, g_failures, g_top_prefetch, g_pair);
+              "%d backward runs on the paired reg backward, %d on the forward's saved segment tops\n", g_cases,
+              g_failures, g_top_prefetch, g_pair, g_top_saved);
   std::printf("cuda_emulation: %d passed, %d failed\n", g_cases - g_failed_cases, g_failed_cases);
   return g_failures == 0 ? 0 : 1;
 }
