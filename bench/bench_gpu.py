@@ -648,7 +648,7 @@ def main() -> int:
     # the variants of the layout table
     whole = [v for v in variants
              if not forward_only(v) and not reduce_only(v) and not backward_only(v) and not tops_only(v)]
-    lays = [] if args.quick else layout_rows(rows, widths[0], torch.bfloat16, rounds, whole, dev, clock, xor_paths)
+    lays = [] if args.quick or not whole else layout_rows(rows, widths[0], torch.bfloat16, rounds, whole, dev, clock, xor_paths)
     lin: List[dict] = []
     llama: List[dict] = []
     if args.only == "all":
