@@ -151,7 +151,14 @@ def _differentiable_grads(reference_fn: Any, grad: Tensor, x: Tensor, params: Te
     return [next(found) if need[k] else None for k in range(3)]
 
 
+# Whether the loaded ops library has the *_with_tops forward ops (an earlier build's library may not: the autograd path
+# then runs the plain forward op and the backward recomputes the tops).
+_HAS_TOPS_OPS = False
+
+
 def _register_compiled_ops() -> None:
+    global _HAS_TOPS_OPS
+    _HAS_TOPS_OPS = all(hasattr(torch.ops.qgoft, f"{name}_with_tops") for name in ("givens_chain", "quasi_givens_chain"))
     for name, params_name in (("givens_chain", "angles"), ("quasi_givens_chain", "blocks")):
         torch.library.register_fake(f"qgoft::{name}")(_make_fake_chain(name, params_name))
         torch.library.register_fake(f"qgoft::{name}_backward")(_make_fake_chain_backward(name, params_name))
@@ -159,8 +166,8 @@ def _register_compiled_ops() -> None:
         reference_fn = getattr(reference, f"{name}_reference")
         torch.library.register_autograd(
             f"qgoft::{name}", _make_backward(backward_op, reference_fn), setup_context=_setup_context)
-        if not hasattr(torch.ops.qgoft, f"{name}_with_tops"):
-            continue  # an earlier build's ops library (bench_gpu.py --ops-library): no segment tops
+        if not _HAS_TOPS_OPS:
+            continue  # an earlier build's ops library (e.g. bench_gpu.py --ops-library): no segment tops
         torch.library.register_fake(f"qgoft::{name}_with_tops")(_make_fake_chain_with_tops(name, params_name))
         torch.library.register_autograd(f"qgoft::{name}_with_tops", _make_backward(backward_op, reference_fn),
                                         setup_context=_setup_context_with_tops)
@@ -178,7 +185,7 @@ def _keeps_tops(x: Tensor, params: Tensor, scale: Tensor | None) -> bool:
     """Whether a compiled forward on ``x`` runs the ``*_with_tops`` op, whose segment tops autograd saves for the
     backward: where autograd records the call (not on meta tensors, nor under ``torch.jit.trace``, which keep
     the plain forward op, whose schema TorchScript and C++ programs use)."""
-    return (torch.is_grad_enabled() and x.device.type != "meta" and not torch.jit.is_tracing()
+    return (_HAS_TOPS_OPS and torch.is_grad_enabled() and x.device.type != "meta" and not torch.jit.is_tracing()
             and any(t is not None and t.requires_grad for t in (x, params, scale)))
 
 
