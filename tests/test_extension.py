@@ -144,6 +144,30 @@ def test_forward_ops_have_autograd_and_fake_registrations():
 
 
 @needs_extension
+def test_with_tops_fake_on_cuda_tensors():
+    """The ``*_with_tops`` fake kernel on (fake) CUDA tensors, what torch.compile traces on a GPU machine: the tops'
+    column count is a data-dependent size (unbacked), rows and the accumulation dtype are known, and the backward's
+    fake accepts them. Runs without a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    with FakeTensorMode(shape_env=ShapeEnv()):
+        x = torch.empty(2, 3, 16, dtype=torch.bfloat16, device="cuda")
+        blocks = torch.empty(15, 2, 2, device="cuda")
+        pairs = torch.empty(15, 2, dtype=torch.int32, device="cuda")
+        offsets = torch.empty(5, dtype=torch.int32, device="cuda")
+        y, tops = torch.ops.qgoft.quasi_givens_chain_with_tops(x, blocks, pairs, offsets, None)
+        assert y.shape == (2, 3, 16) and y.dtype == torch.bfloat16
+        assert tops.shape[0] == 6 and isinstance(tops.shape[1], torch.SymInt) and tops.dtype == torch.float32
+        assert str(tops.device) == "cuda:0"
+        gx, gb, _ = torch.ops.qgoft.quasi_givens_chain_backward(x, x, blocks, pairs, offsets, None,
+                                                               [True, True, False], tops)
+        assert gx.shape == (2, 3, 16) and gb.shape == (15, 2, 2)
+        with pytest.raises(RuntimeError, match=r"tops must be torch\.float32 \(the accumulation type of x\), got torch\.float64"):
+            torch.ops.qgoft.quasi_givens_chain_backward(x, x, blocks, pairs, offsets, None, [True, True, False],
+                                                        tops.double())
+
+
+@needs_extension
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_ops_work_under_torchscript():
     @torch.jit.script
