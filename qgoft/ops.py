@@ -183,9 +183,12 @@ if _extension.extension_loaded():
 
 def _keeps_tops(x: Tensor, params: Tensor, scale: Tensor | None) -> bool:
     """Whether a compiled forward on ``x`` runs the ``*_with_tops`` op, whose segment tops autograd saves for the
-    backward: where autograd records the call (not on meta tensors, nor under ``torch.jit.trace``, which keep
-    the plain forward op, whose schema TorchScript and C++ programs use)."""
-    return (_HAS_TOPS_OPS and torch.is_grad_enabled() and x.device.type != "meta" and not torch.jit.is_tracing()
+    backward: on CUDA (the only device that keeps tops) where autograd records the call, and neither under
+    ``torch.jit.trace`` (TorchScript and C++ programs use the plain forward op's schema) nor while torch.compile
+    traces (the tops' column count depends on the layout's values, so Dynamo would break the graph at every
+    adapter outside ``fullgraph=True``; compiled graphs keep the plain op and their backward recomputes the tops)."""
+    return (_HAS_TOPS_OPS and x.device.type == "cuda" and torch.is_grad_enabled() and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
             and any(t is not None and t.requires_grad for t in (x, params, scale)))
 
 

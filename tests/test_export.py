@@ -221,6 +221,25 @@ def test_compile_fullgraph_inductor_layer():
     _check_compiled(layer, torch.compile(layer, fullgraph=True), example_input(5, 12), 1e-5)
 
 
+@requires_ops
+def test_compile_training_step_has_no_graph_break():
+    """torch.compile's default mode (what most training scripts and the HF Trainer use, not fullgraph) traces a
+    training step through adapted layers in one graph: no qgoft op may break it (the forward that keeps segment
+    tops has a data-dependent output shape, so traced steps run the plain forward op)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = randomized(nn.Sequential(Linear(12, 10, method="qgoft"), nn.GELU(), Linear(10, 8, method="goft_scaled")))
+    x = example_input(4, 12).requires_grad_()
+
+    def step(inp):
+        return model(inp).square().sum()
+
+    explained = torch._dynamo.explain(step)(x)
+    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
+
+
 def test_compile_reference_fallback(monkeypatch):
     """The pure-PyTorch fallback compiles with graph breaks (its input checks read layer offsets from tensors,
     so fullgraph=True is not possible) and matches eager."""
