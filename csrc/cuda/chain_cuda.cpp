@@ -314,7 +314,7 @@ int occupancy(qc::DType dtype, qc::BackwardKernel kernel, bool vec, bool grads, 
       blocks = qc::parallel_backward_occupancy(dtype, vec, grads, pa, threads, smem);
       break;
     case qc::BackwardKernel::ParallelStack:
-      blocks = qc::parallel_stack_backward_occupancy(dtype, vec, grads, threads, smem);
+      blocks = qc::parallel_stack_backward_occupancy(dtype, vec, grads, pa, threads, smem);
       break;
     case qc::BackwardKernel::General: blocks = qc::general_backward_occupancy(dtype, grads, threads, smem); break;
   }

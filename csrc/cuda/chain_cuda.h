@@ -75,7 +75,8 @@ struct ParallelArgs {
   // (chain_stack.cuh; rows of one segment, nseg == 1): repetition j uses blocks j (d - 1) .. (j + 1)(d - 1) - 1
   // of the table, the off[] of one repetition, and num_pairs = k (d - 1).
   int reps = 1;
-  // 1 (backward, with table > 0): the "reg" variant, parallel_backward_reg_kernel (chain_parallel_reg.cuh).
+  // 1 (backward, with table > 0): the "reg" variant, parallel_backward_reg_kernel (chain_parallel_reg.cuh); with
+  // reps > 1 the reg stacked backward, parallel_stack_reg_kernel (chain_stack_reg.cuh; stack_reg_applies).
   int reg = 0;
   // 1 (forward, with table > 0, reps == 1 and 16-byte rows; or the backward's top pass, store == 0, with 16-byte
   // x rows): the prefetching forward, parallel_forward_prefetch_kernel (chain_parallel_prefetch.cuh;
@@ -156,9 +157,9 @@ void givens_blocks(bool acc_double, bool angles_double, const GivensArgs& a, cud
 void reduce_partials(bool acc_double, bool givens, const ReduceArgs& a, const LaunchConfig& c, cudaStream_t s);
 
 // Resident blocks per SM of the backward kernels (for sizing their persistent grids); >= 1.
-// (the parallel backward: of the kernel parallel_backward launches for a)
+// (the parallel and stacked backward: of the kernel parallel_backward / parallel_stack_backward launches for a)
 int parallel_backward_occupancy(DType t, bool vec, bool grads, const ParallelArgs& a, int threads, size_t smem);
-int parallel_stack_backward_occupancy(DType t, bool vec, bool grads, int threads, size_t smem);
+int parallel_stack_backward_occupancy(DType t, bool vec, bool grads, const ParallelArgs& a, int threads, size_t smem);
 int general_backward_occupancy(DType t, bool grads, int threads, size_t smem);
 
 }  // namespace qgoft::cuda

@@ -2,6 +2,7 @@
 //   chain_device.cuh    element types, chunk I/O, block loads, the 2 x 2 pair updates
 //   chain_parallel.cuh  the parallel layout's register / shuffle kernels
 //   chain_stack.cuh     stack(parallel(d), k): the parallel machinery k times over the registers
+//   chain_stack_reg.cuh its reg backward (one barrier per repetition and direction, register accumulators)
 //   chain_parallel_reg.cuh  the parallel backward's reg variant
 //   chain_parallel_pair.cuh the reg backward with two rows per thread in flight (QGOFT_CUDA_BACKWARD=pair)
 //   chain_parallel_prefetch.cuh  the parallel table forward, software-pipelined (QGOFT_CUDA_FORWARD=prefetch)
@@ -18,3 +19,4 @@
 #include "chain_parallel_reg.cuh"
 #include "chain_params.cuh"
 #include "chain_stack.cuh"
+#include "chain_stack_reg.cuh"

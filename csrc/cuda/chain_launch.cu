@@ -55,9 +55,10 @@ void parallel_stack_backward(DType t, bool vec, bool grads, const ParallelArgs& 
                              cudaStream_t s) {
   by_dtype(t, [&](auto tag) { L<decltype(tag)>::parallel_stack_backward(vec, grads, a, c, s); });
 }
-int parallel_stack_backward_occupancy(DType t, bool vec, bool grads, int threads, size_t smem) {
+int parallel_stack_backward_occupancy(DType t, bool vec, bool grads, const ParallelArgs& a, int threads,
+                                      size_t smem) {
   return by_dtype(t, [&](auto tag) {
-    return L<decltype(tag)>::parallel_stack_backward_occupancy(vec, grads, threads, smem);
+    return L<decltype(tag)>::parallel_stack_backward_occupancy(vec, grads, a, threads, smem);
   });
 }
 void general_forward(DType t, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {

@@ -112,14 +112,25 @@ int Launchers<S>::parallel_backward_occupancy(bool vec, bool grads, const Parall
                                               size_t smem) {
   return occupancy(parallel_backward_for<S>(vec, grads, a), threads, smem);
 }
+// The stacked backward kernel for a (the reg stacked backward where a.reg, float accumulation only:
+// stack_reg_applies; else the stacked kernel of its table variant): the one rule of its launch and of the occupancy
+// its persistent grid is sized by.
+template <class S>
+auto parallel_stack_backward_for(bool vec, bool grads, const ParallelArgs& a) {
+  if constexpr (sizeof(typename Elem<S>::A) == 4) {
+    if (a.reg > 0) return parallel_stack_reg_kernel<S>;
+  }
+  return Kernels<S>::parallel_stack_backward(vec, grads, a.table > 0);
+}
 template <class S>
 void Launchers<S>::parallel_stack_backward(bool vec, bool grads, const ParallelArgs& a, const LaunchConfig& c,
                                            cudaStream_t s) {
-  launch(Kernels<S>::parallel_stack_backward(vec, grads, a.table > 0), c, s, a);
+  launch(parallel_stack_backward_for<S>(vec, grads, a), c, s, a);
 }
 template <class S>
-int Launchers<S>::parallel_stack_backward_occupancy(bool vec, bool grads, int threads, size_t smem) {
-  return occupancy(Kernels<S>::parallel_stack_backward(vec, grads, false), threads, smem);
+int Launchers<S>::parallel_stack_backward_occupancy(bool vec, bool grads, const ParallelArgs& a, int threads,
+                                                    size_t smem) {
+  return occupancy(parallel_stack_backward_for<S>(vec, grads, a), threads, smem);
 }
 template <class S>
 void Launchers<S>::general_forward(const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {

@@ -136,6 +136,40 @@ __device__ __forceinline__ int shuffle_owner_pair(const ParallelArgs& a, const L
   return upper_pair(lv, ln.t);
 }
 
+// Lane ln.t's shuffle-layer sums (acc_sh: the pair it owns as its upper lane, when t % 32 != 0) into the cross-thread
+// accumulators cacc ([T-1][4] of its slot's row segment).
+template <class A>
+__device__ __forceinline__ void put_shuffle_sums(const ParallelArgs& a, const Lanes& ln, A* cacc, const A* acc_sh) {
+  if ((ln.t & 31) == 0) return;
+  A* c = cacc + 4 * shuffle_owner_pair<A>(a, ln);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) c[k] = acc_sh[k];
+}
+
+// The backward of a row's cross-warp layers in the reg kernels, computed by every warp for its row (lanes below the
+// level's words hold its participants; xpos: the participant whose blocks a lane reads): gq, this lane's word's
+// gradient; tt, the level's tape. Pair sums where `owner`: kLive, the pair a lane holds as its upper lane (at most
+// one, cross_warp_owner) added once to cacc + 4 xw_pair; otherwise per layer to cacc + lv.acc_at(s, lo). Returns
+// the gradient of word wq (this warp's), in every lane.
+template <bool kGrads, bool kLive, class A, class Active, class Blocks>
+__device__ __forceinline__ A cross_warp_backward(const XLevel<A, true>& lv, int layers, int xpos, Active active,
+                                                 Blocks blocks, A gq, const A (&tt)[5], int wq, bool owner, A* cacc,
+                                                 int xw_pair) {
+  A up[4] = {A(0), A(0), A(0), A(0)};  // kLive: the inputs and output gradients of the pair this lane holds as upper
+  gq = level_backward<kGrads, true>(lv, layers, xpos, active, blocks, gq, tt, [&](int s, int lo, A ui, A uj, A gi, A gj) {
+    if constexpr (kLive) {
+      up[0] = ui, up[1] = uj, up[2] = gi, up[3] = gj;
+    } else if (owner) {
+      accumulate_outer(cacc + lv.acc_at(s, lo), ui, uj, gi, gj);
+    }
+  });
+  if (kLive && owner) {
+    A* c = static_cast<A*>(__builtin_assume_aligned(cacc + 4 * xw_pair, 4 * sizeof(A)));
+    accumulate_outer(c, up[0], up[1], up[2], up[3]);
+  }
+  return __shfl_sync(kFullMask, gq, wq);
+}
+
 // The end of the reg kernels with parameter gradients: each lane's shuffle-layer sums (acc_sh, the pair it owns as
 // its upper lane; acc_sh == nullptr: already in the cross-thread accumulators) into the cross-thread accumulators, a
 // barrier, then the block's sums (parallel_write_sums).
@@ -144,13 +178,20 @@ __device__ __forceinline__ void reg_backward_finish(const ParallelArgs& args, co
                                                     const ParallelBackwardSmem& layout, A* sm, bool acc_blocks,
                                                     const A (&acc_in)[kChunk - 1][4], const A* acc_sh,
                                                     const A (&acc_s)[kChunk]) {
-  if (acc_sh != nullptr && acc_blocks && (ln.t & 31) != 0) {
-    A* c = sm + layout.cacc + 4 * shuffle_owner_pair<A>(a, ln);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) c[k] = acc_sh[k];
-  }
+  if (acc_sh != nullptr && acc_blocks) put_shuffle_sums(a, ln, sm + layout.cacc, acc_sh);
   __syncthreads();
   parallel_write_sums(args, ln, layout, sm, acc_in, acc_s);
+}
+
+// The reg kernels' register accumulators, zeroed: acc_in the in-thread pairs (layer 1 -> 0..3, layer 2 -> 4..5,
+// layer 3 -> 6), acc_sh the shuffle-layer pair a lane owns as its upper lane (t % 32 != 0), acc_s the scale.
+template <class A>
+__device__ __forceinline__ void zero_reg_accumulators(A (&acc_in)[kChunk - 1][4], A (&acc_sh)[4], A (&acc_s)[kChunk]) {
+#pragma unroll
+  for (int k = 0; k < kChunk - 1; ++k) acc_in[k][0] = acc_in[k][1] = acc_in[k][2] = acc_in[k][3] = A(0);
+  acc_sh[0] = acc_sh[1] = acc_sh[2] = acc_sh[3] = A(0);
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) acc_s[e] = A(0);
 }
 
 // What the reg kernels read and write: their operands (ParallelArgs) and their regions of shared memory (layout).
@@ -203,14 +244,8 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
   const int wq = ln.t >> 5;  // this warp's word in its row's cross-warp level
   const int LS = shuffle_layers(a);
 
-  A acc_in[kChunk - 1][4];  // in-thread pairs: layer 1 -> 0..3, layer 2 -> 4..5, layer 3 -> 6
-  A acc_sh[4];              // the shuffle-layer pair this lane owns as its upper lane (t % 32 != 0)
-  A acc_s[kChunk];
-#pragma unroll
-  for (int k = 0; k < kChunk - 1; ++k) acc_in[k][0] = acc_in[k][1] = acc_in[k][2] = acc_in[k][3] = A(0);
-  acc_sh[0] = acc_sh[1] = acc_sh[2] = acc_sh[3] = A(0);
-#pragma unroll
-  for (int e = 0; e < kChunk; ++e) acc_s[e] = A(0);
+  A acc_in[kChunk - 1][4], acc_sh[4], acc_s[kChunk];
+  zero_reg_accumulators(acc_in, acc_sh, acc_s);
   auto level_blocks = [&](int first_layer) {
     if constexpr (kLive) {
       return LaneBlocks<A>{sm + layout.lane + 4 * ParallelLaneTable::at(a.logT, first_layer, ln.t), T >> 1};
@@ -322,22 +357,9 @@ __global__ void __launch_bounds__(512) parallel_backward_reg_kernel(const Parall
         const A mine = __shfl_sync(kFullMask, u, wq);
         if (acc_scale && valid && late_start && !(segmented && ln.t == 0)) acc_s[0] += g_start * mine;
       }
-      // kLive: the inputs and output gradients of the pair this lane holds as its upper lane (at most one)
-      A up[4] = {A(0), A(0), A(0), A(0)};
-      const bool owner = acc_blocks && valid && wq == 0;
-      gq = level_backward<kGrads, true>(lv, a.logT - 5, xpos, live_or<kLive>(pass_mask().cross_warp(), qv),
-                                        xw_blocks, gq, tt, [&](int s, int lo, A ui, A uj, A gi, A gj) {
-                                          if constexpr (kLive) {
-                                            up[0] = ui, up[1] = uj, up[2] = gi, up[3] = gj;
-                                          } else if (owner) {
-                                            accumulate_outer(op.cacc + lv.acc_at(s, lo), ui, uj, gi, gj);
-                                          }
-                                        });
-      if (kLive && xw_owner && valid) {
-        A* c = static_cast<A*>(__builtin_assume_aligned(op.cacc + 4 * xw_pair, 4 * sizeof(A)));
-        accumulate_outer(c, up[0], up[1], up[2], up[3]);
-      }
-      const A mine = __shfl_sync(kFullMask, gq, wq);
+      const bool owner = kLive ? xw_owner && valid : acc_blocks && valid && wq == 0;
+      const A mine = cross_warp_backward<kGrads, kLive>(lv, a.logT - 5, xpos, live_or<kLive>(pass_mask().cross_warp(), qv),
+                                                        xw_blocks, gq, tt, wq, owner, op.cacc, xw_pair);
       if (lane == 0) gv[0] = mine;
     }
     gv[0] = level_backward<kGrads, true>(shl, LS, ln.t, live_or<kLive>(pass_mask().shuffle(), true),

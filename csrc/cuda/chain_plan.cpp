@@ -154,8 +154,9 @@ std::string describe_parallel(int reps, const ParallelShape& s, bool vec, int ta
 Variant resolved_variant(const Knobs& k) { return k.variant == Variant::FromEnv ? variant_from_env() : k.variant; }
 
 // Whether the kernels read the shared-memory block table: Table, and Reg for the single layout (Reg differs
-// from Table in the backward kernel only). A stack (reps > 1) under Reg runs Base's kernels: on the H100 its
-// forward took 0.202 ms with Base and 0.233 ms with Table, its backward the same (bench/RESULTS.md).
+// from Table in the backward kernel only). A stack (reps > 1) under Reg runs Base's forward (on the H100 it took
+// 0.202 ms with Base and 0.233 ms with Table, bench/RESULTS.md) and the reg stacked backward where it applies and
+// fits (plan_backward), else Base's.
 bool table_variant(const Knobs& k, int reps) {
   const Variant v = resolved_variant(k);
   return v == Variant::Table || (v == Variant::Reg && reps == 1);
@@ -333,6 +334,9 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
   ParallelShape s = reps > 0 ? parallel_shape(p.d, kParallelBackwardMaxThreads, knobs.segment) : ParallelShape{};
   // reg: the single layout's backward with register accumulators (its shared memory has a larger exchange)
   const bool reg = reps == 1 && resolved_variant(knobs) == Variant::Reg;
+  // a stack under reg where the reg stacked backward applies (set below, stack_reg_applies) and fits; else the
+  // stacked kernel of base
+  bool stack_reg = false;
   // reg with 16-byte rows (set below): whether its launched instantiation reads a lane table; rows per thread in
   // flight (2: the paired reg backward, QGOFT_CUDA_BACKWARD=pair)
   bool reg_lanes = false;
@@ -340,7 +344,8 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
   // shared memory (accumulation-type elements) of the parallel or stacked backward kernel with a table of S
   // (stacks: and the earlier repetitions' tapes kept, `tape`)
   auto smem_elems = [&](int S, bool tape) {
-    return reps > 1 ? detail::StackBackwardSmem(reps, s.R, s.T, width, p.want_blocks, grads, S, tape).total
+    return reps > 1 ? detail::StackBackwardSmem(reps, s.R, s.T, width, p.want_blocks, grads, S, tape, stack_reg && S > 0)
+                          .total
                     : detail::ParallelBackwardSmem(s.R, s.T, s.nseg, width, grads, S, reg && S > 0,
                                                    reg && S > 0 && reg_lanes, reg && S > 0 ? reg_rows : 1)
                           .total;
@@ -365,10 +370,15 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
       if (table && !fits(kChunk * s.T, false)) reg_rows = 1;  // its larger exchange does not fit: the reg kernel
     }
     const int threads = s.R * s.T;
-    a.stack_tape = reps > 1 && grads && fits(0, true) ? 1 : 0;  // a kept tape saves a forward pass
-    if (table && fits(kChunk * s.T, a.stack_tape)) {
+    if (reps > 1 && resolved_variant(knobs) == Variant::Reg &&
+        detail::stack_reg_applies(reps, s.logT, vec, grads, static_cast<int>(es))) {
+      stack_reg = true;  // so that fits() sizes its shared memory: every repetition's table beside its accumulators
+      stack_reg = fits(kChunk * s.T, false);
+    }
+    a.stack_tape = reps > 1 && grads && !stack_reg && fits(0, true) ? 1 : 0;  // a kept tape saves a forward pass
+    if ((table || stack_reg) && fits(kChunk * s.T, a.stack_tape)) {
       a.table = kChunk * s.T;
-      a.reg = reg ? 1 : 0;
+      a.reg = reg || stack_reg ? 1 : 0;
       a.pair = reg && reg_rows > 1 ? 1 : 0;
     }
     if (grads && s.nseg > 1) plan.top_cols = s.nseg;

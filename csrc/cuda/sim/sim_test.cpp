@@ -245,6 +245,7 @@ int g_failed_cases = 0;
 int g_top_prefetch = 0;  // backward runs whose top pass ran the prefetching forward
 int g_pair = 0;          // backward runs on the paired reg backward
 int g_top_saved = 0;     // backward runs on the forward's saved segment tops (no top pass)
+int g_stack_reg = 0;     // backward runs on the reg stacked backward
 
 bool close_all(const char* what, const std::string& tag, const double* got, const std::vector<double>& want,
                double rtol, double atol_rel) {
@@ -304,6 +305,14 @@ void parallel_backward_instance(const ParallelArgs& a) {
   }
   if (a.pair > 0) {
     std::fprintf(stderr, "sim: a paired reg backward planned outside reg_pair_applies\n");
+    std::abort();
+  }
+  if (a.reps > 1 && a.reg > 0) {  // the reg stacked backward (stack_reg_applies)
+    if constexpr (kVec && kGrads && sizeof(typename detail::Elem<S>::A) == 4) {
+      detail::parallel_stack_reg_kernel<S>(a);
+      return;
+    }
+    std::fprintf(stderr, "sim: a reg stacked backward planned outside stack_reg_applies\n");
     std::abort();
   }
   if (a.reg > 0 && detail::reg_fixed_width(a)) detail::parallel_backward_reg_kernel<S, kVec, kGrads, detail::kRegLogT>(a);
@@ -492,6 +501,7 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
     BackwardPlan plan = plan_backward(p, lim, o.knobs, blocks_per_sm<2>);
     if (plan.top_pass && plan.top_prefetch) ++g_top_prefetch;
     if (plan.pa.pair > 0) ++g_pair;
+    if (plan.pa.reps > 1 && plan.pa.reg > 0) ++g_stack_reg;
     const std::string btag = tag + " | bwd " + plan.describe;
     // the plan takes the given tops exactly where it needs that many (no top pass then), and the forward keeps
     // them wherever a backward with gradients needs them under a table variant (the forward's segments are 4096)
@@ -598,19 +608,36 @@ bool backward_top_pass(const Layout& lay, const Options& o) {
   return o.backward && plan_backward(p, sim_limits(), o.knobs, blocks_per_sm<2>).top_pass;
 }
 
-// Whether a case's backward runs the paired reg backward under QGOFT_CUDA_BACKWARD=pair, as planned.
+// A case's backward Problem as run_case plans it: its masks, and its rows' stride and alignment (placeholder
+// pointers aligned as run_case's rows).
 template <class S>
-bool pair_applies(const Layout& lay, const Options& o) {
-  if (!o.backward || o.knobs.variant != Variant::Reg || o.knobs.backward != RegBackward::Single) return false;
+Problem backward_problem(const Layout& lay, const Options& o) {
   Problem p = make_problem(Traits<S>::dtype, lay, o.rows);
   p.want_x = o.mask_x;
   p.want_blocks = o.mask_params;
   p.want_scale = o.mask_scale && o.with_scale;
-  p.grad = p.x = p.out = reinterpret_cast<const void*>(uintptr_t(o.offset == 0 ? 4096 : 4098));  // as run_case's rows
+  p.grad = p.x = p.out = reinterpret_cast<const void*>(uintptr_t(o.offset == 0 ? 4096 : 4098));
   p.grad_ld = p.x_ld = lay.d + o.pad;
+  return p;
+}
+
+// Whether a case's backward runs the paired reg backward under QGOFT_CUDA_BACKWARD=pair, as planned.
+template <class S>
+bool pair_applies(const Layout& lay, const Options& o) {
+  if (!o.backward || o.knobs.variant != Variant::Reg || o.knobs.backward != RegBackward::Single) return false;
+  const Problem p = backward_problem<S>(lay, o);
   Knobs k = o.knobs;
   k.backward = RegBackward::Pair;
   return plan_backward(p, sim_limits(), k, blocks_per_sm<2>).pa.pair > 0;
+}
+
+// Whether a case's backward runs the reg stacked backward (a stack under reg where stack_reg_applies and its shared
+// memory fits), as planned.
+template <class S>
+bool stack_reg_runs(const Layout& lay, const Options& o) {
+  if (!o.backward || lay.reps < 2 || o.knobs.variant != Variant::Reg || o.knobs.path != ForcedPath::Auto) return false;
+  const BackwardPlan plan = plan_backward(backward_problem<S>(lay, o), sim_limits(), o.knobs, blocks_per_sm<2>);
+  return plan.parallel && plan.pa.reps > 1 && plan.pa.reg > 0;
 }
 
 // run_case, counted as a failed case when any of its checks failed. vs_table (the reg variant): the same
@@ -619,6 +646,8 @@ bool pair_applies(const Layout& lay, const Options& o) {
 // backward where it has a top pass, through the prefetching forward too, whose results must be bitwise the
 // plain forward's (same arithmetic, same order). pair_applies: the same inputs through the paired reg backward
 // (QGOFT_CUDA_BACKWARD=pair), whose results must be bitwise the reg kernel's (same arithmetic, same row order).
+// stack_reg_runs: the same inputs through the base variant (the stacked kernel of chain_stack.cuh, which reg ran
+// before), whose results must be bitwise the reg stacked backward's (same products, same rows per block, same order).
 template <class S>
 void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng, bool vs_table = false) {
   const int before = g_failures;
@@ -637,6 +666,11 @@ void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng,
       ++g_failures;
     }
   };
+  if (stack_reg_runs<S>(lay, o)) {
+    Options b = o;
+    b.knobs.variant = Variant::Base;
+    same_as(b, false, "reg stacked backward not bitwise equal to the stacked kernel's");
+  }
   if (pair_applies<S>(lay, o)) {
     Options q = o;
     q.knobs.backward = RegBackward::Pair;
@@ -685,6 +719,35 @@ void reg_fixed_width_cases(std::mt19937_64& rng) {
     o.with_scale = quasi;
     run_case_counted<S>(parallel_layout(4100), o, rng, true);
   }
+}
+
+// The reg stacked backward (stack(parallel(d), 2) under reg, float accumulation, 16-byte rows, rows of 2049-4096
+// elements): d = 4096 (every mask; goft, goft_scaled, qgoft, qgoft_scaled), blocks that own several rows (13 and 8
+// rows over the emulated 6 blocks), d = 4000 (chunks past the row: the zero chunks' pairs accumulate only zeros into
+// pairs never written out) and 2056 (257 of 512 threads in the row), each also through the base variant, bitwise
+// equal (run_case_counted); and where the planner keeps the stacked kernel under reg (unaligned rows, k = 3 whose
+// shared memory does not fit, rows of 2048), which must match the reference too.
+template <class S>
+void stack_reg_cases(std::mt19937_64& rng) {
+  Options o;
+  o.knobs.variant = Variant::Reg;
+  o.rows = 3;
+  run_all_masks<S>(stacked(parallel_layout(4096), 2), o, rng);
+  for (auto [d, rows, quasi, scale] : {std::tuple<int64_t, int64_t, bool, bool>{4096, 13, false, true},
+                                      {4096, 8, false, false}, {4000, 7, true, true}, {2056, 5, true, false}}) {
+    o.rows = rows;
+    o.quasi = quasi;
+    o.with_scale = scale;
+    run_case_counted<S>(stacked(parallel_layout(d), 2), o, rng);
+  }
+  o.rows = 3;
+  o.quasi = false;
+  o.with_scale = true;
+  run_case_counted<S>(stacked(parallel_layout(4096), 3), o, rng);
+  run_case_counted<S>(stacked(parallel_layout(2048), 2), o, rng);
+  o.pad = 8;
+  o.offset = 1;
+  run_case_counted<S>(stacked(parallel_layout(4096), 2), o, rng);
 }
 
 // The prefetching forward over blocks that own several row groups (its next-row loads and their end): row
@@ -971,6 +1034,7 @@ void suite(bool full, std::mt19937_64& rng) {
   reg_fixed_width_cases<S>(rng);
   prefetch_cases<S>(rng);
   if constexpr (sizeof(S) == 2) pair_cases<S>(rng);
+  if constexpr (sizeof(typename detail::Elem<S>::A) == 4) stack_reg_cases<S>(rng);
 }
 
 // One environment switch the planner reads: unset and empty give `fallback`, every name its value, and `bad`
@@ -1123,7 +1187,10 @@ void check_pair_plans() {
 
 // Which stacks of the parallel layout the fused XOR backward takes on an H100 (sm_count 132, 227 KiB of shared
 // memory per block), with every parameter gradient: every dtype while a row fits one 4096-element segment,
-// float64 too (fewer rows per block where 256 / T rows would not fit), except float64 at d = 4096.
+// float64 too (fewer rows per block where 256 / T rows would not fit), except float64 at d = 4096. Under reg (the
+// default) the forward is base's, the backward the reg stacked backward where it applies and fits (k = 2 at
+// d = 4096 with float accumulation: its tables and accumulators in 224.4 KiB, one block per SM, 132 blocks), base's
+// elsewhere: k = 3, rows of 2048 or fewer elements, float64, unaligned rows, the adjoint (no parameter gradients).
 void check_stack_plans() {
   const Limits lim = h100_limits();
   Knobs knobs;
@@ -1137,13 +1204,21 @@ void check_stack_plans() {
       p.want_blocks = p.want_scale = true;
       const BackwardPlan plan = plan_backward(p, lim, knobs, blocks_per_sm<1>);
       const bool want = d <= 4096 && !(dtype == DType::Float64 && d == 4096);
-      Knobs reg = knobs;  // under Reg (the default) a stack runs Base's kernels: no block table
+      Knobs reg = knobs;
       reg.variant = Variant::Reg;
       const BackwardPlan reg_bwd = plan_backward(p, lim, reg, blocks_per_sm<1>);
       const ForwardPlan reg_fwd = plan_forward(p, lim, reg);
-      if (reg_bwd.pa.table != 0 || reg_bwd.pa.reg != 0 || reg_fwd.pa.table != 0) {
-        std::fprintf(stderr, "FAIL stack plan under reg dtype=%d d=%lld: %s | %s (want base's kernels)\n", int(dtype),
-                     (long long)d, reg_fwd.describe.c_str(), reg_bwd.describe.c_str());
+      const bool want_reg = d == 4096 && reps == 2 && dtype != DType::Float64;
+      const size_t reg_smem =
+          detail::StackBackwardSmem(2, 1, 512, 4 * p.num_pairs + d, true, true, 4096, false, true).total * 4;
+      const bool reg_ok = want_reg ? reg_bwd.pa.reg == 1 && reg_bwd.pa.table == 4096 && reg_bwd.pa.stack_tape == 0 &&
+                                         reg_bwd.main.smem == reg_smem && reg_smem <= lim.smem_optin &&
+                                         reg_bwd.main.grid.x == 132 && reg_bwd.describe.find(" reg=1 ") != std::string::npos
+                                   : reg_bwd.pa.table == 0 && reg_bwd.pa.reg == 0 && reg_bwd.main.smem == plan.main.smem;
+      if (!reg_ok || reg_fwd.pa.table != 0) {
+        std::fprintf(stderr, "FAIL stack plan under reg dtype=%d d=%lld reps=%d: %s | %s (want %s)\n", int(dtype),
+                     (long long)d, reps, reg_fwd.describe.c_str(), reg_bwd.describe.c_str(),
+                     want_reg ? "the reg stacked backward" : "base's kernels");
         ++g_failures;
       }
       if (plan.parallel != want || (want && plan.pa.reps != reps)) {
@@ -1151,6 +1226,25 @@ void check_stack_plans() {
                      reps, plan.describe.c_str(), want ? "the fused stack" : "the general kernels");
         ++g_failures;
       }
+    }
+  }
+  // under reg, bf16 at d = 4096: k = 3 (360 KiB would not fit), unaligned rows, the adjoint: base's stacked kernel
+  struct Want {
+    int reps;
+    int64_t ld;
+    bool grads;
+  };
+  for (const Want& w : {Want{3, 4096, true}, Want{2, 4100, true}, Want{2, 4096, false}}) {
+    Problem p = make_problem(DType::BFloat16, stacked(parallel_layout(4096), w.reps), 1000);
+    p.x_ld = p.grad_ld = w.ld;
+    p.want_blocks = p.want_scale = w.grads;
+    Knobs reg = knobs;
+    reg.variant = Variant::Reg;
+    const BackwardPlan plan = plan_backward(p, lim, reg, blocks_per_sm<1>);
+    if (!plan.parallel || plan.pa.reps != w.reps || plan.pa.reg != 0 || plan.pa.table != 0) {
+      std::fprintf(stderr, "FAIL stack plan under reg reps=%d ld=%lld grads=%d: %s (want base's stacked kernel)\n",
+                   w.reps, (long long)w.ld, int(w.grads), plan.describe.c_str());
+      ++g_failures;
     }
   }
 }
@@ -1390,6 +1484,11 @@ int main(int argc, char** argv) {
     o.rows = 7;
     o.with_scale = true;
     run_case_counted<__nv_bfloat16>(parallel_layout(4096), o, rng);
+    run_case_counted<__nv_bfloat16>(stacked(parallel_layout(4096), 2), o, rng);  // the reg stacked backward
+  } else if (mode == "stackreg") {  // the reg stacked backward's cases alone (for fast iteration)
+    stack_reg_cases<float>(rng);
+    stack_reg_cases<__nv_bfloat16>(rng);
+    stack_reg_cases<__half>(rng);
   } else {
     reduce_cases<float, false>(full, rng);
     reduce_cases<float, true>(full, rng);
@@ -1422,17 +1521,21 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "FAIL no backward ran its top pass through the prefetching forward\n");
     ++g_failures;
   }
-  if (mode != "tiny" && g_pair == 0) {  // pair_cases and the reg cases must reach the paired reg backward
+  if (mode != "tiny" && mode != "stackreg" && g_pair == 0) {  // pair_cases and the reg cases must reach the paired reg backward
     std::fprintf(stderr, "FAIL no backward ran on the paired reg backward\n");
     ++g_failures;
   }
-  if (mode != "tiny" && g_top_saved == 0) {  // the segmented table / reg cases must reach the saved tops
+  if (mode != "tiny" && mode != "stackreg" && g_top_saved == 0) {  // the segmented table / reg cases must reach the saved tops
     std::fprintf(stderr, "FAIL no backward ran on the forward's saved segment tops\n");
     ++g_failures;
   }
+  if (mode != "reduce" && g_stack_reg == 0) {  // stack_reg_cases (and tiny's stack) must reach the reg stacked backward
+    std::fprintf(stderr, "FAIL no backward ran on the reg stacked backward\n");
+    ++g_failures;
+  }
   std::printf("cuda host emulation: %d cases, %d failed checks, %d backward top passes on the prefetching forward, "
-              "%d backward runs on the paired reg backward, %d on the forward's saved segment tops\n", g_cases,
-              g_failures, g_top_prefetch, g_pair, g_top_saved);
+              "%d backward runs on the paired reg backward, %d on the forward's saved segment tops, %d on the reg "
+              "stacked backward\n", g_cases, g_failures, g_top_prefetch, g_pair, g_top_saved, g_stack_reg);
   std::printf("cuda_emulation: %d passed, %d failed\n", g_cases - g_failed_cases, g_failed_cases);
   return g_failures == 0 ? 0 : 1;
 }
