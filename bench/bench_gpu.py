@@ -302,7 +302,9 @@ def layout_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Li
                 clock: Clock, xor_paths: Sequence[str] = ("general", "fused")) -> List[dict]:
     """Target 3: butterfly and stack=2 (parallel) against the single parallel layout (goft, dx + dθ); the
     stack on each of `xor_paths` (QGOFT_CUDA_XOR=general|fused: the general kernels, the fused XOR path) side
-    by side (the butterfly has only the general kernels so far: docs/CUDA.md, "XOR layouts")."""
+    by side (the butterfly has only the general kernels so far: docs/CUDA.md, "XOR layouts"). Under reg the fused
+    stack's backward is the reg stacked backward, under base the stacked kernel it replaced (docs/CUDA.md, "The
+    `reg` stacked backward"): variants base,reg put them side by side, each against its own single layout."""
     x = torch.randn(rows, d, device=dev, dtype=dtype)
     g = torch.randn(rows, d, device=dev, dtype=dtype)
     ops = torch.ops.qgoft
@@ -316,9 +318,8 @@ def layout_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Li
         fwd = (lambda p=pairs, o=offs, a=angles: ops.givens_chain(x, a, p, o, None))
         bwd = (lambda p=pairs, o=offs, a=angles: ops.givens_chain_backward(g, x, a, p, o, None, [True, True, False]))
         for v in variants:
-            if SAME_FORWARD.get(v) in variants:
-                continue
-            contenders[f"{kind} forward [{v}]"] = with_variant(v, fwd, xor)
+            if SAME_FORWARD.get(v) not in variants:  # else its forward kernels are timed under that variant
+                contenders[f"{kind} forward [{v}]"] = with_variant(v, fwd, xor)
             contenders[f"{kind} backward [{v}]"] = with_variant(v, bwd, xor)
     med = clock.timed(contenders, max(3, rounds // 3), 2)
     out = []
@@ -595,6 +596,10 @@ def main() -> int:
     ap.add_argument("--only", choices=("all", "kernels"), default="all",
                     help="kernels: the chain and layout tables only (no nn.Linear, no LLaMA-shaped stack)")
     ap.add_argument("--xor", default="general,fused", help="QGOFT_CUDA_XOR paths of the stack in the layout table")
+    ap.add_argument("--layout-variants", default="",
+                    help="the variants of the layout table (default: those of --variants that change more than the "
+                    "single layout's forward, reduction or paired backward), e.g. base,reg: the stack's fused backward "
+                    "on the stacked kernel and on the reg stacked backward")
     ap.add_argument("--ops-library", help="time the chain ops of this ops library (another build's) instead of "
                     "the package's; needs QGOFT_DISABLE_EXTENSION=1 (two builds cannot share one process)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
@@ -646,8 +651,8 @@ def main() -> int:
     print("bench_gpu: reduction table done", flush=True)
     xor_paths = [p for p in args.xor.split(",") if p]
     # the variants of the layout table
-    whole = [v for v in variants
-             if not forward_only(v) and not reduce_only(v) and not backward_only(v) and not tops_only(v)]
+    whole = [v for v in args.layout_variants.split(",") if v] or \
+        [v for v in variants if not forward_only(v) and not reduce_only(v) and not backward_only(v) and not tops_only(v)]
     lays = [] if args.quick or not whole else layout_rows(rows, widths[0], torch.bfloat16, rounds, whole, dev, clock, xor_paths)
     lin: List[dict] = []
     llama: List[dict] = []

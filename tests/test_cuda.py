@@ -612,6 +612,61 @@ def test_saved_tops_under_torch_compile(gen):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("d,reps,rows,method,dtype,mask,stack_reg", [
+    (4096, 2, 7, "goft", BF16, (True, True, False), 1),             # fewer rows than blocks
+    (4096, 2, 1_001, "goft_scaled", BF16, (True, True, True), 1),   # blocks own several rows
+    (4096, 2, 700, "qgoft", F32, (True, True, False), 1),
+    (4096, 2, 333, "qgoft_scaled", F16, (False, True, True), 1),    # no grad_x
+    (4096, 2, 300, "goft_scaled", F32, (False, False, True), 1),    # the scale gradient alone
+    (4000, 2, 65, "goft", BF16, (True, True, False), 1),            # chunks past d (zeros)
+    (2056, 2, 65, "qgoft", F32, (True, True, False), 1),            # 257 of 512 threads in the row
+    (4096, 3, 20, "goft", BF16, (True, True, False), 0),            # k = 3: its shared memory does not fit
+    (4096, 2, 50, "goft", BF16, (True, False, False), 0),           # the adjoint: the stacked kernel
+    (4096, 2, 50, "qgoft", F64, (True, True, False), 0),            # float64 (the general kernels at d = 4096)
+    (2048, 2, 50, "goft", BF16, (True, True, False), 0),            # rows of 2048: 256 threads, the stacked kernel
+])
+def test_reg_stacked_backward(gen, env, capfd, d, reps, rows, method, dtype, mask, stack_reg):
+    """The reg stacked backward (docs/CUDA.md, "The `reg` stacked backward"): stack(parallel(d), k) under
+    QGOFT_CUDA_VARIANT=reg runs parallel_stack_reg_kernel where the planner takes it (reg=1 in the stack's backward
+    plan: k = 2, float accumulation, 16-byte rows of 2049-4096 elements, parameter gradients; elsewhere the stacked
+    kernel or the general ones, reg=0), against the float64 reference, against the general kernels
+    (QGOFT_CUDA_XOR=general) and the stacked kernel it replaced (QGOFT_CUDA_VARIANT=base) to rounding, and bitwise
+    reproducible over two runs. (Bitwise equality with the stacked kernel is proved in the host emulation, whose
+    arithmetic has no contraction choices; on the GPU the two are compiled separately.)"""
+    env(QGOFT_CUDA_VERBOSE=1)
+    lay = f"parallel*{reps}"
+    pairs, offsets = make_layout(lay, d, gen)
+    params, scale = make_params(method, pairs.shape[0], d, gen, dtype=F64 if dtype == F64 else F32)
+    x = make_tensor((rows,), d, "contiguous", gen, dtype)
+    g = make_tensor((rows,), d, "contiguous", gen, dtype)
+    grads = {}
+    for name, variant, xor in (("reg", "reg", "fused"), ("reg again", "reg", "fused"), ("stacked", "base", "fused"),
+                               ("general", "reg", "general")):
+        env(QGOFT_CUDA_VARIANT=variant, QGOFT_CUDA_XOR=xor)
+        poison()
+        capfd.readouterr()
+        grads[name] = k_backward(method, g, x, params, pairs, offsets, scale, mask)
+        torch.cuda.synchronize()
+        seen = [p for p in plans(capfd) if " backward " in p]
+        assert len(seen) == 1, (name, seen)
+        if name == "reg":
+            fused = not (dtype == F64 and d == 4096)
+            assert (f"path=stack reps={reps} " in seen[0]) == fused, seen
+            assert (" reg=1 " in seen[0]) == bool(stack_reg), seen
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads["reg"], grads["reg again"])), \
+        "not bitwise reproducible"
+    want = truth(method, x, g, params, pairs, offsets, scale)
+    names = ("grad_x", "grad_params", "grad_scale")
+    pd = F64 if dtype == F64 else F32
+    for k, (name, wanted, ref_grad, tol_dtype) in enumerate(zip(names, mask, want[1:], (dtype, pd, pd))):
+        if not wanted or ref_grad is None:
+            continue
+        tag = f"{method} {lay} d={d} rows={rows} {dtype}: {name}"
+        check_close(grads["reg"][k], ref_grad, tol_dtype, f"{tag} (reg)")
+        for other in ("stacked", "general"):
+            check_close(grads["reg"][k], grads[other][k], tol_dtype, f"{tag}: reg against {other}")
+
+
 @pytest.mark.parametrize("var,kind,message", [
     ("QGOFT_CUDA_XOR", "parallel*2", "QGOFT_CUDA_XOR must be general or fused"),
     ("QGOFT_CUDA_FORWARD", "parallel", "QGOFT_CUDA_FORWARD must be plain or prefetch"),

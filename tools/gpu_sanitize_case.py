@@ -6,7 +6,9 @@ Paths: parallel (rows sharing a block, one row of 512 threads, scalar loads of a
 segmented parallel (forward top kernel, backward recomputation and top layers in warp 0), stacked parallel
 (QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels), each in every kernel variant
 (QGOFT_CUDA_VARIANT=base|table|reg; reg's 512-thread instantiation by "512 threads" and "segmented default";
-a stack under reg runs base's kernels; these with the plain forward, QGOFT_CUDA_FORWARD=plain); the prefetching
+these with the plain forward, QGOFT_CUDA_FORWARD=plain; a stack under reg runs base's kernels but for the reg
+stacked backward, "stacked reg": stack(parallel(d), 2) with 16-byte rows of 2049-4096 elements, more rows than an
+H100's persistent grid, rows with chunks past d); the prefetching
 forward (QGOFT_CUDA_FORWARD=prefetch, the default, under table, forward
 and the full backward only: the knob changes no other backward kernel than the segmented rows' recomputing top
 pass) on enough rows that blocks own several row groups; the split reduction of the partial rows
@@ -56,6 +58,11 @@ def cases():
         ("stacked 512 threads", layouts.stack(layouts.parallel(4096), 2), 3, {"QGOFT_CUDA_XOR": "fused"}, False),
         ("stacked*3 scalar loads", layouts.stack(layouts.parallel(300), 3), 5, {"QGOFT_CUDA_XOR": "fused"}, True),
     ]
+    stack_reg = [  # the reg stacked backward (reg, the default): 133 rows over an H100's 132 blocks; d = 4000: the
+        # last 12 threads' chunks past the row
+        ("stacked reg 512 threads", layouts.stack(layouts.parallel(4096), 2), 133, {"QGOFT_CUDA_XOR": "fused"}, False),
+        ("stacked reg chunks past d", layouts.stack(layouts.parallel(4000), 2), 3, {"QGOFT_CUDA_XOR": "fused"}, False),
+    ]
     prefetch = [  # QGOFT_CUDA_FORWARD=prefetch (table): rows past the persistent grid, the last group partial
         ("prefetch R>1 row slots", layouts.parallel(120), 20_000, {}, False),  # 16-byte rows (d % 8 == 0)
         ("prefetch 512 threads", layouts.parallel(4096), 1_000, {}, False),
@@ -97,6 +104,9 @@ def cases():
                             {**env, "QGOFT_CUDA_VARIANT": variant}, unaligned))
     for dtype, quasi, with_scale in ((torch.float32, False, True), (torch.bfloat16, True, False),
                                      (torch.float16, False, True)):
+        for name, lay, rows, env, unaligned in stack_reg:
+            out.append((f"{name} [reg]", lay, rows, dtype, quasi, with_scale,
+                        {**env, "QGOFT_CUDA_VARIANT": "reg"}, unaligned))
         for name, lay, rows, env, unaligned in prefetch:
             out.append((f"{name} [table]", lay, rows, dtype, quasi, with_scale,
                         {**env, "QGOFT_CUDA_VARIANT": "table", "QGOFT_CUDA_FORWARD": "prefetch"}, unaligned))
