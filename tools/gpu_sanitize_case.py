@@ -98,7 +98,7 @@ def cases():
                 for name, lay, rows, env, unaligned in general:
                     out.append((name, lay, rows, dtype, quasi, with_scale, env, unaligned))
     for dtype, quasi, with_scale in ((torch.float32, False, True), (torch.bfloat16, True, False)):
-        for variant in ("base", "table"):  # a stack under reg runs base's kernels
+        for variant in ("base", "table"):  # under reg: base's kernels, or the reg stacked backward (stack_reg below)
             for name, lay, rows, env, unaligned in stacked:
                 out.append((f"{name} [{variant}]", lay, rows, dtype, quasi, with_scale,
                             {**env, "QGOFT_CUDA_VARIANT": variant}, unaligned))
