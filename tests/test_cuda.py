@@ -593,8 +593,9 @@ def test_hostile_tops_are_refused(gen, env):
 
 
 def test_saved_tops_under_torch_compile(gen):
-    """torch.compile of a training step through the public function (the tops' column count is a data-dependent
-    size in the fake kernel): the same output and gradients as eager, bitwise."""
+    """torch.compile of a training step through the public function: compiled graphs run the plain forward op (the
+    tops' column count is data-dependent, qgoft/ops.py) and their backward recomputes the tops; eager keeps them.
+    The same output and gradients either way, bitwise."""
     d, rows = 5000, 64
     pairs, offsets = make_layout("parallel", d, gen)
     blocks, scale = make_params("qgoft_scaled", pairs.shape[0], d, gen)
