@@ -299,18 +299,21 @@ def reduction_rows(rows: int, widths: Sequence[int], dtype: torch.dtype, rounds:
 
 
 def layout_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: List[str], dev: str,
-                clock: Clock, xor_paths: Sequence[str] = ("general", "fused")) -> List[dict]:
+                clock: Clock, xor_paths: Sequence[str] = ("general", "fused"), butterfly: bool = True) -> List[dict]:
     """Target 3: butterfly and stack=2 (parallel) against the single parallel layout (goft, dx + dθ); the
     stack on each of `xor_paths` (QGOFT_CUDA_XOR=general|fused: the general kernels, the fused XOR path) side
     by side (the butterfly has only the general kernels so far: docs/CUDA.md, "XOR layouts"). Under reg the fused
     stack's backward is the reg stacked backward, under base the stacked kernel it replaced (docs/CUDA.md, "The
-    `reg` stacked backward"): variants base,reg put them side by side, each against its own single layout."""
+    `reg` stacked backward"): variants base,reg put them side by side, each against its own single layout.
+    butterfly=False: the parallel layout and the stack only."""
     x = torch.randn(rows, d, device=dev, dtype=dtype)
     g = torch.randn(rows, d, device=dev, dtype=dtype)
     ops = torch.ops.qgoft
     contenders: Dict[str, Callable[[], object]] = {}
     stack2 = layouts.stack(layouts.parallel(d), 2)
-    kinds = [("parallel", layouts.parallel(d), "general"), ("butterfly/general", layouts.butterfly(d), "general")]
+    kinds = [("parallel", layouts.parallel(d), "general")]
+    if butterfly:
+        kinds.append(("butterfly/general", layouts.butterfly(d), "general"))
     kinds += [(f"parallel*2/{xor}", stack2, xor) for xor in xor_paths]
     for kind, lay, xor in kinds:
         pairs, offs = lay.pairs_tensor(dev), lay.layer_offsets_tensor(dev)
@@ -654,6 +657,8 @@ def main() -> int:
     whole = [v for v in args.layout_variants.split(",") if v] or \
         [v for v in variants if not forward_only(v) and not reduce_only(v) and not backward_only(v) and not tops_only(v)]
     lays = [] if args.quick or not whole else layout_rows(rows, widths[0], torch.bfloat16, rounds, whole, dev, clock, xor_paths)
+    if lays and "fused" in xor_paths:  # the fused stack in float32 too (docs/CUDA.md, "The `reg` stacked backward")
+        lays += layout_rows(rows, widths[0], torch.float32, rounds, whole, dev, clock, ["fused"], butterfly=False)
     lin: List[dict] = []
     llama: List[dict] = []
     if args.only == "all":
