@@ -23,7 +23,7 @@
 #                 pass (reg+prefetch+recompute: QGOFT_CUDA_TOPS=recompute), the fused XOR path against the general
 #                 kernels
 #                 (tools/gpu_variant_check.py)                                        variants.log
-#   chain    150  bench/bench_gpu.py: chain kernels under reg with the plain forward, reg+prefetch (the
+#   chain    180  bench/bench_gpu.py: chain kernels under reg with the plain forward, reg+prefetch (the
 #                 default: the prefetching forward, forward rows and d > 4096 backward rows with gradients),
 #                 reg+serial (QGOFT_CUDA_REDUCE=serial: backward rows with parameter gradients; and every
 #                 backward variant split / serial at MiniLM's 2048 x 384 and 1536) and reg+prefetch+pair (the
@@ -37,7 +37,7 @@
 #                 LoRA r=8 / PEFT OFT, a LLaMA-shaped stack's training step vs LoRA (targets 1-4, half of 5)
 #                                                                                     bench_gpu.md/.json
 #   tests    120  tests/test_cuda.py and tests/test_determinism.py, QGOFT_REQUIRE_CUDA=1 (target 7)
-#   sanitize 120  compute-sanitizer memcheck, racecheck, initcheck, synccheck, concurrently, on
+#   sanitize 180  compute-sanitizer memcheck, racecheck, initcheck, synccheck, concurrently, on
 #                 tools/gpu_sanitize_case.py: every path, variant, dtype and mask for memcheck and
 #                 initcheck; every path and variant in float32 for racecheck and synccheck (the slow tools;
 #                 their hazards do not depend on the dtype) (target 6)             sanitizer_*.log
@@ -331,10 +331,10 @@ else
   part ptxas 60 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --binary qgoft/libqgoft_cuda.so --out "$OUTDIR/ptxas.json"
   part load 30 load.log load_check
   part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py --variants table,reg,table+prefetch,reg+pair,reg+prefetch+recompute
-  part chain 150 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants reg,reg+prefetch,reg+serial,reg+prefetch+pair,reg+prefetch+recompute \
+  part chain 180 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants reg,reg+prefetch,reg+serial,reg+prefetch+pair,reg+prefetch+recompute \
     --layout-variants base,reg --out "$OUTDIR"
   part tests 120 tests.log run_tests
-  part sanitize 120 sanitize.log sanitize_all
+  part sanitize 180 sanitize.log sanitize_all
   part layer 60 run_layer.log "$PYTHON" bench/run.py --quick --device cuda --only layer --out-dir "$OUTDIR/run" --no-readme
   if [ -z "${QGOFT_MINILM_PATH:-}" ] && [ -d "$ROOT/build/minilm" ]; then
     export QGOFT_MINILM_PATH="$ROOT/build/minilm"; log "model: the MiniLM weights of $QGOFT_MINILM_PATH"
