@@ -115,9 +115,18 @@ constexpr int kTapeWords = kLogChunk * kChunk + 5 + 5;
 // `reg` (the reg stacked backward, parallel_stack_reg_kernel in chain_stack_reg.cuh; R = 1, with a table): the
 // exchange words are [2][2][32] (two buffers of values and gradients); the in-thread accumulators are those of
 // repetitions 0 .. reps-2 only (the last one's are registers), thread-contiguous: pair k of thread t in repetition j
-// at ((7 j + k) T + t) 4, one 16-byte block (owner-only); the saved words are each thread's input and cross-warp tape
-// of repetitions 0 .. reps-2, thread-contiguous: [reps-1][T][kStackRegSaved].
-constexpr int kStackRegSaved = kChunk + (kRegLogT - 5);  // 8 input values + 4 cross-warp tape words (T = 512)
+// at ((7 j + k) T + t) 4, one 16-byte block (owner-only); the saved words of repetitions 0 .. reps-2 are
+// [reps-1][T][8] each thread's input (thread-contiguous) | [reps-1][5][T] each thread's shuffle-layer tape (word-major)
+// | [reps-1][32][4] the cross-warp tape, one per block (lane q's words from 4 q; every warp computes the same):
+// StackRegSaved.
+struct StackRegSaved {
+  static QGOFT_HOST_DEVICE int64_t input(int j, int T) { return static_cast<int64_t>(j) * T * kChunk; }
+  static QGOFT_HOST_DEVICE int64_t shuffle(int reps, int j, int T) {
+    return input(reps - 1, T) + static_cast<int64_t>(j) * 5 * T;
+  }
+  static QGOFT_HOST_DEVICE int64_t cross_warp(int reps, int j, int T) { return shuffle(reps, reps - 1, T) + 128 * j; }
+  static QGOFT_HOST_DEVICE int64_t words(int reps, int T) { return cross_warp(reps, reps - 1, T); }
+};
 QGOFT_HOST_DEVICE constexpr bool stack_reg_applies(int reps, int logT, bool vec, bool grads, int acc_bytes) {
   return reps > 1 && reg_branch_free(logT, vec, grads, acc_bytes);  // the reg kernel's branch-free instantiation
 }
@@ -126,11 +135,12 @@ struct StackBackwardSmem {
   QGOFT_HOST_DEVICE StackBackwardSmem(int reps, int R, int T, int64_t width, bool blocks, bool grads, int table,
                                       bool tape, bool reg = false) {
     const int64_t rt = static_cast<int64_t>(R) * T;
-    const int saved = reg ? kStackRegSaved : tape ? kTapeWords : kChunk;
     cacc = reg ? 128 : 32;
     iacc = cacc + (blocks ? static_cast<int64_t>(reps) * R * (T - 1) * 4 : 0);
     vin = iacc + (blocks ? static_cast<int64_t>(reg ? reps - 1 : reps) * (kChunk - 1) * 4 * rt : 0);
-    red = vin + (grads ? static_cast<int64_t>(reps - 1) * saved * rt : 0);
+    const int64_t saved =
+        reg ? StackRegSaved::words(reps, T) : static_cast<int64_t>(reps - 1) * (tape ? kTapeWords : kChunk) * rt;
+    red = vin + (grads ? saved : 0);
     const int64_t end = red + (grads && R > 1 ? static_cast<int64_t>(R) * width : 0);
     tab = table > 0 ? (end + 3) / 4 * 4 : end;
     total = tab + static_cast<int64_t>(reps) * 4 * ParallelTable::blocks(table);

@@ -4,12 +4,12 @@
 // stack_reg_applies in chain_sizes.h) run over k repetitions of the layout, repetition j with its own segment table
 // in shared memory (stack_blocks). Per row:
 //  * repetitions 0 .. k-2 forward: the layers inside the warp, then one barrier, after which every warp computes the
-//    cross-warp layers itself (the reg kernel's scheme); each thread saves the repetition's input and its
-//    cross-warp tape in shared memory (its own kStackRegSaved words);
+//    cross-warp layers itself (the reg kernel's scheme); each thread saves the repetition's input and (16-bit rows)
+//    its shuffle-layer tape in shared memory, warp 0 the block's cross-warp tape (StackRegSaved);
 //  * the last repetition as the reg kernel's row: forward with the tape, the scale, one barrier for the cross-warp
 //    forward and backward, the shuffle and in-thread backward; its pair gradients in registers;
-//  * repetitions k-2 .. 0 backward: the tape of the in-warp layers recomputed from the saved input (the cross-warp
-//    tape was saved: no barrier), one barrier to exchange the chunk starts' gradients, then the cross-warp, shuffle
+//  * repetitions k-2 .. 0 backward: the tape of the in-thread layers (float32 rows: and of the shuffle layers)
+//    recomputed from the saved input, one barrier to exchange the chunk starts' gradients, then the cross-warp, shuffle
 //    and in-thread backward; the shuffle-layer pair of each lane and the in-thread pairs accumulated by
 //    read-modify-writes of 16 bytes in shared memory (owner-only: cacc, and the thread's own slice of iacc).
 // 2k - 1 barriers per row; the exchange words alternate between two buffers at every barrier. Same products,
@@ -46,11 +46,21 @@ __global__ void __launch_bounds__(512) parallel_stack_reg_kernel(const ParallelA
   auto iacc = [&](int j) {
     return static_cast<A*>(__builtin_assume_aligned(sm + layout.iacc + 4 * ((kChunk - 1) * j * T + ln.t), 16));
   };
-  // this thread's saved input (kChunk) and cross-warp tape (LW words) of repetition j (< reps - 1)
+  // repetition j's (< reps - 1) saved words: this thread's input (kChunk, thread-contiguous) and shuffle-layer tape
+  // (LS words, T apart), the block's cross-warp tape (lane q's LW words from 4 q, q < words; written by warp 0, read
+  // by every warp's lanes, those past the words at lane % words)
   auto saved = [&](int j) {
-    return static_cast<A*>(__builtin_assume_aligned(sm + layout.vin + kStackRegSaved * (j * T + ln.t), 16));
+    return static_cast<A*>(__builtin_assume_aligned(sm + layout.vin + StackRegSaved::input(j, T) + kChunk * ln.t, 16));
+  };
+  auto saved_shuffle = [&](int j) { return sm + layout.vin + StackRegSaved::shuffle(reps, j, T) + ln.t; };
+  auto saved_cross_warp = [&](int j) {
+    return static_cast<A*>(
+        __builtin_assume_aligned(sm + layout.vin + StackRegSaved::cross_warp(reps, j, T) + 4 * xw_pos(lane, nw), 16));
   };
   const int sh_pair = lane != 0 ? shuffle_owner_pair<A>(a, ln) : 0;  // the shuffle-layer pair this lane owns
+  // 16-bit rows keep the shuffle-layer tapes of repetitions 0 .. reps-2 (-42 instructions per row); float32 rows
+  // recompute them (kept, they cost 12 + 8 spill bytes at the 128-register cap)
+  constexpr bool kKeepShuffleTape = sizeof(S) == 2;
 
   A acc_in[kChunk - 1][4], acc_sh[4], acc_s[kChunk];  // the last repetition's pairs (as in the reg kernel), the scale
   zero_reg_accumulators(acc_in, acc_sh, acc_s);
@@ -97,13 +107,20 @@ __global__ void __launch_bounds__(512) parallel_stack_reg_kernel(const ParallelA
     xr.unpack(v);
     load_row(g + gridDim.x);
     Tape<A> tp;
-    // repetitions 0 .. reps-2 forward, saving each one's input and cross-warp tape
+    // repetitions 0 .. reps-2 forward, saving each one's input and shuffle-layer and cross-warp tapes
     for (int j = 0; j + 1 < reps; ++j) {
       A* sv = saved(j);
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) sv[e] = v[e];
       const LaneLive live = pass_mask();
-      parallel_forward_in_warp<A, false, true>(a, ln, blocks.rep(j), v, tp, &live);
+      parallel_forward_in_warp<A, kKeepShuffleTape, true>(a, ln, blocks.rep(j), v, tp, &live);
+      if constexpr (kKeepShuffleTape) {
+        A* sh = saved_shuffle(j);
+#pragma unroll
+        for (int s = 0; s < 5; ++s) {
+          if (s < LS) sh[s * T] = tp.sh[s];
+        }
+      }
       A* xb = words();
       if (lane == 0) xb[wq] = v[0];
       __syncthreads();
@@ -111,8 +128,11 @@ __global__ void __launch_bounds__(512) parallel_stack_reg_kernel(const ParallelA
       const A u = level_forward<true>(xwl, LW, xpos, pass_mask().cross_warp(), blocks.rep(j), qv ? xb[lane] : A(0), tt);
       const A mine = __shfl_sync(kFullMask, u, wq);
       if (lane == 0) v[0] = mine;
+      if (wq == 0 && qv) {  // the block's copy (every warp computed the same; read after this row's later barriers)
+        A* st = saved_cross_warp(j);
 #pragma unroll
-      for (int s = 0; s < kRegLogT - 5; ++s) sv[kChunk + s] = tt[s];
+        for (int s = 0; s < 4; ++s) st[s] = s < LW ? tt[s] : A(0);
+      }
     }
     {  // the last repetition: the reg kernel's row
       const int j = reps - 1;
@@ -148,17 +168,29 @@ __global__ void __launch_bounds__(512) parallel_stack_reg_kernel(const ParallelA
         if (acc_blocks) accumulate_outer(acc_in[k], ui, uj, gi, gj);
       }, &live);
     }
-    // repetitions reps-2 .. 0 backward, their in-warp tapes recomputed from the saved inputs
+    // repetitions reps-2 .. 0 backward, their in-thread tapes (float32: and shuffle-layer tapes) recomputed from the
+    // saved inputs
     for (int j = reps - 2; j >= 0; --j) {
       const A* bj = blocks.rep(j);
+      const LaneLive live = pass_mask();
+      A vr[1][kChunk];
+      Tape<A> tr[1];
       const A* sv = saved(j);
 #pragma unroll
-      for (int e = 0; e < kChunk; ++e) v[e] = sv[e];
-      A tt[5];
+      for (int e = 0; e < kChunk; ++e) vr[0][e] = sv[e];
+      if constexpr (kKeepShuffleTape) {
+        in_thread_forward_rows<true, true>(a, ln, bj, vr, tr, &live);
+        const A* sh = saved_shuffle(j);
 #pragma unroll
-      for (int s = 0; s < 5; ++s) tt[s] = s < kRegLogT - 5 ? sv[kChunk + s] : A(0);
-      const LaneLive live = pass_mask();
-      parallel_forward_in_warp<A, true, true>(a, ln, bj, v, tp, &live);
+        for (int s = 0; s < 5; ++s) tr[0].sh[s] = s < LS ? sh[s * T] : A(0);
+      } else {
+        parallel_forward_in_warp<A, true, true>(a, ln, bj, vr[0], tr[0], &live);
+      }
+      A tt[5];
+      const A* st = saved_cross_warp(j);
+#pragma unroll
+      for (int s = 0; s < 5; ++s) tt[s] = s < 4 && s < LW ? st[s] : A(0);
+      const Tape<A>& tp = tr[0];
       A* xb = words();
       if (lane == 0) xb[32 + wq] = gv[0];
       __syncthreads();

@@ -1189,7 +1189,7 @@ void check_pair_plans() {
 // memory per block), with every parameter gradient: every dtype while a row fits one 4096-element segment,
 // float64 too (fewer rows per block where 256 / T rows would not fit), except float64 at d = 4096. Under reg (the
 // default) the forward is base's, the backward the reg stacked backward where it applies and fits (k = 2 at
-// d = 4096 with float accumulation: its tables and accumulators in 224.4 KiB, one block per SM, 132 blocks), base's
+// d = 4096 with float accumulation: its tables and accumulators in 226.9 KiB, one block per SM, 132 blocks), base's
 // elsewhere: k = 3, rows of 2048 or fewer elements, float64, unaligned rows, the adjoint (no parameter gradients).
 void check_stack_plans() {
   const Limits lim = h100_limits();
