@@ -10,7 +10,8 @@ a table at all-MiniLM-L6-v2's shapes, 2048 rows x d = 384 and 1536 bf16, beside 
 QGOFT_CUDA_BACKWARD=pair (the paired reg backward: the bf16 backward rows with parameter gradients), `V+recompute` V
 with QGOFT_CUDA_TOPS=recompute (the backward rows with parameter gradients at d > 4096, which are given the
 forward's segment tops, recompute them in a top pass instead: docs/CUDA.md, "Saved segment tops"); the layout table
-(target 3) times stack=2 on the general and the fused XOR kernels (QGOFT_CUDA_XOR=general|fused) side by side.
+(target 3) times stack=2 and the butterfly on the general and the fused XOR kernels (QGOFT_CUDA_XOR=general|fused)
+side by side.
 
     python bench/bench_gpu.py [--rounds 15] [--out DIR] [--quick] [--variants base,table,table+prefetch]
     python bench/bench_gpu.py --only kernels --variants reg,reg+pair   # the paired reg backward beside reg
@@ -301,8 +302,10 @@ def reduction_rows(rows: int, widths: Sequence[int], dtype: torch.dtype, rounds:
 def layout_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: List[str], dev: str,
                 clock: Clock, xor_paths: Sequence[str] = ("general", "fused"), butterfly: bool = True) -> List[dict]:
     """Target 3: butterfly and stack=2 (parallel) against the single parallel layout (goft, dx + dθ); the
-    stack on each of `xor_paths` (QGOFT_CUDA_XOR=general|fused: the general kernels, the fused XOR path) side
-    by side (the butterfly has only the general kernels so far: docs/CUDA.md, "XOR layouts"). Under reg the fused
+    stack and the butterfly each on every one of `xor_paths` (QGOFT_CUDA_XOR=general|fused: the general kernels, the
+    fused XOR path: the stack's kernels, the butterfly's forward kernel, its backward being the general kernels' either
+    way) side by side (docs/CUDA.md, "XOR layouts"); a layout's general row is the baseline of its fused one where
+    both are timed. Under reg the fused
     stack's backward is the reg stacked backward, under base the stacked kernel it replaced (docs/CUDA.md, "The
     `reg` stacked backward"): variants base,reg put them side by side, each against its own single layout.
     butterfly=False: the parallel layout and the stack only."""
@@ -313,7 +316,7 @@ def layout_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Li
     stack2 = layouts.stack(layouts.parallel(d), 2)
     kinds = [("parallel", layouts.parallel(d), "general")]
     if butterfly:
-        kinds.append(("butterfly/general", layouts.butterfly(d), "general"))
+        kinds += [(f"butterfly/{xor}", layouts.butterfly(d), xor) for xor in xor_paths]
     kinds += [(f"parallel*2/{xor}", stack2, xor) for xor in xor_paths]
     for kind, lay, xor in kinds:
         pairs, offs = lay.pairs_tensor(dev), lay.layer_offsets_tensor(dev)
@@ -331,10 +334,10 @@ def layout_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Li
         kind, direction = name.split(" ")
         variant = variant.rstrip("]")
         single = med[f"parallel {direction} [{variant}]"]
-        # the stack on the general kernels is the baseline of the fused path, not a contender for target 3
+        # a layout on the general kernels is the baseline of its fused path, not a contender for target 3
         out.append({"case": f"{rows}x{d} {dtype_name(dtype)} {kind}", "contender": f"goft {direction}",
                     "variant": variant, "ms": ms, "vs_parallel": ms / single,
-                    "baseline": kind == "parallel*2/general"})
+                    "baseline": kind.endswith("/general") and "fused" in xor_paths})
     return out
 
 
@@ -598,7 +601,7 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="no GPU: tiny shapes on the CPU (checks the script)")
     ap.add_argument("--only", choices=("all", "kernels"), default="all",
                     help="kernels: the chain and layout tables only (no nn.Linear, no LLaMA-shaped stack)")
-    ap.add_argument("--xor", default="general,fused", help="QGOFT_CUDA_XOR paths of the stack in the layout table")
+    ap.add_argument("--xor", default="general,fused", help="QGOFT_CUDA_XOR paths of the stack and the butterfly in the layout table")
     ap.add_argument("--layout-variants", default="",
                     help="the variants of the layout table (default: those of --variants that change more than the "
                     "single layout's forward, reduction or paired backward), e.g. base,reg: the stack's fused backward "

@@ -387,6 +387,44 @@ def test_fused_xor_path_many_rows_deterministic(gen, env, dtype, kind, d, rows):
         assert torch.equal(a, b) and torch.equal(a, c), f"{name}: runs differ"
 
 
+@pytest.mark.parametrize("kind,d,shape,method,dtype,x_kind", [
+    ("butterfly", 4096, (1003,), "goft", BF16, "contiguous"),       # 512 threads, 8 rows each: 126 groups, last partial
+    ("butterfly", 4096, (3, 37), "qgoft_scaled", F32, "contiguous"),
+    ("butterfly", 4096, (21,), "goft_scaled", F16, "row_slice"),     # scalar loads (unaligned, strided rows)
+    ("butterfly", 4096, (9,), "qgoft", F64, "contiguous"),           # 4 rows per thread
+    ("butterfly", 2048, (300,), "qgoft", BF16, "row_slice"),
+    ("butterfly", 512, (1001,), "goft_scaled", F32, "contiguous"),  # one round with fewer layers (log2 d = 9: 3 full)
+    ("butterfly", 128, (5000,), "qgoft_scaled", BF16, "contiguous"),  # sub-blocks of 16 threads, 64 rows per group
+    ("butterfly", 8, (20_001,), "goft", F32, "contiguous"),          # one round, 1024 rows per group
+    ("butterfly", 8192, (3,), "goft", BF16, "contiguous"),           # d > 4096: the general kernels
+    ("butterfly*2", 64, (7,), "goft", F32, "contiguous"),            # a stack of butterflies: the general kernels
+])
+def test_butterfly_forward(gen, env, capfd, kind, d, shape, method, dtype, x_kind):
+    """QGOFT_CUDA_XOR=fused: layouts.butterfly(d)'s forward on the butterfly kernel (docs/CUDA.md, "The butterfly
+    forward on the register path") for d = 2^n <= 4096, the general kernels otherwise and for the backward; against
+    the float64 reference and the CPU kernels (run_and_check), against the general kernels on the same inputs
+    (QGOFT_CUDA_XOR=general) and bitwise reproducible."""
+    env(QGOFT_CUDA_XOR="fused", QGOFT_CUDA_VERBOSE=1)
+    layout = make_layout(kind, d, gen)
+    run_and_check(method, kind, d, dtype, gen, shape=shape, x_kind=x_kind, layout=layout)
+    fused = kind == "butterfly" and d <= 4096
+    seen = plans(capfd)
+    assert seen and all(("path=butterfly " in p) == (fused and " forward " in p) for p in seen), seen
+    pairs, offsets = layout
+    params, scale = make_params(method, pairs.shape[0], d, gen, dtype=F64 if dtype == F64 else F32)
+    x = make_tensor(shape, d, x_kind, gen, dtype)
+    runs = {}
+    for xor in ("fused", "general", "fused"):
+        env(QGOFT_CUDA_XOR=xor)
+        poison()
+        out = k_forward(method, x, params, pairs, offsets, scale)
+        torch.cuda.synchronize()
+        if xor in runs:
+            assert torch.equal(out, runs[xor]), "the butterfly forward is not reproducible"
+        runs[xor] = out
+    check_close(runs["fused"], runs["general"], dtype, f"{method} {kind} d={d} {dtype}: fused vs general forward")
+
+
 @pytest.mark.parametrize("d,rows,segment,method,dtype", [
     (120, 20_000, 0, "goft_scaled", F32),   # 16 rows per block of 256 threads (15 of 16 lanes), last group partial
     (120, 20_000, 0, "qgoft", BF16),
@@ -669,7 +707,7 @@ def test_reg_stacked_backward(gen, env, capfd, d, reps, rows, method, dtype, mas
 
 
 @pytest.mark.parametrize("var,kind,message", [
-    ("QGOFT_CUDA_XOR", "parallel*2", "QGOFT_CUDA_XOR must be general or fused"),
+    ("QGOFT_CUDA_XOR", "parallel*2", "QGOFT_CUDA_XOR must be general, stack or fused"),
     ("QGOFT_CUDA_FORWARD", "parallel", "QGOFT_CUDA_FORWARD must be plain or prefetch"),
     ("QGOFT_CUDA_REDUCE", "parallel", "QGOFT_CUDA_REDUCE must be split or serial"),  # read by the backward
     ("QGOFT_CUDA_BACKWARD", "parallel", "QGOFT_CUDA_BACKWARD must be single or pair"),  # read by the backward
@@ -730,7 +768,7 @@ def test_split_reduction(gen, env, capfd, kind, d, rows, method, dtype):
 
 
 def test_path_selection(gen, env, capfd):
-    """The defaults (QGOFT_CUDA_VARIANT=reg, QGOFT_CUDA_XOR=fused): which kernels each layout gets."""
+    """The defaults (QGOFT_CUDA_VARIANT=reg, QGOFT_CUDA_XOR=stack): which kernels each layout gets."""
     env(QGOFT_CUDA_VERBOSE=1)
     for kind, d, want_fwd, want_bwd in [
         ("parallel", 4096, "path=parallel T=512 R=1 nseg=1", "path=parallel T=512 R=1 nseg=1"),
@@ -739,7 +777,7 @@ def test_path_selection(gen, env, capfd):
         ("butterfly", 4096, "path=general(smem)", "path=general"),  # rows in smem iff the opt-in limit >= 224 KiB
         ("butterfly", 8192, "path=general(smem)", "path=general(global)"),
         ("sequential", 4096, "path=general(smem)", "path=general(smem) acc_in_smem=1"),
-        ("parallel*2", 4096, "path=stack reps=2 T=512", "path=stack reps=2 T=512"),  # QGOFT_CUDA_XOR unset: fused
+        ("parallel*2", 4096, "path=stack reps=2 T=512", "path=stack reps=2 T=512"),  # QGOFT_CUDA_XOR unset: stack
     ]:
         pairs, offsets = make_layout(kind, d, gen)
         params, _ = make_params("goft", pairs.shape[0], d, gen)

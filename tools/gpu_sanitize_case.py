@@ -4,7 +4,8 @@
 
 Paths: parallel (rows sharing a block, one row of 512 threads, scalar loads of an unaligned input),
 segmented parallel (forward top kernel, backward recomputation and top layers in warp 0), stacked parallel
-(QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels), each in every kernel variant
+(QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels; the butterfly forward: 512 threads,
+sub-blocks of 16 threads, scalar loads, every dtype, the full backward only), each in every kernel variant
 (QGOFT_CUDA_VARIANT=base|table|reg; reg's 512-thread instantiation by "512 threads" and "segmented default";
 these with the plain forward, QGOFT_CUDA_FORWARD=plain; a stack under reg runs base's kernels but for the reg
 stacked backward, "stacked reg": stack(parallel(d), 2) with 16-byte rows of 2049-4096 elements, more rows than an
@@ -74,6 +75,12 @@ def cases():
         ("split reduction 2 lanes", layouts.parallel(1001), 24, {}, False),  # 12 slots: one shared-memory level
         ("split reduction general", layouts.sequential(41), 300, {"QGOFT_CUDA_PATH": "global"}, False),
     ]
+    fused = {"QGOFT_CUDA_XOR": "fused"}
+    butterfly = [  # the butterfly forward (QGOFT_CUDA_XOR=fused; its backward is the general kernels')
+        ("butterfly 512 threads", layouts.butterfly(4096), 19, fused, False),  # 3 row groups of 8, the last partial
+        ("butterfly sub-blocks", layouts.butterfly(128), 100, fused, False),  # 8 sub-blocks of 16 threads, 2 groups
+        ("butterfly scalar loads", layouts.butterfly(512), 5, fused, True),
+    ]
     pair = [  # QGOFT_CUDA_BACKWARD=pair (reg): more rows than the persistent grid's blocks, odd counts
         ("pair 512 threads", layouts.parallel(4096), 401, {}, False),
         ("pair segmented default", layouts.parallel(9000), 133, {}, False),
@@ -121,6 +128,10 @@ def cases():
                         {**env, **extra, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_TOPS": "saved"}, unaligned))
     out.append(("saved tops float64 [table]", layouts.parallel(5000), 7, torch.float64, True, True,
                 {"QGOFT_CUDA_VARIANT": "table", "QGOFT_CUDA_TOPS": "saved"}, False))
+    for dtype, quasi, with_scale in ((torch.float32, False, True), (torch.bfloat16, True, False),
+                                     (torch.float16, True, True), (torch.float64, False, False)):
+        for name, lay, rows, env, unaligned in butterfly:
+            out.append((name, lay, rows, dtype, quasi, with_scale, env, unaligned))
     for variant in VARIANTS:
         out.append((f"float64 parallel [{variant}]", layouts.parallel(513), 5, torch.float64, True, True,
                     {"QGOFT_CUDA_VARIANT": variant, "QGOFT_CUDA_FORWARD": "plain"}, False))
@@ -162,8 +173,9 @@ def run(lay, rows, dtype, quasi, with_scale, env, unaligned):
         else:
             y = fwd(x, params, pairs, offs, scale)
         # QGOFT_CUDA_FORWARD=prefetch selects the forward kernel and the backward's top pass (segmented rows with
-        # parameter gradients): its cases run the full backward only
-        masks = MASKS[:1] if env.get("QGOFT_CUDA_FORWARD") == "prefetch" else MASKS
+        # parameter gradients); the butterfly's XOR path changes its forward only: its cases run the full backward only
+        forward_only = env.get("QGOFT_CUDA_FORWARD") == "prefetch" or (lay.name == "butterfly" and "QGOFT_CUDA_XOR" in env)
+        masks = MASKS[:1] if forward_only else MASKS
         outs = [bwd(g, x, params, pairs, offs, scale, list(m), tops) for m in masks]
         torch.cuda.synchronize()
     finally:

@@ -2,8 +2,8 @@
 GPU (run by tools/gpu_check.sh before the variants are timed): forward, and backward with every output
 mask, goft with a scale and qgoft without, float32 and bfloat16, widths with rows sharing a block, one
 segment, several segments and odd d, aligned and unaligned rows, fresh random inputs each case. Then the
-fused XOR path (QGOFT_CUDA_XOR=fused, each variant) on stack(parallel(d), k) against the general kernels
-(QGOFT_CUDA_XOR=general) and the reference.
+fused XOR path (QGOFT_CUDA_XOR=fused, each variant) on stack(parallel(d), k) and on butterfly(d) (its forward kernel;
+the backward stays on the general kernels) against the general kernels (QGOFT_CUDA_XOR=general) and the reference.
 
     python tools/gpu_variant_check.py [--variants table]      # prints "variant check OK: N cases"
 
@@ -37,6 +37,7 @@ DEV = "cuda"
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
 SHAPES = ((100, 37), (1000, 5), (4096, 64), (9000, 3), (11008, 16))  # (d, rows)
 STACKS = ((100, 2, 37), (1000, 2, 5), (4096, 2, 64), (4096, 2, 700), (300, 3, 9))  # (d, repetitions, rows)
+BUTTERFLIES = ((64, 1000), (512, 53), (4096, 1003))  # (d, rows): sub-blocks, a short last round, 512 threads
 PREFETCH_ROWS = {100: 20000, 1000: 3000, 4096: 1000, 9000: 300, 11008: 300}  # several row groups per block
 
 
@@ -51,11 +52,13 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def case(variant, d, rows, dtype, quasi, unaligned, gen, reps=0):
+def case(variant, d, rows, dtype, quasi, unaligned, gen, reps=0, butterfly=False):
     """variant vs base on parallel(d); reps > 0: the fused XOR path (variant) vs the general kernels on
-    stack(parallel(d), reps)."""
-    lay = layouts.parallel(d) if reps == 0 else layouts.stack(layouts.parallel(d), reps)
-    mine = (lambda fn: call(variant, fn)) if reps == 0 else (lambda fn: call(variant, fn, xor="fused"))
+    stack(parallel(d), reps); butterfly: the same on butterfly(d)."""
+    lay = layouts.butterfly(d) if butterfly else layouts.parallel(d) if reps == 0 else \
+        layouts.stack(layouts.parallel(d), reps)
+    fused = reps > 0 or butterfly
+    mine = (lambda fn: call(variant, fn, xor="fused")) if fused else (lambda fn: call(variant, fn))
     pairs, offs = lay.pairs_tensor(DEV), lay.layer_offsets_tensor(DEV)
     if quasi:
         params = torch.eye(2, device=DEV) + 0.2 * torch.randn(lay.num_pairs, 2, 2, device=DEV, generator=gen)
@@ -70,7 +73,7 @@ def case(variant, d, rows, dtype, quasi, unaligned, gen, reps=0):
         torch.randn(rows, d, device=DEV, dtype=dtype, generator=gen)
     g = torch.randn(rows, d, device=DEV, dtype=dtype, generator=gen)
     same_tol = 1e-5 if dtype == torch.float32 else 2e-2  # a different FMA contraction moves a bf16 ulp
-    if reps and dtype == torch.float32:
+    if fused and dtype == torch.float32:
         same_tol = 1e-4  # the general kernels sum the parameter gradients in another order
     ref_tol = 1e-4 if dtype == torch.float32 else 3e-2
     y_base = call("base", lambda: fwd(x, params, pairs, offs, scale))
@@ -148,6 +151,15 @@ def main():
                               f"{dtype} {'qgoft' if quasi else 'goft'}: "
                               + "; ".join(f"{k} {e:.2e} > {t:.0e}" for k, (e, t) in bad.items()))
                         return 1
+    for d, rows in BUTTERFLIES:  # the butterfly forward (no variant: its kernel is the same under every one)
+        for dtype in (torch.float32, torch.bfloat16):
+            for quasi in (False, True):
+                bad = case("base", d, rows, dtype, quasi, d == 512, gen, butterfly=True)
+                n += 1
+                if bad:
+                    print(f"FAIL fused XOR path, butterfly({d}) rows={rows} {dtype} {'qgoft' if quasi else 'goft'}: "
+                          + "; ".join(f"{k} {e:.2e} > {t:.0e}" for k, (e, t) in bad.items()))
+                    return 1
     print(f"variant check OK: {n} cases")
     return 0
 

@@ -88,6 +88,7 @@ struct Layout {
   Tensor offsets;                   // (L + 1,) int32 contiguous, on the device
   int64_t d = 0, num_pairs = 0, num_layers = 0;
   int64_t parallel_reps = 0;        // k when exactly layouts.stack(layouts.parallel(d), k) (k = 1: the layout)
+  bool butterfly = false;           // exactly layouts.butterfly(d), d a power of two (qc::is_butterfly_layout)
 };
 
 struct LayoutKey {
@@ -204,6 +205,7 @@ std::shared_ptr<const Layout> checked_layout(const Tensor& pairs, const Tensor& 
   layout->num_pairs = num_pairs;
   layout->num_layers = num_layers;
   layout->parallel_reps = parallel_reps(pp, off, num_pairs, num_layers, d);
+  layout->butterfly = layout->parallel_reps == 0 && qc::is_butterfly_layout(pp, off, num_pairs, num_layers, d);
   layout->pairs = pairs.contiguous();
   if (reinterpret_cast<uintptr_t>(layout->pairs.data_ptr()) % 8 != 0) {
     layout->pairs = layout->pairs.clone(at::MemoryFormat::Contiguous);
@@ -335,6 +337,7 @@ qc::Problem problem(const Operands& o) {
   p.num_layers = o.layout->num_layers;
   p.parallel_layout = o.layout->parallel_reps == 1;
   p.parallel_reps = o.layout->parallel_reps > 1 ? static_cast<int>(o.layout->parallel_reps) : 0;
+  p.butterfly_layout = o.layout->butterfly;
   return p;
 }
 
@@ -366,6 +369,11 @@ Tensor run_forward(const Operands& o, const Tensor& x2, Tensor& y, const char* o
   set_params(o, plan.pa, plan.ga);
   check_smem(plan.main, lim, op);
   const auto acc_opts = x2.options().dtype(o.acc);
+  if (plan.butterfly) {
+    qc::butterfly_forward(o.dtype, plan.vec, plan.ga, plan.main, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {};
+  }
   if (plan.parallel) {
     Tensor top;
     if (plan.top_pass) {

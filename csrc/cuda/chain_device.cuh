@@ -142,6 +142,23 @@ struct Elem<__nv_bfloat16>
 template <>
 struct Elem<__half> : Elem16<__half, h_to_f, f_to_h, bits_to_h, h_to_bits> {};
 
+// v, opaque to the compiler: what a row loop derives from it (e.g. one predicate per layer of a LaneLive, or the
+// loads through a pointer) is computed where it is used instead of being hoisted out of the loop into registers of
+// its own.
+__device__ __forceinline__ unsigned opaque(unsigned v) {
+#ifndef QGOFT_CUDA_HOST_SIM
+  asm volatile("" : "+r"(v));
+#endif
+  return v;
+}
+template <class T>
+__device__ __forceinline__ const T* opaque(const T* p) {
+#ifndef QGOFT_CUDA_HOST_SIM
+  asm volatile("" : "+l"(p));
+#endif
+  return p;
+}
+
 // Block p (g00, g01, g10, g11) of the (P, 4) accumulation-type table.
 __device__ __forceinline__ void load_block(const float* b, int64_t p, float& g0, float& g1,
                                            float& g2, float& g3) {

@@ -64,6 +64,9 @@ int parallel_stack_backward_occupancy(DType t, bool vec, bool grads, const Paral
 void general_forward(DType t, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {
   by_dtype(t, [&](auto tag) { L<decltype(tag)>::general_forward(a, c, s); });
 }
+void butterfly_forward(DType t, bool vec, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {
+  by_dtype(t, [&](auto tag) { L<decltype(tag)>::butterfly_forward(vec, a, c, s); });
+}
 void general_backward(DType t, bool grads, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {
   by_dtype(t, [&](auto tag) { L<decltype(tag)>::general_backward(grads, a, c, s); });
 }

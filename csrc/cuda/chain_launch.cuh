@@ -74,6 +74,11 @@ struct Kernels {
     if (vec) return grads ? parallel_stack_backward<true, true>(table) : parallel_stack_backward<true, false>(table);
     return grads ? parallel_stack_backward<false, true>(table) : parallel_stack_backward<false, false>(table);
   }
+  // the butterfly forward: its instantiation for d = 2^kButterflyMaxLogD (butterfly_fixed_width), or for any d
+  template <bool kVec>
+  static auto butterfly_forward(bool fixed_width) {
+    return fixed_width ? butterfly_forward_kernel<S, kVec, kButterflyMaxLogD> : butterfly_forward_kernel<S, kVec, 0>;
+  }
   static auto general_backward(bool grads) {
     return grads ? general_backward_kernel<S, true> : general_backward_kernel<S, false>;
   }
@@ -135,6 +140,12 @@ int Launchers<S>::parallel_stack_backward_occupancy(bool vec, bool grads, const 
 template <class S>
 void Launchers<S>::general_forward(const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {
   launch(general_forward_kernel<S>, c, s, a);
+}
+template <class S>
+void Launchers<S>::butterfly_forward(bool vec, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {
+  const bool fixed = butterfly_fixed_width(a);
+  launch(vec ? Kernels<S>::template butterfly_forward<true>(fixed) : Kernels<S>::template butterfly_forward<false>(fixed),
+         c, s, a);
 }
 template <class S>
 void Launchers<S>::general_backward(bool grads, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {

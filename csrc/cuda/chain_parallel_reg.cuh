@@ -54,15 +54,6 @@ __device__ __forceinline__ auto live_or(LiveBits live, bool active) {
   }
 }
 
-// v, opaque to the compiler: what the row loop derives from it (one predicate per layer of a LaneLive) is
-// computed where it is used instead of being hoisted out of the loop into registers of its own.
-__device__ __forceinline__ unsigned opaque(unsigned v) {
-#ifndef QGOFT_CUDA_HOST_SIM
-  asm volatile("" : "+r"(v));
-#endif
-  return v;
-}
-
 // The accumulators (lv.acc_at / 4: 4 values each) of the pair of level lv whose upper participant is pos (> 0):
 // the pair (pos - 2^s, pos) of layer s, the lowest set bit of pos.
 template <class A, bool kTable>

@@ -95,9 +95,9 @@ void fill_parallel(ParallelArgs& a, const Problem& p, const ParallelShape& s, in
   a.groups = ceil_div(p.rows, s.R);
 }
 
-bool xor_fused(const Knobs& k) {
-  return (k.xor_path == XorPath::FromEnv ? xor_path_from_env() : k.xor_path) == XorPath::Fused;
-}
+XorPath resolved_xor_path(const Knobs& k) { return k.xor_path == XorPath::FromEnv ? xor_path_from_env() : k.xor_path; }
+// Stacks of the parallel layout on the fused XOR path: under Stack and Fused.
+bool xor_fused(const Knobs& k) { return resolved_xor_path(k) != XorPath::General; }
 
 // Repetitions of the parallel layout the parallel kernels would run: 1 for layouts.parallel(d), k for
 // layouts.stack(parallel(d), k) on the fused XOR path (the caller still checks that a row fits one segment
@@ -176,6 +176,43 @@ int64_t prefetch_occupancy(DType dtype, int threads, int64_t occ) {
   return std::min<int64_t>(occ, detail::prefetch_forward_blocks(elem_size(dtype)) * 512 / threads);
 }
 
+// Whether the forward runs layouts.butterfly(d) on butterfly_forward_kernel (docs/CUDA.md, "The butterfly forward on
+// the register path"): QGOFT_CUDA_XOR=fused, no forced path, d = 2^n with kButterflyMinLogD <= n <= kButterflyMaxLogD,
+// its shared memory within the device's.
+bool butterfly_forward_applies(const Problem& p, const Limits& lim, const Knobs& k) {
+  if (!p.butterfly_layout || k.path != ForcedPath::Auto || resolved_xor_path(k) != XorPath::Fused) return false;
+  const int n = detail::ceil_log2(p.d);
+  if ((int64_t(1) << n) != p.d || n < detail::kButterflyMinLogD || n > detail::kButterflyMaxLogD) return false;
+  const int64_t es = acc_size(p.dtype);
+  return detail::butterfly_smem_elems(n, static_cast<int>(es)) * es <= lim.smem_optin;
+}
+
+// The butterfly forward's launch: blocks of butterfly_threads(n) threads, each sub-block of d / 8 threads owning
+// butterfly_rows rows of a row group; a persistent grid of the blocks resident at once (by shared memory and by the
+// registers of its launch bounds).
+ForwardPlan plan_butterfly_forward(const Problem& p, const Limits& lim) {
+  ForwardPlan plan;
+  plan.butterfly = true;
+  GeneralArgs& a = plan.ga;
+  fill_general(a, p, /*backward=*/false);
+  const int n = detail::ceil_log2(p.d);
+  const int64_t es = acc_size(p.dtype);
+  const int threads = detail::butterfly_threads(n);
+  a.R = detail::butterfly_rows(static_cast<int>(es));
+  const int64_t group_rows = int64_t(threads) / (p.d / kChunk) * a.R;
+  a.groups = ceil_div(p.rows, group_rows);
+  plan.vec = rows16(p.d, p.x_ld, p.x);  // the rows are read as 8-element chunks; y is written element by element
+  plan.main.threads = threads;
+  plan.main.smem = static_cast<size_t>(detail::butterfly_smem_elems(n, static_cast<int>(es)) * es);
+  const int64_t occ = std::min<int64_t>(estimated_occupancy(threads, static_cast<int64_t>(plan.main.smem), lim),
+                                        detail::butterfly_blocks_per_sm(threads));
+  plan.main.grid = dim3(static_cast<unsigned>(persistent_blocks(a.groups, occ, 1, lim)));
+  plan.describe = "path=butterfly T=" + str(p.d / kChunk) + " threads=" + str(threads) + " R=" + str(a.R) +
+                  " group_rows=" + str(group_rows) + " vec=" + str(plan.vec) + " grid=" + str(plan.main.grid.x) +
+                  " smem=" + str(plan.main.smem);
+  return plan;
+}
+
 // Slot lanes per item of the reduction (ReduceItems): Split, the fewest (a power of two, at most kReduceMaxLanes)
 // that leave each lane at most kReduceBatch slots, i.e. one batch of loads in flight; Serial, 1.
 int reduce_lanes(int64_t slots, const Knobs& k) {
@@ -198,8 +235,26 @@ Variant variant_from_env() {
 }
 
 XorPath xor_path_from_env() {
-  return env_switch<XorPath>("QGOFT_CUDA_XOR", XorPath::Fused,
-                             {{"general", XorPath::General}, {"fused", XorPath::Fused}});
+  return env_switch<XorPath>("QGOFT_CUDA_XOR", XorPath::Stack,
+                             {{"general", XorPath::General}, {"stack", XorPath::Stack}, {"fused", XorPath::Fused}});
+}
+
+bool is_butterfly_layout(const int32_t* pairs, const int32_t* offsets, int64_t num_pairs, int64_t num_layers,
+                         int64_t d) {
+  if (d < 4 || (d & (d - 1)) != 0) return false;
+  const int n = detail::ceil_log2(d);
+  if (num_layers != n || num_pairs != int64_t(n) * (d / 2)) return false;
+  int64_t p = 0;
+  for (int r = 1; r <= n; ++r) {
+    if (offsets[r - 1] != p) return false;
+    const int64_t bit = int64_t(1) << (r - 1);
+    for (int64_t i = 0; i < d; ++i) {
+      if (i & bit) continue;
+      if (pairs[2 * p] != i || pairs[2 * p + 1] != (i | bit)) return false;
+      ++p;
+    }
+  }
+  return offsets[n] == p;
 }
 
 ForwardKernel forward_kernel_from_env() {
@@ -238,6 +293,7 @@ TopsKind tops_kind_from_env() {
 }
 
 ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs) {
+  if (butterfly_forward_applies(p, lim, knobs)) return plan_butterfly_forward(p, lim);
   ForwardPlan plan;
   const int64_t es = acc_size(p.dtype);
   const int reps = parallel_reps(p, knobs);

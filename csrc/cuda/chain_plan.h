@@ -19,10 +19,12 @@ enum class ForcedPath { Auto, General, Global };
 // (parallel_backward_reg_kernel; its forward is Table's). FromEnv: QGOFT_CUDA_VARIANT=base|table|reg (default
 // reg: fastest on an H100, bench/RESULTS.md), read by the planner.
 enum class Variant { FromEnv, Base, Table, Reg };
-// Layouts pairing i with i XOR 2^k beyond the single parallel layout (today: stack(parallel(d), k), k >= 2):
-// General runs them on the general kernels, Fused on the register / shuffle kernels where they qualify
-// (docs/CUDA.md, "XOR layouts"). FromEnv: QGOFT_CUDA_XOR=general|fused (default fused), read by the planner.
-enum class XorPath { FromEnv, General, Fused };
+// Layouts pairing i with i XOR 2^k beyond the single parallel layout: stack(parallel(d), k), k >= 2, and the forward
+// of butterfly(d), d = 2^n. General runs them on the general kernels; Stack runs the stacks on the register / shuffle
+// kernels where they qualify and the butterfly on the general kernels; Fused runs both on the register path
+// (docs/CUDA.md, "XOR layouts", "The butterfly forward on the register path"). FromEnv:
+// QGOFT_CUDA_XOR=general|stack|fused (default stack until a GPU has timed the butterfly kernel), read by the planner.
+enum class XorPath { FromEnv, General, Stack, Fused };
 // The forward kernel of the single parallel layout under the table variants (table and reg): Plain is
 // parallel_forward_kernel; Prefetch is parallel_forward_prefetch_kernel (docs/CUDA.md, "The prefetching
 // forward"), used with 16-byte rows. FromEnv: QGOFT_CUDA_FORWARD=plain|prefetch (default prefetch: 1.0-1.6x
@@ -58,8 +60,8 @@ struct Knobs {
 // The variant named by QGOFT_CUDA_VARIANT (unset or empty: Reg); throws std::invalid_argument for any
 // other value than base, table or reg.
 Variant variant_from_env();
-// The path named by QGOFT_CUDA_XOR (unset or empty: Fused); throws std::invalid_argument for any other
-// value than general or fused.
+// The path named by QGOFT_CUDA_XOR (unset or empty: Stack); throws std::invalid_argument for any other
+// value than general, stack or fused.
 XorPath xor_path_from_env();
 // The forward kernel named by QGOFT_CUDA_FORWARD (unset or empty: Prefetch); throws std::invalid_argument for
 // any other value than plain or prefetch.
@@ -91,6 +93,7 @@ struct Problem {
   int64_t rows = 0, d = 0, num_pairs = 0, num_layers = 0;
   bool parallel_layout = false;  // the layout is exactly layouts.parallel(d)
   int parallel_reps = 0;         // k >= 2 when the layout is exactly layouts.stack(layouts.parallel(d), k)
+  bool butterfly_layout = false;  // the layout is exactly layouts.butterfly(d), d a power of two (is_butterfly_layout)
   // data pointers / row strides (elements) of the activations, for the vectorisation decision
   const void* x = nullptr;
   int64_t x_ld = 0;
@@ -120,6 +123,7 @@ constexpr int64_t kPartialCapBytes = int64_t(1) << 29;
 // parameter gradients) the forward kernel recomputing the segment starts' local results.
 struct LaunchPlan {
   bool parallel = false;
+  bool butterfly = false;  // forward: butterfly_forward_kernel (chain_butterfly.cuh) with ga and `vec` (x's rows)
   bool vec = false;
   ParallelArgs pa;
   GeneralArgs ga;
@@ -163,6 +167,10 @@ struct BackwardPlan : LaunchPlan {
     return fa;
   }
 };
+
+// Whether pairs (P, 2) / offsets (L + 1) are exactly layouts.butterfly(d) with d = 2^n >= 4 (n layers, layer r's d / 2
+// pairs (i, i + 2^(r-1)) for the i with bit r - 1 clear, ascending). Host values, validated already.
+bool is_butterfly_layout(const int32_t* pairs, const int32_t* offsets, int64_t num_pairs, int64_t num_layers, int64_t d);
 
 // The plans fill every field of pa / ga except the buffers the caller allocates (top, workspace,
 // partial) and the parameter pointers (blocks, scale), which the caller sets.

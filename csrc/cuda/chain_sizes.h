@@ -162,6 +162,25 @@ struct ReduceItems {
       : first(params ? 0 : num_pairs), end(scale ? num_pairs + (d + 3) / 4 : num_pairs) {}
 };
 
+// The butterfly forward (butterfly_forward_kernel, chain_butterfly.cuh; docs/CUDA.md, "The butterfly forward on the
+// register path"): layouts.butterfly(d) for d = 2^n, kButterflyMinLogD <= n <= kButterflyMaxLogD. d / 8 threads per
+// row copy (sub-block), blocks of butterfly_threads(n) threads (several sub-blocks for d < 1024), every thread
+// holding butterfly_rows values of 8 elements (rows of its sub-block); shared memory: the block's rows in the
+// accumulation type, one buffer for the transposes between rounds. __launch_bounds__(kButterflyMaxThreads, 1): up to
+// 128 registers, so butterfly_blocks_per_sm(threads) blocks per SM by registers. One rule for kernel and planner.
+constexpr int kButterflyMinLogD = 3;
+constexpr int kButterflyMaxLogD = 12;
+constexpr int kButterflyMaxThreads = 512;
+constexpr int kButterflyMinThreads = 128;
+QGOFT_HOST_DEVICE constexpr int butterfly_rows(int acc_bytes) { return acc_bytes == 8 ? 4 : 8; }
+QGOFT_HOST_DEVICE constexpr int butterfly_threads(int log_d) {
+  return (1 << (log_d - kLogChunk)) > kButterflyMinThreads ? 1 << (log_d - kLogChunk) : kButterflyMinThreads;
+}
+QGOFT_HOST_DEVICE constexpr int64_t butterfly_smem_elems(int log_d, int acc_bytes) {
+  return static_cast<int64_t>(butterfly_threads(log_d)) * butterfly_rows(acc_bytes) * kChunk;
+}
+QGOFT_HOST_DEVICE constexpr int butterfly_blocks_per_sm(int threads) { return kButterflyMaxThreads / threads; }
+
 // General kernels: per-row buffer elements (z and g rows, and the tape of block inputs) and the
 // accumulator elements (4P block entries, d scale entries).
 QGOFT_HOST_DEVICE inline int64_t general_row_elems(int64_t d, int64_t num_pairs, bool grads,

@@ -246,6 +246,7 @@ int g_top_prefetch = 0;  // backward runs whose top pass ran the prefetching for
 int g_pair = 0;          // backward runs on the paired reg backward
 int g_top_saved = 0;     // backward runs on the forward's saved segment tops (no top pass)
 int g_stack_reg = 0;     // backward runs on the reg stacked backward
+int g_butterfly = 0;     // forward runs on the butterfly kernel
 
 bool close_all(const char* what, const std::string& tag, const double* got, const std::vector<double>& want,
                double rtol, double atol_rel) {
@@ -287,6 +288,7 @@ Problem make_problem(DType dtype, const Layout& lay, int64_t rows) {
   p.num_layers = lay.L();
   p.parallel_layout = lay.parallel;
   p.parallel_reps = lay.reps;
+  p.butterfly_layout = is_butterfly_layout(lay.pairs.data(), lay.off.data(), lay.P(), lay.L(), lay.d);  // as the glue
   return p;
 }
 
@@ -342,6 +344,18 @@ void run_parallel_backward(const LaunchConfig& c, bool vec, bool grads, const Pa
     else if (vec) parallel_backward_instance<S, true, false, kTable>(a);
     else if (grads) parallel_backward_instance<S, false, true, kTable>(a);
     else parallel_backward_instance<S, false, false, kTable>(a);
+  });
+}
+
+// The butterfly forward's instantiation for a plan (as the launcher: butterfly_fixed_width, vec), over its grid.
+template <class S>
+void run_butterfly_forward(const LaunchConfig& c, bool vec, const GeneralArgs& a) {
+  run_kernel(c, [&] {
+    const bool fixed = detail::butterfly_fixed_width(a);
+    if (vec && fixed) detail::butterfly_forward_kernel<S, true, detail::kButterflyMaxLogD>(a);
+    else if (vec) detail::butterfly_forward_kernel<S, true, 0>(a);
+    else if (fixed) detail::butterfly_forward_kernel<S, false, detail::kButterflyMaxLogD>(a);
+    else detail::butterfly_forward_kernel<S, false, 0>(a);
   });
 }
 
@@ -459,7 +473,10 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
     plan.ga.pairs = lay.pairs.data();
     plan.ga.offsets = lay.off.data();
     std::vector<A> top = poisoned<A>(plan.top_elems), ws = poisoned<A>(plan.workspace_elems);
-    if (plan.parallel) {
+    if (plan.butterfly) {
+      ++g_butterfly;
+      run_butterfly_forward<S>(plan.main, plan.vec, plan.ga);
+    } else if (plan.parallel) {
       plan.pa.top = top.data();
       run_parallel_forward<S>(plan.main, plan.vec, plan.pa);
       if (plan.top_pass) run_kernel(plan.top, [&] { detail::parallel_top_forward_kernel<S>(plan.pa); });
@@ -640,6 +657,15 @@ bool stack_reg_runs(const Layout& lay, const Options& o) {
   return plan.parallel && plan.pa.reps > 1 && plan.pa.reg > 0;
 }
 
+// Whether a case's forward runs the butterfly kernel, as planned.
+template <class S>
+bool butterfly_fused(const Layout& lay, const Options& o) {
+  Problem p = make_problem(Traits<S>::dtype, lay, o.rows);
+  Limits lim = sim_limits();
+  lim.sm_count = o.sm_count;
+  return plan_forward(p, lim, o.knobs).butterfly;
+}
+
 // run_case, counted as a failed case when any of its checks failed. vs_table (the reg variant): the same
 // inputs through the table variant too, whose backward must give bitwise the same results (the reg kernel
 // does the table kernel's arithmetic in the same order). prefetch_too: the same inputs' forward, and the
@@ -648,6 +674,8 @@ bool stack_reg_runs(const Layout& lay, const Options& o) {
 // (QGOFT_CUDA_BACKWARD=pair), whose results must be bitwise the reg kernel's (same arithmetic, same row order).
 // stack_reg_runs: the same inputs through the base variant (the stacked kernel of chain_stack.cuh, which reg ran
 // before), whose results must be bitwise the reg stacked backward's (same products, same rows per block, same order).
+// butterfly_fused: the same inputs on the general kernels too (QGOFT_CUDA_XOR=general), whose results must be
+// bitwise the butterfly forward's (same products, same layer order) and its backward's (the general kernels both).
 template <class S>
 void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng, bool vs_table = false) {
   const int before = g_failures;
@@ -686,6 +714,11 @@ void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng,
     Options t = o;
     t.knobs.variant = Variant::Table;
     same_as(t, false, "backward not bitwise equal to the table variant's");
+  }
+  if (butterfly_fused<S>(lay, o)) {
+    Options gen = o;
+    gen.knobs.xor_path = XorPath::General;
+    same_as(gen, false, "butterfly forward not bitwise equal to the general forward's");
   }
   if (g_failures != before) ++g_failed_cases;
 }
@@ -968,6 +1001,35 @@ void pair_cases(std::mt19937_64& rng) {
   }
 }
 
+// The butterfly forward (QGOFT_CUDA_XOR=fused) over its shapes: d = 8 .. 4096 (one round at d = 8; the last round's
+// window overlapping the previous one where log2 d is not a multiple of 3; sub-blocks of fewer threads than a warp
+// below d = 256; 512 threads and the fixed-width instantiation at d = 4096), rows giving blocks that own several row
+// groups and a last group partly past the rows (the emulated 3 SMs' persistent grid), goft, goft_scaled, qgoft and
+// qgoft_scaled, 16-byte and scalar (unaligned, strided) rows; each against the reference and, through
+// run_case_counted, bitwise the general forward. The backward (the general kernels) runs where d <= 256.
+template <class S>
+void butterfly_cases(bool full, std::mt19937_64& rng) {
+  std::vector<std::pair<int64_t, int64_t>> shapes = {{8, 2100}, {64, 1000}, {256, 70}, {512, 53}, {4096, 53}};
+  if (full || sizeof(S) == 4) shapes.insert(shapes.end(), {{16, 300}, {128, 400}, {1024, 50}, {2048, 30}});
+  int k = 0;
+  for (auto [d, rows] : shapes) {
+    for (auto [quasi, scale] : {std::pair{false, false}, {false, true}, {true, false}, {true, true}}) {
+      if (!full && d >= 1024 && ++k % 2 == 0) continue;  // large rows: every method across the shapes, not each
+      Options o;
+      o.knobs.xor_path = XorPath::Fused;
+      o.quasi = quasi;
+      o.with_scale = scale;
+      o.rows = rows;
+      o.backward = d <= 256;
+      if (quasi && scale) {  // scalar loads: rows of stride d + 3 from an unaligned start
+        o.pad = 3;
+        o.offset = 1;
+      }
+      run_case_counted<S>(butterfly_layout(d), o, rng);
+    }
+  }
+}
+
 template <class S>
 void suite(bool full, std::mt19937_64& rng) {
   std::vector<Layout> lays;
@@ -1033,6 +1095,7 @@ void suite(bool full, std::mt19937_64& rng) {
   }
   reg_fixed_width_cases<S>(rng);
   prefetch_cases<S>(rng);
+  butterfly_cases<S>(full, rng);
   if constexpr (sizeof(S) == 2) pair_cases<S>(rng);
   if constexpr (sizeof(typename detail::Elem<S>::A) == 4) stack_reg_cases<S>(rng);
 }
@@ -1069,9 +1132,9 @@ void check_switch(const char* var, Read read, E fallback, std::initializer_list<
 
 // The environment switches the planner reads (QGOFT_CUDA_VARIANT, QGOFT_CUDA_XOR, QGOFT_CUDA_FORWARD).
 void check_env_switches() {
-  check_switch("QGOFT_CUDA_XOR", xor_path_from_env, XorPath::Fused,
-               {{"fused", XorPath::Fused}, {"general", XorPath::General}}, "Fused",
-               "QGOFT_CUDA_XOR must be general or fused, got 'Fused'");
+  check_switch("QGOFT_CUDA_XOR", xor_path_from_env, XorPath::Stack,
+               {{"fused", XorPath::Fused}, {"general", XorPath::General}, {"stack", XorPath::Stack}}, "Fused",
+               "QGOFT_CUDA_XOR must be general, stack or fused, got 'Fused'");
   check_switch("QGOFT_CUDA_VARIANT", variant_from_env, Variant::Reg,
                {{"table", Variant::Table}, {"reg", Variant::Reg}, {"base", Variant::Base}}, "tabel",
                "QGOFT_CUDA_VARIANT must be base, table or reg, got 'tabel'");
@@ -1180,6 +1243,75 @@ void check_pair_plans() {
       std::fprintf(stderr, "FAIL pair plan dtype=%d d=%lld reps=%d variant=%d ld=%lld grads=%d: %s | single: %s (want "
                    "pair=%d)\n", int(w.dtype), (long long)w.d, w.reps, int(w.variant), (long long)w.ld, int(w.grads),
                    plan.describe.c_str(), base.describe.c_str(), w.pair);
+      ++g_failures;
+    }
+  }
+}
+
+// Which butterflies the forward planner gives the butterfly kernel on an H100 (132 SMs, 227 KiB of shared memory per
+// block): layouts.butterfly(d) for d = 2^n, 8 <= d <= 4096, every dtype (float64 with 4 rows per thread), only under
+// QGOFT_CUDA_XOR=fused and no forced path; its threads, rows, persistent grid and shared memory at the shapes counted
+// in docs/CUDA.md; never non-power-of-two d, d > 4096, other layouts, stacks of butterflies, the backward. And
+// is_butterfly_layout (the glue's recognition) on the butterfly and its near misses.
+void check_butterfly_plans() {
+  const Limits lim = h100_limits();
+  struct Want {
+    DType dtype;
+    int64_t d;
+    XorPath xor_path;
+    ForcedPath path;
+    bool butterfly;
+    int threads;
+    unsigned grid;
+    size_t smem;
+  };
+  for (const Want& w : {Want{DType::BFloat16, 4096, XorPath::Fused, ForcedPath::Auto, true, 512, 132, 131072},
+                        Want{DType::Float32, 4096, XorPath::Fused, ForcedPath::Auto, true, 512, 132, 131072},
+                        Want{DType::Float16, 4096, XorPath::Fused, ForcedPath::Auto, true, 512, 132, 131072},
+                        Want{DType::Float64, 4096, XorPath::Fused, ForcedPath::Auto, true, 512, 132, 131072},
+                        Want{DType::BFloat16, 2048, XorPath::Fused, ForcedPath::Auto, true, 256, 264, 65536},
+                        Want{DType::BFloat16, 64, XorPath::Fused, ForcedPath::Auto, true, 128, 64, 32768},
+                        Want{DType::BFloat16, 8, XorPath::Fused, ForcedPath::Auto, true, 128, 8, 32768},
+                        Want{DType::BFloat16, 8192, XorPath::Fused, ForcedPath::Auto, false, 0, 0, 0},
+                        Want{DType::BFloat16, 4096, XorPath::Stack, ForcedPath::Auto, false, 0, 0, 0},
+                        Want{DType::BFloat16, 4096, XorPath::General, ForcedPath::Auto, false, 0, 0, 0},
+                        Want{DType::BFloat16, 4096, XorPath::Fused, ForcedPath::General, false, 0, 0, 0}}) {
+    Problem p = make_problem(w.dtype, butterfly_layout(w.d), 8192);
+    p.x_ld = w.d;
+    Knobs knobs;
+    knobs.xor_path = w.xor_path;
+    knobs.path = w.path;
+    const ForwardPlan plan = plan_forward(p, lim, knobs);
+    const bool has = plan.describe.rfind("path=butterfly ", 0) == 0;
+    if (plan.butterfly != w.butterfly || has != w.butterfly || plan.parallel ||
+        (w.butterfly && (plan.main.threads != w.threads || plan.main.grid.x != w.grid || plan.main.smem != w.smem ||
+                         plan.ga.R != (w.dtype == DType::Float64 ? 4 : 8)))) {
+      std::fprintf(stderr, "FAIL butterfly plan dtype=%d d=%lld xor=%d path=%d: %s (want butterfly=%d threads=%d "
+                   "grid=%u smem=%zu)\n", int(w.dtype), (long long)w.d, int(w.xor_path), int(w.path),
+                   plan.describe.c_str(), int(w.butterfly), w.threads, w.grid, w.smem);
+      ++g_failures;
+    }
+    // the backward keeps the general kernels
+    p.grad_ld = w.d;
+    p.want_blocks = true;
+    const BackwardPlan bwd = plan_backward(p, lim, knobs, blocks_per_sm<1>);
+    if (bwd.parallel || bwd.describe.rfind("path=general", 0) != 0) {
+      std::fprintf(stderr, "FAIL butterfly backward plan d=%lld: %s (want the general kernels)\n", (long long)w.d,
+                   bwd.describe.c_str());
+      ++g_failures;
+    }
+  }
+  Layout swapped = butterfly_layout(64);
+  std::swap(swapped.pairs[2 * 40], swapped.pairs[2 * 41]);  // two pairs of layer 2 out of order
+  std::swap(swapped.pairs[2 * 40 + 1], swapped.pairs[2 * 41 + 1]);
+  std::mt19937_64 rng(7);
+  for (auto [lay, want] : {std::pair{butterfly_layout(4), true}, {butterfly_layout(64), true},
+                           {butterfly_layout(4096), true}, {butterfly_layout(100), false}, {butterfly_layout(2), false},
+                           {parallel_layout(64), false}, {stacked(butterfly_layout(64), 2), false},
+                           {swapped, false}, {sequential_layout(8), false}, {custom_layout(64, rng), false}}) {
+    if (is_butterfly_layout(lay.pairs.data(), lay.off.data(), lay.P(), lay.L(), lay.d) != want) {
+      std::fprintf(stderr, "FAIL is_butterfly_layout(%s d=%lld) != %d\n", lay.name.c_str(), (long long)lay.d,
+                   int(want));
       ++g_failures;
     }
   }
@@ -1453,6 +1585,7 @@ int main(int argc, char** argv) {
   check_pair_plans();
   check_tops_plans();
   check_backward_occupancy_args();
+  check_butterfly_plans();
   if (mode == "tiny") {  // for a race detector: a few small cases through every path
     // the tree's barriers, blocks of several item groups: 64 lanes (3 shared-memory levels), 2 lanes (1 level:
     // the barrier after each group keeps the next group's writes from the last reads)
@@ -1485,6 +1618,12 @@ int main(int argc, char** argv) {
     o.with_scale = true;
     run_case_counted<__nv_bfloat16>(parallel_layout(4096), o, rng);
     run_case_counted<__nv_bfloat16>(stacked(parallel_layout(4096), 2), o, rng);  // the reg stacked backward
+    o.backward = false;  // the butterfly forward: 512 threads, 3 transposes; sub-blocks of 16 threads, 2 groups
+    o.knobs.xor_path = XorPath::Fused;
+    o.rows = 11;
+    run_case_counted<__nv_bfloat16>(butterfly_layout(4096), o, rng);
+    o.rows = 130;
+    run_case_counted<float>(butterfly_layout(128), o, rng);
   } else if (mode == "stackreg") {  // the reg stacked backward's cases alone (for fast iteration)
     stack_reg_cases<float>(rng);
     stack_reg_cases<__nv_bfloat16>(rng);
@@ -1521,6 +1660,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "FAIL no backward ran its top pass through the prefetching forward\n");
     ++g_failures;
   }
+  if (mode != "reduce" && mode != "stackreg" && g_butterfly == 0) {  // butterfly_cases (and tiny's) must reach the butterfly forward
+    std::fprintf(stderr, "FAIL no forward ran on the butterfly kernel\n");
+    ++g_failures;
+  }
   if (mode != "tiny" && mode != "stackreg" && g_pair == 0) {  // pair_cases and the reg cases must reach the paired reg backward
     std::fprintf(stderr, "FAIL no backward ran on the paired reg backward\n");
     ++g_failures;
@@ -1535,7 +1678,8 @@ int main(int argc, char** argv) {
   }
   std::printf("cuda host emulation: %d cases, %d failed checks, %d backward top passes on the prefetching forward, "
               "%d backward runs on the paired reg backward, %d on the forward's saved segment tops, %d on the reg "
-              "stacked backward\n", g_cases, g_failures, g_top_prefetch, g_pair, g_top_saved, g_stack_reg);
+              "stacked backward, %d forward runs on the butterfly kernel\n", g_cases, g_failures, g_top_prefetch, g_pair,
+              g_top_saved, g_stack_reg, g_butterfly);
   std::printf("cuda_emulation: %d passed, %d failed\n", g_cases - g_failed_cases, g_failed_cases);
   return g_failures == 0 ? 0 : 1;
 }

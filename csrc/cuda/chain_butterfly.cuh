@@ -1,0 +1,153 @@
+// The forward of layouts.butterfly(d), d = 2^n (layer r = 1 .. n pairs i with i XOR 2^(r-1), pairs of a layer in
+// ascending i), on the register path (docs/CUDA.md, "The butterfly forward on the register path"; planned by
+// plan_forward under QGOFT_CUDA_XOR=fused). Every row needs the whole block table (n d / 2 blocks: 384 KiB in float32
+// at d = 4096), so a thread works on kR rows at once and every block it loads serves all of them:
+//  * a sub-block of T = d / 8 threads holds kR rows (blocks of butterfly_threads(n) threads: Q = blockDim / T
+//    sub-blocks, each with its own rows); a persistent grid walks the row groups of Q kR rows;
+//  * the layers go in rounds of 3 index bits: in round m a thread holds, for each of its rows, the 8 elements whose
+//    indices differ in the window bits w .. w + 2 (w = min(3m, n - 3)), its other bits being the thread's index t
+//    (butterfly_element), so the round's layers (bits 3m .. min(3m + 2, n - 1)) are in-thread: 4 pairs per layer,
+//    each pair's block loaded once for the kR rows;
+//  * between rounds the sub-block's rows go through shared memory (the accumulation type; one buffer, a barrier
+//    before the writes and one after), at bank-swizzled positions (butterfly_slot);
+//  * round 0's window is bits 0-2, so rows are loaded as 8 consecutive elements per thread (16-byte words where
+//    kVec); the last round's window is the top 3 bits, a thread's elements t + e d / 8: scalar stores (a warp
+//    writes 32 consecutive elements), times the scale. Rows past the row count are zeros and never stored; the
+//    next row group's rows are asked into L2 before the current one is computed.
+// Same products (rotate_values) in the same order (layer by layer, the scale last) as the general forward.
+#pragma once
+
+#include "chain_device.cuh"
+
+namespace qgoft::cuda::detail {
+
+// The instantiation with n = kButterflyMaxLogD as a constant (d = 4096: every index, window and row offset known at
+// compile time), or any d (kLogD = 0); one rule for the launcher and the host emulation.
+QGOFT_HOST_DEVICE inline bool butterfly_fixed_width(const GeneralArgs& a) { return a.d == (1 << kButterflyMaxLogD); }
+
+// Element index of a thread's value e (0 .. 7) for window w: t's bits below w, e at bits w .. w + 2, t's other bits
+// above; as base(t, w) + e 2^w.
+__device__ __forceinline__ int butterfly_window_base(int t, int w) {
+  return (t & ((1 << w) - 1)) | ((t >> w) << (w + kLogChunk));
+}
+
+// Shared-memory position of element i of a row: i with bits 5, 6, 7 mixed into the bank bits 0-4 (XOR with
+// 00001, 01010, 10100), a permutation of every 32 aligned elements; in every window of d >= 256 the 32 lanes of a warp
+// (for a fixed value e and row) then reach 32 different banks.
+__device__ __forceinline__ int butterfly_slot(int i) {
+  const int h = i >> 5;
+  return i ^ ((h & 1) ^ (((h >> 1) & 1) * 0x0a) ^ (((h >> 2) & 1) * 0x14));
+}
+
+// The layer on index bit b = w + kK of window (base, w): pairs (e, e + 2^kK) of the thread's values, pair index
+// b d / 2 + (lower element without bit b), each block loaded once and applied to the kR rows.
+template <int kK, int kR, class A>
+__device__ __forceinline__ void butterfly_layer(const A* blocks, int b, int base, int w, int d, A (&v)[kR][kChunk]) {
+  const int off = b * (d >> 1);
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) {
+    if (e & (1 << kK)) continue;
+    const int i = base + (e << w);
+    const int p = off + ((i >> (b + 1)) << b) + (i & ((1 << b) - 1));
+    A g0, g1, g2, g3;
+    load_block(blocks, p, g0, g1, g2, g3);
+#pragma unroll
+    for (int r = 0; r < kR; ++r) rotate_values(g0, g1, g2, g3, v[r][e], v[r][e | (1 << kK)]);
+  }
+}
+
+// f(e, slot) for each of a thread's values e in window w: slot, the shared-memory position of its element.
+template <class F>
+__device__ __forceinline__ void butterfly_slots(int t, int w, F&& f) {
+  const int base = butterfly_window_base(t, w);
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) f(e, butterfly_slot(base + (e << w)));
+}
+
+// The sub-block's rows (buf: [kR][d]) from window `from` to window `to`: a barrier (the last reads of buf are done),
+// every thread writes its values, a barrier, every thread reads its values of the new window.
+template <int kR, class A>
+__device__ __forceinline__ void butterfly_exchange(A* buf, int d, int t, int from, int to, A (&v)[kR][kChunk]) {
+  __syncthreads();
+  butterfly_slots(t, from, [&](int e, int s) {
+#pragma unroll
+    for (int r = 0; r < kR; ++r) buf[r * d + s] = v[r][e];
+  });
+  __syncthreads();
+  butterfly_slots(t, to, [&](int e, int s) {
+#pragma unroll
+    for (int r = 0; r < kR; ++r) v[r][e] = buf[r * d + s];
+  });
+}
+
+// kLogD: log2 d as a constant (butterfly_fixed_width), or 0 for any d = 2^n, kButterflyMinLogD <= n <=
+// kButterflyMaxLogD. a: rows, d, x (x_ld), out (contiguous), blocks, scale, groups = ceil(rows / (Q R)), R = kR.
+template <class S, bool kVec, int kLogD>
+__global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_forward_kernel(const GeneralArgs a) {
+  using A = typename Elem<S>::A;
+  constexpr int kR = butterfly_rows(sizeof(A));
+  constexpr int kMaxRounds = (kButterflyMaxLogD + kLogChunk - 1) / kLogChunk;
+  QGOFT_DYNAMIC_SMEM(A, smem);
+  const int n = kLogD > 0 ? kLogD : ceil_log2(a.d);
+  const int d = 1 << n;
+  const int W = n - kLogChunk;  // bits of a thread's index in its sub-block
+  const int lane_t = static_cast<int>(threadIdx.x) & ((1 << W) - 1);
+  const int sub = static_cast<int>(threadIdx.x) >> W;
+  const int Q = static_cast<int>(blockDim.x) >> W;
+  const int rounds = (n + kLogChunk - 1) / kLogChunk;
+  A* buf = smem + static_cast<int64_t>(sub) * kR * d;
+  const S* x = static_cast<const S*>(a.x);
+  S* out = static_cast<S*>(a.out);
+  const A* table = static_cast<const A*>(a.blocks);
+  const A* scale = static_cast<const A*>(a.scale);
+  const int top = n - kLogChunk;  // the last round's window: element t + e 2^top
+  for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
+    const int64_t row0 = (g * Q + sub) * kR;
+    // the blocks' addresses are the same for every group: opaque, so that their loads stay in the rounds that use
+    // them instead of being hoisted out of the loop (48 blocks per thread at d = 4096 do not fit its registers)
+    const A* blocks = opaque(table);
+    // likewise the thread's index: the element positions, pair indices and shared-memory slots derived from it are
+    // computed in the rounds that use them (hoisted out of the loop, they were spilled)
+    const int t = static_cast<int>(opaque(static_cast<unsigned>(lane_t)));
+    A v[kR][kChunk];
+#pragma unroll
+    for (int r = 0; r < kR; ++r) load_chunk<S, kVec>(x + (row0 + r) * a.x_ld, t * kChunk, d, row0 + r < a.rows, v[r]);
+    const int64_t next0 = ((g + gridDim.x) * Q + sub) * kR;
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      prefetch_chunk(x + (next0 + r) * a.x_ld, t * kChunk, d, g + gridDim.x < a.groups && next0 + r < a.rows);
+    }
+    int w = 0;
+#pragma unroll
+    for (int m = 0; m < kMaxRounds; ++m) {
+      if (m < rounds) {
+        const int to = 3 * m < top ? 3 * m : top;
+        if (m > 0) butterfly_exchange<kR>(buf, d, t, w, to, v);
+        w = to;
+        // bits 3m .. w + 2 (w + 2 <= n - 1; w < 3m only in a last round whose window overlaps the previous one)
+        const int base = butterfly_window_base(t, w);
+        if (w == 3 * m) butterfly_layer<0, kR>(blocks, w, base, w, d, v);
+        if (w + 1 >= 3 * m) butterfly_layer<1, kR>(blocks, w + 1, base, w, d, v);
+        butterfly_layer<2, kR>(blocks, w + 2, base, w, d, v);
+      }
+    }
+    if (scale != nullptr) {
+      const A* sc = opaque(scale);  // loaded per group, as needed (not held across the loop)
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) {
+        const A s = __ldg(sc + t + (e << top));
+#pragma unroll
+        for (int r = 0; r < kR; ++r) v[r][e] *= s;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      if (row0 + r >= a.rows) continue;
+      S* y = out + (row0 + r) * d;
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) y[t + (e << top)] = Elem<S>::from(v[r][e]);
+    }
+  }
+}
+
+}  // namespace qgoft::cuda::detail
