@@ -40,15 +40,16 @@ __device__ __forceinline__ int butterfly_slot(int i) {
 }
 
 // The layer on index bit b = w + kK of window (base, w): pairs (e, e + 2^kK) of the thread's values, pair index
-// b d / 2 + (lower element without bit b), each block loaded once and applied to the kR rows.
+// b d / 2 + (lower element without bit b), each block loaded once and applied to the kR rows. With base = lo +
+// hi 2^(w+3) (lo < 2^w), the lower element base + e 2^w without bit b is lo + hi 2^(w+2) + e' 2^w, e' being e
+// without bit kK: one index per layer, the pairs at constant offsets from it.
 template <int kK, int kR, class A>
 __device__ __forceinline__ void butterfly_layer(const A* blocks, int b, int base, int w, int d, A (&v)[kR][kChunk]) {
-  const int off = b * (d >> 1);
+  const int first = b * (d >> 1) + (base & ((1 << w) - 1)) + ((base >> (w + kLogChunk)) << (w + kLogChunk - 1));
 #pragma unroll
   for (int e = 0; e < kChunk; ++e) {
     if (e & (1 << kK)) continue;
-    const int i = base + (e << w);
-    const int p = off + ((i >> (b + 1)) << b) + (i & ((1 << b) - 1));
+    const int p = first + ((((e >> (kK + 1)) << kK) | (e & ((1 << kK) - 1))) << w);
     A g0, g1, g2, g3;
     load_block(blocks, p, g0, g1, g2, g3);
 #pragma unroll
@@ -108,7 +109,7 @@ __global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_forward_ker
     const A* blocks = opaque(table);
     // likewise the thread's index: the element positions, pair indices and shared-memory slots derived from it are
     // computed in the rounds that use them (hoisted out of the loop, they were spilled)
-    const int t = static_cast<int>(opaque(static_cast<unsigned>(lane_t)));
+    const int t = static_cast<int>(opaque(static_cast<unsigned>(lane_t))) & ((1 << W) - 1);
     A v[kR][kChunk];
 #pragma unroll
     for (int r = 0; r < kR; ++r) load_chunk<S, kVec>(x + (row0 + r) * a.x_ld, t * kChunk, d, row0 + r < a.rows, v[r]);
