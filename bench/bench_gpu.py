@@ -32,7 +32,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -585,11 +584,9 @@ def render(header: dict, chain: List[dict], lays: List[dict], lin: List[dict], l
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """This tree's commit (bench_common.git_revision: `HASH (+ local changes)` where the tracked files differ from
+    it, e.g. the GPU machine's copy of a working tree whose git metadata is older than its files)."""
+    return bc.git_revision(os.path.dirname(HERE))
 
 
 def main() -> int:

@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench", "bench_gpu.py")
 CURRENT, BASELINE = "current", "baseline"
 sys.path.insert(0, os.path.dirname(BENCH))
-from bench_gpu import KERNEL_SWITCHES  # noqa: E402  (the one list of the planner's switches)
+from bench_gpu import KERNEL_SWITCHES, git_commit  # noqa: E402  (the planner's switches; the tree's label)
 Key = Tuple[str, str, str, str]  # table, case, contender, variant of this tree ("" for the copy)
 
 
@@ -142,7 +142,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline-lib", required=True, help="the earlier commit's libqgoft_ops.so")
     ap.add_argument("--baseline-label", default="earlier commit")
-    ap.add_argument("--current-label", default="this tree")
+    ap.add_argument("--current-label", default=None, help="default: this tree's commit (bench_gpu.git_commit)")
     ap.add_argument("--pairs", type=int, default=4, help="rounds of one process per build")
     ap.add_argument("--rounds", type=int, default=7, help="bench_gpu.py --rounds inside each process")
     ap.add_argument("--variants", default="base", help="this tree's QGOFT_CUDA_VARIANT values to compare")
@@ -177,7 +177,7 @@ def main() -> int:
         return 1
     cur = headers[CURRENT]
     header = {"date": cur["date"], "device": cur.get("device"), "torch": cur["torch"], "cuda": cur["cuda"],
-              "this tree": args.current_label, "earlier commit": args.baseline_label,
+              "this tree": args.current_label or git_commit(), "earlier commit": args.baseline_label,
               "processes": f"{args.pairs} per build, A B / B A alternating",
               "process seconds": f"this tree {seconds[CURRENT]}, earlier {seconds[BASELINE]}",
               "total seconds": round(time.time() - t0, 1)}

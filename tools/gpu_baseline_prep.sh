@@ -10,8 +10,7 @@
 # build/baseline/src    `git archive COMMIT` of CMakeLists.txt, cmake/ and csrc/ (the ops library's sources;
 #                       the Python package is not needed: the timing processes use this tree's layouts)
 # build/baseline/COMMIT the earlier commit: short hash, date, subject
-# build/baseline/HEAD   this checkout's commit (HEAD, "+ uncommitted changes" when the tree differs from it):
-#                       the GPU machine has no git to ask
+# (this tree's label is taken when the comparison runs: the folder may be carried again at later commits)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# = 1 ] || { echo "usage: bash tools/gpu_baseline_prep.sh COMMIT   (e.g. aa2e294)" >&2; exit 2; }
@@ -24,9 +23,5 @@ rm -rf "$DEST"
 mkdir -p "$DEST/src"
 git archive "$COMMIT" CMakeLists.txt cmake csrc | tar -x -C "$DEST/src"
 git log -1 --format='%h %cs %s' "$COMMIT" > "$DEST/COMMIT"
-head="$(git log -1 --format='%h %cs %s' HEAD)"
-git diff --quiet HEAD -- CMakeLists.txt cmake csrc bench tools qgoft || head="$head (+ uncommitted changes)"
-echo "$head" > "$DEST/HEAD"
 echo "gpu_baseline_prep: $DEST/src holds $(cut -c1-80 "$DEST/COMMIT") ($(du -sh "$DEST" | cut -f1));"
-echo "  this tree: $(cut -c1-80 "$DEST/HEAD")"
 echo "  on the GPU machine: carry build/baseline, run bash tools/gpu_check.sh (its baseline part builds and times it)"

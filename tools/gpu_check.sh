@@ -79,6 +79,26 @@ mkdir -p "$OUTDIR" "$BUILD"
 PARTS="$OUTDIR/parts.tsv"
 : > "$PARTS"
 FAILED=0
+# The end of every run, also one stopped by an error of this script (an EXIT trap): the table of parts, the
+# targets summary, the packing of the outputs; the exit status is FAILED's (1 when the script itself stopped early).
+finish() {
+  [ "${FINISHED:-0}" = 1 ] || { echo "gpu_check: the script stopped before its last part" >&2; FAILED=1; }
+  echo
+  echo "================ gpu_check ($(elapsed)s, outputs in $OUTDIR) ================"
+  column -t -s $'\t' "$PARTS" 2>/dev/null || cat "$PARTS"
+  "$PYTHON" tools/gpu_check_summary.py "$OUTDIR" || FAILED=1
+  # The device machine returns at most 8 files from $OUT: keep the tables, pack every log into one archive.
+  if [ -n "${OUT:-}" ]; then
+    (cd "$OUTDIR" && shopt -s nullglob &&
+     keep=" targets.md targets.json bench_gpu.md bench_gpu.json baseline_compare.md baseline_compare.json parts.tsv logs.tar.gz " &&
+     pack=() && for f in * .[!.]*; do case "$keep" in *" $f "*) ;; *) pack+=("$f") ;; esac; done &&
+     if [ ${#pack[@]} -gt 0 ]; then tar czf logs.tar.gz "${pack[@]}" && rm -rf "${pack[@]}"; fi)
+    log "outputs: $(cd "$OUTDIR" && ls | tr '\n' ' ')(every log in logs.tar.gz)"
+  fi
+  if [ $FAILED = 0 ]; then echo "gpu_check: every part that ran passed"; else echo "gpu_check: SOME PARTS FAILED" >&2; fi
+  exit $FAILED
+}
+trap finish EXIT
 # Wheels carried in build/wheels (tools/gpu_wheels_prep.sh: packages the GPU machine lacks, e.g. torchao):
 # installed into build/gpu-check/site for every part (a dry run leaves them alone).
 if [ "$DRY" = 0 ] && compgen -G "$ROOT/build/wheels/*.whl" > /dev/null; then
@@ -108,12 +128,12 @@ box() {
 }
 # part NAME SECONDS LOG COMMAND...: runs the command under its time box, output to LOG, and records it.
 part() {
-  local name="$1" secs; secs="$(box "$2")"; local logf="$OUTDIR/$3"; shift 3
+  local name="$1" full="$2" secs; secs="$(box "$2")"; local logf="$OUTDIR/$3"; shift 3
   case "$SKIP" in *" $name "*) record "$name" SKIP 0 "QGOFT_GPU_CHECK_SKIP"; return 0 ;; esac
   if [ -n "$ONLY" ]; then
     case "$ONLY" in *" $name "*) ;; *) record "$name" SKIP 0 "not in QGOFT_GPU_CHECK_ONLY"; return 0 ;; esac
   fi
-  if [ "$secs" = 0 ]; then record "$name" SKIP 0 "not run: under half its ${2}s box left of the ${BUDGET}s budget"; return 0; fi
+  if [ "$secs" = 0 ]; then record "$name" SKIP 0 "not run: under half its ${full}s box left of the ${BUDGET}s budget"; return 0; fi
   log "$name (time box ${secs}s)"
   local t0; t0=$(elapsed)
   if declare -F "$1" > /dev/null; then  # a function of this script: through bash (exported below)
@@ -210,7 +230,7 @@ baseline_compare() {
   local dry=(); [ "$DRY" = 1 ] && dry=(--dry-run --pairs 2)
   "$PYTHON" tools/gpu_baseline_compare.py --baseline-lib "$BUILD/baseline/lib/libqgoft_ops.so" \
     --baseline-label "$(cat "$BASELINE_SRC/COMMIT" 2>/dev/null | cut -c1-100)" \
-    --current-label "$(cat "$BASELINE_SRC/HEAD" 2>/dev/null | cut -c1-100)" --out "$OUTDIR" "${dry[@]}"
+    --out "$OUTDIR" "${dry[@]}"
 }
 
 # The baseline parts when the earlier commit's sources were carried; else one line saying how to get them.
@@ -344,18 +364,5 @@ else
   part op-tests 150 op_tests.log run_op_tests
 fi
 extra_checks
-
-echo
-echo "================ gpu_check ($(elapsed)s, outputs in $OUTDIR) ================"
-column -t -s $'\t' "$PARTS" 2>/dev/null || cat "$PARTS"
-"$PYTHON" tools/gpu_check_summary.py "$OUTDIR" || FAILED=1
-# The device machine returns at most 8 files from $OUT: keep the tables, pack every log into one archive.
-if [ -n "${OUT:-}" ]; then
-  (cd "$OUTDIR" && shopt -s nullglob &&
-   keep=" targets.md targets.json bench_gpu.md bench_gpu.json baseline_compare.md baseline_compare.json parts.tsv logs.tar.gz " &&
-   pack=() && for f in * .[!.]*; do case "$keep" in *" $f "*) ;; *) pack+=("$f") ;; esac; done &&
-   if [ ${#pack[@]} -gt 0 ]; then tar czf logs.tar.gz "${pack[@]}" && rm -rf "${pack[@]}"; fi)
-  log "outputs: $(cd "$OUTDIR" && ls | tr '\n' ' ')(every log in logs.tar.gz)"
-fi
-if [ $FAILED = 0 ]; then echo "gpu_check: every part that ran passed"; else echo "gpu_check: SOME PARTS FAILED" >&2; fi
+FINISHED=1
 exit $FAILED
