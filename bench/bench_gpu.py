@@ -50,13 +50,14 @@ VARIANTS = ("base", "table", "reg", "table+prefetch", "reg+prefetch", "reg+seria
 CHAIN_OPS = ("givens_chain", "givens_chain_backward", "quasi_givens_chain", "quasi_givens_chain_backward")
 # Variants whose forward kernels are another variant's (reg changes the backward only): their forward rows and
 # the layout table (target 3) are timed under that variant only.
-SAME_FORWARD = {"reg": "table", "reg+prefetch": "table+prefetch", "reg+pair": "reg"}
+SAME_FORWARD = {"reg": "table", "reg+prefetch": "table+prefetch", "reg+pair": "reg", "reg+single": "reg"}
 # The switches a variant name's `+S` suffixes set (`V+S1+S2`: variant V with S1 and S2), and their values without:
 # `+prefetch` the prefetching forward, `+serial` the serial reduction, `+pair` the paired reg backward, `+recompute` the
 # top pass whatever segment tops the backward is given (docs/CUDA.md, "Debug knobs").
 SUFFIX_KNOBS = {"prefetch": ("QGOFT_CUDA_FORWARD", "prefetch"), "serial": ("QGOFT_CUDA_REDUCE", "serial"),
-                "pair": ("QGOFT_CUDA_BACKWARD", "pair"), "recompute": ("QGOFT_CUDA_TOPS", "recompute")}
-KNOB_DEFAULTS = {"QGOFT_CUDA_FORWARD": "plain", "QGOFT_CUDA_REDUCE": "split", "QGOFT_CUDA_BACKWARD": "single",
+                "pair": ("QGOFT_CUDA_BACKWARD", "pair"), "single": ("QGOFT_CUDA_BACKWARD", "single"),
+                "recompute": ("QGOFT_CUDA_TOPS", "recompute")}
+KNOB_DEFAULTS = {"QGOFT_CUDA_FORWARD": "plain", "QGOFT_CUDA_REDUCE": "split", "QGOFT_CUDA_BACKWARD": "auto",
                  "QGOFT_CUDA_TOPS": "saved"}
 # Every kernel switch of the CUDA planner (docs/CUDA.md, "Debug knobs"): the ones a variant name sets and the path,
 # segment and XOR-path overrides; a tool that runs kernels under chosen switches clears these first.
@@ -79,12 +80,13 @@ def reduce_only(variant: str) -> bool:
     return variant.endswith("+serial")
 
 
-# Variants that change only the backward with parameter gradients of the single parallel layout (`V+pair`:
-# QGOFT_CUDA_BACKWARD=pair under V, 16-bit rows): of the chain table only those backward rows in bfloat16 are timed
+# Variants that change only the backward with parameter gradients of the single parallel layout (`V+pair` /
+# `V+single`: QGOFT_CUDA_BACKWARD=pair / single under V, 16-bit rows; without either, auto: the paired kernel
+# without the scale's gradient): of the chain table only those backward rows in bfloat16 are timed
 # (their forward, adjoint and float32 kernels are V's); the layout table leaves them out (stacks run other
 # kernels); the Linear and LLaMA tables, whose steps run that backward, time them like any variant.
 def backward_only(variant: str) -> bool:
-    return "+pair" in variant
+    return "+pair" in variant or "+single" in variant
 
 
 # Variants that change only where the backward of segmented rows with parameter gradients takes its segment tops

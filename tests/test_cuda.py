@@ -506,21 +506,24 @@ def test_pair_backward(gen, env, capfd, d, rows, method, dtype, mask, g_kind, pa
     """QGOFT_CUDA_BACKWARD=pair (docs/CUDA.md, "The paired reg backward"): the reg backward with two rows per thread
     in flight, where the planner takes it (pair=1 in the plan: 16-bit rows of 512-thread segments with parameter
     gradients; elsewhere the reg kernel, pair=0), against the float64 reference and bitwise equal to the reg
-    kernel's results (same arithmetic, same row order), run twice (bitwise reproducible)."""
+    kernel's results (same arithmetic, same row order), run twice (bitwise reproducible); the default (auto) takes it
+    where it applies without the scale's gradient."""
     env(QGOFT_CUDA_VERBOSE=1, QGOFT_CUDA_VARIANT="reg")
     pairs, offsets = make_layout("parallel", d, gen)
     params, scale = make_params(method, pairs.shape[0], d, gen)
     x = make_tensor((rows,), d, "contiguous", gen, dtype)
     g = make_tensor((rows,), d, g_kind, gen, dtype)
     grads = {}
-    for backward in ("single", "pair", "pair"):
+    auto_pair = pair if not (scale is not None and mask[2]) else 0
+    for backward in ("single", "pair", "pair", "auto"):
         env(QGOFT_CUDA_BACKWARD=backward)
         poison()
         capfd.readouterr()
         got = k_backward(method, g, x, params, pairs, offsets, scale, mask)
         torch.cuda.synchronize()
         seen = [p for p in plans(capfd) if " backward " in p]
-        assert len(seen) == 1 and f" pair={pair if backward == 'pair' else 0} " in seen[0], (backward, seen)
+        want_pair = {"single": 0, "pair": pair, "auto": auto_pair}[backward]
+        assert len(seen) == 1 and f" pair={want_pair} " in seen[0], (backward, seen)
         if backward in grads:
             assert all(torch.equal(a, b) for a, b in zip(got, grads[backward])), "paired reg backward not reproducible"
         grads[backward] = got
@@ -529,8 +532,8 @@ def test_pair_backward(gen, env, capfd, d, rows, method, dtype, mask, g_kind, pa
     for name, wanted, got, ref_grad, tol_dtype in zip(names, mask, grads["pair"], want[1:], (dtype, F32, F32)):
         if wanted and ref_grad is not None:
             check_close(got, ref_grad, tol_dtype, f"{method} parallel d={d} rows={rows} {dtype}: pair {name}")
-    for name, a, b in zip(names, grads["pair"], grads["single"]):
-        assert torch.equal(a, b), f"{name}: the paired reg backward differs from the reg kernel"
+    for name, a, b, c in zip(names, grads["pair"], grads["single"], grads["auto"]):
+        assert torch.equal(a, b) and torch.equal(c, b), f"{name}: the paired reg backward differs from the reg kernel"
 
 
 def _with_tops(method):
@@ -710,7 +713,7 @@ def test_reg_stacked_backward(gen, env, capfd, d, reps, rows, method, dtype, mas
     ("QGOFT_CUDA_XOR", "parallel*2", "QGOFT_CUDA_XOR must be general, stack or fused"),
     ("QGOFT_CUDA_FORWARD", "parallel", "QGOFT_CUDA_FORWARD must be plain or prefetch"),
     ("QGOFT_CUDA_REDUCE", "parallel", "QGOFT_CUDA_REDUCE must be split or serial"),  # read by the backward
-    ("QGOFT_CUDA_BACKWARD", "parallel", "QGOFT_CUDA_BACKWARD must be single or pair"),  # read by the backward
+    ("QGOFT_CUDA_BACKWARD", "parallel", "QGOFT_CUDA_BACKWARD must be auto, single or pair"),  # read by the backward
 ])
 def test_switch_rejects_unknown_values(gen, env, var, kind, message):
     """A switch the planner reads names its values: those of the forward fail at the forward call, those read by

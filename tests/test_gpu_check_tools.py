@@ -52,11 +52,12 @@ def test_variant_names_set_their_switches():
         import bench_gpu
     finally:
         sys.path.pop(0)
-    base = {"QGOFT_CUDA_FORWARD": "plain", "QGOFT_CUDA_REDUCE": "split", "QGOFT_CUDA_BACKWARD": "single",
+    base = {"QGOFT_CUDA_FORWARD": "plain", "QGOFT_CUDA_REDUCE": "split", "QGOFT_CUDA_BACKWARD": "auto",
             "QGOFT_CUDA_TOPS": "saved"}
     assert bench_gpu.knob_env("reg") == {"QGOFT_CUDA_VARIANT": "reg", **base}
     assert bench_gpu.knob_env("table+prefetch") == {**base, "QGOFT_CUDA_VARIANT": "table", "QGOFT_CUDA_FORWARD": "prefetch"}
     assert bench_gpu.knob_env("reg+pair") == {**base, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_BACKWARD": "pair"}
+    assert bench_gpu.knob_env("reg+single") == {**base, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_BACKWARD": "single"}
     assert bench_gpu.knob_env("reg+serial") == {**base, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_REDUCE": "serial"}
     assert bench_gpu.backward_only("reg+pair") and not bench_gpu.forward_only("reg+pair")
     assert bench_gpu.forward_only("reg+prefetch") and not bench_gpu.backward_only("reg+prefetch")

@@ -100,7 +100,8 @@ def cases():
             for variant in VARIANTS:
                 for name, lay, rows, env, unaligned in parallel:
                     out.append((f"{name} [{variant}]", lay, rows, dtype, quasi, with_scale,
-                                {**env, "QGOFT_CUDA_VARIANT": variant, "QGOFT_CUDA_FORWARD": "plain"}, unaligned))
+                                {**env, "QGOFT_CUDA_VARIANT": variant, "QGOFT_CUDA_FORWARD": "plain",
+                                 "QGOFT_CUDA_BACKWARD": "single"}, unaligned))  # the defaults' cases: prefetch, pair
             if dtype != torch.float16:
                 for name, lay, rows, env, unaligned in general:
                     out.append((name, lay, rows, dtype, quasi, with_scale, env, unaligned))
@@ -191,7 +192,7 @@ def run(lay, rows, dtype, quasi, with_scale, env, unaligned):
 def main():
     all_cases = cases()
     if "--float32-only" in sys.argv:  # and the paired reg backward's first case (16-bit rows only; its barriers)
-        first_pair = next(c for c in all_cases if "QGOFT_CUDA_BACKWARD" in c[6])
+        first_pair = next(c for c in all_cases if c[6].get("QGOFT_CUDA_BACKWARD") == "pair")
         all_cases = [c for c in all_cases if c[3] == torch.float32 or c is first_pair]
     if "--list" in sys.argv:
         for c in all_cases:

@@ -283,8 +283,8 @@ void plan_reduce(BackwardPlan& plan, const Problem& p, const Knobs& knobs) {
 }
 
 RegBackward reg_backward_from_env() {
-  return env_switch<RegBackward>("QGOFT_CUDA_BACKWARD", RegBackward::Single,
-                                 {{"single", RegBackward::Single}, {"pair", RegBackward::Pair}});
+  return env_switch<RegBackward>("QGOFT_CUDA_BACKWARD", RegBackward::Auto,
+                                 {{"auto", RegBackward::Auto}, {"single", RegBackward::Single}, {"pair", RegBackward::Pair}});
 }
 
 TopsKind tops_kind_from_env() {
@@ -421,7 +421,8 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     plan.vec = vec;
     reg_lanes = reg && detail::reg_branch_free(s.logT, vec, grads, static_cast<int>(es));
     const RegBackward reg_kernel = knobs.backward == RegBackward::FromEnv ? reg_backward_from_env() : knobs.backward;
-    if (reg && reg_kernel == RegBackward::Pair && detail::reg_pair_applies(s.logT, vec, grads, elem_size(p.dtype))) {
+    const bool pair = reg_kernel == RegBackward::Pair || (reg_kernel == RegBackward::Auto && !want_scale);
+    if (reg && pair && detail::reg_pair_applies(s.logT, vec, grads, elem_size(p.dtype))) {
       reg_rows = detail::kPairRows;
       if (table && !fits(kChunk * s.T, false)) reg_rows = 1;  // its larger exchange does not fit: the reg kernel
     }

@@ -38,9 +38,10 @@ enum class ReduceKind { FromEnv, Split, Serial };
 // The reg variant's backward kernel for the single parallel layout where it applies (16-bit activations, 16-byte
 // rows, parameter gradients, rows of 2049 .. 4096 elements or segmented: reg_pair_applies): Single is
 // parallel_backward_reg_kernel (one row per thread at a time); Pair is parallel_backward_pair_kernel (two rows per
-// thread in flight; docs/CUDA.md, "The paired reg backward"). FromEnv: QGOFT_CUDA_BACKWARD=single|pair (default
-// single until a GPU has timed both), read by the planner.
-enum class RegBackward { FromEnv, Single, Pair };
+// thread in flight; docs/CUDA.md, "The paired reg backward"); Auto is Pair without the scale's gradient, else
+// Single (on an H100 the paired kernel was 8-9 % faster for goft and qgoft and 7 % slower with the scale's
+// gradient, bench/RESULTS.md). FromEnv: QGOFT_CUDA_BACKWARD=auto|single|pair (default auto), read by the planner.
+enum class RegBackward { FromEnv, Auto, Single, Pair };
 // The segment starts' local results a backward of segmented rows with parameter gradients needs (docs/CUDA.md,
 // "Saved segment tops"): Saved takes them from the forward that produced the layer's output when the caller gives
 // them (Problem::tops), so the top pass is skipped; Recompute always runs the top pass (the forward kernel over x,
@@ -69,8 +70,8 @@ ForwardKernel forward_kernel_from_env();
 // The reduction named by QGOFT_CUDA_REDUCE (unset or empty: Split); throws std::invalid_argument for any other
 // value than split or serial.
 ReduceKind reduce_kind_from_env();
-// The reg backward kernel named by QGOFT_CUDA_BACKWARD (unset or empty: Single); throws std::invalid_argument for
-// any other value than single or pair.
+// The reg backward kernel named by QGOFT_CUDA_BACKWARD (unset or empty: Auto); throws std::invalid_argument for
+// any other value than auto, single or pair.
 RegBackward reg_backward_from_env();
 // The tops named by QGOFT_CUDA_TOPS (unset or empty: Saved); throws std::invalid_argument for any other value than
 // saved or recompute.

@@ -1144,9 +1144,9 @@ void check_env_switches() {
   check_switch("QGOFT_CUDA_REDUCE", reduce_kind_from_env, ReduceKind::Split,
                {{"split", ReduceKind::Split}, {"serial", ReduceKind::Serial}}, "tree",
                "QGOFT_CUDA_REDUCE must be split or serial, got 'tree'");
-  check_switch("QGOFT_CUDA_BACKWARD", reg_backward_from_env, RegBackward::Single,
-               {{"pair", RegBackward::Pair}, {"single", RegBackward::Single}}, "paired",
-               "QGOFT_CUDA_BACKWARD must be single or pair, got 'paired'");
+  check_switch("QGOFT_CUDA_BACKWARD", reg_backward_from_env, RegBackward::Auto,
+               {{"auto", RegBackward::Auto}, {"pair", RegBackward::Pair}, {"single", RegBackward::Single}}, "paired",
+               "QGOFT_CUDA_BACKWARD must be auto, single or pair, got 'paired'");
   check_switch("QGOFT_CUDA_TOPS", tops_kind_from_env, TopsKind::Saved,
                {{"recompute", TopsKind::Recompute}, {"saved", TopsKind::Saved}}, "kept",
                "QGOFT_CUDA_TOPS must be saved or recompute, got 'kept'");
@@ -1196,7 +1196,8 @@ void check_reduce_plans() {
 // Where QGOFT_CUDA_BACKWARD=pair applies on an H100 (sm_count 132, 227 KiB of shared memory per block): the reg
 // variant's backward of the single parallel layout with 16-bit activations, 16-byte rows and parameter gradients, in
 // 512-thread segments (d = 4096, and 11008 in 3 segment columns), with the reg kernel's grid (one block per SM and
-// column) and 16.5 KiB more shared memory (the second row's exchange words, the scale sums); not without the knob,
+// column) and 16.5 KiB more shared memory (the second row's exchange words, the scale sums); under the default knob
+// (auto) only without the scale's gradient; not with the knob single,
 // not for float32 or float64, not for the adjoint (dx only), unaligned rows, rows of 2048, the table variant or
 // stacks.
 void check_pair_plans() {
@@ -1209,6 +1210,7 @@ void check_pair_plans() {
     Variant variant;
     RegBackward backward;
     int pair;
+    bool scale_grad = true;  // with grads: the scale's gradient too (else the blocks' only)
   };
   constexpr Variant kReg = Variant::Reg;
   constexpr RegBackward kPair = RegBackward::Pair;
@@ -1222,10 +1224,17 @@ void check_pair_plans() {
                         Want{DType::BFloat16, 4096, 4100, 1, true, kReg, kPair, 0},
                         Want{DType::BFloat16, 2048, 2048, 1, true, kReg, kPair, 0},
                         Want{DType::BFloat16, 4096, 4096, 1, true, Variant::Table, kPair, 0},
-                        Want{DType::BFloat16, 1000, 1000, 2, true, kReg, kPair, 0}}) {
+                        Want{DType::BFloat16, 1000, 1000, 2, true, kReg, kPair, 0},
+                        // auto (the default): paired without the scale's gradient, single with it
+                        Want{DType::BFloat16, 4096, 4096, 1, true, kReg, RegBackward::Auto, 1, false},
+                        Want{DType::Float16, 11008, 11008, 1, true, kReg, RegBackward::Auto, 1, false},
+                        Want{DType::BFloat16, 4096, 4096, 1, true, kReg, RegBackward::Auto, 0, true},
+                        Want{DType::Float32, 4096, 4096, 1, true, kReg, RegBackward::Auto, 0, false},
+                        Want{DType::BFloat16, 4096, 4096, 1, false, kReg, RegBackward::Auto, 0, false}}) {
     Problem p = make_problem(w.dtype, w.reps > 1 ? stacked(parallel_layout(w.d), w.reps) : parallel_layout(w.d), 8192);
     p.x_ld = p.grad_ld = w.ld;
-    p.want_blocks = p.want_scale = w.grads;
+    p.want_blocks = w.grads;
+    p.want_scale = w.grads && w.scale_grad;
     Knobs knobs;
     knobs.variant = w.variant;
     knobs.xor_path = XorPath::Fused;
