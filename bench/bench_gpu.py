@@ -659,8 +659,10 @@ def main() -> int:
     whole = [v for v in args.layout_variants.split(",") if v] or \
         [v for v in variants if not forward_only(v) and not reduce_only(v) and not backward_only(v) and not tops_only(v)]
     lays = [] if args.quick or not whole else layout_rows(rows, widths[0], torch.bfloat16, rounds, whole, dev, clock, xor_paths)
-    if lays and "fused" in xor_paths:  # the fused stack in float32 too (docs/CUDA.md, "The `reg` stacked backward")
-        lays += layout_rows(rows, widths[0], torch.float32, rounds, whole, dev, clock, ["fused"], butterfly=False)
+    # the fused stack and butterfly in float32 too (docs/CUDA.md, "The `reg` stacked backward", "The butterfly forward
+    # on the register path"; the butterfly's fused backward is its general one)
+    if lays and "fused" in xor_paths:
+        lays += layout_rows(rows, widths[0], torch.float32, rounds, whole, dev, clock, ["fused"])
     lin: List[dict] = []
     llama: List[dict] = []
     if args.only == "all":

@@ -391,23 +391,24 @@ def test_fused_xor_path_many_rows_deterministic(gen, env, dtype, kind, d, rows):
     ("butterfly", 4096, (1003,), "goft", BF16, "contiguous"),       # 512 threads, 8 rows each: 126 groups, last partial
     ("butterfly", 4096, (3, 37), "qgoft_scaled", F32, "contiguous"),
     ("butterfly", 4096, (21,), "goft_scaled", F16, "row_slice"),     # scalar loads (unaligned, strided rows)
-    ("butterfly", 4096, (9,), "qgoft", F64, "contiguous"),           # 4 rows per thread
+    ("butterfly", 4096, (9,), "qgoft", F64, "contiguous"),           # 2 rows per thread
     ("butterfly", 2048, (300,), "qgoft", BF16, "row_slice"),
     ("butterfly", 512, (1001,), "goft_scaled", F32, "contiguous"),  # one round with fewer layers (log2 d = 9: 3 full)
     ("butterfly", 128, (5000,), "qgoft_scaled", BF16, "contiguous"),  # sub-blocks of 16 threads, 64 rows per group
     ("butterfly", 8, (20_001,), "goft", F32, "contiguous"),          # one round, 1024 rows per group
     ("butterfly", 8192, (3,), "goft", BF16, "contiguous"),           # d > 4096: the general kernels
-    ("butterfly*2", 64, (7,), "goft", F32, "contiguous"),            # a stack of butterflies: the general kernels
+    ("butterfly*2", 64, (7,), "goft", F32, "contiguous"),            # a stack of butterflies: repetitions in turn
+    ("butterfly*2", 4096, (19,), "qgoft_scaled", BF16, "contiguous"),
 ])
 def test_butterfly_forward(gen, env, capfd, kind, d, shape, method, dtype, x_kind):
-    """QGOFT_CUDA_XOR=fused: layouts.butterfly(d)'s forward on the butterfly kernel (docs/CUDA.md, "The butterfly
-    forward on the register path") for d = 2^n <= 4096, the general kernels otherwise and for the backward; against
-    the float64 reference and the CPU kernels (run_and_check), against the general kernels on the same inputs
-    (QGOFT_CUDA_XOR=general) and bitwise reproducible."""
+    """QGOFT_CUDA_XOR=fused: the forward of layouts.butterfly(d) and of its stacks on the butterfly kernel (docs/CUDA.md,
+    "The butterfly forward on the register path") for d = 2^n <= 4096, the general kernels otherwise and for the
+    backward; against the float64 reference and the CPU kernels (run_and_check), against the general kernels on the
+    same inputs (QGOFT_CUDA_XOR=general) and bitwise reproducible."""
     env(QGOFT_CUDA_XOR="fused", QGOFT_CUDA_VERBOSE=1)
     layout = make_layout(kind, d, gen)
     run_and_check(method, kind, d, dtype, gen, shape=shape, x_kind=x_kind, layout=layout)
-    fused = kind == "butterfly" and d <= 4096
+    fused = d <= 4096
     seen = plans(capfd)
     assert seen and all(("path=butterfly " in p) == (fused and " forward " in p) for p in seen), seen
     pairs, offsets = layout

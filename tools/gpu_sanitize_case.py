@@ -80,6 +80,7 @@ def cases():
         ("butterfly 512 threads", layouts.butterfly(4096), 19, fused, False),  # 3 row groups of 8, the last partial
         ("butterfly sub-blocks", layouts.butterfly(128), 100, fused, False),  # 8 sub-blocks of 16 threads, 2 groups
         ("butterfly scalar loads", layouts.butterfly(512), 5, fused, True),
+        ("butterfly*2", layouts.stack(layouts.butterfly(4096), 2), 11, fused, False),  # back to window 0 in between
     ]
     pair = [  # QGOFT_CUDA_BACKWARD=pair (reg): more rows than the persistent grid's blocks, odd counts
         ("pair 512 threads", layouts.parallel(4096), 401, {}, False),
@@ -175,7 +176,8 @@ def run(lay, rows, dtype, quasi, with_scale, env, unaligned):
             y = fwd(x, params, pairs, offs, scale)
         # QGOFT_CUDA_FORWARD=prefetch selects the forward kernel and the backward's top pass (segmented rows with
         # parameter gradients); the butterfly's XOR path changes its forward only: its cases run the full backward only
-        forward_only = env.get("QGOFT_CUDA_FORWARD") == "prefetch" or (lay.name == "butterfly" and "QGOFT_CUDA_XOR" in env)
+        forward_only = env.get("QGOFT_CUDA_FORWARD") == "prefetch" or (lay.name.startswith("butterfly")
+                                                                       and "QGOFT_CUDA_XOR" in env)
         masks = MASKS[:1] if forward_only else MASKS
         outs = [bwd(g, x, params, pairs, offs, scale, list(m), tops) for m in masks]
         torch.cuda.synchronize()

@@ -1,5 +1,5 @@
 // The forward of layouts.butterfly(d), d = 2^n (layer r = 1 .. n pairs i with i XOR 2^(r-1), pairs of a layer in
-// ascending i), on the register path (docs/CUDA.md, "The butterfly forward on the register path"; planned by
+// ascending i), and of stack(butterfly(d), k), on the register path (docs/CUDA.md, "The butterfly forward on the register path"; planned by
 // plan_forward under QGOFT_CUDA_XOR=fused). Every row needs the whole block table (n d / 2 blocks: 384 KiB in float32
 // at d = 4096), so a thread works on kR rows at once and every block it loads serves all of them:
 //  * a sub-block of T = d / 8 threads holds kR rows (blocks of butterfly_threads(n) threads: Q = blockDim / T
@@ -82,7 +82,8 @@ __device__ __forceinline__ void butterfly_exchange(A* buf, int d, int t, int fro
 }
 
 // kLogD: log2 d as a constant (butterfly_fixed_width), or 0 for any d = 2^n, kButterflyMinLogD <= n <=
-// kButterflyMaxLogD. a: rows, d, x (x_ld), out (contiguous), blocks, scale, groups = ceil(rows / (Q R)), R = kR.
+// kButterflyMaxLogD. a: rows, d, x (x_ld), out (contiguous), blocks, scale, groups = ceil(rows / (Q R)), R = kR;
+// num_pairs = k n d / 2 for stack(butterfly(d), k), whose repetitions run one after the other on the same rows.
 template <class S, bool kVec, int kLogD>
 __global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_forward_kernel(const GeneralArgs a) {
   using A = typename Elem<S>::A;
@@ -102,14 +103,14 @@ __global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_forward_ker
   const A* table = static_cast<const A*>(a.blocks);
   const A* scale = static_cast<const A*>(a.scale);
   const int top = n - kLogChunk;  // the last round's window: element t + e 2^top
+  const int pairs_per_rep = n << (n - 1);  // one butterfly's n d / 2 pairs
+  const int reps = static_cast<int>(a.num_pairs / pairs_per_rep);
   for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
     const int64_t row0 = (g * Q + sub) * kR;
-    // the blocks' addresses are the same for every group: opaque, so that their loads stay in the rounds that use
-    // them instead of being hoisted out of the loop (48 blocks per thread at d = 4096 do not fit its registers)
-    const A* blocks = opaque(table);
-    // likewise the thread's index: the element positions, pair indices and shared-memory slots derived from it are
-    // computed in the rounds that use them (hoisted out of the loop, they were spilled)
-    const int t = static_cast<int>(opaque(static_cast<unsigned>(lane_t))) & ((1 << W) - 1);
+    // the thread's index, opaque (and masked again: its range stays known): what the loop derives from it (element
+    // positions, pair indices, shared-memory slots) is computed where it is used (hoisted out of the loop, it spilled)
+    auto thread_index = [&]() { return static_cast<int>(opaque(static_cast<unsigned>(lane_t))) & ((1 << W) - 1); };
+    const int t = thread_index();
     A v[kR][kChunk];
 #pragma unroll
     for (int r = 0; r < kR; ++r) load_chunk<S, kVec>(x + (row0 + r) * a.x_ld, t * kChunk, d, row0 + r < a.rows, v[r]);
@@ -118,35 +119,48 @@ __global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_forward_ker
     for (int r = 0; r < kR; ++r) {
       prefetch_chunk(x + (next0 + r) * a.x_ld, t * kChunk, d, g + gridDim.x < a.groups && next0 + r < a.rows);
     }
-    int w = 0;
+    // repetition j of stack(butterfly(d), reps) reads blocks j n d / 2 ..; from the second on, the rows go back from
+    // the last round's window to window 0 first
+    for (int j = 0; j < reps; ++j) {
+      // the blocks' addresses are the same for every group and repetition: opaque, so that their loads stay in the
+      // rounds that use them instead of being hoisted out of the loops (48 blocks per thread at d = 4096 do not fit
+      // its registers); the thread's index likewise
+      const A* rep_blocks = opaque(table) + static_cast<int64_t>(j) * 4 * pairs_per_rep;
+      const int tj = thread_index();
+      int w = 0;
+      if (j > 0 && top > 0) butterfly_exchange<kR>(buf, d, tj, top, 0, v);
 #pragma unroll
-    for (int m = 0; m < kMaxRounds; ++m) {
-      if (m < rounds) {
-        const int to = 3 * m < top ? 3 * m : top;
-        if (m > 0) butterfly_exchange<kR>(buf, d, t, w, to, v);
-        w = to;
-        // bits 3m .. w + 2 (w + 2 <= n - 1; w < 3m only in a last round whose window overlaps the previous one)
-        const int base = butterfly_window_base(t, w);
-        if (w == 3 * m) butterfly_layer<0, kR>(blocks, w, base, w, d, v);
-        if (w + 1 >= 3 * m) butterfly_layer<1, kR>(blocks, w + 1, base, w, d, v);
-        butterfly_layer<2, kR>(blocks, w + 2, base, w, d, v);
+      for (int m = 0; m < kMaxRounds; ++m) {
+        if (m < rounds) {
+          const int to = 3 * m < top ? 3 * m : top;
+          if (m > 0) butterfly_exchange<kR>(buf, d, tj, w, to, v);
+          w = to;
+          // bits 3m .. w + 2 (w + 2 <= n - 1; w < 3m only in a last round whose window overlaps the previous one)
+          const int base = butterfly_window_base(tj, w);
+          if (w == 3 * m) butterfly_layer<0, kR>(rep_blocks, w, base, w, d, v);
+          if (w + 1 >= 3 * m) butterfly_layer<1, kR>(rep_blocks, w + 1, base, w, d, v);
+          butterfly_layer<2, kR>(rep_blocks, w + 2, base, w, d, v);
+        }
       }
     }
+    // the stores' thread index and rows, derived anew (held across the rounds, they were spilled)
+    const int ts = thread_index();
+    const int64_t rows0 = (g * Q + (static_cast<int>(opaque(threadIdx.x)) >> W)) * kR;
     if (scale != nullptr) {
       const A* sc = opaque(scale);  // loaded per group, as needed (not held across the loop)
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) {
-        const A s = __ldg(sc + t + (e << top));
+        const A s = __ldg(sc + ts + (e << top));
 #pragma unroll
         for (int r = 0; r < kR; ++r) v[r][e] *= s;
       }
     }
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
-      if (row0 + r >= a.rows) continue;
-      S* y = out + (row0 + r) * d;
+      if (rows0 + r >= a.rows) continue;
+      S* y = out + (rows0 + r) * d;
 #pragma unroll
-      for (int e = 0; e < kChunk; ++e) y[t + (e << top)] = Elem<S>::from(v[r][e]);
+      for (int e = 0; e < kChunk; ++e) y[ts + (e << top)] = Elem<S>::from(v[r][e]);
     }
   }
 }

@@ -88,7 +88,7 @@ struct Layout {
   Tensor offsets;                   // (L + 1,) int32 contiguous, on the device
   int64_t d = 0, num_pairs = 0, num_layers = 0;
   int64_t parallel_reps = 0;        // k when exactly layouts.stack(layouts.parallel(d), k) (k = 1: the layout)
-  bool butterfly = false;           // exactly layouts.butterfly(d), d a power of two (qc::is_butterfly_layout)
+  int butterfly_reps = 0;           // k when exactly layouts.stack(layouts.butterfly(d), k), d = 2^n (qc::butterfly_reps)
 };
 
 struct LayoutKey {
@@ -205,7 +205,7 @@ std::shared_ptr<const Layout> checked_layout(const Tensor& pairs, const Tensor& 
   layout->num_pairs = num_pairs;
   layout->num_layers = num_layers;
   layout->parallel_reps = parallel_reps(pp, off, num_pairs, num_layers, d);
-  layout->butterfly = layout->parallel_reps == 0 && qc::is_butterfly_layout(pp, off, num_pairs, num_layers, d);
+  layout->butterfly_reps = layout->parallel_reps == 0 ? qc::butterfly_reps(pp, off, num_pairs, num_layers, d) : 0;
   layout->pairs = pairs.contiguous();
   if (reinterpret_cast<uintptr_t>(layout->pairs.data_ptr()) % 8 != 0) {
     layout->pairs = layout->pairs.clone(at::MemoryFormat::Contiguous);
@@ -337,7 +337,7 @@ qc::Problem problem(const Operands& o) {
   p.num_layers = o.layout->num_layers;
   p.parallel_layout = o.layout->parallel_reps == 1;
   p.parallel_reps = o.layout->parallel_reps > 1 ? static_cast<int>(o.layout->parallel_reps) : 0;
-  p.butterfly_layout = o.layout->butterfly;
+  p.butterfly_reps = o.layout->butterfly_reps;
   return p;
 }
 

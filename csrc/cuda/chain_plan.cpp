@@ -180,7 +180,7 @@ int64_t prefetch_occupancy(DType dtype, int threads, int64_t occ) {
 // the register path"): QGOFT_CUDA_XOR=fused, no forced path, d = 2^n with kButterflyMinLogD <= n <= kButterflyMaxLogD,
 // its shared memory within the device's.
 bool butterfly_forward_applies(const Problem& p, const Limits& lim, const Knobs& k) {
-  if (!p.butterfly_layout || k.path != ForcedPath::Auto || resolved_xor_path(k) != XorPath::Fused) return false;
+  if (p.butterfly_reps < 1 || k.path != ForcedPath::Auto || resolved_xor_path(k) != XorPath::Fused) return false;
   const int n = detail::ceil_log2(p.d);
   if ((int64_t(1) << n) != p.d || n < detail::kButterflyMinLogD || n > detail::kButterflyMaxLogD) return false;
   const int64_t es = acc_size(p.dtype);
@@ -239,22 +239,21 @@ XorPath xor_path_from_env() {
                              {{"general", XorPath::General}, {"stack", XorPath::Stack}, {"fused", XorPath::Fused}});
 }
 
-bool is_butterfly_layout(const int32_t* pairs, const int32_t* offsets, int64_t num_pairs, int64_t num_layers,
-                         int64_t d) {
-  if (d < 4 || (d & (d - 1)) != 0) return false;
+int butterfly_reps(const int32_t* pairs, const int32_t* offsets, int64_t num_pairs, int64_t num_layers, int64_t d) {
+  if (d < 4 || (d & (d - 1)) != 0) return 0;
   const int n = detail::ceil_log2(d);
-  if (num_layers != n || num_pairs != int64_t(n) * (d / 2)) return false;
+  if (num_layers == 0 || num_layers % n != 0 || num_pairs != num_layers * (d / 2)) return 0;
   int64_t p = 0;
-  for (int r = 1; r <= n; ++r) {
-    if (offsets[r - 1] != p) return false;
-    const int64_t bit = int64_t(1) << (r - 1);
+  for (int64_t r = 0; r < num_layers; ++r) {
+    if (offsets[r] != p) return 0;
+    const int64_t bit = int64_t(1) << (r % n);
     for (int64_t i = 0; i < d; ++i) {
       if (i & bit) continue;
-      if (pairs[2 * p] != i || pairs[2 * p + 1] != (i | bit)) return false;
+      if (pairs[2 * p] != i || pairs[2 * p + 1] != (i | bit)) return 0;
       ++p;
     }
   }
-  return offsets[n] == p;
+  return offsets[num_layers] == p ? static_cast<int>(num_layers / n) : 0;
 }
 
 ForwardKernel forward_kernel_from_env() {

@@ -94,7 +94,7 @@ struct Problem {
   int64_t rows = 0, d = 0, num_pairs = 0, num_layers = 0;
   bool parallel_layout = false;  // the layout is exactly layouts.parallel(d)
   int parallel_reps = 0;         // k >= 2 when the layout is exactly layouts.stack(layouts.parallel(d), k)
-  bool butterfly_layout = false;  // the layout is exactly layouts.butterfly(d), d a power of two (is_butterfly_layout)
+  int butterfly_reps = 0;  // k >= 1: the layout is exactly layouts.stack(layouts.butterfly(d), k), d = 2^n (butterfly_reps)
   // data pointers / row strides (elements) of the activations, for the vectorisation decision
   const void* x = nullptr;
   int64_t x_ld = 0;
@@ -169,9 +169,10 @@ struct BackwardPlan : LaunchPlan {
   }
 };
 
-// Whether pairs (P, 2) / offsets (L + 1) are exactly layouts.butterfly(d) with d = 2^n >= 4 (n layers, layer r's d / 2
-// pairs (i, i + 2^(r-1)) for the i with bit r - 1 clear, ascending). Host values, validated already.
-bool is_butterfly_layout(const int32_t* pairs, const int32_t* offsets, int64_t num_pairs, int64_t num_layers, int64_t d);
+// k >= 1 when pairs (P, 2) / offsets (L + 1) are exactly layouts.stack(layouts.butterfly(d), k) with d = 2^n >= 4 (k = 1:
+// the butterfly itself; k n layers, layer r's d / 2 pairs (i, i + 2^((r-1) mod n)) for the i with that bit clear,
+// ascending), else 0. Host values, validated already.
+int butterfly_reps(const int32_t* pairs, const int32_t* offsets, int64_t num_pairs, int64_t num_layers, int64_t d);
 
 // The plans fill every field of pa / ga except the buffers the caller allocates (top, workspace,
 // partial) and the parameter pointers (blocks, scale), which the caller sets.

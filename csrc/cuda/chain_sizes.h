@@ -172,7 +172,7 @@ constexpr int kButterflyMinLogD = 3;
 constexpr int kButterflyMaxLogD = 12;
 constexpr int kButterflyMaxThreads = 512;
 constexpr int kButterflyMinThreads = 128;
-QGOFT_HOST_DEVICE constexpr int butterfly_rows(int acc_bytes) { return acc_bytes == 8 ? 4 : 8; }
+QGOFT_HOST_DEVICE constexpr int butterfly_rows(int acc_bytes) { return acc_bytes == 8 ? 2 : 8; }
 QGOFT_HOST_DEVICE constexpr int butterfly_threads(int log_d) {
   return (1 << (log_d - kLogChunk)) > kButterflyMinThreads ? 1 << (log_d - kLogChunk) : kButterflyMinThreads;
 }

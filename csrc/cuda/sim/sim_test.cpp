@@ -8,7 +8,8 @@
 //   g++ -std=c++20 -O2 -pthread -I/usr/local/cuda/include -Icsrc/cuda csrc/cuda/sim/sim_test.cpp \
 //       csrc/cuda/chain_plan.cpp -o sim_test && ./sim_test [quick|full|reduce|tiny]
 //
-// (reduce: the planner checks and the reduction's cases of quick alone, seconds)
+// (reduce: the planner checks and the reduction's cases of quick alone, seconds; butterfly: the planner checks and the
+// butterfly forward's cases alone, about a minute)
 //
 // (tools/check_cuda_build.sh builds and runs it; add -fsanitize=thread for a race check.)
 #include "cuda_host_sim.h"
@@ -288,7 +289,7 @@ Problem make_problem(DType dtype, const Layout& lay, int64_t rows) {
   p.num_layers = lay.L();
   p.parallel_layout = lay.parallel;
   p.parallel_reps = lay.reps;
-  p.butterfly_layout = is_butterfly_layout(lay.pairs.data(), lay.off.data(), lay.P(), lay.L(), lay.d);  // as the glue
+  p.butterfly_reps = lay.reps > 0 ? 0 : butterfly_reps(lay.pairs.data(), lay.off.data(), lay.P(), lay.L(), lay.d);  // as the glue
   return p;
 }
 
@@ -1028,6 +1029,15 @@ void butterfly_cases(bool full, std::mt19937_64& rng) {
       run_case_counted<S>(butterfly_layout(d), o, rng);
     }
   }
+  // stacks of butterflies: the rows back to window 0 between repetitions (d = 8: one window, no exchange)
+  for (auto [d, reps, rows] : {std::tuple<int64_t, int, int64_t>{8, 3, 1100}, {64, 2, 300}, {512, 2, 30}, {4096, 2, 19}}) {
+    Options o;
+    o.knobs.xor_path = XorPath::Fused;
+    o.rows = rows;
+    o.backward = d <= 64;
+    o.with_scale = d != 512;
+    run_case_counted<S>(stacked(butterfly_layout(d), reps), o, rng);
+  }
 }
 
 template <class S>
@@ -1258,10 +1268,10 @@ void check_pair_plans() {
 }
 
 // Which butterflies the forward planner gives the butterfly kernel on an H100 (132 SMs, 227 KiB of shared memory per
-// block): layouts.butterfly(d) for d = 2^n, 8 <= d <= 4096, every dtype (float64 with 4 rows per thread), only under
-// QGOFT_CUDA_XOR=fused and no forced path; its threads, rows, persistent grid and shared memory at the shapes counted
-// in docs/CUDA.md; never non-power-of-two d, d > 4096, other layouts, stacks of butterflies, the backward. And
-// is_butterfly_layout (the glue's recognition) on the butterfly and its near misses.
+// block): layouts.butterfly(d) and its stacks for d = 2^n, 8 <= d <= 4096, every dtype (float64 with 2 rows per
+// thread), only under QGOFT_CUDA_XOR=fused and no forced path; its threads, rows, persistent grid and shared memory at
+// the shapes counted in docs/CUDA.md; never non-power-of-two d, d > 4096, other layouts, the backward. And
+// butterfly_reps (the glue's recognition) on butterflies, their stacks and near misses.
 void check_butterfly_plans() {
   const Limits lim = h100_limits();
   struct Want {
@@ -1273,19 +1283,23 @@ void check_butterfly_plans() {
     int threads;
     unsigned grid;
     size_t smem;
+    int reps = 1;
   };
   for (const Want& w : {Want{DType::BFloat16, 4096, XorPath::Fused, ForcedPath::Auto, true, 512, 132, 131072},
                         Want{DType::Float32, 4096, XorPath::Fused, ForcedPath::Auto, true, 512, 132, 131072},
                         Want{DType::Float16, 4096, XorPath::Fused, ForcedPath::Auto, true, 512, 132, 131072},
-                        Want{DType::Float64, 4096, XorPath::Fused, ForcedPath::Auto, true, 512, 132, 131072},
+                        Want{DType::Float64, 4096, XorPath::Fused, ForcedPath::Auto, true, 512, 132, 65536},
                         Want{DType::BFloat16, 2048, XorPath::Fused, ForcedPath::Auto, true, 256, 264, 65536},
                         Want{DType::BFloat16, 64, XorPath::Fused, ForcedPath::Auto, true, 128, 64, 32768},
                         Want{DType::BFloat16, 8, XorPath::Fused, ForcedPath::Auto, true, 128, 8, 32768},
+                        Want{DType::BFloat16, 4096, XorPath::Fused, ForcedPath::Auto, true, 512, 132, 131072, 2},
+                        Want{DType::Float32, 64, XorPath::Fused, ForcedPath::Auto, true, 128, 64, 32768, 3},
+                        Want{DType::BFloat16, 4096, XorPath::Stack, ForcedPath::Auto, false, 0, 0, 0, 2},
                         Want{DType::BFloat16, 8192, XorPath::Fused, ForcedPath::Auto, false, 0, 0, 0},
                         Want{DType::BFloat16, 4096, XorPath::Stack, ForcedPath::Auto, false, 0, 0, 0},
                         Want{DType::BFloat16, 4096, XorPath::General, ForcedPath::Auto, false, 0, 0, 0},
                         Want{DType::BFloat16, 4096, XorPath::Fused, ForcedPath::General, false, 0, 0, 0}}) {
-    Problem p = make_problem(w.dtype, butterfly_layout(w.d), 8192);
+    Problem p = make_problem(w.dtype, w.reps > 1 ? stacked(butterfly_layout(w.d), w.reps) : butterfly_layout(w.d), 8192);
     p.x_ld = w.d;
     Knobs knobs;
     knobs.xor_path = w.xor_path;
@@ -1294,7 +1308,7 @@ void check_butterfly_plans() {
     const bool has = plan.describe.rfind("path=butterfly ", 0) == 0;
     if (plan.butterfly != w.butterfly || has != w.butterfly || plan.parallel ||
         (w.butterfly && (plan.main.threads != w.threads || plan.main.grid.x != w.grid || plan.main.smem != w.smem ||
-                         plan.ga.R != (w.dtype == DType::Float64 ? 4 : 8)))) {
+                         plan.ga.R != (w.dtype == DType::Float64 ? 2 : 8)))) {
       std::fprintf(stderr, "FAIL butterfly plan dtype=%d d=%lld xor=%d path=%d: %s (want butterfly=%d threads=%d "
                    "grid=%u smem=%zu)\n", int(w.dtype), (long long)w.d, int(w.xor_path), int(w.path),
                    plan.describe.c_str(), int(w.butterfly), w.threads, w.grid, w.smem);
@@ -1314,13 +1328,24 @@ void check_butterfly_plans() {
   std::swap(swapped.pairs[2 * 40], swapped.pairs[2 * 41]);  // two pairs of layer 2 out of order
   std::swap(swapped.pairs[2 * 40 + 1], swapped.pairs[2 * 41 + 1]);
   std::mt19937_64 rng(7);
-  for (auto [lay, want] : {std::pair{butterfly_layout(4), true}, {butterfly_layout(64), true},
-                           {butterfly_layout(4096), true}, {butterfly_layout(100), false}, {butterfly_layout(2), false},
-                           {parallel_layout(64), false}, {stacked(butterfly_layout(64), 2), false},
-                           {swapped, false}, {sequential_layout(8), false}, {custom_layout(64, rng), false}}) {
-    if (is_butterfly_layout(lay.pairs.data(), lay.off.data(), lay.P(), lay.L(), lay.d) != want) {
-      std::fprintf(stderr, "FAIL is_butterfly_layout(%s d=%lld) != %d\n", lay.name.c_str(), (long long)lay.d,
-                   int(want));
+  Layout stack_swapped = stacked(butterfly_layout(64), 2);  // the second repetition's layer 2 out of order
+  std::swap(stack_swapped.pairs[2 * (192 + 40)], stack_swapped.pairs[2 * (192 + 41)]);
+  std::swap(stack_swapped.pairs[2 * (192 + 40) + 1], stack_swapped.pairs[2 * (192 + 41) + 1]);
+  Layout butterfly_parallel = butterfly_layout(64);  // a butterfly, then a parallel layout: not a stack
+  for (int64_t p = 0; p < parallel_layout(64).P(); ++p) {
+    butterfly_parallel.pairs.push_back(parallel_layout(64).pairs[2 * p]);
+    butterfly_parallel.pairs.push_back(parallel_layout(64).pairs[2 * p + 1]);
+  }
+  for (int64_t r = 1; r < parallel_layout(64).L() + 1; ++r) butterfly_parallel.off.push_back(192 + parallel_layout(64).off[r]);
+  for (auto [lay, want] : {std::pair{butterfly_layout(4), 1}, {butterfly_layout(64), 1}, {butterfly_layout(4096), 1},
+                           {butterfly_layout(100), 0}, {butterfly_layout(2), 0}, {parallel_layout(64), 0},
+                           {stacked(butterfly_layout(64), 2), 2}, {stacked(butterfly_layout(8), 3), 3}, {swapped, 0},
+                           {stack_swapped, 0}, {butterfly_parallel, 0}, {sequential_layout(8), 0},
+                           {custom_layout(64, rng), 0}}) {
+    const int got = butterfly_reps(lay.pairs.data(), lay.off.data(), lay.P(), lay.L(), lay.d);
+    if (got != want) {
+      std::fprintf(stderr, "FAIL butterfly_reps(%s d=%lld) = %d, want %d\n", lay.name.c_str(), (long long)lay.d, got,
+                   want);
       ++g_failures;
     }
   }
@@ -1637,6 +1662,11 @@ int main(int argc, char** argv) {
     stack_reg_cases<float>(rng);
     stack_reg_cases<__nv_bfloat16>(rng);
     stack_reg_cases<__half>(rng);
+  } else if (mode == "butterfly") {  // the butterfly forward's cases alone (for fast iteration)
+    butterfly_cases<float>(false, rng);
+    butterfly_cases<double>(false, rng);
+    butterfly_cases<__nv_bfloat16>(false, rng);
+    butterfly_cases<__half>(false, rng);
   } else {
     reduce_cases<float, false>(full, rng);
     reduce_cases<float, true>(full, rng);
@@ -1673,15 +1703,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "FAIL no forward ran on the butterfly kernel\n");
     ++g_failures;
   }
-  if (mode != "tiny" && mode != "stackreg" && g_pair == 0) {  // pair_cases and the reg cases must reach the paired reg backward
+  if (mode != "tiny" && mode != "stackreg" && mode != "butterfly" && g_pair == 0) {  // pair_cases and the reg cases must reach the paired reg backward
     std::fprintf(stderr, "FAIL no backward ran on the paired reg backward\n");
     ++g_failures;
   }
-  if (mode != "tiny" && mode != "stackreg" && g_top_saved == 0) {  // the segmented table / reg cases must reach the saved tops
+  if (mode != "tiny" && mode != "stackreg" && mode != "butterfly" && g_top_saved == 0) {  // the segmented table / reg cases must reach the saved tops
     std::fprintf(stderr, "FAIL no backward ran on the forward's saved segment tops\n");
     ++g_failures;
   }
-  if (mode != "reduce" && g_stack_reg == 0) {  // stack_reg_cases (and tiny's stack) must reach the reg stacked backward
+  if (mode != "reduce" && mode != "butterfly" && g_stack_reg == 0) {  // stack_reg_cases (and tiny's stack) must reach the reg stacked backward
     std::fprintf(stderr, "FAIL no backward ran on the reg stacked backward\n");
     ++g_failures;
   }
