@@ -60,17 +60,17 @@ def _make_fake_chain(name: str, params_name: str):
 
 
 def _make_fake_chain_with_tops(name: str, params_name: str):
-    op = f"qgoft::{name}"  # the forward's checks and messages
+    fake_forward = _make_fake_chain(name, params_name)  # the forward's checks, messages and output
 
     def _fake_chain_with_tops(x: Tensor, params: Tensor, pairs: Tensor, layer_offsets: Tensor,
                               scale: Tensor | None) -> tuple[Tensor, Tensor]:
-        check_chain_arguments(torch._check, op, x, params, params_name, pairs, layer_offsets, scale)
+        out = fake_forward(x, params, pairs, layer_offsets, scale)
         # The tops' column count is the backward's segment count where the device's forward keeps them, else 0
         # (the CPU, rows of one segment, other layouts): it depends on the device, the layout's values and the
         # CUDA switches, so it is a data-dependent size here.
         cols = torch.library.get_ctx().new_dynamic_size()
         tops = torch.empty((math.prod(x.shape[:-1]), cols), dtype=accumulation_dtype(x.dtype), device=x.device)
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device), tops
+        return out, tops
 
     return _fake_chain_with_tops
 
