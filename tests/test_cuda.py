@@ -506,9 +506,10 @@ def test_prefetch_backward_top_pass(gen, env, capfd, d, rows, segment, method, d
 def test_pair_backward(gen, env, capfd, d, rows, method, dtype, mask, g_kind, pair):
     """QGOFT_CUDA_BACKWARD=pair (docs/CUDA.md, "The paired reg backward"): the reg backward with two rows per thread
     in flight, where the planner takes it (pair=1 in the plan: 16-bit rows of 512-thread segments with parameter
-    gradients; elsewhere the reg kernel, pair=0), against the float64 reference and bitwise equal to the reg
-    kernel's results (same arithmetic, same row order), run twice (bitwise reproducible); the default (auto) takes it
-    where it applies without the scale's gradient."""
+    gradients; pair=2 under `pair` without the scale's gradient, its instantiations for that; elsewhere the reg
+    kernel, pair=0), against the float64 reference and bitwise equal to the reg kernel's results (same arithmetic, same row
+    order), run twice (bitwise reproducible); the default (auto) takes it (pair=1) where it applies without the
+    scale's gradient."""
     env(QGOFT_CUDA_VERBOSE=1, QGOFT_CUDA_VARIANT="reg")
     pairs, offsets = make_layout("parallel", d, gen)
     params, scale = make_params(method, pairs.shape[0], d, gen)
@@ -523,7 +524,7 @@ def test_pair_backward(gen, env, capfd, d, rows, method, dtype, mask, g_kind, pa
         got = k_backward(method, g, x, params, pairs, offsets, scale, mask)
         torch.cuda.synchronize()
         seen = [p for p in plans(capfd) if " backward " in p]
-        want_pair = {"single": 0, "pair": pair, "auto": auto_pair}[backward]
+        want_pair = {"single": 0, "pair": 2 if auto_pair else pair, "auto": auto_pair}[backward]
         assert len(seen) == 1 and f" pair={want_pair} " in seen[0], (backward, seen)
         if backward in grads:
             assert all(torch.equal(a, b) for a, b in zip(got, grads[backward])), "paired reg backward not reproducible"

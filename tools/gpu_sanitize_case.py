@@ -14,8 +14,10 @@ forward (QGOFT_CUDA_FORWARD=prefetch, the default, under table, forward
 and the full backward only: the knob changes no other backward kernel than the segmented rows' recomputing top
 pass) on enough rows that blocks own several row groups; the split reduction of the partial rows
 (QGOFT_CUDA_REDUCE=split, the default) with 2 to 64 lanes per item and d % 4 != 0; the paired reg backward
-(QGOFT_CUDA_BACKWARD=pair under reg: 16-bit rows of 512-thread segments, one segment and three, every mask: the
-adjoint runs the reg kernel) on rows that give blocks pairs of rows and a last single row; the backward of segmented
+(QGOFT_CUDA_BACKWARD=pair under reg: 16-bit rows of 512-thread segments, one segment and three, every mask,
+without the scale's gradient on its instantiations for that: the adjoint runs the reg kernel; under auto, the
+default, the instantiation for any masks on rows of one segment) on rows that give blocks pairs of rows and a last
+single row; the backward of segmented
 rows given the forward's segment tops (QGOFT_CUDA_TOPS=saved, the default, with the tops of `*_with_tops`: no top
 pass, warp 0 reads them; every mask, the paired reg backward too); general in shared
 memory and in global memory; forward, full backward and the three single-output masks; goft with a scale and qgoft without; float32, bfloat16,
@@ -83,7 +85,8 @@ def cases():
         ("butterfly*2", layouts.stack(layouts.butterfly(4096), 2), 11, fused, False),  # back to window 0 in between
     ]
     pair = [  # QGOFT_CUDA_BACKWARD=pair (reg): more rows than the persistent grid's blocks, odd counts
-        ("pair 512 threads", layouts.parallel(4096), 401, {}, False),
+        ("pair 512 threads", layouts.parallel(4096), 401, {}, False),  # pair=2 without the scale's gradient
+        ("pair 512 threads auto", layouts.parallel(4096), 401, {"QGOFT_CUDA_BACKWARD": "auto"}, False),  # pair=1
         ("pair segmented default", layouts.parallel(9000), 133, {}, False),
     ]
     tops = [  # QGOFT_CUDA_TOPS=saved (reg): the backward reads the forward's segment tops (run() passes them)
@@ -122,7 +125,7 @@ def cases():
     for dtype, quasi, with_scale in ((torch.bfloat16, False, True), (torch.float16, True, False)):
         for name, lay, rows, env, unaligned in pair:
             out.append((f"{name} [reg]", lay, rows, dtype, quasi, with_scale,
-                        {**env, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_BACKWARD": "pair"}, unaligned))
+                        {"QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_BACKWARD": "pair", **env}, unaligned))
     for dtype, quasi, with_scale, extra in ((torch.float32, False, True, {}), (torch.bfloat16, True, False, {}),
                                             (torch.bfloat16, False, True, {"QGOFT_CUDA_BACKWARD": "pair"})):
         for name, lay, rows, env, unaligned in tops if not extra else tops[:1]:

@@ -85,7 +85,9 @@ struct ParallelArgs {
   // QGOFT_CUDA_FORWARD=prefetch).
   int prefetch = 0;
   // 1 (backward, with reg == 1): the paired reg backward, parallel_backward_pair_kernel (chain_parallel_pair.cuh;
-  // QGOFT_CUDA_BACKWARD=pair): two rows per thread in flight; only where reg_pair_applies (chain_sizes.h).
+  // QGOFT_CUDA_BACKWARD=pair): two rows per thread in flight; only where reg_pair_applies (chain_sizes.h). 2: its
+  // instantiations without the scale's gradient (want_scale == 0; one for rows of one segment, one for segmented
+  // rows; QGOFT_CUDA_BACKWARD=pair only, until a GPU run times them).
   int pair = 0;
   // Stacked backward with parameter gradients: 1 = repetitions 0 .. reps-2 keep their tape in shared memory
   // from the first pass (no recomputation), 0 = only their inputs (recomputed); the planner picks 1 when it fits.

@@ -102,7 +102,11 @@ void Launchers<S>::parallel_top_forward(const ParallelArgs& a, const LaunchConfi
 template <class S>
 auto parallel_backward_for(bool vec, bool grads, const ParallelArgs& a) {
   if constexpr (sizeof(S) == 2) {  // the paired reg backward (reg_pair_applies: 16-bit activations only)
-    if (a.pair > 0) return parallel_backward_pair_kernel<S>;
+    if (a.pair == 2) {  // without the scale's gradient: rows of one segment, or segmented rows
+      return a.nseg == 1 ? parallel_backward_pair_kernel<S, false, false>
+                         : parallel_backward_pair_kernel<S, true, false>;
+    }
+    if (a.pair > 0) return parallel_backward_pair_kernel<S, true, true>;
   }
   const int reg = a.reg > 0 ? (reg_fixed_width(a) ? 2 : 1) : 0;
   return Kernels<S>::parallel_backward(vec, grads, a.table > 0, reg);

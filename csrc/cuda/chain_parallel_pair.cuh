@@ -23,9 +23,44 @@
 // row order (row g before g + gridDim.x, as the reg kernel's loop takes them): bitwise the reg kernel's results.
 #pragma once
 
+#include <bit>
+
 #include "chain_parallel_reg.cuh"
 
 namespace qgoft::cuda::detail {
+
+// a, as the instantiation knows it: without kSegmented its rows have one segment (nseg a constant 1), without
+// kScaleGrad no scale gradient is wanted (want_scale a constant false); the launcher picks the instantiation
+// (ParallelArgs::pair, parallel_backward_for in chain_launch.cuh).
+template <bool kSegmented, bool kScaleGrad>
+__device__ __forceinline__ ParallelArgs specialized(ParallelArgs a) {
+  if constexpr (!kSegmented) a.nseg = 1;
+  if constexpr (!kScaleGrad) a.want_scale = false;
+  return a;
+}
+
+// The chunk's 8 values from its words as loaded: bf16 element 2k in the high half of a float from word k shifted up,
+// element 2k + 1 from word k masked (one instruction each, the bits __bfloat162float gives; through Elem16's 16-bit
+// value the high half takes two); float16 through Elem16. Here only: the same change in Elem16 gave other kernels
+// spills (docs/CUDA.md, "The paired reg backward without the scale's gradient").
+template <class S>
+__device__ __forceinline__ void unpack_words(const RawChunk<S, true>& c, float (&v)[kChunk]) {
+  if constexpr (std::is_same_v<S, __nv_bfloat16>) {
+    const unsigned w[4] = {c.w.x, c.w.y, c.w.z, c.w.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+#ifdef QGOFT_CUDA_HOST_SIM
+      v[2 * k] = std::bit_cast<float>(w[k] << 16);
+      v[2 * k + 1] = std::bit_cast<float>(w[k] & 0xffff0000u);
+#else
+      v[2 * k] = __uint_as_float(w[k] << 16);
+      v[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+#endif
+    }
+  } else {
+    c.unpack(v);
+  }
+}
 
 // c with its words opaque to the compiler (16-bit rows: one uint4), so that unpacking it again is computed anew
 // instead of the first unpack's values being kept alive in registers (common subexpressions) in between.
@@ -38,16 +73,21 @@ __device__ __forceinline__ RawChunk<S, true> unpack_anew(RawChunk<S, true> c) {
   return c;
 }
 
-template <class S>
+// Instantiations (ParallelArgs::pair): <S, true, true> for any rows and masks the paired kernel takes (pair == 1);
+// without the scale's gradient (pair == 2, the masks `auto` pairs) <S, true, false> for segmented rows and
+// <S, false, false> for rows of one segment (2049 .. 4096 elements): no scale sums, no top layers or segment-start
+// conditions in their row loops (bf16: 801 / 851 SASS instructions per pair of rows against 944; docs/CUDA.md, "The
+// paired reg backward without the scale's gradient").
+template <class S, bool kSegmented, bool kScaleGrad>
 __global__ void __launch_bounds__(512) parallel_backward_pair_kernel(const ParallelArgs args) {
   using A = typename Elem<S>::A;
   static_assert(sizeof(S) == 2, "the paired reg backward: 16-bit activations (reg_pair_applies)");
   constexpr int N = kPairRows;
   // `a` (segment shape as constants) for the per-row layer work; `args` for the table fill, top layers, write-out
-  const ParallelArgs a = with_fixed_width<kRegLogT>(args);
+  const ParallelArgs a = specialized<kSegmented, kScaleGrad>(with_fixed_width<kRegLogT>(args));
   QGOFT_DYNAMIC_SMEM(A, sm);
   const Lanes ln(a);
-  const bool segmented = a.nseg > 1;
+  const bool segmented = kSegmented && a.nseg > 1;
   const int d = static_cast<int>(a.d);
   const int width = 4 * static_cast<int>(a.num_pairs) + d;
   const ParallelBackwardSmem layout(1, a.T, a.nseg, width, true, a.table, true, true, N);
@@ -134,7 +174,7 @@ __global__ void __launch_bounds__(512) parallel_backward_pair_kernel(const Paral
     A v[N][kChunk];
     Tape<A> tp[N];
 #pragma unroll
-    for (int r = 0; r < N; ++r) xr[r].unpack(v[r]);
+    for (int r = 0; r < N; ++r) unpack_words(xr[r], v[r]);
     in_thread_forward_rows<true, true>(a, ln, op.blocks, v, tp, &live);
     // the scale sums of elements 1-7 (final after the in-thread layers), rows in order; all 8 read and written
     // back (16-byte accesses; element 0 unchanged here)
@@ -146,7 +186,7 @@ __global__ void __launch_bounds__(512) parallel_backward_pair_kernel(const Paral
 #pragma unroll
       for (int r = 0; r < N; ++r) {
         A gv[kChunk];
-        unpack_anew(gr[r]).unpack(gv);
+        unpack_words(unpack_anew(gr[r]), gv);
         g_start[r] = gv[0];
 #pragma unroll
         for (int e = 1; e < kChunk; ++e) {
@@ -230,13 +270,13 @@ __global__ void __launch_bounds__(512) parallel_backward_pair_kernel(const Paral
     A gv[N][kChunk];
 #pragma unroll
     for (int r = 0; r < N; ++r) {
-      unpack_anew(gr[r]).unpack(gv[r]);
+      unpack_words(unpack_anew(gr[r]), gv[r]);
       if (op.scale != nullptr) {
 #pragma unroll
         for (int e = 1; e < kChunk; ++e) gv[r][e] *= op.scl[(ln.t << kLogChunk) + e];
       }
       gv[r][0] = g0[r];
-      unpack_anew(xr[r]).unpack(tp[r].x[0]);
+      unpack_words(unpack_anew(xr[r]), tp[r].x[0]);
     }
     load_pair(g + N * grid);
     in_thread_backward_rows<true, true>(a, ln, op.blocks, d, gv, tp, [&](int r, int k, A ui, A uj, A gi, A gj) {

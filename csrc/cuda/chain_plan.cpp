@@ -435,7 +435,9 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     if ((table || stack_reg) && fits(kChunk * s.T, a.stack_tape)) {
       a.table = kChunk * s.T;
       a.reg = reg || stack_reg ? 1 : 0;
-      a.pair = reg && reg_rows > 1 ? 1 : 0;
+      // 2: the paired kernel's instantiations without the scale's gradient, under QGOFT_CUDA_BACKWARD=pair only (not
+      // yet timed on a GPU; docs/CUDA.md, "The paired reg backward without the scale's gradient")
+      a.pair = reg && reg_rows > 1 ? (reg_kernel == RegBackward::Pair && !want_scale ? 2 : 1) : 0;
     }
     if (grads && s.nseg > 1) plan.top_cols = s.nseg;
     const bool saved_tops =

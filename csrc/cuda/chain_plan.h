@@ -38,8 +38,9 @@ enum class ReduceKind { FromEnv, Split, Serial };
 // The reg variant's backward kernel for the single parallel layout where it applies (16-bit activations, 16-byte
 // rows, parameter gradients, rows of 2049 .. 4096 elements or segmented: reg_pair_applies): Single is
 // parallel_backward_reg_kernel (one row per thread at a time); Pair is parallel_backward_pair_kernel (two rows per
-// thread in flight; docs/CUDA.md, "The paired reg backward"); Auto is Pair without the scale's gradient, else
-// Single (on an H100 the paired kernel was 8-9 % faster for goft and qgoft and 7 % slower with the scale's
+// thread in flight; docs/CUDA.md, "The paired reg backward"; without the scale's gradient Pair, not Auto, runs its
+// instantiations for that, ParallelArgs::pair == 2, until a GPU run times them); Auto is Pair without the scale's
+// gradient, else Single (on an H100 the paired kernel was 8-9 % faster for goft and qgoft and 7 % slower with the scale's
 // gradient, bench/RESULTS.md). FromEnv: QGOFT_CUDA_BACKWARD=auto|single|pair (default auto), read by the planner.
 enum class RegBackward { FromEnv, Auto, Single, Pair };
 // The segment starts' local results a backward of segmented rows with parameter gradients needs (docs/CUDA.md,

@@ -245,6 +245,7 @@ int g_cases = 0;
 int g_failed_cases = 0;
 int g_top_prefetch = 0;  // backward runs whose top pass ran the prefetching forward
 int g_pair = 0;          // backward runs on the paired reg backward
+int g_pair_one = 0;      // of them, on its instantiations without the scale's gradient (ParallelArgs::pair == 2)
 int g_top_saved = 0;     // backward runs on the forward's saved segment tops (no top pass)
 int g_stack_reg = 0;     // backward runs on the reg stacked backward
 int g_butterfly = 0;     // forward runs on the butterfly kernel
@@ -302,7 +303,13 @@ template <class S, bool kVec, bool kGrads, bool kTable>
 void parallel_backward_instance(const ParallelArgs& a) {
   if constexpr (sizeof(S) == 2 && kVec && kGrads) {  // the paired reg backward (reg_pair_applies)
     if (a.pair > 0) {
-      detail::parallel_backward_pair_kernel<S>(a);
+      if (a.pair == 2 && a.nseg == 1) {  // as parallel_backward_for (chain_launch.cuh)
+        detail::parallel_backward_pair_kernel<S, false, false>(a);
+      } else if (a.pair == 2) {
+        detail::parallel_backward_pair_kernel<S, true, false>(a);
+      } else {
+        detail::parallel_backward_pair_kernel<S, true, true>(a);
+      }
       return;
     }
   }
@@ -519,6 +526,7 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
     BackwardPlan plan = plan_backward(p, lim, o.knobs, blocks_per_sm<2>);
     if (plan.top_pass && plan.top_prefetch) ++g_top_prefetch;
     if (plan.pa.pair > 0) ++g_pair;
+    if (plan.pa.pair == 2) ++g_pair_one;
     if (plan.pa.reps > 1 && plan.pa.reg > 0) ++g_stack_reg;
     const std::string btag = tag + " | bwd " + plan.describe;
     // the plan takes the given tops exactly where it needs that many (no top pass then), and the forward keeps
@@ -639,14 +647,16 @@ Problem backward_problem(const Layout& lay, const Options& o) {
   return p;
 }
 
-// Whether a case's backward runs the paired reg backward under QGOFT_CUDA_BACKWARD=pair, as planned.
+// The paired reg backward a case's backward runs under QGOFT_CUDA_BACKWARD=`backward` (ParallelArgs::pair: 0 none, 1
+// its instantiation for any masks, 2 those without the scale's gradient), as planned; 0 for a case not run with the
+// knob single.
 template <class S>
-bool pair_applies(const Layout& lay, const Options& o) {
-  if (!o.backward || o.knobs.variant != Variant::Reg || o.knobs.backward != RegBackward::Single) return false;
+int pair_planned(const Layout& lay, const Options& o, RegBackward backward = RegBackward::Pair) {
+  if (!o.backward || o.knobs.variant != Variant::Reg || o.knobs.backward != RegBackward::Single) return 0;
   const Problem p = backward_problem<S>(lay, o);
   Knobs k = o.knobs;
-  k.backward = RegBackward::Pair;
-  return plan_backward(p, sim_limits(), k, blocks_per_sm<2>).pa.pair > 0;
+  k.backward = backward;
+  return plan_backward(p, sim_limits(), k, blocks_per_sm<2>).pa.pair;
 }
 
 // Whether a case's backward runs the reg stacked backward (a stack under reg where stack_reg_applies and its shared
@@ -671,8 +681,9 @@ bool butterfly_fused(const Layout& lay, const Options& o) {
 // inputs through the table variant too, whose backward must give bitwise the same results (the reg kernel
 // does the table kernel's arithmetic in the same order). prefetch_too: the same inputs' forward, and the
 // backward where it has a top pass, through the prefetching forward too, whose results must be bitwise the
-// plain forward's (same arithmetic, same order). pair_applies: the same inputs through the paired reg backward
-// (QGOFT_CUDA_BACKWARD=pair), whose results must be bitwise the reg kernel's (same arithmetic, same row order).
+// plain forward's (same arithmetic, same order). pair_planned: the same inputs through the paired reg backward
+// (QGOFT_CUDA_BACKWARD=pair; without the scale's gradient also under auto, the other instantiation),
+// whose results must be bitwise the reg kernel's (same arithmetic, same row order).
 // stack_reg_runs: the same inputs through the base variant (the stacked kernel of chain_stack.cuh, which reg ran
 // before), whose results must be bitwise the reg stacked backward's (same products, same rows per block, same order).
 // butterfly_fused: the same inputs on the general kernels too (QGOFT_CUDA_XOR=general), whose results must be
@@ -700,10 +711,15 @@ void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng,
     b.knobs.variant = Variant::Base;
     same_as(b, false, "reg stacked backward not bitwise equal to the stacked kernel's");
   }
-  if (pair_applies<S>(lay, o)) {
+  if (const int pair = pair_planned<S>(lay, o); pair > 0) {
     Options q = o;
     q.knobs.backward = RegBackward::Pair;
     same_as(q, false, "paired reg backward not bitwise equal to the reg kernel's");
+    // without the scale's gradient: also the instantiation for any masks, which the default (auto) runs
+    if (pair == 2 && pair_planned<S>(lay, o, RegBackward::Auto) == 1) {
+      q.knobs.backward = RegBackward::Auto;
+      same_as(q, false, "paired reg backward (any masks' instantiation) not bitwise equal to the reg kernel's");
+    }
   }
   if (prefetch_too(lay, o)) {
     Options f = o;
@@ -986,13 +1002,16 @@ void many_slot_cases(std::mt19937_64& rng) {
 }
 
 // The paired reg backward over blocks that own several pairs of rows, the last pair with one row past the block's
-// rows (its second row invalid) or whole: rows of 4096 (13 and 14 rows over the emulated 6 blocks) and segmented rows
-// of 4104 (9 and 8 rows over 3 blocks per segment column), goft, goft_scaled and qgoft, every mask; each also
-// through the reg kernel, bitwise equal (run_case_counted). Other dtypes: the planner keeps the reg kernel.
+// rows (its second row invalid) or whole: rows of one segment, 4096 (13 and 14 rows over the emulated 6 blocks) and
+// 3000 (11 rows; the segment partly past the row), and segmented rows of 4104 (9 and 8 rows over 3 blocks per
+// segment column), goft, goft_scaled and qgoft, every mask (without the scale's gradient through both
+// instantiations: pair and auto); each also through the reg kernel, bitwise equal (run_case_counted). Other dtypes:
+// the planner keeps the reg kernel.
 template <class S>
 void pair_cases(std::mt19937_64& rng) {
   for (auto [d, rows, quasi, scale] : {std::tuple<int64_t, int64_t, bool, bool>{4096, 13, true, true},
-                                      {4096, 14, false, false}, {4104, 9, false, true}, {4104, 8, true, false}}) {
+                                      {4096, 14, false, false}, {3000, 11, true, false}, {4104, 9, false, true},
+                                      {4104, 8, true, false}}) {
     Options o;
     o.knobs.variant = Variant::Reg;
     o.rows = rows;
@@ -1207,7 +1226,8 @@ void check_reduce_plans() {
 // variant's backward of the single parallel layout with 16-bit activations, 16-byte rows and parameter gradients, in
 // 512-thread segments (d = 4096, and 11008 in 3 segment columns), with the reg kernel's grid (one block per SM and
 // column) and 16.5 KiB more shared memory (the second row's exchange words, the scale sums); under the default knob
-// (auto) only without the scale's gradient; not with the knob single,
+// (auto) only without the scale's gradient, under pair without it through its instantiations for that (pair=2);
+// not with the knob single,
 // not for float32 or float64, not for the adjoint (dx only), unaligned rows, rows of 2048, the table variant or
 // stacks.
 void check_pair_plans() {
@@ -1224,9 +1244,16 @@ void check_pair_plans() {
   };
   constexpr Variant kReg = Variant::Reg;
   constexpr RegBackward kPair = RegBackward::Pair;
+  // pair: with the scale's gradient the instantiation for any masks (pair=1), without it those without (pair=2),
+  // rows of one segment (2049 .. 4096 elements) or segmented; auto: pair=1 (without the scale's gradient only)
   for (const Want& w : {Want{DType::BFloat16, 4096, 4096, 1, true, kReg, kPair, 1},
                         Want{DType::Float16, 4096, 4096, 1, true, kReg, kPair, 1},
                         Want{DType::BFloat16, 11008, 11008, 1, true, kReg, kPair, 1},
+                        Want{DType::BFloat16, 4096, 4096, 1, true, kReg, kPair, 2, false},
+                        Want{DType::Float16, 4096, 4096, 1, true, kReg, kPair, 2, false},
+                        Want{DType::BFloat16, 3000, 3000, 1, true, kReg, kPair, 2, false},
+                        Want{DType::BFloat16, 11008, 11008, 1, true, kReg, kPair, 2, false},
+                        Want{DType::Float16, 8192, 8192, 1, true, kReg, kPair, 2, false},
                         Want{DType::BFloat16, 4096, 4096, 1, true, kReg, RegBackward::Single, 0},
                         Want{DType::Float32, 4096, 4096, 1, true, kReg, kPair, 0},
                         Want{DType::Float64, 4096, 4096, 1, true, kReg, kPair, 0},
@@ -1590,7 +1617,8 @@ void check_backward_occupancy_args() {
                         Want{Variant::Table, RegBackward::Single, false, 132, 0},
                         Want{Variant::Base, RegBackward::Single, false, 8192, 0},  // no table: one block per row
                         Want{Variant::Reg, RegBackward::Single, true, 132, 0},
-                        Want{Variant::Reg, RegBackward::Pair, true, 132, 1}}) {
+                        Want{Variant::Reg, RegBackward::Pair, true, 132, 2},
+                        Want{Variant::Reg, RegBackward::Auto, true, 132, 1}}) {
     Problem p = make_problem(DType::BFloat16, parallel_layout(4096), 8192);
     p.x_ld = p.grad_ld = 4096;
     p.want_blocks = w.grads;
@@ -1703,8 +1731,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "FAIL no forward ran on the butterfly kernel\n");
     ++g_failures;
   }
-  if (mode != "tiny" && mode != "stackreg" && mode != "butterfly" && g_pair == 0) {  // pair_cases and the reg cases must reach the paired reg backward
-    std::fprintf(stderr, "FAIL no backward ran on the paired reg backward\n");
+  if (mode != "tiny" && mode != "stackreg" && mode != "butterfly" && (g_pair == 0 || g_pair_one == 0)) {  // pair_cases and the reg cases must reach the paired reg backward with and without the scale's gradient
+    std::fprintf(stderr, "FAIL no backward ran on (an instantiation of) the paired reg backward\n");
     ++g_failures;
   }
   if (mode != "tiny" && mode != "stackreg" && mode != "butterfly" && g_top_saved == 0) {  // the segmented table / reg cases must reach the saved tops
@@ -1716,9 +1744,9 @@ int main(int argc, char** argv) {
     ++g_failures;
   }
   std::printf("cuda host emulation: %d cases, %d failed checks, %d backward top passes on the prefetching forward, "
-              "%d backward runs on the paired reg backward, %d on the forward's saved segment tops, %d on the reg "
-              "stacked backward, %d forward runs on the butterfly kernel\n", g_cases, g_failures, g_top_prefetch, g_pair,
-              g_top_saved, g_stack_reg, g_butterfly);
+              "%d backward runs on the paired reg backward (%d without the scale's gradient), %d on the "
+              "forward's saved segment tops, %d on the reg stacked backward, %d forward runs on the butterfly kernel\n",
+              g_cases, g_failures, g_top_prefetch, g_pair, g_pair_one, g_top_saved, g_stack_reg, g_butterfly);
   std::printf("cuda_emulation: %d passed, %d failed\n", g_cases - g_failed_cases, g_failed_cases);
   return g_failures == 0 ? 0 : 1;
 }
