@@ -40,12 +40,14 @@ inline void launch(K* kernel, const LaunchConfig& c, cudaStream_t stream, const 
 // ParallelArgs::prefetch).
 template <class S>
 struct Kernels {
+  // rep_loop: forward_rep_loop (the table variant always has it)
   template <bool kVec>
-  static auto parallel_forward(bool table) {
-    return table ? parallel_forward_kernel<S, kVec, true> : parallel_forward_kernel<S, kVec, false>;
+  static auto parallel_forward(bool table, bool rep_loop) {
+    if (table) return parallel_forward_kernel<S, kVec, true, true>;
+    return rep_loop ? parallel_forward_kernel<S, kVec, false, true> : parallel_forward_kernel<S, kVec, false, false>;
   }
-  static auto parallel_forward(bool vec, bool table) {
-    return vec ? parallel_forward<true>(table) : parallel_forward<false>(table);
+  static auto parallel_forward(bool vec, bool table, bool rep_loop) {
+    return vec ? parallel_forward<true>(table, rep_loop) : parallel_forward<false>(table, rep_loop);
   }
   // the prefetching forward (ParallelArgs::prefetch): its instantiation for T = 2^kRegLogT, or for any shape
   static auto parallel_forward_prefetch(bool fixed_width) {
@@ -91,7 +93,7 @@ void Launchers<S>::parallel_forward(bool vec, const ParallelArgs& a, const Launc
     launch(Kernels<S>::parallel_forward_prefetch(reg_fixed_width(a)), c, s, a);
     return;
   }
-  launch(Kernels<S>::parallel_forward(vec, a.table > 0), c, s, a);
+  launch(Kernels<S>::parallel_forward(vec, a.table > 0, forward_rep_loop(a)), c, s, a);
 }
 template <class S>
 void Launchers<S>::parallel_top_forward(const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s) {

@@ -569,13 +569,20 @@ __device__ __forceinline__ void finish_forward_row(const ParallelArgs& a, const 
   }
 }
 
+// Whether the forward of `a` runs parallel_forward_kernel's instantiation with the repetition loop (kRepLoop): a
+// stack (reps > 1), and the table variant for any reps; the `base` forward of a single layout runs it without
+// the loop (the loop cost its row ~45 SASS instructions against the sources before the restructure; the table
+// variant's row was not shorter without it). The launchers' and the emulation's one rule.
+QGOFT_HOST_DEVICE inline bool forward_rep_loop(const ParallelArgs& a) { return a.reps > 1 || a.table > 0; }
+
 // Forward: y = scale * chain(x) on row segments (blockIdx.y = segment), the layout's repetitions (a.reps;
-// > 1 only with whole rows, nseg == 1) in order over the registers. Segmented rows also write the local
-// result of every segment start to `top` (parallel_top_forward_kernel finishes them).
+// > 1 only with whole rows, nseg == 1) in order over the registers (kRepLoop; without it a.reps == 1:
+// forward_rep_loop). Segmented rows also write the local result of every segment start to `top`
+// (parallel_top_forward_kernel finishes them).
 // kTable: the block's segment of the block table (of every repetition) is copied to shared memory first
 // (after xch); its segments have at most 4096 elements (512 threads), three blocks per SM (float64: its
 // 128 KiB table allows one; stacks: their tables allow fewer).
-template <class S, bool kVec, bool kTable>
+template <class S, bool kVec, bool kTable, bool kRepLoop>
 __global__ void __launch_bounds__(kTable ? 512 : 1024, kTable && sizeof(S) < 8 ? 3 : 1) parallel_forward_kernel(const ParallelArgs a) {
   using A = typename Elem<S>::A;
   QGOFT_DYNAMIC_SMEM(A, xch);
@@ -590,7 +597,11 @@ __global__ void __launch_bounds__(kTable ? 512 : 1024, kTable && sizeof(S) < 8 ?
     A v[kChunk];
     load_chunk<S, kVec>(x + row * a.x_ld, ln.base, d, valid, v);
     Tape<A> tp;
-    for (int j = 0; j < a.reps; ++j) parallel_forward_local<A, false, kTable>(a, ln, blocks.rep(j), v, xch, tp);
+    if constexpr (kRepLoop) {
+      for (int j = 0; j < a.reps; ++j) parallel_forward_local<A, false, kTable>(a, ln, blocks.rep(j), v, xch, tp);
+    } else {
+      parallel_forward_local<A, false, kTable>(a, ln, blocks.rep(0), v, xch, tp);
+    }
     finish_forward_row<S, kVec>(a, ln, row, valid, v);
   }
 }

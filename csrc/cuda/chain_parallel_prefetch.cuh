@@ -13,7 +13,7 @@
 //    (kLogT = kRegLogT: rows of 2049 .. 4096 elements and every segmented row, the benchmark shapes) and for
 //    any shape (kLogT = 0).
 // Same rows, blocks, products (dot2: rounded as the table forward's expressions) and order as
-// parallel_forward_kernel<S, true, true>: bitwise equal results (the host emulation requires it).
+// parallel_forward_kernel<S, true, true, true>: bitwise equal results (the host emulation requires it).
 #pragma once
 
 #include "chain_parallel_reg.cuh"

@@ -297,7 +297,13 @@ Problem make_problem(DType dtype, const Layout& lay, int64_t rows) {
 // The parallel (a.reps > 1: stacked) kernels' instantiation for a plan's switches, run over the plan's grid.
 template <class S, bool kVec, bool kTable>
 void parallel_forward_instance(const ParallelArgs& a) {
-  detail::parallel_forward_kernel<S, kVec, kTable>(a);  // a.reps > 1: a stack, in the same kernel
+  // a.reps > 1: a stack, in the same kernel with its repetition loop (forward_rep_loop, as the launcher)
+  if constexpr (kTable) {
+    detail::parallel_forward_kernel<S, kVec, true, true>(a);
+  } else {
+    if (detail::forward_rep_loop(a)) detail::parallel_forward_kernel<S, kVec, false, true>(a);
+    else detail::parallel_forward_kernel<S, kVec, false, false>(a);
+  }
 }
 template <class S, bool kVec, bool kGrads, bool kTable>
 void parallel_backward_instance(const ParallelArgs& a) {
