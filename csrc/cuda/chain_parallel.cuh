@@ -634,9 +634,12 @@ __global__ void __launch_bounds__(32 * kTopRowsPerBlock) parallel_top_forward_ke
 // q): recomputes the segment starts' values from the forward kernel's `top` results (kGrads), adds the
 // scale gradient of the segment starts and back-propagates their gradients; returns segment `sigma`'s
 // gradient (in every lane). Only blocks of segment 0 accumulate the top pairs' gradients (tacc).
-template <class S, bool kGrads>
+// kStartLoaded: the caller loaded lane q's segment start gradient (grad at q << log2 S, lanes q < nseg of valid
+// rows) into `start`; otherwise it is loaded here.
+template <class S, bool kGrads, bool kStartLoaded = false>
 __device__ __forceinline__ typename Elem<S>::A top_backward(const ParallelArgs& a, int64_t row, bool valid,
-                                                            int sigma, typename Elem<S>::A* tacc) {
+                                                            int sigma, typename Elem<S>::A* tacc,
+                                                            typename Elem<S>::A start = {}) {
   using A = typename Elem<S>::A;
   const A* blocks = static_cast<const A*>(a.blocks);
   const A* scale = static_cast<const A*>(a.scale);
@@ -651,7 +654,12 @@ __device__ __forceinline__ typename Elem<S>::A top_backward(const ParallelArgs& 
                             qv ? static_cast<const A*>(a.top)[row * a.nseg + q] : A(0), tt);
   }
   const int c = q << (a.logT + kLogChunk);
-  A gq = qv ? Elem<S>::to(grad[row * a.grad_ld + c]) : A(0);
+  A gq;
+  if constexpr (kStartLoaded) {
+    gq = qv ? start : A(0);
+  } else {
+    gq = qv ? Elem<S>::to(grad[row * a.grad_ld + c]) : A(0);
+  }
   if (kGrads && a.want_scale && sigma == 0 && qv) tacc[4 * (kMaxTopLanes - 1) + q] += gq * u;
   if (scale != nullptr && qv) gq *= __ldg(scale + c);
   if (kGrads && a.want_blocks && sigma == 0) lv.acc = 0;
@@ -871,6 +879,11 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
   S* gx = static_cast<S*>(a.out);
   const bool acc_blocks = kGrads && a.want_blocks;
   const bool acc_scale = kGrads && a.want_scale;
+  // The `base` adjoint loads warp 0's segment start gradients (segmented rows) beside the row's chunk instead of in
+  // top_backward: there warp 0 issued that load only after waiting for the chunk, two memory latencies one after
+  // the other on every block's way to the cross-warp barrier. (The table variant keeps them in top_backward: at its
+  // 64-register cap its bf16 row spilled with them here, 4 bytes, span 425 -> 449 SASS instructions.)
+  constexpr bool kAdjointStarts = !kGrads && !kTable;
 
   A acc_in[kChunk - 1][4];  // in-thread pairs: layer 1 -> 0..3, layer 2 -> 4..5, layer 3 -> 6
   A acc_s[kChunk];
@@ -888,6 +901,7 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
     const int64_t row = g * R + ln.slot;
     const bool valid = row < a.rows;
     A gv[kChunk];
+    A start = A(0);
     Tape<A> tp;
     if constexpr (kGrads) {  // recompute the forward, recording the tape
       // The block's next row is asked for in L2 (x and grad) and grad is loaded after the forward: at the register
@@ -911,12 +925,17 @@ __global__ void __launch_bounds__(512) parallel_backward_kernel(const ParallelAr
         }
       }
     } else {
+      if constexpr (kAdjointStarts) {  // warp 0's segment start gradients beside the chunk (kAdjointStarts)
+        if (ln.tid < a.nseg && segmented && valid) {
+          start = Elem<S>::to(grad[row * a.grad_ld + (ln.tid << (a.logT + kLogChunk))]);
+        }
+      }
       load_chunk<S, kVec>(grad + row * a.grad_ld, ln.base, d, valid, gv);
     }
     scale_chunk(static_cast<const A*>(a.scale), ln.base, d, gv);
 
     if (segmented && ln.tid < 32) {
-      const A mine = top_backward<S, kGrads>(a, row, valid, ln.sigma, tacc);
+      const A mine = top_backward<S, kGrads, kAdjointStarts>(a, row, valid, ln.sigma, tacc, start);
       if (ln.tid == 0) gv[0] = mine;
     }
     parallel_backward_local<kGrads, A, kTable>(a, ln, blocks, g, valid, acc_blocks, gv, tp, xch, cacc, &acc_in[0][0], 4, 1,
