@@ -304,8 +304,7 @@ def layout_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Li
                 clock: Clock, xor_paths: Sequence[str] = ("general", "fused"), butterfly: bool = True) -> List[dict]:
     """Target 3: butterfly and stack=2 (parallel) against the single parallel layout (goft, dx + dθ); the
     stack and the butterfly each on every one of `xor_paths` (QGOFT_CUDA_XOR=general|fused: the general kernels, the
-    fused XOR path: the stack's kernels, the butterfly's forward kernel, its backward being the general kernels' either
-    way) side by side (docs/CUDA.md, "XOR layouts"); a layout's general row is the baseline of its fused one where
+    fused XOR path: the stack's kernels, the butterfly's forward and backward kernels) side by side (docs/CUDA.md, "XOR layouts"); a layout's general row is the baseline of its fused one where
     both are timed. Under reg the fused
     stack's backward is the reg stacked backward, under base the stacked kernel it replaced (docs/CUDA.md, "The
     `reg` stacked backward"): variants base,reg put them side by side, each against its own single layout.

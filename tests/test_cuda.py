@@ -410,7 +410,9 @@ def test_butterfly_forward(gen, env, capfd, kind, d, shape, method, dtype, x_kin
     run_and_check(method, kind, d, dtype, gen, shape=shape, x_kind=x_kind, layout=layout)
     fused = d <= 4096
     seen = plans(capfd)
-    assert seen and all(("path=butterfly " in p) == (fused and " forward " in p) for p in seen), seen
+    # the forward on the butterfly kernel; the backward too for a single butterfly (test_butterfly_backward)
+    on_kernel = lambda p: fused and (" forward " in p or kind == "butterfly")  # noqa: E731
+    assert seen and all(("path=butterfly " in p) == on_kernel(p) for p in seen), seen
     pairs, offsets = layout
     params, scale = make_params(method, pairs.shape[0], d, gen, dtype=F64 if dtype == F64 else F32)
     x = make_tensor(shape, d, x_kind, gen, dtype)
@@ -424,6 +426,48 @@ def test_butterfly_forward(gen, env, capfd, kind, d, shape, method, dtype, x_kin
             assert torch.equal(out, runs[xor]), "the butterfly forward is not reproducible"
         runs[xor] = out
     check_close(runs["fused"], runs["general"], dtype, f"{method} {kind} d={d} {dtype}: fused vs general forward")
+
+
+@pytest.mark.parametrize("d,shape,method,dtype,x_kind", [
+    (4096, (1003,), "goft", BF16, "contiguous"),       # 512 threads, 4 rows each: 251 groups over 132 blocks, last partial
+    (4096, (3, 37), "qgoft_scaled", F32, "contiguous"),
+    (4096, (21,), "goft_scaled", F16, "row_slice"),     # scalar loads of x (unaligned, strided rows)
+    (4096, (9,), "qgoft", F64, "contiguous"),           # 2 rows per thread
+    (2048, (300,), "qgoft", BF16, "row_slice"),         # a last round of 2 layers (log2 d = 11)
+    (512, (1001,), "goft_scaled", F32, "contiguous"),
+    (128, (5000,), "qgoft_scaled", BF16, "contiguous"),  # sub-blocks of 16 threads, 32 rows per group, a slot each
+    (8, (20_001,), "goft", F32, "contiguous"),           # one round, no buffer
+])
+def test_butterfly_backward(gen, env, capfd, d, shape, method, dtype, x_kind):
+    """QGOFT_CUDA_XOR=fused: the backward of layouts.butterfly(d) on the butterfly backward kernel (docs/CUDA.md, "The
+    butterfly backward on the register path"): against the float64 reference and the CPU kernels (run_and_check),
+    every output mask against the general kernels on the same inputs (QGOFT_CUDA_XOR=general), bitwise reproducible."""
+    env(QGOFT_CUDA_XOR="fused", QGOFT_CUDA_VERBOSE=1)
+    layout = make_layout("butterfly", d, gen)
+    run_and_check(method, "butterfly", d, dtype, gen, shape=shape, x_kind=x_kind, layout=layout)
+    seen = plans(capfd)
+    assert any(" backward path=butterfly " in p for p in seen), seen
+    pairs, offsets = layout
+    pd = F64 if dtype == F64 else F32
+    params, scale = make_params(method, pairs.shape[0], d, gen, dtype=pd)
+    x = make_tensor(shape, d, x_kind, gen, dtype)
+    g = make_tensor(shape, d, "contiguous", gen, dtype)
+    for mask in ((True, True, True), (True, False, False), (False, True, False), (False, False, True)):
+        runs = {}
+        for xor in ("fused", "general", "fused"):
+            env(QGOFT_CUDA_XOR=xor)
+            poison()
+            res = k_backward(method, g, x, params, pairs, offsets, scale, mask=mask)
+            torch.cuda.synchronize()
+            if xor in runs:
+                assert all(torch.equal(a, b) for a, b in zip(res, runs[xor])), f"mask {mask}: not reproducible"
+            runs[xor] = res
+        for name, a, b, dt in zip(("grad_x", "grad_params", "grad_scale"), runs["fused"], runs["general"],
+                                  (dtype, pd, pd)):
+            assert a.shape == b.shape, f"mask {mask} {name}: {tuple(a.shape)} vs {tuple(b.shape)}"
+            if a.numel():
+                check_close(a, b.double(), dt, f"{method} butterfly d={d} {dtype} mask {mask}: fused vs general {name}")
+    assert any(" backward path=butterfly " in p and " grads=0 " in p for p in plans(capfd))  # the adjoint
 
 
 @pytest.mark.parametrize("d,rows,segment,method,dtype", [

@@ -4,8 +4,9 @@
 
 Paths: parallel (rows sharing a block, one row of 512 threads, scalar loads of an unaligned input),
 segmented parallel (forward top kernel, backward recomputation and top layers in warp 0), stacked parallel
-(QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels; the butterfly forward: 512 threads,
-sub-blocks of 16 threads, scalar loads, every dtype, the full backward only), each in every kernel variant
+(QGOFT_CUDA_XOR=fused: stack(parallel(d), k) on the stacked register kernels; the butterfly forward and backward:
+512 threads, sub-blocks of 16 threads, scalar loads, every dtype, every mask; its stack's forward, the full backward
+only), each in every kernel variant
 (QGOFT_CUDA_VARIANT=base|table|reg; reg's 512-thread instantiation by "512 threads" and "segmented default";
 these with the plain forward, QGOFT_CUDA_FORWARD=plain; a stack under reg runs base's kernels but for the reg
 stacked backward, "stacked reg": stack(parallel(d), 2) with 16-byte rows of 2049-4096 elements, more rows than an
@@ -78,8 +79,10 @@ def cases():
         ("split reduction general", layouts.sequential(41), 300, {"QGOFT_CUDA_PATH": "global"}, False),
     ]
     fused = {"QGOFT_CUDA_XOR": "fused"}
-    butterfly = [  # the butterfly forward (QGOFT_CUDA_XOR=fused; its backward is the general kernels')
-        ("butterfly 512 threads", layouts.butterfly(4096), 19, fused, False),  # 3 row groups of 8, the last partial
+    butterfly = [  # the butterfly forward and backward (QGOFT_CUDA_XOR=fused; a stack's backward is the general kernels')
+        ("butterfly 512 threads", layouts.butterfly(4096), 19, fused, False),  # 3 row groups of 8, the last partial;
+        # backward: 5 groups of 4 (float64: 10 of 2), the last partial, over 132 blocks
+        ("butterfly 512 threads many groups", layouts.butterfly(4096), 1_001, fused, False),  # backward: blocks of 1-2 groups
         ("butterfly sub-blocks", layouts.butterfly(128), 100, fused, False),  # 8 sub-blocks of 16 threads, 2 groups
         ("butterfly scalar loads", layouts.butterfly(512), 5, fused, True),
         ("butterfly*2", layouts.stack(layouts.butterfly(4096), 2), 11, fused, False),  # back to window 0 in between
@@ -178,8 +181,9 @@ def run(lay, rows, dtype, quasi, with_scale, env, unaligned):
         else:
             y = fwd(x, params, pairs, offs, scale)
         # QGOFT_CUDA_FORWARD=prefetch selects the forward kernel and the backward's top pass (segmented rows with
-        # parameter gradients); the butterfly's XOR path changes its forward only: its cases run the full backward only
-        forward_only = env.get("QGOFT_CUDA_FORWARD") == "prefetch" or (lay.name.startswith("butterfly")
+        # parameter gradients); a stack of butterflies' XOR path changes its forward only: its cases run the full
+        # backward only (a single butterfly's backward runs the butterfly backward kernel: every mask)
+        forward_only = env.get("QGOFT_CUDA_FORWARD") == "prefetch" or (lay.name.startswith("butterfly*")
                                                                        and "QGOFT_CUDA_XOR" in env)
         masks = MASKS[:1] if forward_only else MASKS
         outs = [bwd(g, x, params, pairs, offs, scale, list(m), tops) for m in masks]

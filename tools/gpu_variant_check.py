@@ -2,8 +2,8 @@
 GPU (run by tools/gpu_check.sh before the variants are timed): forward, and backward with every output
 mask, goft with a scale and qgoft without, float32 and bfloat16, widths with rows sharing a block, one
 segment, several segments and odd d, aligned and unaligned rows, fresh random inputs each case. Then the
-fused XOR path (QGOFT_CUDA_XOR=fused, each variant) on stack(parallel(d), k) and on butterfly(d) (its forward kernel;
-the backward stays on the general kernels) against the general kernels (QGOFT_CUDA_XOR=general) and the reference.
+fused XOR path (QGOFT_CUDA_XOR=fused, each variant) on stack(parallel(d), k) and on butterfly(d) (its forward and
+backward kernels, every mask) against the general kernels (QGOFT_CUDA_XOR=general) and the reference.
 
     python tools/gpu_variant_check.py [--variants table]      # prints "variant check OK: N cases"
 
@@ -151,7 +151,7 @@ def main():
                               f"{dtype} {'qgoft' if quasi else 'goft'}: "
                               + "; ".join(f"{k} {e:.2e} > {t:.0e}" for k, (e, t) in bad.items()))
                         return 1
-    for d, rows in BUTTERFLIES:  # the butterfly forward (no variant: its kernel is the same under every one)
+    for d, rows in BUTTERFLIES:  # the butterfly forward and backward (no variant: its kernels are the same under every one)
         for dtype in (torch.float32, torch.bfloat16):
             for quasi in (False, True):
                 bad = case("base", d, rows, dtype, quasi, d == 512, gen, butterfly=True)

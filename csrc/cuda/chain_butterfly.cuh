@@ -1,6 +1,7 @@
 // The forward of layouts.butterfly(d), d = 2^n (layer r = 1 .. n pairs i with i XOR 2^(r-1), pairs of a layer in
 // ascending i), and of stack(butterfly(d), k), on the register path (docs/CUDA.md, "The butterfly forward on the register path"; planned by
-// plan_forward under QGOFT_CUDA_XOR=fused). Every row needs the whole block table (n d / 2 blocks: 384 KiB in float32
+// plan_forward under QGOFT_CUDA_XOR=fused); the butterfly's backward at the end (butterfly_backward_kernel, "The
+// butterfly backward on the register path"). Every row needs the whole block table (n d / 2 blocks: 384 KiB in float32
 // at d = 4096), so a thread works on kR rows at once and every block it loads serves all of them:
 //  * a sub-block of T = d / 8 threads holds kR rows (blocks of butterfly_threads(n) threads: Q = blockDim / T
 //    sub-blocks, each with its own rows); a persistent grid walks the row groups of Q kR rows;
@@ -43,13 +44,21 @@ __device__ __forceinline__ int butterfly_slot(int i) {
 // b d / 2 + (lower element without bit b), each block loaded once and applied to the kR rows. With base = lo +
 // hi 2^(w+3) (lo < 2^w), the lower element base + e 2^w without bit b is lo + hi 2^(w+2) + e' 2^w, e' being e
 // without bit kK: one index per layer, the pairs at constant offsets from it.
+// butterfly_first_pair: that index (the pair of value e = 0); butterfly_pair: pair e's (bit kK of e clear).
+__device__ __forceinline__ int butterfly_first_pair(int b, int base, int w, int d) {
+  return b * (d >> 1) + (base & ((1 << w) - 1)) + ((base >> (w + kLogChunk)) << (w + kLogChunk - 1));
+}
+template <int kK>
+__device__ __forceinline__ int butterfly_pair(int first, int e, int w) {
+  return first + ((((e >> (kK + 1)) << kK) | (e & ((1 << kK) - 1))) << w);
+}
 template <int kK, int kR, class A>
 __device__ __forceinline__ void butterfly_layer(const A* blocks, int b, int base, int w, int d, A (&v)[kR][kChunk]) {
-  const int first = b * (d >> 1) + (base & ((1 << w) - 1)) + ((base >> (w + kLogChunk)) << (w + kLogChunk - 1));
+  const int first = butterfly_first_pair(b, base, w, d);
 #pragma unroll
   for (int e = 0; e < kChunk; ++e) {
     if (e & (1 << kK)) continue;
-    const int p = first + ((((e >> (kK + 1)) << kK) | (e & ((1 << kK) - 1))) << w);
+    const int p = butterfly_pair<kK>(first, e, w);
     A g0, g1, g2, g3;
     load_block(blocks, p, g0, g1, g2, g3);
 #pragma unroll
@@ -161,6 +170,241 @@ __global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_forward_ker
       S* y = out + (rows0 + r) * d;
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) y[ts + (e << top)] = Elem<S>::from(v[r][e]);
+    }
+  }
+}
+
+// at[0 .. 3] += s (first: = s), at 16-byte aligned in global memory (a partial row written by its owner thread only:
+// plain loads, not the read-only path).
+template <class A>
+__device__ __forceinline__ void add_sums(A* at, const A (&s)[4], bool first) {
+  QGOFT_CHECK_ALIGN16(at);
+  if constexpr (std::is_same_v<A, float>) {
+    float4* q = reinterpret_cast<float4*>(at);
+    float4 c = first ? make_float4(0.f, 0.f, 0.f, 0.f) : *q;
+    c.x += s[0];
+    c.y += s[1];
+    c.z += s[2];
+    c.w += s[3];
+    *q = c;
+  } else {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) at[c] = first ? s[c] : at[c] + s[c];
+  }
+}
+
+// The backward of the layer on index bit b = w + kK of window (base, w) (see butterfly_layer): for each of the thread's
+// 4 pairs, with kGrads the pair's sums u (x) g over the kR rows (row order; u: the layer's input, g: the gradient of
+// its output) added to its 4 entries of the partial row `sums` (set in the block's first group: `first`), then
+// g <- G g; the general backward's products in its order.
+template <int kK, int kR, bool kGrads, class A>
+__device__ __forceinline__ void butterfly_layer_backward(const A* blocks, int b, int base, int w, int d,
+                                                         const A (&u)[kR][kChunk], A (&g)[kR][kChunk], A* sums,
+                                                         bool first) {
+  const int first_pair = butterfly_first_pair(b, base, w, d);
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) {
+    if (e & (1 << kK)) continue;
+    constexpr int kBit = 1 << kK;
+    const int p = butterfly_pair<kK>(first_pair, e, w);
+    A g0, g1, g2, g3;
+    load_block(blocks, p, g0, g1, g2, g3);
+    if (kGrads && sums != nullptr) {
+      A s[4] = {A(0), A(0), A(0), A(0)};
+#pragma unroll
+      for (int r = 0; r < kR; ++r) accumulate_outer(s, u[r][e], u[r][e | kBit], g[r][e], g[r][e | kBit]);
+      add_sums(sums + 4 * static_cast<int64_t>(p), s, first);
+    }
+#pragma unroll
+    for (int r = 0; r < kR; ++r) rotate_values<true>(g0, g1, g2, g3, g[r][e], g[r][e | kBit]);
+  }
+}
+
+// The thread's values of window w from / into a sub-block's buffer ([kR][d], butterfly_slot positions).
+template <int kR, class A>
+__device__ __forceinline__ void butterfly_put(A* buf, int d, int t, int w, const A (&v)[kR][kChunk]) {
+  butterfly_slots(t, w, [&](int e, int s) {
+#pragma unroll
+    for (int r = 0; r < kR; ++r) buf[r * d + s] = v[r][e];
+  });
+}
+template <int kR, class A>
+__device__ __forceinline__ void butterfly_get(const A* buf, int d, int t, int w, A (&v)[kR][kChunk]) {
+  butterfly_slots(t, w, [&](int e, int s) {
+#pragma unroll
+    for (int r = 0; r < kR; ++r) v[r][e] = buf[r * d + s];
+  });
+}
+
+// The backward of layouts.butterfly(d), d = 2^n (docs/CUDA.md, "The butterfly backward on the register path"): the
+// forward's sub-blocks of T = d / 8 threads and rounds of 3 index bits, kR = butterfly_backward_rows rows per thread, a
+// persistent grid over row groups of Q kR rows. Per group: (kGrads) x's rows and the forward recomputed, the exchange
+// before round m writing round m's input into buffer m (m >= 1); grad read in the last round's window, the scale's
+// sums, g *= scale; rounds M-1 .. 0 backward, each layer's input recomputed in registers from the round's input
+// (buffer m, the thread's own slots; round 0: x read again) by the round's earlier layers, the pairs' sums added to
+// the sub-block's own partial row (slot blockIdx.x Q + sub: every pair and scale entry has one owner thread), g
+// back-propagated; g to the previous round's window through buffer m; dx stored from window 0. kLogD: log2 d as a
+// constant, or 0 (the only instantiation: with n a constant, sm_90, it spilled 1.5 KB at 128 registers). a: rows, d, x (x_ld), grad (grad_ld), out (contiguous, may be null), blocks,
+// scale, groups, partial (partial_ld; kGrads), want_blocks, want_scale.
+template <class S, bool kVec, bool kGrads, int kLogD>
+__global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_backward_kernel(const GeneralArgs a) {
+  using A = typename Elem<S>::A;
+  constexpr int kR = butterfly_backward_rows(sizeof(A));
+  constexpr int kMaxRounds = butterfly_rounds(kButterflyMaxLogD);
+  QGOFT_DYNAMIC_SMEM(A, smem);
+  const int n = kLogD > 0 ? kLogD : ceil_log2(a.d);
+  const int d = 1 << n;
+  const int W = n - kLogChunk;  // bits of a thread's index in its sub-block
+  const int lane_t = static_cast<int>(threadIdx.x) & ((1 << W) - 1);
+  const int sub = static_cast<int>(threadIdx.x) >> W;
+  const int Q = static_cast<int>(blockDim.x) >> W;
+  const int rounds = butterfly_rounds(n);
+  const int top = n - kLogChunk;  // the last round's window: element t + e 2^top
+  // buffer m (1 .. rounds - 1) of the sub-block: round m's input, then the gradient on its way to round m - 1
+  A* const bufs = smem + static_cast<int64_t>(sub) * kR * d;
+  const int64_t buf_stride = static_cast<int64_t>(Q) * kR * d;
+  const S* x = static_cast<const S*>(a.x);
+  const S* grad = static_cast<const S*>(a.grad);
+  S* out = static_cast<S*>(a.out);
+  const A* table = static_cast<const A*>(a.blocks);
+  const A* scale = static_cast<const A*>(a.scale);
+  A* const row_sums = kGrads ? static_cast<A*>(a.partial) + (static_cast<int64_t>(blockIdx.x) * Q + sub) * a.partial_ld
+                             : nullptr;
+  A* const pair_sums = kGrads && a.want_blocks ? row_sums : nullptr;
+  A* const scale_sums = kGrads && a.want_scale && scale != nullptr ? row_sums + 4 * a.num_pairs : nullptr;
+  auto thread_index = [&]() { return static_cast<int>(opaque(static_cast<unsigned>(lane_t))) & ((1 << W) - 1); };
+  auto window = [&](int m) { return 3 * m < top ? 3 * m : top; };
+  for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
+    const bool first = g == blockIdx.x;
+    const int64_t row0 = (g * Q + sub) * kR;
+    // the previous group's last reads of buffer 1 (the gradient into window 0) before this group's writes
+    if (rounds > 1) __syncthreads();
+    const int64_t next0 = ((g + gridDim.x) * Q + sub) * kR;
+    {
+      const int t = thread_index();
+#pragma unroll
+      for (int r = 0; r < kR; ++r) {
+        const bool valid = g + gridDim.x < a.groups && next0 + r < a.rows;
+        prefetch_chunk(grad + (next0 + r) * a.grad_ld, t * kChunk, d, valid);
+        if (kGrads) prefetch_chunk(x + (next0 + r) * a.x_ld, t * kChunk, d, valid);
+      }
+    }
+    A u[kR][kChunk];
+    if constexpr (kGrads) {
+      const int t = thread_index();
+#pragma unroll
+      for (int r = 0; r < kR; ++r) load_chunk<S, kVec>(x + (row0 + r) * a.x_ld, t * kChunk, d, row0 + r < a.rows, u[r]);
+      int w = 0;
+#pragma unroll
+      for (int m = 0; m < kMaxRounds; ++m) {
+        if (m < rounds) {
+          const A* blocks = opaque(table);
+          const int tm = thread_index();
+          const int to = window(m);
+          if (m > 0) {
+            A* buf = bufs + (m - 1) * buf_stride;
+            butterfly_put<kR>(buf, d, tm, w, u);
+            __syncthreads();
+            butterfly_get<kR>(buf, d, tm, to, u);
+          }
+          w = to;
+          const int base = butterfly_window_base(tm, w);
+          if (w == 3 * m) butterfly_layer<0, kR>(blocks, w, base, w, d, u);
+          if (w + 1 >= 3 * m) butterfly_layer<1, kR>(blocks, w + 1, base, w, d, u);
+          butterfly_layer<2, kR>(blocks, w + 2, base, w, d, u);
+        }
+      }
+    }
+    // the gradient of the output, in the last round's window; the scale's sums (u: the output before the scale)
+    A gr[kR][kChunk];
+    {
+      const int t = thread_index();
+#pragma unroll
+      for (int r = 0; r < kR; ++r) {
+        const bool valid = row0 + r < a.rows;
+        const S* gr_row = grad + (row0 + r) * a.grad_ld;
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) gr[r][e] = valid ? Elem<S>::to(gr_row[t + (e << top)]) : A(0);
+      }
+      if (kGrads && scale_sums != nullptr) {
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) {
+          A s = A(0);
+#pragma unroll
+          for (int r = 0; r < kR; ++r) s += gr[r][e] * u[r][e];
+          A* at = scale_sums + t + (e << top);
+          *at = first ? s : *at + s;
+        }
+      }
+      if (scale != nullptr) {
+        const A* sc = opaque(scale);
+#pragma unroll
+        for (int e = 0; e < kChunk; ++e) {
+          const A sv = __ldg(sc + t + (e << top));
+#pragma unroll
+          for (int r = 0; r < kR; ++r) gr[r][e] *= sv;
+        }
+      }
+    }
+#pragma unroll
+    for (int mm = kMaxRounds - 1; mm >= 0; --mm) {
+      if (mm < rounds) {
+        const int m = mm;
+        const int w = window(m);
+        const int lo = 3 * m - w;  // the round's first layer (kK): 0, or more where its window overlaps the previous
+        // one pass per layer of the round, from its last: (kGrads) u <- the round's input (buffer m, or x for round 0)
+        // through the round's layers below kK (`upto`), then the layer's backward. The thread index and the table are
+        // taken anew per pass: what derives from them (slots, pair indices, blocks) is not held across passes
+        // (held, it was spilled)
+        auto pass_input = [&](int tp, const A* blocks, int base, int upto) {
+          if constexpr (kGrads) {
+            if (m > 0) {
+              butterfly_get<kR>(bufs + (m - 1) * buf_stride, d, tp, w, u);
+            } else {
+#pragma unroll
+              for (int r = 0; r < kR; ++r) {
+                load_chunk<S, kVec>(x + (row0 + r) * a.x_ld, tp * kChunk, d, row0 + r < a.rows, u[r]);
+              }
+            }
+            if (lo == 0 && upto > 0) butterfly_layer<0, kR>(blocks, w, base, w, d, u);
+            if (lo <= 1 && upto > 1) butterfly_layer<1, kR>(blocks, w + 1, base, w, d, u);
+          }
+        };
+        {
+          const int tp = thread_index();
+          const A* blocks = opaque(table);
+          const int base = butterfly_window_base(tp, w);
+          pass_input(tp, blocks, base, 2);
+          butterfly_layer_backward<2, kR, kGrads>(blocks, w + 2, base, w, d, u, gr, pair_sums, first);
+        }
+        if (lo <= 1) {
+          const int tp = thread_index();
+          const A* blocks = opaque(table);
+          const int base = butterfly_window_base(tp, w);
+          pass_input(tp, blocks, base, 1);
+          butterfly_layer_backward<1, kR, kGrads>(blocks, w + 1, base, w, d, u, gr, pair_sums, first);
+        }
+        if (lo == 0) {
+          const int tp = thread_index();
+          const A* blocks = opaque(table);
+          const int base = butterfly_window_base(tp, w);
+          pass_input(tp, blocks, base, 0);
+          butterfly_layer_backward<0, kR, kGrads>(blocks, w, base, w, d, u, gr, pair_sums, first);
+        }
+        if (m > 0) {  // the gradient into the previous round's window: own slots of window w (read just before)
+          const int tp = thread_index();
+          A* const buf = bufs + (m - 1) * buf_stride;
+          butterfly_put<kR>(buf, d, tp, w, gr);
+          __syncthreads();
+          butterfly_get<kR>(buf, d, tp, window(m - 1), gr);
+        }
+      }
+    }
+    if (out != nullptr) {
+      const int ts = thread_index();
+      const int64_t rows0 = (g * Q + (static_cast<int>(opaque(threadIdx.x)) >> W)) * kR;
+#pragma unroll
+      for (int r = 0; r < kR; ++r) store_chunk<S, kVec>(out + (rows0 + r) * d, ts * kChunk, d, rows0 + r < a.rows, gr[r]);
     }
   }
 }

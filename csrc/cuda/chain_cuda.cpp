@@ -469,7 +469,10 @@ BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& gr
     partial = at::empty({plan.slots, plan.partial_ld}, acc_opts);
     plan.pa.partial = plan.ga.partial = partial.mutable_data_ptr();
   }
-  if (plan.parallel) {
+  if (plan.butterfly) {
+    qc::butterfly_backward(dtype, plan.vec, plan.grads, plan.ga, plan.main, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (plan.parallel) {
     if (plan.top_pass) {
       top = at::empty({plan.top_elems}, acc_opts);
       plan.pa.top = top.mutable_data_ptr();

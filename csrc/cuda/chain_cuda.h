@@ -15,8 +15,9 @@
 //   only join segment starts) run in a small second step (forward) or redundantly per block (backward).
 // * "stack": stack(parallel(d), k), k >= 2, rows of one segment: the parallel kernels' per-layer
 //   machinery run k times over the same registers (chain_stack.cuh), one pass over x.
-// * "butterfly": layouts.butterfly(d), d = 2^n <= 4096, forward only: a thread holds 8 elements of each of 8 rows,
-//   the layers in rounds of 3 index bits in-thread, the rows transposed through shared memory between rounds.
+// * "butterfly": layouts.butterfly(d), d = 2^n <= 4096 (forward: and its stacks): a thread holds 8 elements of each
+//   of 8 rows (backward: 4, with their gradients), the layers in rounds of 3 index bits in-thread, the rows
+//   transposed through shared memory between rounds.
 // * "general": any layout. A block holds R rows in shared memory (or, when they do not fit, in a
 //   global-memory workspace), threads take the pairs of a layer, a barrier separates layers.
 // Parameter gradients: every block accumulates the rows it owns (a fixed, launch-independent set) in a
@@ -158,6 +159,9 @@ void general_forward(DType t, const GeneralArgs& a, const LaunchConfig& c, cudaS
 // layouts.butterfly(d), d = 2^n (chain_butterfly.cuh): a as planned by plan_forward (rows, d, x, out, blocks, scale,
 // groups, R); vec: x's rows read as 16-byte words.
 void butterfly_forward(DType t, bool vec, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s);
+// Its backward (a single butterfly): a as planned by plan_backward (rows, d, x, grad, out, blocks, scale, groups, R,
+// partial, want_*); vec: x's rows read and dx's written as 16-byte words; grads: parameter gradients (partial rows).
+void butterfly_backward(DType t, bool vec, bool grads, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s);
 void general_backward(DType t, bool grads, const GeneralArgs& a, const LaunchConfig& c,
                       cudaStream_t s);
 void givens_blocks(bool acc_double, bool angles_double, const GivensArgs& a, cudaStream_t s);

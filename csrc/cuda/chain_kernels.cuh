@@ -6,7 +6,7 @@
 //   chain_parallel_reg.cuh  the parallel backward's reg variant
 //   chain_parallel_pair.cuh the reg backward with two rows per thread in flight (QGOFT_CUDA_BACKWARD=pair)
 //   chain_parallel_prefetch.cuh  the parallel table forward, software-pipelined (QGOFT_CUDA_FORWARD=prefetch)
-//   chain_butterfly.cuh layouts.butterfly(d)'s forward: 8 rows per thread, rounds of 3 bits, shared-memory transposes
+//   chain_butterfly.cuh layouts.butterfly(d)'s forward and backward: rows per thread, rounds of 3 bits, smem transposes
 //   chain_general.cuh   any layout, rows in shared or global memory
 //   chain_params.cuh    blocks from angles, the deterministic reduction of partial rows
 // The launchers (chain_launch.cuh) instantiate them per activation dtype. Design: docs/CUDA.md.

@@ -67,6 +67,9 @@ void general_forward(DType t, const GeneralArgs& a, const LaunchConfig& c, cudaS
 void butterfly_forward(DType t, bool vec, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {
   by_dtype(t, [&](auto tag) { L<decltype(tag)>::butterfly_forward(vec, a, c, s); });
 }
+void butterfly_backward(DType t, bool vec, bool grads, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {
+  by_dtype(t, [&](auto tag) { L<decltype(tag)>::butterfly_backward(vec, grads, a, c, s); });
+}
 void general_backward(DType t, bool grads, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {
   by_dtype(t, [&](auto tag) { L<decltype(tag)>::general_backward(grads, a, c, s); });
 }

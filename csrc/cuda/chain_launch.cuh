@@ -81,6 +81,11 @@ struct Kernels {
   static auto butterfly_forward(bool fixed_width) {
     return fixed_width ? butterfly_forward_kernel<S, kVec, kButterflyMaxLogD> : butterfly_forward_kernel<S, kVec, 0>;
   }
+  // the butterfly backward (for any d)
+  static auto butterfly_backward(bool vec, bool grads) {
+    if (vec) return grads ? butterfly_backward_kernel<S, true, true, 0> : butterfly_backward_kernel<S, true, false, 0>;
+    return grads ? butterfly_backward_kernel<S, false, true, 0> : butterfly_backward_kernel<S, false, false, 0>;
+  }
   static auto general_backward(bool grads) {
     return grads ? general_backward_kernel<S, true> : general_backward_kernel<S, false>;
   }
@@ -152,6 +157,10 @@ void Launchers<S>::butterfly_forward(bool vec, const GeneralArgs& a, const Launc
   const bool fixed = butterfly_fixed_width(a);
   launch(vec ? Kernels<S>::template butterfly_forward<true>(fixed) : Kernels<S>::template butterfly_forward<false>(fixed),
          c, s, a);
+}
+template <class S>
+void Launchers<S>::butterfly_backward(bool vec, bool grads, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {
+  launch(Kernels<S>::butterfly_backward(vec, grads), c, s, a);
 }
 template <class S>
 void Launchers<S>::general_backward(bool grads, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s) {

@@ -22,6 +22,7 @@ struct Launchers {
   static int parallel_stack_backward_occupancy(bool vec, bool grads, const ParallelArgs& a, int threads, size_t smem);
   static void general_forward(const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s);
   static void butterfly_forward(bool vec, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s);
+  static void butterfly_backward(bool vec, bool grads, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s);
   static void general_backward(bool grads, const GeneralArgs& a, const LaunchConfig& c, cudaStream_t s);
   static int general_backward_occupancy(bool grads, int threads, size_t smem);
 };

@@ -213,6 +213,15 @@ ForwardPlan plan_butterfly_forward(const Problem& p, const Limits& lim) {
   return plan;
 }
 
+// Whether the backward runs layouts.butterfly(d) on butterfly_backward_kernel (docs/CUDA.md, "The butterfly backward
+// on the register path"): as the forward (butterfly_forward_applies) for a single butterfly (its stacks keep the general
+// kernels), its shared memory within the device's.
+bool butterfly_backward_applies(const Problem& p, const Limits& lim, const Knobs& k) {
+  if (p.butterfly_reps != 1 || !butterfly_forward_applies(p, lim, k)) return false;
+  const int64_t es = acc_size(p.dtype);
+  return detail::butterfly_backward_smem_elems(detail::ceil_log2(p.d), static_cast<int>(es)) * es <= lim.smem_optin;
+}
+
 // Slot lanes per item of the reduction (ReduceItems): Split, the fewest (a power of two, at most kReduceMaxLanes)
 // that leave each lane at most kReduceBatch slots, i.e. one batch of loads in flight; Serial, 1.
 int reduce_lanes(int64_t slots, const Knobs& k) {
@@ -384,6 +393,37 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     plan_reduce(plan, p, knobs);
     return describe_reduce(plan);
   };
+
+  if (butterfly_backward_applies(p, lim, knobs)) {
+    // the forward's threads and sub-blocks, butterfly_backward_rows rows per thread; a persistent grid of the blocks
+    // resident at once; one partial row per sub-block (slot blockIdx.x Q + sub)
+    plan.butterfly = true;
+    GeneralArgs& a = plan.ga;
+    fill_general(a, p, /*backward=*/true);
+    const int n = detail::ceil_log2(p.d);
+    const int threads = detail::butterfly_threads(n);
+    const int64_t Q = threads / (p.d / kChunk);
+    a.R = detail::butterfly_backward_rows(static_cast<int>(es));
+    a.groups = ceil_div(p.rows, Q * a.R);
+    // x's rows are read as 8-element chunks (parameter gradients only), dx written so; grad element by element
+    plan.vec = (!grads || rows16(p.d, p.x_ld, p.x)) && (a.out == nullptr || aligned16(a.out));
+    plan.main.threads = threads;
+    plan.main.smem = static_cast<size_t>(detail::butterfly_backward_smem_elems(n, static_cast<int>(es)) * es);
+    const int64_t occ = std::min<int64_t>(estimated_occupancy(threads, static_cast<int64_t>(plan.main.smem), lim),
+                                          detail::butterfly_blocks_per_sm(threads));
+    int64_t blocks = persistent_blocks(a.groups, occ, 1, lim);
+    std::string reduce;
+    if (grads) {
+      blocks = std::max<int64_t>(1, std::min(blocks, partial_cap / Q));
+      int64_t slots = blocks * Q;
+      reduce = plan_partials(slots, a.partial_ld);
+    }
+    plan.main.grid = dim3(static_cast<unsigned>(blocks));
+    plan.describe = "path=butterfly T=" + str(p.d / kChunk) + " threads=" + str(threads) + " R=" + str(a.R) +
+                    " group_rows=" + str(Q * a.R) + " vec=" + str(plan.vec) + " grads=" + str(grads) +
+                    " grid=" + str(blocks) + " smem=" + str(plan.main.smem) + reduce;
+    return plan;
+  }
 
   const int reps = parallel_reps(p, knobs);
   ParallelShape s = reps > 0 ? parallel_shape(p.d, kParallelBackwardMaxThreads, knobs.segment) : ParallelShape{};

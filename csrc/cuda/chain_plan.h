@@ -19,10 +19,11 @@ enum class ForcedPath { Auto, General, Global };
 // (parallel_backward_reg_kernel; its forward is Table's). FromEnv: QGOFT_CUDA_VARIANT=base|table|reg (default
 // reg: fastest on an H100, bench/RESULTS.md), read by the planner.
 enum class Variant { FromEnv, Base, Table, Reg };
-// Layouts pairing i with i XOR 2^k beyond the single parallel layout: stack(parallel(d), k), k >= 2, and the forward
-// of butterfly(d), d = 2^n. General runs them on the general kernels; Stack runs the stacks on the register / shuffle
-// kernels where they qualify and the butterfly on the general kernels; Fused runs both on the register path
-// (docs/CUDA.md, "XOR layouts", "The butterfly forward on the register path"). FromEnv:
+// Layouts pairing i with i XOR 2^k beyond the single parallel layout: stack(parallel(d), k), k >= 2, the forward
+// of butterfly(d), d = 2^n, and of its stacks, and the backward of butterfly(d). General runs them on the general
+// kernels; Stack runs the stacks on the register / shuffle kernels where they qualify and the butterfly on the general
+// kernels; Fused runs both on the register path (docs/CUDA.md, "XOR layouts", "The butterfly forward on the register
+// path", "The butterfly backward on the register path"). FromEnv:
 // QGOFT_CUDA_XOR=general|stack|fused (default stack until a GPU has timed the butterfly kernel), read by the planner.
 enum class XorPath { FromEnv, General, Stack, Fused };
 // The forward kernel of the single parallel layout under the table variants (table and reg): Plain is
@@ -125,7 +126,9 @@ constexpr int64_t kPartialCapBytes = int64_t(1) << 29;
 // parameter gradients) the forward kernel recomputing the segment starts' local results.
 struct LaunchPlan {
   bool parallel = false;
-  bool butterfly = false;  // forward: butterfly_forward_kernel (chain_butterfly.cuh) with ga and `vec` (x's rows)
+  // butterfly_forward_kernel / butterfly_backward_kernel (chain_butterfly.cuh) with ga and `vec` (forward: x's rows;
+  // backward: x's rows and dx's)
+  bool butterfly = false;
   bool vec = false;
   ParallelArgs pa;
   GeneralArgs ga;

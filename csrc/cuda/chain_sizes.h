@@ -180,6 +180,16 @@ QGOFT_HOST_DEVICE constexpr int64_t butterfly_smem_elems(int log_d, int acc_byte
   return static_cast<int64_t>(butterfly_threads(log_d)) * butterfly_rows(acc_bytes) * kChunk;
 }
 QGOFT_HOST_DEVICE constexpr int butterfly_blocks_per_sm(int threads) { return kButterflyMaxThreads / threads; }
+// The butterfly backward (butterfly_backward_kernel; docs/CUDA.md, "The butterfly backward on the register path"): the
+// forward's sub-blocks, threads and rounds (butterfly_rounds), butterfly_backward_rows rows per thread (values and
+// gradients: 16 registers per row), shared memory: one buffer of the block's rows per round after the first, round m's
+// input (slots as the forward's transposes), through which the gradient goes back to round m - 1's window.
+QGOFT_HOST_DEVICE constexpr int butterfly_rounds(int log_d) { return (log_d + kLogChunk - 1) / kLogChunk; }
+QGOFT_HOST_DEVICE constexpr int butterfly_backward_rows(int acc_bytes) { return acc_bytes == 8 ? 2 : 4; }
+QGOFT_HOST_DEVICE constexpr int64_t butterfly_backward_smem_elems(int log_d, int acc_bytes) {
+  return static_cast<int64_t>(butterfly_rounds(log_d) - 1) * butterfly_threads(log_d) * butterfly_backward_rows(acc_bytes) *
+         kChunk;
+}
 
 // General kernels: per-row buffer elements (z and g rows, and the tape of block inputs) and the
 // accumulator elements (4P block entries, d scale entries).

@@ -249,6 +249,7 @@ int g_pair_one = 0;      // of them, on its instantiations without the scale's g
 int g_top_saved = 0;     // backward runs on the forward's saved segment tops (no top pass)
 int g_stack_reg = 0;     // backward runs on the reg stacked backward
 int g_butterfly = 0;     // forward runs on the butterfly kernel
+int g_butterfly_backward = 0;  // backward runs on the butterfly backward kernel
 
 bool close_all(const char* what, const std::string& tag, const double* got, const std::vector<double>& want,
                double rtol, double atol_rel) {
@@ -370,6 +371,17 @@ void run_butterfly_forward(const LaunchConfig& c, bool vec, const GeneralArgs& a
     else if (vec) detail::butterfly_forward_kernel<S, true, 0>(a);
     else if (fixed) detail::butterfly_forward_kernel<S, false, detail::kButterflyMaxLogD>(a);
     else detail::butterfly_forward_kernel<S, false, 0>(a);
+  });
+}
+
+// The butterfly backward's instantiation for a plan (as the launcher: vec, grads).
+template <class S>
+void run_butterfly_backward(const LaunchConfig& c, bool vec, bool grads, const GeneralArgs& a) {
+  run_kernel(c, [&] {
+    if (vec && grads) detail::butterfly_backward_kernel<S, true, true, 0>(a);
+    else if (vec) detail::butterfly_backward_kernel<S, true, false, 0>(a);
+    else if (grads) detail::butterfly_backward_kernel<S, false, true, 0>(a);
+    else detail::butterfly_backward_kernel<S, false, false, 0>(a);
   });
 }
 
@@ -561,7 +573,10 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
     plan.pa.partial = plan.ga.partial = partial.data();
     // a stack's second run recomputes its earlier repetitions' tapes (the same values: bitwise equal results)
     if (rep == 1) plan.pa.stack_tape = 0;
-    if (plan.parallel) {
+    if (plan.butterfly) {
+      ++g_butterfly_backward;
+      run_butterfly_backward<S>(plan.main, plan.vec, plan.grads, plan.ga);
+    } else if (plan.parallel) {
       if (!plan.top_saved) plan.pa.top = top.data();
       if (plan.top_pass) run_parallel_forward<S>(plan.top, plan.vec, plan.top_args());  // as the glue
       // the top pass recomputes exactly what the forward kept (same segments, blocks and arithmetic)
@@ -683,6 +698,15 @@ bool butterfly_fused(const Layout& lay, const Options& o) {
   return plan_forward(p, lim, o.knobs).butterfly;
 }
 
+// Whether a case's backward runs the butterfly backward kernel, as planned.
+template <class S>
+bool butterfly_backward_fused(const Layout& lay, const Options& o) {
+  if (!o.backward) return false;
+  Limits lim = sim_limits();
+  lim.sm_count = o.sm_count;
+  return plan_backward(backward_problem<S>(lay, o), lim, o.knobs, blocks_per_sm<2>).butterfly;
+}
+
 // run_case, counted as a failed case when any of its checks failed. vs_table (the reg variant): the same
 // inputs through the table variant too, whose backward must give bitwise the same results (the reg kernel
 // does the table kernel's arithmetic in the same order). prefetch_too: the same inputs' forward, and the
@@ -693,17 +717,24 @@ bool butterfly_fused(const Layout& lay, const Options& o) {
 // stack_reg_runs: the same inputs through the base variant (the stacked kernel of chain_stack.cuh, which reg ran
 // before), whose results must be bitwise the reg stacked backward's (same products, same rows per block, same order).
 // butterfly_fused: the same inputs on the general kernels too (QGOFT_CUDA_XOR=general), whose results must be
-// bitwise the butterfly forward's (same products, same layer order) and its backward's (the general kernels both).
+// bitwise the butterfly forward's (same products, same layer order) and its backward's where that is the general
+// kernels'; where the backward runs the butterfly backward kernel, its grad_x (same products, same layer order; the
+// parameter gradients are sums over other rows per slot: against the reference only, in run_case).
 template <class S>
 void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng, bool vs_table = false) {
   const int before = g_failures;
   const std::mt19937_64 inputs = rng;  // the case's inputs, for the runs that must give bitwise its results
   const std::vector<double> got = run_case<S>(lay, o, rng);
   // the same inputs under `other`: its results (all of them, or with `prefix` its first ones) bitwise `got`'s
-  auto same_as = [&](const Options& other, bool prefix, const char* what) {
+  // (count: only the first `count` results of both, e.g. y and grad_x)
+  auto same_as = [&](const Options& other, bool prefix, const char* what, size_t count = SIZE_MAX) {
     std::mt19937_64 same = inputs;
-    const std::vector<double> want = run_case<S>(lay, other, same);
+    std::vector<double> want = run_case<S>(lay, other, same);
     --g_cases;
+    if (count != SIZE_MAX && want.size() >= count && got.size() >= count) {
+      want.resize(count);
+      prefix = true;
+    }
     if ((prefix ? got.size() < want.size() : got.size() != want.size()) ||
         (!want.empty() && std::memcmp(got.data(), want.data(), want.size() * sizeof(double)) != 0)) {
       std::fprintf(stderr, "FAIL %s d=%lld rows=%lld variant=%d seg=%d masks=%d%d%d backward=%d: %s\n", Traits<S>::name,
@@ -741,7 +772,12 @@ void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng,
   if (butterfly_fused<S>(lay, o)) {
     Options gen = o;
     gen.knobs.xor_path = XorPath::General;
-    same_as(gen, false, "butterfly forward not bitwise equal to the general forward's");
+    if (butterfly_backward_fused<S>(lay, o)) {  // y and grad_x (where wanted)
+      const size_t count = static_cast<size_t>(o.rows * lay.d) * (o.mask_x ? 2 : 1);
+      same_as(gen, true, "butterfly forward or backward's grad_x not bitwise equal to the general kernels'", count);
+    } else {
+      same_as(gen, false, "butterfly forward not bitwise equal to the general forward's");
+    }
   }
   if (g_failures != before) ++g_failed_cases;
 }
@@ -1032,7 +1068,10 @@ void pair_cases(std::mt19937_64& rng) {
 // below d = 256; 512 threads and the fixed-width instantiation at d = 4096), rows giving blocks that own several row
 // groups and a last group partly past the rows (the emulated 3 SMs' persistent grid), goft, goft_scaled, qgoft and
 // qgoft_scaled, 16-byte and scalar (unaligned, strided) rows; each against the reference and, through
-// run_case_counted, bitwise the general forward. The backward (the general kernels) runs where d <= 256.
+// run_case_counted, bitwise the general forward. The backward of the same cases runs the butterfly backward kernel
+// (row groups of 4 rows per thread, 2 in float64, several per block, the last one partial): its results against the
+// reference, grad_x bitwise the general kernels'; d = 64, 512 and 4096 also with every output mask (the adjoint
+// without x, parameter gradients without grad_x, the scale's alone).
 template <class S>
 void butterfly_cases(bool full, std::mt19937_64& rng) {
   std::vector<std::pair<int64_t, int64_t>> shapes = {{8, 2100}, {64, 1000}, {256, 70}, {512, 53}, {4096, 53}};
@@ -1046,13 +1085,19 @@ void butterfly_cases(bool full, std::mt19937_64& rng) {
       o.quasi = quasi;
       o.with_scale = scale;
       o.rows = rows;
-      o.backward = d <= 256;
       if (quasi && scale) {  // scalar loads: rows of stride d + 3 from an unaligned start
         o.pad = 3;
         o.offset = 1;
       }
       run_case_counted<S>(butterfly_layout(d), o, rng);
     }
+  }
+  for (auto [d, rows] : {std::pair<int64_t, int64_t>{64, 300}, {512, 21}, {4096, 13}}) {
+    Options o;
+    o.knobs.xor_path = XorPath::Fused;
+    o.rows = rows;
+    o.quasi = d != 512;
+    run_all_masks<S>(butterfly_layout(d), o, rng);
   }
   // stacks of butterflies: the rows back to window 0 between repetitions (d = 8: one window, no exchange)
   for (auto [d, reps, rows] : {std::tuple<int64_t, int, int64_t>{8, 3, 1100}, {64, 2, 300}, {512, 2, 30}, {4096, 2, 19}}) {
@@ -1347,13 +1392,45 @@ void check_butterfly_plans() {
                    plan.describe.c_str(), int(w.butterfly), w.threads, w.grid, w.smem);
       ++g_failures;
     }
-    // the backward keeps the general kernels
+    // the backward: the butterfly backward kernel where the forward runs on the register path for a single butterfly
+    // (checked below), the general kernels elsewhere (stacks too)
     p.grad_ld = w.d;
     p.want_blocks = true;
     const BackwardPlan bwd = plan_backward(p, lim, knobs, blocks_per_sm<1>);
-    if (bwd.parallel || bwd.describe.rfind("path=general", 0) != 0) {
-      std::fprintf(stderr, "FAIL butterfly backward plan d=%lld: %s (want the general kernels)\n", (long long)w.d,
-                   bwd.describe.c_str());
+    const bool want_bwd = w.butterfly && w.reps == 1;
+    if (bwd.parallel || bwd.butterfly != want_bwd || bwd.describe.rfind(want_bwd ? "path=butterfly " : "path=general", 0) != 0) {
+      std::fprintf(stderr, "FAIL butterfly backward plan d=%lld: %s (want the %s)\n", (long long)w.d,
+                   bwd.describe.c_str(), want_bwd ? "butterfly backward" : "general kernels");
+      ++g_failures;
+    }
+  }
+  // the butterfly backward's launches on an H100 (every parameter gradient): the forward's threads, butterfly_backward_rows
+  // rows per thread (4; float64 2), (rounds - 1) buffers of the block's rows, the persistent grid, one slot per sub-block
+  struct WantBackward {
+    DType dtype;
+    int64_t d;
+    int threads, R;
+    unsigned grid;
+    size_t smem;
+    int64_t slots;
+  };
+  for (const WantBackward& w : {WantBackward{DType::BFloat16, 4096, 512, 4, 132, 196608, 132},
+                                WantBackward{DType::Float32, 4096, 512, 4, 132, 196608, 132},
+                                WantBackward{DType::Float64, 4096, 512, 2, 132, 196608, 132},
+                                WantBackward{DType::BFloat16, 2048, 256, 4, 264, 98304, 264},
+                                WantBackward{DType::BFloat16, 64, 128, 4, 128, 16384, 2048},
+                                WantBackward{DType::Float32, 8, 128, 4, 16, 0, 2048}}) {
+    Problem p = make_problem(w.dtype, butterfly_layout(w.d), 8192);
+    p.grad_ld = p.x_ld = w.d;
+    p.want_blocks = p.want_scale = true;
+    Knobs knobs;
+    knobs.xor_path = XorPath::Fused;
+    const BackwardPlan bwd = plan_backward(p, lim, knobs, blocks_per_sm<1>);
+    if (!bwd.butterfly || bwd.main.threads != w.threads || bwd.ga.R != w.R || bwd.main.grid.x != w.grid ||
+        bwd.main.smem != w.smem || bwd.slots != w.slots || !bwd.grads) {
+      std::fprintf(stderr, "FAIL butterfly backward plan dtype=%d d=%lld: %s (want threads=%d R=%d grid=%u smem=%zu "
+                   "slots=%lld)\n", int(w.dtype), (long long)w.d, bwd.describe.c_str(), w.threads, w.R, w.grid, w.smem,
+                   (long long)w.slots);
       ++g_failures;
     }
   }
@@ -1686,7 +1763,8 @@ int main(int argc, char** argv) {
     o.with_scale = true;
     run_case_counted<__nv_bfloat16>(parallel_layout(4096), o, rng);
     run_case_counted<__nv_bfloat16>(stacked(parallel_layout(4096), 2), o, rng);  // the reg stacked backward
-    o.backward = false;  // the butterfly forward: 512 threads, 3 transposes; sub-blocks of 16 threads, 2 groups
+    // the butterfly forward (512 threads, 3 transposes; sub-blocks of 16 threads, 2 groups) and backward (3 groups of 4
+    // rows over the 3 blocks, 6 barriers each; sub-blocks of 16 threads with their own partial rows)
     o.knobs.xor_path = XorPath::Fused;
     o.rows = 11;
     run_case_counted<__nv_bfloat16>(butterfly_layout(4096), o, rng);
@@ -1737,6 +1815,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "FAIL no forward ran on the butterfly kernel\n");
     ++g_failures;
   }
+  if (mode != "reduce" && mode != "stackreg" && g_butterfly_backward == 0) {  // and its backward
+    std::fprintf(stderr, "FAIL no backward ran on the butterfly backward kernel\n");
+    ++g_failures;
+  }
   if (mode != "tiny" && mode != "stackreg" && mode != "butterfly" && (g_pair == 0 || g_pair_one == 0)) {  // pair_cases and the reg cases must reach the paired reg backward with and without the scale's gradient
     std::fprintf(stderr, "FAIL no backward ran on (an instantiation of) the paired reg backward\n");
     ++g_failures;
@@ -1751,8 +1833,10 @@ int main(int argc, char** argv) {
   }
   std::printf("cuda host emulation: %d cases, %d failed checks, %d backward top passes on the prefetching forward, "
               "%d backward runs on the paired reg backward (%d without the scale's gradient), %d on the "
-              "forward's saved segment tops, %d on the reg stacked backward, %d forward runs on the butterfly kernel\n",
-              g_cases, g_failures, g_top_prefetch, g_pair, g_pair_one, g_top_saved, g_stack_reg, g_butterfly);
+              "forward's saved segment tops, %d on the reg stacked backward, %d forward runs on the butterfly kernel, "
+              "%d backward runs on the butterfly backward kernel\n",
+              g_cases, g_failures, g_top_prefetch, g_pair, g_pair_one, g_top_saved, g_stack_reg, g_butterfly,
+              g_butterfly_backward);
   std::printf("cuda_emulation: %d passed, %d failed\n", g_cases - g_failed_cases, g_failed_cases);
   return g_failures == 0 ? 0 : 1;
 }
