@@ -195,12 +195,13 @@ __device__ __forceinline__ void add_sums(A* at, const A (&s)[4], bool first) {
 
 // The backward of the layer on index bit b = w + kK of window (base, w) (see butterfly_layer): for each of the thread's
 // 4 pairs, with kGrads the pair's sums u (x) g over the kR rows (row order; u: the layer's input, g: the gradient of
-// its output) added to its 4 entries of the partial row `sums` (set in the block's first group: `first`), then
-// g <- G g; the general backward's products in its order.
+// its output) added to its 4 entries of the partial row `sums` (angle_sums: combined into the angle's sum, added to
+// its one entry; set in the block's first group: `first`), then g <- G g; the general backward's products in its
+// order.
 template <int kK, int kR, bool kGrads, class A>
 __device__ __forceinline__ void butterfly_layer_backward(const A* blocks, int b, int base, int w, int d,
                                                          const A (&u)[kR][kChunk], A (&g)[kR][kChunk], A* sums,
-                                                         bool first) {
+                                                         bool first, bool angle_sums) {
   const int first_pair = butterfly_first_pair(b, base, w, d);
 #pragma unroll
   for (int e = 0; e < kChunk; ++e) {
@@ -213,7 +214,12 @@ __device__ __forceinline__ void butterfly_layer_backward(const A* blocks, int b,
       A s[4] = {A(0), A(0), A(0), A(0)};
 #pragma unroll
       for (int r = 0; r < kR; ++r) accumulate_outer(s, u[r][e], u[r][e | kBit], g[r][e], g[r][e | kBit]);
-      add_sums(sums + 4 * static_cast<int64_t>(p), s, first);
+      if (angle_sums) {  // the block is (c, -s, s, c): d theta as reduce_partials_kernel combines the sums
+        const A t = -g2 * s[0] - g0 * s[1] + g0 * s[2] - g2 * s[3];
+        sums[p] = first ? t : sums[p] + t;
+      } else {
+        add_sums(sums + 4 * static_cast<int64_t>(p), s, first);
+      }
     }
 #pragma unroll
     for (int r = 0; r < kR; ++r) rotate_values<true>(g0, g1, g2, g3, g[r][e], g[r][e | kBit]);
@@ -271,7 +277,10 @@ __global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_backward_ke
   A* const row_sums = kGrads ? static_cast<A*>(a.partial) + (static_cast<int64_t>(blockIdx.x) * Q + sub) * a.partial_ld
                              : nullptr;
   A* const pair_sums = kGrads && a.want_blocks ? row_sums : nullptr;
-  A* const scale_sums = kGrads && a.want_scale && scale != nullptr ? row_sums + 4 * a.num_pairs : nullptr;
+  const bool angle_sums = a.angle_sums != 0;  // one angle sum per pair (ButterflySums)
+  A* const scale_sums = kGrads && a.want_scale && scale != nullptr
+                            ? row_sums + ButterflySums(a.num_pairs, a.d, angle_sums).scale
+                            : nullptr;
   auto thread_index = [&]() { return static_cast<int>(opaque(static_cast<unsigned>(lane_t))) & ((1 << W) - 1); };
   auto window = [&](int m) { return 3 * m < top ? 3 * m : top; };
   for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
@@ -375,21 +384,21 @@ __global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_backward_ke
           const A* blocks = opaque(table);
           const int base = butterfly_window_base(tp, w);
           pass_input(tp, blocks, base, 2);
-          butterfly_layer_backward<2, kR, kGrads>(blocks, w + 2, base, w, d, u, gr, pair_sums, first);
+          butterfly_layer_backward<2, kR, kGrads>(blocks, w + 2, base, w, d, u, gr, pair_sums, first, angle_sums);
         }
         if (lo <= 1) {
           const int tp = thread_index();
           const A* blocks = opaque(table);
           const int base = butterfly_window_base(tp, w);
           pass_input(tp, blocks, base, 1);
-          butterfly_layer_backward<1, kR, kGrads>(blocks, w + 1, base, w, d, u, gr, pair_sums, first);
+          butterfly_layer_backward<1, kR, kGrads>(blocks, w + 1, base, w, d, u, gr, pair_sums, first, angle_sums);
         }
         if (lo == 0) {
           const int tp = thread_index();
           const A* blocks = opaque(table);
           const int base = butterfly_window_base(tp, w);
           pass_input(tp, blocks, base, 0);
-          butterfly_layer_backward<0, kR, kGrads>(blocks, w, base, w, d, u, gr, pair_sums, first);
+          butterfly_layer_backward<0, kR, kGrads>(blocks, w, base, w, d, u, gr, pair_sums, first, angle_sums);
         }
         if (m > 0) {  // the gradient into the previous round's window: own slots of window w (read just before)
           const int tp = thread_index();

@@ -445,6 +445,7 @@ BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& gr
   p.want_x = want_x;
   p.want_blocks = want_params;
   p.want_scale = want_scale;
+  p.givens = givens;
   Tensor saved_tops;
   if (tops.has_value() && tops->size(1) > 0) {
     saved_tops = tops->contiguous();
@@ -500,13 +501,15 @@ BackwardResult run_backward(const Operands& o, const Tensor& x, const Tensor& gr
       res.grad_params = givens ? at::empty({num_pairs}, acc_opts) : at::empty({num_pairs, 4}, acc_opts);
     }
     if (want_scale) res.grad_scale = at::empty({d}, acc_opts);
-    qc::ReduceArgs& r = plan.ra;
-    r.partial = partial.const_data_ptr();
-    r.blocks = o.blocks.const_data_ptr();
-    r.grad_params = want_params ? res.grad_params.mutable_data_ptr() : nullptr;
-    r.grad_scale = want_scale ? res.grad_scale.mutable_data_ptr() : nullptr;
-    qc::reduce_partials(o.acc == at::kDouble, givens, r, plan.reduce, stream);
+    plan.set_reduce_outputs(partial.const_data_ptr(), o.blocks.const_data_ptr(),
+                            want_params ? res.grad_params.mutable_data_ptr() : nullptr,
+                            want_scale ? res.grad_scale.mutable_data_ptr() : nullptr);
+    qc::reduce_partials(o.acc == at::kDouble, givens && !plan.angle_sums, plan.ra, plan.reduce, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (plan.reduce_scale_launch) {  // the butterfly backward's angle sums: the scale's columns on their own
+      qc::reduce_partials(o.acc == at::kDouble, false, plan.ra_scale, plan.reduce_scale, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   }
   return res;
 }

@@ -121,6 +121,9 @@ struct GeneralArgs {
   int64_t partial_ld = 0;
   int want_blocks = 0;
   int want_scale = 0;
+  // the butterfly backward only: the partial rows hold one angle sum per pair (givens: d theta of each row group's
+  // sums) instead of the 4 block sums, the scale's sums after them (ButterflySums in chain_sizes.h)
+  int angle_sums = 0;
 };
 
 struct GivensArgs {

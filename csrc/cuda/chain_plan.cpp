@@ -414,9 +414,37 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     int64_t blocks = persistent_blocks(a.groups, occ, 1, lim);
     std::string reduce;
     if (grads) {
-      blocks = std::max<int64_t>(1, std::min(blocks, partial_cap / Q));
-      int64_t slots = blocks * Q;
-      reduce = plan_partials(slots, a.partial_ld);
+      // goft's block gradients: one angle sum per pair in the partial rows (ButterflySums), reduced without the givens
+      // combination, the scale's sums by a second reduction
+      plan.angle_sums = p.givens && p.want_blocks;
+      a.angle_sums = plan.angle_sums ? 1 : 0;
+      const detail::ButterflySums sums(p.num_pairs, p.d, plan.angle_sums);
+      plan.partial_ld = round_up(sums.width, 4);
+      a.partial_ld = plan.partial_ld;
+      const int64_t cap = std::max<int64_t>(1, kPartialCapBytes / (plan.partial_ld * es));
+      blocks = std::max<int64_t>(1, std::min(blocks, cap / Q));
+      plan.slots = blocks * Q;
+      if (plan.angle_sums) {
+        Problem scale_cols = p;  // the scale's columns alone (as "scale" items of a problem without pairs)
+        scale_cols.num_pairs = 0;
+        scale_cols.want_blocks = false;
+        if (p.want_scale) {
+          plan_reduce(plan, scale_cols, knobs);
+          plan.ra_scale = plan.ra;
+          plan.reduce_scale = plan.reduce;
+          plan.reduce_scale_launch = true;
+          plan.scale_offset_bytes = sums.scale * es;
+        }
+        Problem angle_cols = scale_cols;  // the angle columns, as "scale" items of width P
+        angle_cols.d = p.num_pairs;
+        angle_cols.want_scale = true;
+        plan_reduce(plan, angle_cols, knobs);
+        reduce = describe_reduce(plan) + " angle_sums=1" +
+                 (plan.reduce_scale_launch ? " scale_reduce_grid=" + str(plan.reduce_scale.grid.x) : std::string());
+      } else {
+        plan_reduce(plan, p, knobs);
+        reduce = describe_reduce(plan);
+      }
     }
     plan.main.grid = dim3(static_cast<unsigned>(blocks));
     plan.describe = "path=butterfly T=" + str(p.d / kChunk) + " threads=" + str(threads) + " R=" + str(a.R) +

@@ -105,6 +105,7 @@ struct Problem {
   const void* out = nullptr;
   // backward only
   bool want_x = true, want_blocks = false, want_scale = false;
+  bool givens = false;  // backward: the parameters are angles (goft), whose gradients the caller wants (P,), not (P, 4)
   // backward only: the segment tops the caller kept from the forward (ForwardPlan::tops_for_backward), rows x
   // tops_cols accumulation-type elements, contiguous; null / 0: none
   const void* tops = nullptr;
@@ -158,9 +159,36 @@ struct BackwardPlan : LaunchPlan {
   int64_t top_cols = 0;
   bool top_saved = false;
   // grads: the reduction of the partial rows, launched after the backward kernel with `reduce`; ra is filled
-  // except its pointers (partial, blocks, grad_params, grad_scale), which the caller sets
+  // except its pointers (partial, blocks, grad_params, grad_scale), which the caller sets (set_reduce_outputs)
   ReduceArgs ra;
   LaunchConfig reduce;
+  // angle_sums (the butterfly backward of goft with its block gradients wanted, GeneralArgs::angle_sums): the partial
+  // rows hold one angle sum per pair and the scale's sums after them (ButterflySums); ra sums the angle columns
+  // (reduce_partials_kernel without the givens combination: they are combined already) into grad_params, and, with
+  // the scale's gradient wanted, a second reduction ra_scale / reduce_scale sums the scale columns
+  bool angle_sums = false;
+  bool reduce_scale_launch = false;
+  int64_t scale_offset_bytes = 0;  // angle_sums: where a partial row's scale sums start
+  ReduceArgs ra_scale;
+  LaunchConfig reduce_scale;
+
+  // The reductions' pointers: the partial rows, the blocks, the outputs (null where not wanted); then launch ra with
+  // `reduce` (its kernel combining givens sums where `givens && !angle_sums`) and, where reduce_scale_launch,
+  // ra_scale with reduce_scale (no combination).
+  void set_reduce_outputs(const void* partial, const void* blocks, void* grad_params, void* grad_scale) {
+    ra.partial = partial;
+    ra.blocks = blocks;
+    if (angle_sums) {  // the angle columns as "scale" items of width P, written to grad_params
+      ra.grad_params = nullptr;
+      ra.grad_scale = grad_params;
+      ra_scale.partial = static_cast<const char*>(partial) + scale_offset_bytes;
+      ra_scale.blocks = blocks;
+      ra_scale.grad_scale = grad_scale;
+    } else {
+      ra.grad_params = grad_params;
+      ra.grad_scale = grad_scale;
+    }
+  }
 
   // The arguments of the top pass's forward kernel (launched with `top` and `vec`): pa writing only `top`
   // (store = 0, no out), through the prefetching forward where top_prefetch.

@@ -186,6 +186,15 @@ QGOFT_HOST_DEVICE constexpr int butterfly_blocks_per_sm(int threads) { return kB
 // input (slots as the forward's transposes), through which the gradient goes back to round m - 1's window.
 QGOFT_HOST_DEVICE constexpr int butterfly_rounds(int log_d) { return (log_d + kLogChunk - 1) / kLogChunk; }
 QGOFT_HOST_DEVICE constexpr int butterfly_backward_rows(int acc_bytes) { return acc_bytes == 8 ? 2 : 4; }
+// Its partial rows: 4P block sums then d scale sums (the other backward kernels' layout), or, with angle sums
+// (GeneralArgs::angle_sums: goft's block gradients wanted), P angle sums (d theta = -s a00 - c a01 + c a10 - s a11 of
+// each row group's block sums, as reduce_partials_kernel combines them) padded to a multiple of 4, then the d scale
+// sums: `scale` is where the scale's sums start, `width` the row's entries.
+struct ButterflySums {
+  int64_t scale, width;
+  QGOFT_HOST_DEVICE ButterflySums(int64_t num_pairs, int64_t d, bool angle_sums)
+      : scale(angle_sums ? (num_pairs + 3) / 4 * 4 : 4 * num_pairs), width(scale + d) {}
+};
 QGOFT_HOST_DEVICE constexpr int64_t butterfly_backward_smem_elems(int log_d, int acc_bytes) {
   return static_cast<int64_t>(butterfly_rounds(log_d) - 1) * butterfly_threads(log_d) * butterfly_backward_rows(acc_bytes) *
          kChunk;

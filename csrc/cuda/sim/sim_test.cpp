@@ -250,6 +250,8 @@ int g_top_saved = 0;     // backward runs on the forward's saved segment tops (n
 int g_stack_reg = 0;     // backward runs on the reg stacked backward
 int g_butterfly = 0;     // forward runs on the butterfly kernel
 int g_butterfly_backward = 0;  // backward runs on the butterfly backward kernel
+int g_angle_sums = 0;          // of those, runs with goft's angle sums (BackwardPlan::angle_sums)
+int g_angle_sums_scale = 0;    // and with the scale's second reduction
 
 bool close_all(const char* what, const std::string& tag, const double* got, const std::vector<double>& want,
                double rtol, double atol_rel) {
@@ -531,6 +533,7 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
     p.want_x = o.mask_x;
     p.want_blocks = o.mask_params;
     p.want_scale = o.mask_scale && o.with_scale;
+    p.givens = !o.quasi;
     const bool grads = p.want_blocks || p.want_scale;
     if (grads) {
       p.x = xs.data() + o.offset;
@@ -595,13 +598,21 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
     }
     std::vector<A> gparams = poisoned<A>(o.quasi ? 4 * P : P), gscale = poisoned<A>(d);
     if (plan.grads) {
-      ReduceArgs& ra = plan.ra;  // as the glue: the planner's arguments and launch, the pointers set here
-      ra.partial = partial.data();
-      ra.blocks = blocks.data();
-      ra.grad_params = p.want_blocks ? gparams.data() : nullptr;
-      ra.grad_scale = p.want_scale ? gscale.data() : nullptr;
-      if (o.quasi) run_kernel(plan.reduce, [&] { detail::reduce_partials_kernel<A, false>(ra); });
+      // as the glue: the planner's arguments and launches, the pointers set here
+      plan.set_reduce_outputs(partial.data(), blocks.data(), p.want_blocks ? gparams.data() : nullptr,
+                              p.want_scale ? gscale.data() : nullptr);
+      const ReduceArgs& ra = plan.ra;
+      if (o.quasi || plan.angle_sums) run_kernel(plan.reduce, [&] { detail::reduce_partials_kernel<A, false>(ra); });
       else run_kernel(plan.reduce, [&] { detail::reduce_partials_kernel<A, true>(ra); });
+      if (plan.reduce_scale_launch) {
+        if (!plan.angle_sums) {
+          std::fprintf(stderr, "FAIL %s: a second reduction without angle sums\n", btag.c_str());
+          ++g_failures;
+        }
+        run_kernel(plan.reduce_scale, [&] { detail::reduce_partials_kernel<A, false>(plan.ra_scale); });
+        ++g_angle_sums_scale;
+      }
+      if (plan.angle_sums) ++g_angle_sums;
     }
     std::vector<double> all;
     if (p.want_x) {
@@ -663,6 +674,7 @@ Problem backward_problem(const Layout& lay, const Options& o) {
   p.want_x = o.mask_x;
   p.want_blocks = o.mask_params;
   p.want_scale = o.mask_scale && o.with_scale;
+  p.givens = !o.quasi;
   p.grad = p.x = p.out = reinterpret_cast<const void*>(uintptr_t(o.offset == 0 ? 4096 : 4098));
   p.grad_ld = p.x_ld = lay.d + o.pad;
   return p;
@@ -1413,8 +1425,10 @@ void check_butterfly_plans() {
     unsigned grid;
     size_t smem;
     int64_t slots;
+    bool givens = false;  // goft: one angle sum per pair (angle_sums), the scale's sums after them, two reductions
   };
-  for (const WantBackward& w : {WantBackward{DType::BFloat16, 4096, 512, 4, 132, 196608, 132},
+  for (const WantBackward& w : {WantBackward{DType::BFloat16, 4096, 512, 4, 132, 196608, 132, true},
+                                WantBackward{DType::BFloat16, 4096, 512, 4, 132, 196608, 132},
                                 WantBackward{DType::Float32, 4096, 512, 4, 132, 196608, 132},
                                 WantBackward{DType::Float64, 4096, 512, 2, 132, 196608, 132},
                                 WantBackward{DType::BFloat16, 2048, 256, 4, 264, 98304, 264},
@@ -1423,11 +1437,21 @@ void check_butterfly_plans() {
     Problem p = make_problem(w.dtype, butterfly_layout(w.d), 8192);
     p.grad_ld = p.x_ld = w.d;
     p.want_blocks = p.want_scale = true;
+    p.givens = w.givens;
     Knobs knobs;
     knobs.xor_path = XorPath::Fused;
     const BackwardPlan bwd = plan_backward(p, lim, knobs, blocks_per_sm<1>);
+    // the partial rows: 4P + d entries, or with angle sums round_up(P, 4) + d (P = 24576 at d = 4096: 28672 against
+    // 102400), the scale's reduction reading from entry round_up(P, 4) on
+    const int64_t P = p.num_pairs, P4 = (P + 3) / 4 * 4;
+    const int64_t want_ld = w.givens ? (P4 + w.d + 3) / 4 * 4 : (4 * P + w.d + 3) / 4 * 4;
+    const size_t es = w.dtype == DType::Float64 ? 8 : 4;
     if (!bwd.butterfly || bwd.main.threads != w.threads || bwd.ga.R != w.R || bwd.main.grid.x != w.grid ||
-        bwd.main.smem != w.smem || bwd.slots != w.slots || !bwd.grads) {
+        bwd.main.smem != w.smem || bwd.slots != w.slots || !bwd.grads || bwd.angle_sums != w.givens ||
+        bwd.ga.angle_sums != int(w.givens) || bwd.reduce_scale_launch != w.givens || bwd.partial_ld != want_ld ||
+        bwd.ra.partial_ld != want_ld || (w.givens && (bwd.ra.num_pairs != 0 || bwd.ra.d != P || bwd.ra_scale.d != w.d ||
+                                                      bwd.ra_scale.num_pairs != 0 || bwd.ra_scale.slots != w.slots ||
+                                                      bwd.scale_offset_bytes != int64_t(P4 * es)))) {
       std::fprintf(stderr, "FAIL butterfly backward plan dtype=%d d=%lld: %s (want threads=%d R=%d grid=%u smem=%zu "
                    "slots=%lld)\n", int(w.dtype), (long long)w.d, bwd.describe.c_str(), w.threads, w.R, w.grid, w.smem,
                    (long long)w.slots);
@@ -1819,6 +1843,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "FAIL no backward ran on the butterfly backward kernel\n");
     ++g_failures;
   }
+  if (mode != "reduce" && mode != "stackreg" && mode != "tiny" && (g_angle_sums == 0 || g_angle_sums_scale == 0)) {
+    std::fprintf(stderr, "FAIL no butterfly backward ran with goft's angle sums (%d) and the scale's own reduction (%d)\n",
+                 g_angle_sums, g_angle_sums_scale);
+    ++g_failures;
+  }
   if (mode != "tiny" && mode != "stackreg" && mode != "butterfly" && (g_pair == 0 || g_pair_one == 0)) {  // pair_cases and the reg cases must reach the paired reg backward with and without the scale's gradient
     std::fprintf(stderr, "FAIL no backward ran on (an instantiation of) the paired reg backward\n");
     ++g_failures;
@@ -1834,9 +1863,10 @@ int main(int argc, char** argv) {
   std::printf("cuda host emulation: %d cases, %d failed checks, %d backward top passes on the prefetching forward, "
               "%d backward runs on the paired reg backward (%d without the scale's gradient), %d on the "
               "forward's saved segment tops, %d on the reg stacked backward, %d forward runs on the butterfly kernel, "
-              "%d backward runs on the butterfly backward kernel\n",
+              "%d backward runs on the butterfly backward kernel (%d with angle sums, %d of them with the scale's own "
+              "reduction)\n",
               g_cases, g_failures, g_top_prefetch, g_pair, g_pair_one, g_top_saved, g_stack_reg, g_butterfly,
-              g_butterfly_backward);
+              g_butterfly_backward, g_angle_sums, g_angle_sums_scale);
   std::printf("cuda_emulation: %d passed, %d failed\n", g_cases - g_failed_cases, g_failed_cases);
   return g_failures == 0 ? 0 : 1;
 }
