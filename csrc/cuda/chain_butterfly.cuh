@@ -90,6 +90,35 @@ __device__ __forceinline__ void butterfly_exchange(A* buf, int d, int t, int fro
   });
 }
 
+// v[r][e] *= scale[t + e 2^top]: the scale on a thread's values of the last round's window (top), read per group as
+// needed (opaque: not held across the row-group loop).
+template <int kR, class A>
+__device__ __forceinline__ void butterfly_scale_top(const A* scale, int t, int top, A (&v)[kR][kChunk]) {
+  const A* sc = opaque(scale);
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) {
+    const A s = __ldg(sc + t + (e << top));
+#pragma unroll
+    for (int r = 0; r < kR; ++r) v[r][e] *= s;
+  }
+}
+
+// A thread's place in the butterfly kernels: n = log2 d (kLogD, or from a.d), W = n - 3 bits of its index lane_t in
+// its sub-block of d / 8 threads, its sub-block sub of the block's Q, the rounds and the last round's window top.
+template <int kLogD>
+struct ButterflyThread {
+  int n, d, W, lane_t, sub, Q, rounds, top;
+  __device__ __forceinline__ explicit ButterflyThread(const GeneralArgs& a)
+      : n(kLogD > 0 ? kLogD : ceil_log2(a.d)),
+        d(1 << n),
+        W(n - kLogChunk),
+        lane_t(static_cast<int>(threadIdx.x) & ((1 << W) - 1)),
+        sub(static_cast<int>(threadIdx.x) >> W),
+        Q(static_cast<int>(blockDim.x) >> W),
+        rounds(butterfly_rounds(n)),
+        top(n - kLogChunk) {}
+};
+
 // kLogD: log2 d as a constant (butterfly_fixed_width), or 0 for any d = 2^n, kButterflyMinLogD <= n <=
 // kButterflyMaxLogD. a: rows, d, x (x_ld), out (contiguous), blocks, scale, groups = ceil(rows / (Q R)), R = kR;
 // num_pairs = k n d / 2 for stack(butterfly(d), k), whose repetitions run one after the other on the same rows.
@@ -97,21 +126,16 @@ template <class S, bool kVec, int kLogD>
 __global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_forward_kernel(const GeneralArgs a) {
   using A = typename Elem<S>::A;
   constexpr int kR = butterfly_rows(sizeof(A));
-  constexpr int kMaxRounds = (kButterflyMaxLogD + kLogChunk - 1) / kLogChunk;
+  constexpr int kMaxRounds = butterfly_rounds(kButterflyMaxLogD);
   QGOFT_DYNAMIC_SMEM(A, smem);
-  const int n = kLogD > 0 ? kLogD : ceil_log2(a.d);
-  const int d = 1 << n;
-  const int W = n - kLogChunk;  // bits of a thread's index in its sub-block
-  const int lane_t = static_cast<int>(threadIdx.x) & ((1 << W) - 1);
-  const int sub = static_cast<int>(threadIdx.x) >> W;
-  const int Q = static_cast<int>(blockDim.x) >> W;
-  const int rounds = (n + kLogChunk - 1) / kLogChunk;
+  const ButterflyThread<kLogD> bt(a);
+  const int n = bt.n, d = bt.d, W = bt.W, lane_t = bt.lane_t, sub = bt.sub, Q = bt.Q, rounds = bt.rounds;
   A* buf = smem + static_cast<int64_t>(sub) * kR * d;
   const S* x = static_cast<const S*>(a.x);
   S* out = static_cast<S*>(a.out);
   const A* table = static_cast<const A*>(a.blocks);
   const A* scale = static_cast<const A*>(a.scale);
-  const int top = n - kLogChunk;  // the last round's window: element t + e 2^top
+  const int top = bt.top;  // the last round's window: element t + e 2^top
   const int pairs_per_rep = n << (n - 1);  // one butterfly's n d / 2 pairs
   const int reps = static_cast<int>(a.num_pairs / pairs_per_rep);
   for (int64_t g = blockIdx.x; g < a.groups; g += gridDim.x) {
@@ -155,15 +179,7 @@ __global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_forward_ker
     // the stores' thread index and rows, derived anew (held across the rounds, they were spilled)
     const int ts = thread_index();
     const int64_t rows0 = (g * Q + (static_cast<int>(opaque(threadIdx.x)) >> W)) * kR;
-    if (scale != nullptr) {
-      const A* sc = opaque(scale);  // loaded per group, as needed (not held across the loop)
-#pragma unroll
-      for (int e = 0; e < kChunk; ++e) {
-        const A s = __ldg(sc + ts + (e << top));
-#pragma unroll
-        for (int r = 0; r < kR; ++r) v[r][e] *= s;
-      }
-    }
+    if (scale != nullptr) butterfly_scale_top<kR>(scale, ts, top, v);
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
       if (rows0 + r >= a.rows) continue;
@@ -250,22 +266,18 @@ __device__ __forceinline__ void butterfly_get(const A* buf, int d, int t, int w,
 // (buffer m, the thread's own slots; round 0: x read again) by the round's earlier layers, the pairs' sums added to
 // the sub-block's own partial row (slot blockIdx.x Q + sub: every pair and scale entry has one owner thread), g
 // back-propagated; g to the previous round's window through buffer m; dx stored from window 0. kLogD: log2 d as a
-// constant, or 0 (the only instantiation: with n a constant, sm_90, it spilled 1.5 KB at 128 registers). a: rows, d, x (x_ld), grad (grad_ld), out (contiguous, may be null), blocks,
-// scale, groups, partial (partial_ld; kGrads), want_blocks, want_scale.
+// constant, or 0 (the only instantiation: with n a constant, sm_90, it spilled 1.5 KB at 128 registers). a: rows, d,
+// x (x_ld), grad (grad_ld), out (contiguous, may be null), blocks, scale, groups, partial (partial_ld; kGrads),
+// want_blocks, want_scale, angle_sums.
 template <class S, bool kVec, bool kGrads, int kLogD>
 __global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_backward_kernel(const GeneralArgs a) {
   using A = typename Elem<S>::A;
   constexpr int kR = butterfly_backward_rows(sizeof(A));
   constexpr int kMaxRounds = butterfly_rounds(kButterflyMaxLogD);
   QGOFT_DYNAMIC_SMEM(A, smem);
-  const int n = kLogD > 0 ? kLogD : ceil_log2(a.d);
-  const int d = 1 << n;
-  const int W = n - kLogChunk;  // bits of a thread's index in its sub-block
-  const int lane_t = static_cast<int>(threadIdx.x) & ((1 << W) - 1);
-  const int sub = static_cast<int>(threadIdx.x) >> W;
-  const int Q = static_cast<int>(blockDim.x) >> W;
-  const int rounds = butterfly_rounds(n);
-  const int top = n - kLogChunk;  // the last round's window: element t + e 2^top
+  const ButterflyThread<kLogD> bt(a);
+  const int d = bt.d, W = bt.W, lane_t = bt.lane_t, sub = bt.sub, Q = bt.Q, rounds = bt.rounds;
+  const int top = bt.top;  // the last round's window: element t + e 2^top
   // buffer m (1 .. rounds - 1) of the sub-block: round m's input, then the gradient on its way to round m - 1
   A* const bufs = smem + static_cast<int64_t>(sub) * kR * d;
   const int64_t buf_stride = static_cast<int64_t>(Q) * kR * d;
@@ -345,15 +357,7 @@ __global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_backward_ke
           *at = first ? s : *at + s;
         }
       }
-      if (scale != nullptr) {
-        const A* sc = opaque(scale);
-#pragma unroll
-        for (int e = 0; e < kChunk; ++e) {
-          const A sv = __ldg(sc + t + (e << top));
-#pragma unroll
-          for (int r = 0; r < kR; ++r) gr[r][e] *= sv;
-        }
-      }
+      if (scale != nullptr) butterfly_scale_top<kR>(scale, t, top, gr);
     }
 #pragma unroll
     for (int mm = kMaxRounds - 1; mm >= 0; --mm) {
