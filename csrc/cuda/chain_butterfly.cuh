@@ -365,11 +365,21 @@ __global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_backward_ke
         const int m = mm;
         const int w = window(m);
         const int lo = 3 * m - w;  // the round's first layer (kK): 0, or more where its window overlaps the previous
-        // one pass per layer of the round, from its last: (kGrads) u <- the round's input (buffer m, or x for round 0)
-        // through the round's layers below kK (`upto`), then the layer's backward. The thread index and the table are
-        // taken anew per pass: what derives from them (slots, pair indices, blocks) is not held across passes
-        // (held, it was spilled)
-        auto pass_input = [&](int tp, const A* blocks, int base, int upto) {
+        // one pass per layer of the round, from its last: (kGrads) u <- the input of the layer, then the layer's
+        // backward. The thread index and the table are taken anew per pass: what derives from them (slots, pair
+        // indices, blocks) is not held across passes (held, it was spilled). The round's input is buffer m (the
+        // thread's own slots), round 0's x. Own slots that are dead by now keep values for the later passes
+        // (stashes; each thread writes and reads only its own slots of a window, so no barrier): the input of layer 1
+        // (after layer 0), which pass 1 then reads instead of recomputing layer 0, in buffer m + 1's slots of window w
+        // (their gradient was read before this round; round 0: buffer 2, dead since the last barrier); round 0's x,
+        // read from global memory once, in buffer 1's slots of window 0 (their gradient was read before round 0).
+        A* const stash_u1 = m > 0 ? (m + 1 < rounds ? bufs + m * buf_stride : nullptr)
+                                  : (rounds > 2 ? bufs + buf_stride : nullptr);
+        A* const stash_x = m == 0 && rounds > 1 ? bufs : nullptr;
+        {
+          const int tp = thread_index();
+          const A* blocks = opaque(table);
+          const int base = butterfly_window_base(tp, w);
           if constexpr (kGrads) {
             if (m > 0) {
               butterfly_get<kR>(bufs + (m - 1) * buf_stride, d, tp, w, u);
@@ -378,30 +388,48 @@ __global__ void __launch_bounds__(kButterflyMaxThreads, 1) butterfly_backward_ke
               for (int r = 0; r < kR; ++r) {
                 load_chunk<S, kVec>(x + (row0 + r) * a.x_ld, tp * kChunk, d, row0 + r < a.rows, u[r]);
               }
+              if (stash_x != nullptr) butterfly_put<kR>(stash_x, d, tp, 0, u);
             }
-            if (lo == 0 && upto > 0) butterfly_layer<0, kR>(blocks, w, base, w, d, u);
-            if (lo <= 1 && upto > 1) butterfly_layer<1, kR>(blocks, w + 1, base, w, d, u);
+            if (lo == 0) {
+              butterfly_layer<0, kR>(blocks, w, base, w, d, u);
+              if (stash_u1 != nullptr) butterfly_put<kR>(stash_u1, d, tp, w, u);
+            }
+            if (lo <= 1) butterfly_layer<1, kR>(blocks, w + 1, base, w, d, u);
           }
-        };
-        {
-          const int tp = thread_index();
-          const A* blocks = opaque(table);
-          const int base = butterfly_window_base(tp, w);
-          pass_input(tp, blocks, base, 2);
           butterfly_layer_backward<2, kR, kGrads>(blocks, w + 2, base, w, d, u, gr, pair_sums, first, angle_sums);
         }
+        // u <- the round's input (buffer m, stashed x, or x from global memory)
+        auto round_input = [&](int tp) {
+          if (m > 0) {
+            butterfly_get<kR>(bufs + (m - 1) * buf_stride, d, tp, w, u);
+          } else if (stash_x != nullptr) {
+            butterfly_get<kR>(stash_x, d, tp, 0, u);
+          } else {
+#pragma unroll
+            for (int r = 0; r < kR; ++r) {
+              load_chunk<S, kVec>(x + (row0 + r) * a.x_ld, tp * kChunk, d, row0 + r < a.rows, u[r]);
+            }
+          }
+        };
         if (lo <= 1) {
           const int tp = thread_index();
           const A* blocks = opaque(table);
           const int base = butterfly_window_base(tp, w);
-          pass_input(tp, blocks, base, 1);
+          if constexpr (kGrads) {
+            if (lo == 0 && stash_u1 != nullptr) {
+              butterfly_get<kR>(stash_u1, d, tp, w, u);
+            } else {
+              round_input(tp);
+              if (lo == 0) butterfly_layer<0, kR>(blocks, w, base, w, d, u);
+            }
+          }
           butterfly_layer_backward<1, kR, kGrads>(blocks, w + 1, base, w, d, u, gr, pair_sums, first, angle_sums);
         }
         if (lo == 0) {
           const int tp = thread_index();
           const A* blocks = opaque(table);
           const int base = butterfly_window_base(tp, w);
-          pass_input(tp, blocks, base, 0);
+          if constexpr (kGrads) round_input(tp);
           butterfly_layer_backward<0, kR, kGrads>(blocks, w, base, w, d, u, gr, pair_sums, first, angle_sums);
         }
         if (m > 0) {  // the gradient into the previous round's window: own slots of window w (read just before)
