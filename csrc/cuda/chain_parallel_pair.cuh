@@ -76,7 +76,7 @@ __device__ __forceinline__ RawChunk<S, true> unpack_anew(RawChunk<S, true> c) {
 // Instantiations (ParallelArgs::pair): <S, true, true> for any rows and masks the paired kernel takes (pair == 1);
 // without the scale's gradient (pair == 2, the masks `auto` pairs) <S, true, false> for segmented rows and
 // <S, false, false> for rows of one segment (2049 .. 4096 elements): no scale sums, no top layers or segment-start
-// conditions in their row loops (bf16: 801 / 851 SASS instructions per pair of rows against 944; docs/CUDA.md, "The
+// conditions in their row loops (bf16: 786 / 831 SASS instructions per pair of rows against 924; docs/CUDA.md, "The
 // paired reg backward without the scale's gradient").
 template <class S, bool kSegmented, bool kScaleGrad>
 __global__ void __launch_bounds__(512) parallel_backward_pair_kernel(const ParallelArgs args) {
@@ -122,6 +122,8 @@ __global__ void __launch_bounds__(512) parallel_backward_pair_kernel(const Paral
   lane_bits.bits |= LaneLive::kInThread;
   int xw_pair = 0;
   const bool xw_owner = cross_warp_owner<A>(a, ln, lane, wq, acc_blocks, xw_pair);
+  // the lanes that hold a shuffle-layer pair as its upper lane (the others' sums would be zeros)
+  const bool sh_owner = acc_blocks && lane != 0 && lane_bits.shuffle().upper != 0;
 
   // the next pair's rows as loaded, into registers where the current pair's loaded words are no longer needed
   // (after they are unpacked again for the in-thread layers: 16 registers that the whole row would otherwise
@@ -246,16 +248,17 @@ __global__ void __launch_bounds__(512) parallel_backward_pair_kernel(const Paral
     // the inputs and output gradients of the pair this lane holds as its upper lane in each row (at most one per
     // level; selected, not branched on: no branch between the level's shuffles), added to the block's
     // accumulators after the level, rows in order: warp 0's cross-warp owners here, every lane's shuffle-layer
-    // pair below
+    // pair below. Its own output gradient is the level's input: an upper participant takes no part in the layers
+    // above its pair's (the level goes down from the top layer), so its gradient has not changed by then.
     A up[N][4];
-    auto keep_upper = [&](int r, int, int, A ui, A uj, A gi, A gj) {
-      up[r][0] = ui, up[r][1] = uj, up[r][2] = gi, up[r][3] = gj;
+    auto keep_upper = [&](int r, int, int, A ui, A uj, A gi, A) {
+      up[r][0] = ui, up[r][1] = uj, up[r][2] = gi;
     };
-    auto clear_upper = [&]() {
+    auto clear_upper = [&](const A (&g_in)[N]) {
 #pragma unroll
-      for (int r = 0; r < N; ++r) up[r][0] = up[r][1] = up[r][2] = up[r][3] = A(0);
+      for (int r = 0; r < N; ++r) up[r][0] = up[r][1] = up[r][2] = A(0), up[r][3] = g_in[r];
     };
-    clear_upper();
+    clear_upper(gq);
     level_backward_rows<true, true>(xwl, a.logT - 5, xpos, pass_mask().cross_warp(), xw_blocks, gq, tt, keep_upper);
     if (xw_owner) accumulate_pair_rows(op.cacc + 4 * xw_pair, up);
 #pragma unroll
@@ -263,9 +266,9 @@ __global__ void __launch_bounds__(512) parallel_backward_pair_kernel(const Paral
       const A mine = __shfl_sync(kFullMask, gq[r], wq);
       if (lane == 0) g0[r] = mine;
     }
-    clear_upper();
+    clear_upper(g0);
     level_backward_rows<true, true>(shl, LS, ln.t, pass_mask().shuffle(), sh_blocks, g0, tsh, keep_upper);
-    if (acc_blocks && lane != 0) accumulate_pair_rows(sh_acc, up);
+    if (sh_owner) accumulate_pair_rows(sh_acc, up);
     // in-thread layers: the gradients and the layer-1 tape unpacked again from the rows as loaded
     A gv[N][kChunk];
 #pragma unroll
