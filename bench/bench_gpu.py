@@ -7,7 +7,9 @@ planner per call), so the variants share every round; a variant `V+prefetch` is 
 (the prefetching forward: forward rows, and the backward rows of its top pass at d > 4096), `V+serial` is V with
 QGOFT_CUDA_REDUCE=serial (the serial reduction of the partial rows: backward rows with parameter gradients, also in
 a table at all-MiniLM-L6-v2's shapes, 2048 rows x d = 384 and 1536 bf16, beside the split one), `V+pair` V with
-QGOFT_CUDA_BACKWARD=pair (the paired reg backward: the bf16 backward rows with parameter gradients), `V+recompute` V
+QGOFT_CUDA_BACKWARD=pair (the paired reg backward: the bf16 backward rows with parameter gradients), `V+pair+nol2`
+V+pair with QGOFT_CUDA_PAIR_PREFETCH=off (its kernel without the L2 prefetch: the bf16 goft and qgoft backward rows
+with parameter gradients at d = 4096), `V+recompute` V
 with QGOFT_CUDA_TOPS=recompute (the backward rows with parameter gradients at d > 4096, which are given the
 forward's segment tops, recompute them in a top pass instead: docs/CUDA.md, "Saved segment tops"); the layout table
 (target 3) times stack=2 and the butterfly on the general and the fused XOR kernels (QGOFT_CUDA_XOR=general|fused)
@@ -15,6 +17,7 @@ side by side.
 
     python bench/bench_gpu.py [--rounds 15] [--out DIR] [--quick] [--variants base,table,table+prefetch]
     python bench/bench_gpu.py --only kernels --variants reg,reg+pair   # the paired reg backward beside reg
+    python bench/bench_gpu.py --only kernels --variants reg+prefetch+pair,reg+prefetch+pair+nol2   # its L2 prefetch A/B
     python bench/bench_gpu.py --only kernels --variants reg+prefetch,reg+prefetch+recompute   # saved tops or not
     python bench/bench_gpu.py --dry-run     # no GPU: tiny shapes on the CPU, CPU timers (checks the script)
     python bench/bench_gpu.py --only kernels --xor general   # the chain and layout tables only
@@ -46,19 +49,20 @@ sys.path.insert(0, HERE)
 import bench_common as bc  # noqa: E402
 import bench_layer as bl  # noqa: E402
 
-VARIANTS = ("base", "table", "reg", "table+prefetch", "reg+prefetch", "reg+serial", "reg+pair")
+VARIANTS = ("base", "table", "reg", "table+prefetch", "reg+prefetch", "reg+serial", "reg+pair", "reg+pair+nol2")
 CHAIN_OPS = ("givens_chain", "givens_chain_backward", "quasi_givens_chain", "quasi_givens_chain_backward")
 # Variants whose forward kernels are another variant's (reg changes the backward only): their forward rows and
 # the layout table (target 3) are timed under that variant only.
 SAME_FORWARD = {"reg": "table", "reg+prefetch": "table+prefetch", "reg+pair": "reg", "reg+single": "reg"}
 # The switches a variant name's `+S` suffixes set (`V+S1+S2`: variant V with S1 and S2), and their values without:
 # `+prefetch` the prefetching forward, `+serial` the serial reduction, `+pair` the paired reg backward, `+recompute` the
-# top pass whatever segment tops the backward is given (docs/CUDA.md, "Debug knobs").
+# top pass whatever segment tops the backward is given, `+nol2` the paired kernel without its L2 prefetch of the pair
+# after the next (docs/CUDA.md, "Debug knobs").
 SUFFIX_KNOBS = {"prefetch": ("QGOFT_CUDA_FORWARD", "prefetch"), "serial": ("QGOFT_CUDA_REDUCE", "serial"),
                 "pair": ("QGOFT_CUDA_BACKWARD", "pair"), "single": ("QGOFT_CUDA_BACKWARD", "single"),
-                "recompute": ("QGOFT_CUDA_TOPS", "recompute")}
+                "recompute": ("QGOFT_CUDA_TOPS", "recompute"), "nol2": ("QGOFT_CUDA_PAIR_PREFETCH", "off")}
 KNOB_DEFAULTS = {"QGOFT_CUDA_FORWARD": "plain", "QGOFT_CUDA_REDUCE": "split", "QGOFT_CUDA_BACKWARD": "auto",
-                 "QGOFT_CUDA_TOPS": "saved"}
+                 "QGOFT_CUDA_TOPS": "saved", "QGOFT_CUDA_PAIR_PREFETCH": "on"}
 # Every kernel switch of the CUDA planner (docs/CUDA.md, "Debug knobs"): the ones a variant name sets and the path,
 # segment and XOR-path overrides; a tool that runs kernels under chosen switches clears these first.
 KERNEL_SWITCHES = ("QGOFT_CUDA_PATH", "QGOFT_CUDA_SEGMENT", "QGOFT_CUDA_VARIANT", "QGOFT_CUDA_XOR", *KNOB_DEFAULTS)
@@ -95,6 +99,18 @@ def backward_only(variant: str) -> bool:
 # tables (rows of one segment) leave them out; the LLaMA table, whose MLP input has 11008 features, times them.
 def tops_only(variant: str) -> bool:
     return variant.endswith("+recompute")
+
+
+# Variants that change only the L2 prefetch of the paired kernel's instantiation for rows of one segment without the
+# scale's gradient (`V+pair+nol2`: QGOFT_CUDA_PAIR_PREFETCH=off under V+pair, `pair_prefetch=0` in the plan; docs/CUDA.md,
+# "The paired `reg` backward without the scale's gradient"): of the chain table only the 16-bit backward rows of goft
+# and qgoft (parameter gradients, no scale) at d <= 4096 are timed, where that instantiation runs (elsewhere V+pair's
+# kernel); every other table leaves them out (backward_only: the layout and reduction tables; here: Linear, LLaMA).
+def l2_only(variant: str) -> bool:
+    return "+nol2" in variant
+
+
+L2_ROWS = ("goft backward (dx, dθ)", "qgoft backward (dx, dblocks)")
 
 
 def knob_env(variant: str) -> Dict[str, str]:
@@ -260,6 +276,8 @@ def chain_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Lis
                 continue
             if backward_only(v) and ("forward" in name or "dx only" in name or x.element_size() != 2):
                 continue  # the paired reg backward: 16-bit rows with parameter gradients only (elsewhere V's kernel)
+            if l2_only(v) and (name not in L2_ROWS or d > 4096):
+                continue  # without the L2 prefetch: rows of one segment without the scale's gradient only
             contenders[f"{name} [{v}]"] = with_variant(v, fn)
     med = clock.timed(contenders, rounds, inner=5)
     copy = med[COPY]
@@ -355,7 +373,7 @@ def linear_rows(rows: int, d: int, rounds: int, variants: List[str], dev: str, d
         step = bl.train_step(c.module, x, gy)
         if c.name.startswith("qgoft"):
             for v in variants:
-                if not tops_only(v):  # rows of one segment: no tops
+                if not tops_only(v) and not l2_only(v):  # rows of one segment: no tops; nol2: the chain table only
                     fns[f"{c.name} [{v}]"] = with_variant(v, step)
         else:
             fns[c.name] = step
@@ -419,7 +437,8 @@ def llama_rows(blocks: int, d: int, mlp: int, heads: int, batch: int, seq: int, 
         return model
 
     contenders = [(FLOOR, "floor", "")] + [(f"qgoft {m.upper() if m == 'goft' else 'qGOFT'}", m, v)
-                                           for m in ("goft", "qgoft") for v in variants if not reduce_only(v)]
+                                           for m in ("goft", "qgoft") for v in variants
+                                           if not reduce_only(v) and not l2_only(v)]
     if bl.peft_missing() is None:
         contenders.append((bl.LORA, "lora", ""))
     out = []
@@ -546,7 +565,7 @@ def render(header: dict, chain: List[dict], lays: List[dict], lin: List[dict], l
              ", ".join(f"{k}: {v}" for k, v in header.items()), "",
              "Medians over interleaved rounds (CUDA events) after warm-up; `variant` is QGOFT_CUDA_VARIANT "
              "(`+prefetch`: with QGOFT_CUDA_FORWARD=prefetch; `+serial`: with QGOFT_CUDA_REDUCE=serial; `+pair`: with "
-             "QGOFT_CUDA_BACKWARD=pair).", "",
+             "QGOFT_CUDA_BACKWARD=pair; `+nol2`: with QGOFT_CUDA_PAIR_PREFETCH=off).", "",
              "| case | contender | variant | ms | x copy | GB/s | % of copy bandwidth |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in chain:

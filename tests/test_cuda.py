@@ -582,6 +582,51 @@ def test_pair_backward(gen, env, capfd, d, rows, method, dtype, mask, g_kind, pa
         assert torch.equal(a, b) and torch.equal(c, b), f"{name}: the paired reg backward differs from the reg kernel"
 
 
+@pytest.mark.parametrize("d,rows,method,dtype,mask,no_l2", [
+    (4096, 1_001, "goft", BF16, (True, True, False), True),       # pair=2, one segment: blocks own pairs, a last single row
+    (4096, 1_000, "qgoft", F16, (False, True, False), True),      # no grad_x
+    (3000, 999, "qgoft", BF16, (True, True, False), True),        # the segment partly past the row
+    (11008, 301, "goft", BF16, (True, True, False), False),       # segmented: pair=2 with the prefetch (no such kernel)
+    (4096, 1_000, "goft_scaled", BF16, (True, True, True), False),  # the scale's gradient: pair=1, prefetch kept
+])
+def test_pair_backward_without_l2_prefetch(gen, env, capfd, d, rows, method, dtype, mask, no_l2):
+    """QGOFT_CUDA_PAIR_PREFETCH=off under QGOFT_CUDA_BACKWARD=pair (docs/CUDA.md, "The paired `reg` backward without the
+    scale's gradient"): rows of one segment without the scale's gradient (pair=2) run the paired kernel's
+    instantiation without the L2 prefetch of the pair after the next (pair_prefetch=0 in the plan), elsewhere the
+    kernel it would run with `on` (the default); a prefetch changes no result: bitwise the paired kernel's with it and
+    the reg kernel's (single). An unknown value names the two."""
+    env(QGOFT_CUDA_VERBOSE=1, QGOFT_CUDA_VARIANT="reg")
+    pairs, offsets = make_layout("parallel", d, gen)
+    params, scale = make_params(method, pairs.shape[0], d, gen)
+    x = make_tensor((rows,), d, "contiguous", gen, dtype)
+    g = make_tensor((rows,), d, "contiguous", gen, dtype)
+    grads = {}
+    for backward, prefetch in (("single", "on"), ("pair", "on"), ("pair", "off"), ("pair", "")):
+        env(QGOFT_CUDA_BACKWARD=backward, QGOFT_CUDA_PAIR_PREFETCH=prefetch)
+        poison()
+        capfd.readouterr()
+        got = k_backward(method, g, x, params, pairs, offsets, scale, mask)
+        torch.cuda.synchronize()
+        seen = [p for p in plans(capfd) if " backward " in p]
+        off = backward == "pair" and prefetch == "off" and no_l2
+        assert len(seen) == 1 and (" pair_prefetch=0 " in seen[0]) == off, (backward, prefetch, seen)
+        assert backward == "single" or " pair=0 " not in seen[0], seen
+        grads[(backward, prefetch)] = got
+    want = truth(method, x, g, params, pairs, offsets, scale)
+    names = ("grad_x", "grad_params", "grad_scale")
+    for name, wanted, got, ref_grad, tol_dtype in zip(names, mask, grads[("pair", "off")], want[1:], (dtype, F32, F32)):
+        if wanted and ref_grad is not None:
+            check_close(got, ref_grad, tol_dtype, f"{method} parallel d={d} rows={rows} {dtype}: no L2 prefetch {name}")
+    for key in (("pair", "on"), ("pair", ""), ("single", "on")):
+        for name, a, b in zip(names, grads[("pair", "off")], grads[key]):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b)), \
+                f"{name}: the paired kernel without the L2 prefetch differs from {key}"
+    if no_l2:
+        env(QGOFT_CUDA_BACKWARD="pair", QGOFT_CUDA_PAIR_PREFETCH="fast")
+        with pytest.raises((RuntimeError, ValueError), match="QGOFT_CUDA_PAIR_PREFETCH must be on or off"):
+            k_backward(method, g, x, params, pairs, offsets, scale, mask)
+
+
 def _with_tops(method):
     return op().quasi_givens_chain_with_tops if is_quasi(method) else op().givens_chain_with_tops
 

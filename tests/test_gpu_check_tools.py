@@ -38,6 +38,8 @@ def test_sanitizer_cases_cover_every_variant():
     for path in ("pair 512 threads [reg]", "pair segmented default [reg]"):  # QGOFT_CUDA_BACKWARD=pair: 16-bit rows
         for dtype in ("bfloat16", "float16"):
             assert any(line.startswith(path) and dtype in line and "'pair'" in line for line in lines), (path, dtype)
+    assert any(line.startswith("pair 512 threads no L2 prefetch [reg]") and "'QGOFT_CUDA_PAIR_PREFETCH': 'off'" in line
+               for line in lines)  # the paired kernel's instantiation without the L2 prefetch
     slow = subprocess.run([sys.executable, os.path.join(ROOT, "tools/gpu_sanitize_case.py"), "--list", "--float32-only"],
                           check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}).stdout
     assert sum(line.startswith("pair ") for line in slow.splitlines()) == 1  # racecheck / synccheck see the pair kernel
@@ -53,7 +55,7 @@ def test_variant_names_set_their_switches():
     finally:
         sys.path.pop(0)
     base = {"QGOFT_CUDA_FORWARD": "plain", "QGOFT_CUDA_REDUCE": "split", "QGOFT_CUDA_BACKWARD": "auto",
-            "QGOFT_CUDA_TOPS": "saved"}
+            "QGOFT_CUDA_TOPS": "saved", "QGOFT_CUDA_PAIR_PREFETCH": "on"}
     assert bench_gpu.knob_env("reg") == {"QGOFT_CUDA_VARIANT": "reg", **base}
     assert bench_gpu.knob_env("table+prefetch") == {**base, "QGOFT_CUDA_VARIANT": "table", "QGOFT_CUDA_FORWARD": "prefetch"}
     assert bench_gpu.knob_env("reg+pair") == {**base, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_BACKWARD": "pair"}
@@ -64,6 +66,11 @@ def test_variant_names_set_their_switches():
     assert bench_gpu.knob_env("reg+prefetch+recompute") == {**base, "QGOFT_CUDA_VARIANT": "reg",
                                                             "QGOFT_CUDA_FORWARD": "prefetch", "QGOFT_CUDA_TOPS": "recompute"}
     assert bench_gpu.tops_only("reg+prefetch+recompute") and not bench_gpu.tops_only("reg+prefetch")
+    assert bench_gpu.knob_env("reg+prefetch+pair+nol2") == {**base, "QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_FORWARD":
+                                                            "prefetch", "QGOFT_CUDA_BACKWARD": "pair",
+                                                            "QGOFT_CUDA_PAIR_PREFETCH": "off"}
+    assert bench_gpu.l2_only("reg+prefetch+pair+nol2") and bench_gpu.backward_only("reg+prefetch+pair+nol2")
+    assert not bench_gpu.l2_only("reg+prefetch+pair") and not bench_gpu.forward_only("reg+prefetch+pair+nol2")
     assert not bench_gpu.forward_only("reg+prefetch+recompute")
     with pytest.raises(ValueError, match="unknown suffix"):
         bench_gpu.knob_env("reg+fast")

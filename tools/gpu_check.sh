@@ -20,7 +20,8 @@
 #                 QGOFT_CUDA_FORWARD=prefetch, also bitwise against table's plain forward) and the one-row reg
 #                 backward (reg+single: QGOFT_CUDA_BACKWARD=single, also bitwise against reg's default, the
 #                 paired kernel without the scale's gradient) and the paired kernel's instantiations without the
-#                 scale's gradient (reg+pair: QGOFT_CUDA_BACKWARD=pair, bitwise against reg's) against base and the
+#                 scale's gradient (reg+pair: QGOFT_CUDA_BACKWARD=pair, bitwise against reg's; reg+pair+nol2: the
+#                 same with QGOFT_CUDA_PAIR_PREFETCH=off, its instantiation without the L2 prefetch) against base and the
 #                 float64 reference, the backward on the forward's saved segment tops bitwise against its top
 #                 pass (reg+prefetch+recompute: QGOFT_CUDA_TOPS=recompute), the fused XOR path against the general
 #                 kernels
@@ -30,7 +31,9 @@
 #                 reg+serial (QGOFT_CUDA_REDUCE=serial: backward rows with parameter gradients; and every
 #                 backward variant split / serial at MiniLM's 2048 x 384 and 1536) and reg+prefetch+single (the
 #                 one-row reg backward, bf16 backward rows with parameter gradients), reg+prefetch+pair (the
-#                 paired kernel's instantiations without the scale's gradient: the same rows) and reg+prefetch+recompute
+#                 paired kernel's instantiations without the scale's gradient: the same rows), reg+prefetch+pair+nol2
+#                 (the same without the L2 prefetch of the pair after the next: bf16 d = 4096 goft and qgoft backward
+#                 rows with gradients only) and reg+prefetch+recompute
 #                 (the top pass instead of the forward's saved segment tops: d > 4096 backward rows with
 #                 gradients; the LLaMA step) side by side (base is
 #                 timed by the baseline part, table was slower than reg everywhere), butterfly
@@ -353,8 +356,8 @@ else
   part build 150 build.log build_extension
   part ptxas 60 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --binary qgoft/libqgoft_cuda.so --out "$OUTDIR/ptxas.json"
   part load 30 load.log load_check
-  part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py --variants table,reg,table+prefetch,reg+single,reg+pair,reg+prefetch+recompute
-  part chain 180 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants reg,reg+prefetch,reg+serial,reg+prefetch+single,reg+prefetch+pair,reg+prefetch+recompute \
+  part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py --variants table,reg,table+prefetch,reg+single,reg+pair,reg+pair+nol2,reg+prefetch+recompute
+  part chain 180 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants reg,reg+prefetch,reg+serial,reg+prefetch+single,reg+prefetch+pair,reg+prefetch+pair+nol2,reg+prefetch+recompute \
     --layout-variants base,reg --out "$OUTDIR"
   part tests 120 tests.log run_tests
   part sanitize 180 sanitize.log sanitize_all

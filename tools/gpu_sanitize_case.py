@@ -17,7 +17,8 @@ pass) on enough rows that blocks own several row groups; the split reduction of 
 (QGOFT_CUDA_REDUCE=split, the default) with 2 to 64 lanes per item and d % 4 != 0; the paired reg backward
 (QGOFT_CUDA_BACKWARD=pair under reg: 16-bit rows of 512-thread segments, one segment and three, every mask,
 without the scale's gradient on its instantiations for that: the adjoint runs the reg kernel; under auto, the
-default, the instantiation for any masks on rows of one segment) on rows that give blocks pairs of rows and a last
+default, the instantiation for any masks on rows of one segment; with QGOFT_CUDA_PAIR_PREFETCH=off, bfloat16 qgoft,
+the one without the L2 prefetch) on rows that give blocks pairs of rows and a last
 single row; the backward of segmented
 rows given the forward's segment tops (QGOFT_CUDA_TOPS=saved, the default, with the tops of `*_with_tops`: no top
 pass, warp 0 reads them; every mask, the paired reg backward too); general in shared
@@ -129,6 +130,10 @@ def cases():
         for name, lay, rows, env, unaligned in pair:
             out.append((f"{name} [reg]", lay, rows, dtype, quasi, with_scale,
                         {"QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_BACKWARD": "pair", **env}, unaligned))
+    # its instantiation without the L2 prefetch (QGOFT_CUDA_PAIR_PREFETCH=off; qgoft without the scale: pair=2 with
+    # every mask that has parameter gradients)
+    out.append(("pair 512 threads no L2 prefetch [reg]", layouts.parallel(4096), 401, torch.bfloat16, True, False,
+                {"QGOFT_CUDA_VARIANT": "reg", "QGOFT_CUDA_BACKWARD": "pair", "QGOFT_CUDA_PAIR_PREFETCH": "off"}, False))
     for dtype, quasi, with_scale, extra in ((torch.float32, False, True, {}), (torch.bfloat16, True, False, {}),
                                             (torch.bfloat16, False, True, {"QGOFT_CUDA_BACKWARD": "pair"})):
         for name, lay, rows, env, unaligned in tops if not extra else tops[:1]:

@@ -15,7 +15,8 @@ the reference and, bitwise, V's plain forward, and its full backward (segmented 
 prefetching forward) bitwise against V's with the plain forward. `V+pair` (QGOFT_CUDA_BACKWARD=pair under V: the
 paired reg backward, where it applies: 16-bit rows of one or more 512-thread segments with parameter gradients) is
 checked backward, on as many rows as the prefetching forward, against base and, bitwise, V's backward with every
-mask. `V+recompute` (QGOFT_CUDA_TOPS=recompute under V: the backward's top pass whatever tops it is given) is checked
+mask; `V+pair+nol2` (QGOFT_CUDA_PAIR_PREFETCH=off too: its instantiation without the L2 prefetch) the same, on the
+only rows it runs (bfloat16, d = 4096). `V+recompute` (QGOFT_CUDA_TOPS=recompute under V: the backward's top pass whatever tops it is given) is checked
 backward with every mask: V's backward given the tops of V's `*_with_tops` forward (whose output must be V's
 forward's, bitwise) must give bitwise the results of the backward that recomputes them. Exit status 1 on the first
 disagreement, naming the case.
@@ -31,7 +32,7 @@ from qgoft import layouts
 from qgoft import reference as ref
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from bench_gpu import backward_only, forward_only, tops_only, with_variant  # noqa: E402  (the one home of the variant names' knobs)
+from bench_gpu import backward_only, forward_only, l2_only, tops_only, with_variant  # noqa: E402  (the one home of the variant names' knobs)
 
 DEV = "cuda"
 MASKS = ((True, True, True), (True, False, False), (False, True, False), (False, False, True))
@@ -129,6 +130,8 @@ def main():
             if forward_only(variant) or backward_only(variant):
                 rows = PREFETCH_ROWS[d]
             for dtype in (torch.float32, torch.bfloat16):
+                if l2_only(variant) and (dtype != torch.bfloat16 or d != 4096):
+                    continue  # elsewhere V+pair's kernel, which its own lines check
                 for quasi in (False, True):
                     for unaligned in ((False, True) if d in (1000, 4096) else (False,)):
                         bad = case(variant, d, rows, dtype, quasi, unaligned, gen)

@@ -90,6 +90,11 @@ struct ParallelArgs {
   // instantiations without the scale's gradient (want_scale == 0; one for rows of one segment, one for segmented
   // rows; QGOFT_CUDA_BACKWARD=pair only, until a GPU run times them).
   int pair = 0;
+  // 1 (the default): the paired reg backward prefetches the pair of rows after the next into L2 (prefetch_chunk);
+  // 0: its instantiation without that prefetch, for pair == 2 with rows of one segment only
+  // (QGOFT_CUDA_PAIR_PREFETCH=off, an A/B switch until a GPU run times both; docs/CUDA.md, "The paired reg backward
+  // without the scale's gradient").
+  int pair_prefetch = 1;
   // Stacked backward with parameter gradients: 1 = repetitions 0 .. reps-2 keep their tape in shared memory
   // from the first pass (no recomputation), 0 = only their inputs (recomputed); the planner picks 1 when it fits.
   int stack_tape = 0;

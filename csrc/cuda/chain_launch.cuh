@@ -109,9 +109,13 @@ void Launchers<S>::parallel_top_forward(const ParallelArgs& a, const LaunchConfi
 template <class S>
 auto parallel_backward_for(bool vec, bool grads, const ParallelArgs& a) {
   if constexpr (sizeof(S) == 2) {  // the paired reg backward (reg_pair_applies: 16-bit activations only)
-    if (a.pair == 2) {  // without the scale's gradient: rows of one segment, or segmented rows
-      return a.nseg == 1 ? parallel_backward_pair_kernel<S, false, false>
-                         : parallel_backward_pair_kernel<S, true, false>;
+    if (a.pair == 2) {  // without the scale's gradient: rows of one segment (with or without the L2 prefetch), or
+                        // segmented rows
+      if (a.nseg == 1) {
+        return a.pair_prefetch ? parallel_backward_pair_kernel<S, false, false>
+                               : parallel_backward_pair_kernel<S, false, false, false>;
+      }
+      return parallel_backward_pair_kernel<S, true, false>;
     }
     if (a.pair > 0) return parallel_backward_pair_kernel<S, true, true>;
   }

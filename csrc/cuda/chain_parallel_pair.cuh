@@ -77,8 +77,10 @@ __device__ __forceinline__ RawChunk<S, true> unpack_anew(RawChunk<S, true> c) {
 // without the scale's gradient (pair == 2, the masks `auto` pairs) <S, true, false> for segmented rows and
 // <S, false, false> for rows of one segment (2049 .. 4096 elements): no scale sums, no top layers or segment-start
 // conditions in their row loops (bf16: 786 / 831 SASS instructions per pair of rows against 924; docs/CUDA.md, "The
-// paired reg backward without the scale's gradient").
-template <class S, bool kSegmented, bool kScaleGrad>
+// paired reg backward without the scale's gradient"). kPrefetch: the L2 prefetch of the pair after the next (every
+// instantiation above); <S, false, false, false> runs rows of one segment without it (ParallelArgs::pair_prefetch == 0,
+// QGOFT_CUDA_PAIR_PREFETCH=off: an A/B switch, same results).
+template <class S, bool kSegmented, bool kScaleGrad, bool kPrefetch = true>
 __global__ void __launch_bounds__(512) parallel_backward_pair_kernel(const ParallelArgs args) {
   using A = typename Elem<S>::A;
   static_assert(sizeof(S) == 2, "the paired reg backward: 16-bit activations (reg_pair_applies)");
@@ -127,7 +129,8 @@ __global__ void __launch_bounds__(512) parallel_backward_pair_kernel(const Paral
 
   // the next pair's rows as loaded, into registers where the current pair's loaded words are no longer needed
   // (after they are unpacked again for the in-thread layers: 16 registers that the whole row would otherwise
-  // hold); the pair after it is prefetched into L2 at the same time, so that those loads find their rows there.
+  // hold); the pair after it is prefetched into L2 at the same time (kPrefetch), so that those loads find their rows
+  // there.
   // Rows advance by element offsets (row g + r gridDim.x of the pair at offset r * step from row g's).
   RawChunk<S, true> xr[N], gr[N];
   const int64_t grid = gridDim.x;
@@ -140,9 +143,11 @@ __global__ void __launch_bounds__(512) parallel_backward_pair_kernel(const Paral
       const int64_t row = group + r * grid;
       gr[r].load(op.grad + next_grad + r * grad_step, ln.base, d, row < a.groups);
       xr[r].load(op.x + next_x + r * x_step, ln.base, d, row < a.groups);
-      const bool after = row + N * grid < a.groups;  // the same row of the pair after
-      prefetch_chunk(op.grad + next_grad + (N + r) * grad_step, ln.base, d, after);
-      prefetch_chunk(op.x + next_x + (N + r) * x_step, ln.base, d, after);
+      if constexpr (kPrefetch) {
+        const bool after = row + N * grid < a.groups;  // the same row of the pair after
+        prefetch_chunk(op.grad + next_grad + (N + r) * grad_step, ln.base, d, after);
+        prefetch_chunk(op.x + next_x + (N + r) * x_step, ln.base, d, after);
+      }
     }
     next_grad += N * grad_step;
     next_x += N * x_step;

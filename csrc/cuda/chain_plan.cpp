@@ -300,6 +300,11 @@ TopsKind tops_kind_from_env() {
                               {{"saved", TopsKind::Saved}, {"recompute", TopsKind::Recompute}});
 }
 
+PairPrefetch pair_prefetch_from_env() {
+  return env_switch<PairPrefetch>("QGOFT_CUDA_PAIR_PREFETCH", PairPrefetch::On,
+                                  {{"on", PairPrefetch::On}, {"off", PairPrefetch::Off}});
+}
+
 ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs) {
   if (butterfly_forward_applies(p, lim, knobs)) return plan_butterfly_forward(p, lim);
   ForwardPlan plan;
@@ -506,6 +511,12 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
       // 2: the paired kernel's instantiations without the scale's gradient, under QGOFT_CUDA_BACKWARD=pair only (not
       // yet timed on a GPU; docs/CUDA.md, "The paired reg backward without the scale's gradient")
       a.pair = reg && reg_rows > 1 ? (reg_kernel == RegBackward::Pair && !want_scale ? 2 : 1) : 0;
+      // pair=2 of rows of one segment: with or without the L2 prefetch of the pair after the next (an A/B switch)
+      if (a.pair == 2 && s.nseg == 1 &&
+          (knobs.pair_prefetch == PairPrefetch::FromEnv ? pair_prefetch_from_env() : knobs.pair_prefetch) ==
+              PairPrefetch::Off) {
+        a.pair_prefetch = 0;
+      }
     }
     if (grads && s.nseg > 1) plan.top_cols = s.nseg;
     const bool saved_tops =
@@ -539,6 +550,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
     const std::string reduce = plan_partials(blocks, a.partial_ld);
     plan.main.grid = dim3(static_cast<unsigned>(blocks), s.nseg);
     plan.describe = describe_parallel(reps, s, vec, a.table) + " reg=" + str(a.reg) + " pair=" + str(a.pair) +
+                    (a.pair_prefetch == 0 ? " pair_prefetch=0" : std::string()) +
                     (reps > 1 ? " tape=" + str(a.stack_tape) : std::string()) + " grads=" + str(grads) +
                     " grid=" + str(blocks) + " smem=" + str(plan.main.smem) +
                     (plan.top_pass ? " top_prefetch=" + str(plan.top_prefetch) + " top_grid=" + str(plan.top.grid.x)

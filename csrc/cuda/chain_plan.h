@@ -49,6 +49,12 @@ enum class RegBackward { FromEnv, Auto, Single, Pair };
 // them (Problem::tops), so the top pass is skipped; Recompute always runs the top pass (the forward kernel over x,
 // before the backward). FromEnv: QGOFT_CUDA_TOPS=saved|recompute (default saved), read by the planner.
 enum class TopsKind { FromEnv, Saved, Recompute };
+// The L2 prefetch of the pair of rows after the next in the paired reg backward's instantiation for rows of one
+// segment without the scale's gradient (ParallelArgs::pair == 2, nseg == 1; docs/CUDA.md, "The paired reg backward
+// without the scale's gradient"): On keeps it (48 of its 786 bf16 SASS instructions per pair of rows), Off runs its
+// instantiation without it (pair_prefetch=0 in the plan). FromEnv: QGOFT_CUDA_PAIR_PREFETCH=on|off (default on: an A/B
+// switch until a GPU run times both), read by the planner.
+enum class PairPrefetch { FromEnv, On, Off };
 struct Knobs {
   ForcedPath path = ForcedPath::Auto;
   int segment = 0;  // 0 or a power of two in [256, 8192]: segment width of the parallel kernels
@@ -58,6 +64,7 @@ struct Knobs {
   ReduceKind reduce = ReduceKind::FromEnv;
   RegBackward backward = RegBackward::FromEnv;
   TopsKind tops = TopsKind::FromEnv;
+  PairPrefetch pair_prefetch = PairPrefetch::FromEnv;
 };
 
 // The variant named by QGOFT_CUDA_VARIANT (unset or empty: Reg); throws std::invalid_argument for any
@@ -78,6 +85,9 @@ RegBackward reg_backward_from_env();
 // The tops named by QGOFT_CUDA_TOPS (unset or empty: Saved); throws std::invalid_argument for any other value than
 // saved or recompute.
 TopsKind tops_kind_from_env();
+// The paired kernel's L2 prefetch named by QGOFT_CUDA_PAIR_PREFETCH (unset or empty: On); throws
+// std::invalid_argument for any other value than on or off.
+PairPrefetch pair_prefetch_from_env();
 
 struct Limits {
   int sm_count = 1;

@@ -246,6 +246,7 @@ int g_failed_cases = 0;
 int g_top_prefetch = 0;  // backward runs whose top pass ran the prefetching forward
 int g_pair = 0;          // backward runs on the paired reg backward
 int g_pair_one = 0;      // of them, on its instantiations without the scale's gradient (ParallelArgs::pair == 2)
+int g_pair_no_l2 = 0;    // of those, on the one without the L2 prefetch (ParallelArgs::pair_prefetch == 0)
 int g_top_saved = 0;     // backward runs on the forward's saved segment tops (no top pass)
 int g_stack_reg = 0;     // backward runs on the reg stacked backward
 int g_butterfly = 0;     // forward runs on the butterfly kernel
@@ -313,7 +314,8 @@ void parallel_backward_instance(const ParallelArgs& a) {
   if constexpr (sizeof(S) == 2 && kVec && kGrads) {  // the paired reg backward (reg_pair_applies)
     if (a.pair > 0) {
       if (a.pair == 2 && a.nseg == 1) {  // as parallel_backward_for (chain_launch.cuh)
-        detail::parallel_backward_pair_kernel<S, false, false>(a);
+        if (a.pair_prefetch) detail::parallel_backward_pair_kernel<S, false, false>(a);
+        else detail::parallel_backward_pair_kernel<S, false, false, false>(a);
       } else if (a.pair == 2) {
         detail::parallel_backward_pair_kernel<S, true, false>(a);
       } else {
@@ -548,6 +550,7 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
     if (plan.top_pass && plan.top_prefetch) ++g_top_prefetch;
     if (plan.pa.pair > 0) ++g_pair;
     if (plan.pa.pair == 2) ++g_pair_one;
+    if (plan.pa.pair_prefetch == 0) ++g_pair_no_l2;
     if (plan.pa.reps > 1 && plan.pa.reg > 0) ++g_stack_reg;
     const std::string btag = tag + " | bwd " + plan.describe;
     // the plan takes the given tops exactly where it needs that many (no top pass then), and the forward keeps
@@ -692,6 +695,17 @@ int pair_planned(const Layout& lay, const Options& o, RegBackward backward = Reg
   return plan_backward(p, sim_limits(), k, blocks_per_sm<2>).pa.pair;
 }
 
+// Whether a case's backward under QGOFT_CUDA_BACKWARD=pair with QGOFT_CUDA_PAIR_PREFETCH=off runs the paired kernel's
+// instantiation without the L2 prefetch (pair=2, rows of one segment), as planned.
+template <class S>
+bool pair_no_l2_planned(const Layout& lay, const Options& o) {
+  if (pair_planned<S>(lay, o) != 2) return false;
+  Knobs k = o.knobs;
+  k.backward = RegBackward::Pair;
+  k.pair_prefetch = PairPrefetch::Off;
+  return plan_backward(backward_problem<S>(lay, o), sim_limits(), k, blocks_per_sm<2>).pa.pair_prefetch == 0;
+}
+
 // Whether a case's backward runs the reg stacked backward (a stack under reg where stack_reg_applies and its shared
 // memory fits), as planned.
 template <class S>
@@ -724,7 +738,8 @@ bool butterfly_backward_fused(const Layout& lay, const Options& o) {
 // does the table kernel's arithmetic in the same order). prefetch_too: the same inputs' forward, and the
 // backward where it has a top pass, through the prefetching forward too, whose results must be bitwise the
 // plain forward's (same arithmetic, same order). pair_planned: the same inputs through the paired reg backward
-// (QGOFT_CUDA_BACKWARD=pair; without the scale's gradient also under auto, the other instantiation),
+// (QGOFT_CUDA_BACKWARD=pair; without the scale's gradient also under auto, the other instantiation, and for rows of
+// one segment with QGOFT_CUDA_PAIR_PREFETCH=off, the instantiation without the L2 prefetch: pair_no_l2_planned),
 // whose results must be bitwise the reg kernel's (same arithmetic, same row order).
 // stack_reg_runs: the same inputs through the base variant (the stacked kernel of chain_stack.cuh, which reg ran
 // before), whose results must be bitwise the reg stacked backward's (same products, same rows per block, same order).
@@ -768,6 +783,11 @@ void run_case_counted(const Layout& lay, const Options& o, std::mt19937_64& rng,
     if (pair == 2 && pair_planned<S>(lay, o, RegBackward::Auto) == 1) {
       q.knobs.backward = RegBackward::Auto;
       same_as(q, false, "paired reg backward (any masks' instantiation) not bitwise equal to the reg kernel's");
+    }
+    if (pair_no_l2_planned<S>(lay, o)) {  // a prefetch changes no result: bitwise the reg kernel's too
+      q.knobs.backward = RegBackward::Pair;
+      q.knobs.pair_prefetch = PairPrefetch::Off;
+      same_as(q, false, "paired reg backward without the L2 prefetch not bitwise equal to the reg kernel's");
     }
   }
   if (prefetch_too(lay, o)) {
@@ -1059,7 +1079,8 @@ void many_slot_cases(std::mt19937_64& rng) {
 // rows (its second row invalid) or whole: rows of one segment, 4096 (13 and 14 rows over the emulated 6 blocks) and
 // 3000 (11 rows; the segment partly past the row), and segmented rows of 4104 (9 and 8 rows over 3 blocks per
 // segment column), goft, goft_scaled and qgoft, every mask (without the scale's gradient through both
-// instantiations: pair and auto); each also through the reg kernel, bitwise equal (run_case_counted). Other dtypes:
+// instantiations: pair and auto; rows of one segment also without the L2 prefetch, QGOFT_CUDA_PAIR_PREFETCH=off);
+// each also through the reg kernel, bitwise equal (run_case_counted). Other dtypes:
 // the planner keeps the reg kernel.
 template <class S>
 void pair_cases(std::mt19937_64& rng) {
@@ -1242,6 +1263,9 @@ void check_env_switches() {
   check_switch("QGOFT_CUDA_TOPS", tops_kind_from_env, TopsKind::Saved,
                {{"recompute", TopsKind::Recompute}, {"saved", TopsKind::Saved}}, "kept",
                "QGOFT_CUDA_TOPS must be saved or recompute, got 'kept'");
+  check_switch("QGOFT_CUDA_PAIR_PREFETCH", pair_prefetch_from_env, PairPrefetch::On,
+               {{"off", PairPrefetch::Off}, {"on", PairPrefetch::On}}, "0",
+               "QGOFT_CUDA_PAIR_PREFETCH must be on or off, got '0'");
 }
 
 // The reduction's plan on an H100 at the shapes counted in docs/CUDA.md ("The reduction of the partial rows"):
@@ -1352,6 +1376,37 @@ void check_pair_plans() {
       std::fprintf(stderr, "FAIL pair plan dtype=%d d=%lld reps=%d variant=%d ld=%lld grads=%d: %s | single: %s (want "
                    "pair=%d)\n", int(w.dtype), (long long)w.d, w.reps, int(w.variant), (long long)w.ld, int(w.grads),
                    plan.describe.c_str(), base.describe.c_str(), w.pair);
+      ++g_failures;
+    }
+  }
+  // QGOFT_CUDA_PAIR_PREFETCH=off: pair=2 of rows of one segment runs its instantiation without the L2 prefetch (same
+  // grid and shared memory, `pair_prefetch=0` in the plan); segmented rows, pair=1 (auto, or with the scale's gradient)
+  // and on keep the prefetch (and the plan's text)
+  for (auto [dtype, d, backward, scale_grad, prefetch, want] :
+       {std::tuple{DType::BFloat16, int64_t(4096), kPair, false, PairPrefetch::Off, 0},
+        std::tuple{DType::Float16, int64_t(3000), kPair, false, PairPrefetch::Off, 0},
+        std::tuple{DType::BFloat16, int64_t(4096), kPair, false, PairPrefetch::On, 1},
+        std::tuple{DType::BFloat16, int64_t(11008), kPair, false, PairPrefetch::Off, 1},
+        std::tuple{DType::BFloat16, int64_t(4096), kPair, true, PairPrefetch::Off, 1},
+        std::tuple{DType::BFloat16, int64_t(4096), RegBackward::Auto, false, PairPrefetch::Off, 1}}) {
+    Problem p = make_problem(dtype, parallel_layout(d), 8192);
+    p.x_ld = p.grad_ld = d;
+    p.want_blocks = true;
+    p.want_scale = scale_grad;
+    Knobs knobs;
+    knobs.variant = kReg;
+    knobs.xor_path = XorPath::Fused;
+    knobs.forward = ForwardKernel::Plain;
+    knobs.backward = backward;
+    knobs.pair_prefetch = prefetch;
+    const BackwardPlan plan = plan_backward(p, lim, knobs, blocks_per_sm<1>);
+    knobs.pair_prefetch = PairPrefetch::On;
+    const BackwardPlan on = plan_backward(p, lim, knobs, blocks_per_sm<1>);
+    const bool text = plan.describe.find(" pair_prefetch=0 ") != std::string::npos;
+    if (plan.pa.pair_prefetch != want || text != (want == 0) || plan.pa.pair != on.pa.pair ||
+        plan.main.grid.x != on.main.grid.x || plan.main.smem != on.main.smem) {
+      std::fprintf(stderr, "FAIL pair prefetch plan dtype=%d d=%lld scale_grad=%d: %s | on: %s (want pair_prefetch=%d)\n",
+                   int(dtype), (long long)d, int(scale_grad), plan.describe.c_str(), on.describe.c_str(), want);
       ++g_failures;
     }
   }
@@ -1848,7 +1903,7 @@ int main(int argc, char** argv) {
                  g_angle_sums, g_angle_sums_scale);
     ++g_failures;
   }
-  if (mode != "tiny" && mode != "stackreg" && mode != "butterfly" && (g_pair == 0 || g_pair_one == 0)) {  // pair_cases and the reg cases must reach the paired reg backward with and without the scale's gradient
+  if (mode != "tiny" && mode != "stackreg" && mode != "butterfly" && (g_pair == 0 || g_pair_one == 0 || g_pair_no_l2 == 0)) {  // pair_cases and the reg cases must reach the paired reg backward with and without the scale's gradient, and without the L2 prefetch
     std::fprintf(stderr, "FAIL no backward ran on (an instantiation of) the paired reg backward\n");
     ++g_failures;
   }
@@ -1861,11 +1916,12 @@ int main(int argc, char** argv) {
     ++g_failures;
   }
   std::printf("cuda host emulation: %d cases, %d failed checks, %d backward top passes on the prefetching forward, "
-              "%d backward runs on the paired reg backward (%d without the scale's gradient), %d on the "
+              "%d backward runs on the paired reg backward (%d without the scale's gradient, %d of them without the L2 "
+              "prefetch), %d on the "
               "forward's saved segment tops, %d on the reg stacked backward, %d forward runs on the butterfly kernel, "
               "%d backward runs on the butterfly backward kernel (%d with angle sums, %d of them with the scale's own "
               "reduction)\n",
-              g_cases, g_failures, g_top_prefetch, g_pair, g_pair_one, g_top_saved, g_stack_reg, g_butterfly,
+              g_cases, g_failures, g_top_prefetch, g_pair, g_pair_one, g_pair_no_l2, g_top_saved, g_stack_reg, g_butterfly,
               g_butterfly_backward, g_angle_sums, g_angle_sums_scale);
   std::printf("cuda_emulation: %d passed, %d failed\n", g_cases - g_failed_cases, g_failed_cases);
   return g_failures == 0 ? 0 : 1;
