@@ -470,23 +470,29 @@ def test_butterfly_backward(gen, env, capfd, d, shape, method, dtype, x_kind):
     assert any(" backward path=butterfly " in p and " grads=0 " in p for p in plans(capfd))  # the adjoint
 
 
-@pytest.mark.parametrize("d,rows,segment,method,dtype", [
-    (120, 20_000, 0, "goft_scaled", F32),   # 16 rows per block of 256 threads (15 of 16 lanes), last group partial
-    (120, 20_000, 0, "qgoft", BF16),
-    (4096, 1_000, 0, "goft_scaled", BF16),  # the 512-thread instantiation, 2-4 rows per block
-    (4096, 1_000, 0, "qgoft", F32),
-    (4096, 1_000, 0, "qgoft_scaled", F16),
-    (11008, 300, 0, "qgoft", BF16),         # segmented: 3 segments of 4096, top kernel after
-    (11008, 300, 0, "goft_scaled", F32),
-    (1000, 3_000, 256, "goft", BF16),       # 32-thread segments
-    (1024, 3_000, 0, "qgoft_scaled", F64),
+@pytest.mark.parametrize("kind,d,rows,segment,method,dtype", [
+    ("parallel", 120, 20_000, 0, "goft_scaled", F32),   # 16 rows per block of 256 threads (15 of 16 lanes), last group partial
+    ("parallel", 120, 20_000, 0, "qgoft", BF16),
+    ("parallel", 4096, 1_000, 0, "goft_scaled", BF16),  # the 512-thread instantiation, 2-4 rows per block
+    ("parallel", 4096, 1_000, 0, "qgoft", F32),
+    ("parallel", 4096, 1_000, 0, "qgoft_scaled", F16),
+    ("parallel", 11008, 300, 0, "qgoft", BF16),         # segmented: 3 segments of 4096, top kernel after
+    ("parallel", 11008, 300, 0, "goft_scaled", F32),
+    ("parallel", 1000, 3_000, 256, "goft", BF16),       # 32-thread segments
+    ("parallel", 1024, 3_000, 0, "qgoft_scaled", F64),
+    # stacks (whole rows): the kStack instantiation, 512 threads (one block per SM) and any shape (R > 1)
+    ("parallel*2", 4096, 1_000, 0, "goft", BF16),
+    ("parallel*3", 4096, 300, 0, "qgoft_scaled", F32),
+    ("parallel*2", 120, 20_000, 0, "qgoft", F16),
+    ("parallel*2", 1024, 3_000, 0, "goft_scaled", F64),
 ])
-def test_prefetch_forward(gen, env, capfd, d, rows, segment, method, dtype):
+def test_prefetch_forward(gen, env, capfd, kind, d, rows, segment, method, dtype):
     """QGOFT_CUDA_FORWARD=prefetch (docs/CUDA.md, "The prefetching forward"): the software-pipelined table
     forward, over persistent grids whose blocks own several row groups, against the float64 reference and
-    bitwise equal to the plain table forward (same arithmetic in the same order)."""
-    env(QGOFT_CUDA_VERBOSE=1, **({"QGOFT_CUDA_SEGMENT": segment} if segment else {}))
-    pairs, offsets = make_layout("parallel", d, gen)
+    bitwise equal to the plain table forward (same arithmetic in the same order); a stack's (fused XOR path)
+    bitwise equal to its plain forward, base's kernel under reg."""
+    env(QGOFT_CUDA_VERBOSE=1, QGOFT_CUDA_XOR="fused", **({"QGOFT_CUDA_SEGMENT": segment} if segment else {}))
+    pairs, offsets = make_layout(kind, d, gen)
     params, scale = make_params(method, pairs.shape[0], d, gen, dtype=F64 if dtype == F64 else F32)
     x = make_tensor((rows,), d, "contiguous", gen, dtype)
     outs = {}
@@ -500,8 +506,8 @@ def test_prefetch_forward(gen, env, capfd, d, rows, segment, method, dtype):
         assert len(seen) == 1 and f" prefetch={int(forward == 'prefetch')} " in seen[0], (forward, seen)
     want = ref_chain(method, x.double(), params.double(), pairs, offsets,
                      None if scale is None else scale.double())
-    check_close(outs["prefetch"], want, dtype, f"{method} parallel d={d} rows={rows} {dtype}: prefetch out")
-    assert torch.equal(outs["prefetch"], outs["plain"]), "prefetching forward differs from the plain table forward"
+    check_close(outs["prefetch"], want, dtype, f"{method} {kind} d={d} rows={rows} {dtype}: prefetch out")
+    assert torch.equal(outs["prefetch"], outs["plain"]), "prefetching forward differs from the plain forward"
 
 
 @pytest.mark.parametrize("d,rows,segment,method,dtype,g_kind", [

@@ -62,6 +62,9 @@ def cases():
         ("stacked R>1", layouts.stack(layouts.parallel(100), 2), 37, {"QGOFT_CUDA_XOR": "fused"}, False),
         ("stacked 512 threads", layouts.stack(layouts.parallel(4096), 2), 3, {"QGOFT_CUDA_XOR": "fused"}, False),
         ("stacked*3 scalar loads", layouts.stack(layouts.parallel(300), 3), 5, {"QGOFT_CUDA_XOR": "fused"}, True),
+        # 16-byte rows of 96 elements (16 rows of 16 threads per block): the prefetching forward's stack
+        # instantiation for any shape under table (the default QGOFT_CUDA_FORWARD=prefetch); 512 threads: its fixed-width one
+        ("stacked prefetch R>1", layouts.stack(layouts.parallel(96), 2), 37, {"QGOFT_CUDA_XOR": "fused"}, False),
     ]
     stack_reg = [  # the reg stacked backward (reg, the default): 133 rows over an H100's 132 blocks; d = 4000: the
         # last 12 threads' chunks past the row

@@ -50,7 +50,11 @@ struct Kernels {
     return vec ? parallel_forward<true>(table, rep_loop) : parallel_forward<false>(table, rep_loop);
   }
   // the prefetching forward (ParallelArgs::prefetch): its instantiation for T = 2^kRegLogT, or for any shape
-  static auto parallel_forward_prefetch(bool fixed_width) {
+  static auto parallel_forward_prefetch(bool fixed_width, bool stack) {
+    if (stack) {
+      return fixed_width ? parallel_forward_prefetch_kernel<S, kRegLogT, true>
+                         : parallel_forward_prefetch_kernel<S, 0, true>;
+    }
     return fixed_width ? parallel_forward_prefetch_kernel<S, kRegLogT> : parallel_forward_prefetch_kernel<S, 0>;
   }
   template <bool kVec, bool kGrads>
@@ -95,7 +99,7 @@ struct Kernels {
 template <class S>
 void Launchers<S>::parallel_forward(bool vec, const ParallelArgs& a, const LaunchConfig& c, cudaStream_t s) {
   if (a.prefetch > 0) {
-    launch(Kernels<S>::parallel_forward_prefetch(reg_fixed_width(a)), c, s, a);
+    launch(Kernels<S>::parallel_forward_prefetch(reg_fixed_width(a), a.reps > 1), c, s, a);
     return;
   }
   launch(Kernels<S>::parallel_forward(vec, a.table > 0, forward_rep_loop(a)), c, s, a);

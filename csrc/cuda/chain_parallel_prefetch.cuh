@@ -14,14 +14,19 @@
 //    any shape (kLogT = 0).
 // Same rows, blocks, products (dot2: rounded as the table forward's expressions) and order as
 // parallel_forward_kernel<S, true, true, true>: bitwise equal results (the host emulation requires it).
+// kStack: a stack of the parallel layout (a.reps > 1, whole rows, nseg == 1; docs/CUDA.md, "Stacks of the parallel
+// layout (fused XOR path)"): every repetition's segment table in shared memory (stack_blocks) and the row's
+// registers run through the repetitions in order, the next row's load still in flight; a separate instantiation, so
+// that the single layout's (kStack = false) code is unchanged; compiled for one block per SM with 512-thread
+// segments (prefetch_forward_blocks: every repetition's 4096-element table, >= 128 KiB, leaves room for one).
 #pragma once
 
 #include "chain_parallel_reg.cuh"
 
 namespace qgoft::cuda::detail {
 
-template <class S, int kLogT>
-__global__ void __launch_bounds__(512, prefetch_forward_blocks(sizeof(S)))
+template <class S, int kLogT, bool kStack = false>
+__global__ void __launch_bounds__(512, prefetch_forward_blocks(sizeof(S), kStack && kLogT > 0))
     parallel_forward_prefetch_kernel(const ParallelArgs args) {
   using A = typename Elem<S>::A;
   // `a` (segment shape as constants) for the row loop; `args` for the table fill
@@ -29,7 +34,9 @@ __global__ void __launch_bounds__(512, prefetch_forward_blocks(sizeof(S)))
   QGOFT_DYNAMIC_SMEM(A, xch);
   const Lanes ln(a);
   A* tab = xch + 32;
-  fill_table(args, static_cast<const A*>(args.blocks), ln.seg_base, tab);
+  StackBlocks<A> blocks{tab, 0};
+  if constexpr (kStack) blocks = stack_blocks<A, true>(args, ln, tab);
+  else fill_table(args, static_cast<const A*>(args.blocks), ln.seg_base, tab);
   __syncthreads();
   const int d = static_cast<int>(a.d);
   const S* x = static_cast<const S*>(a.x);
@@ -49,7 +56,11 @@ __global__ void __launch_bounds__(512, prefetch_forward_blocks(sizeof(S)))
     next.unpack(v);
     load_group(g + gridDim.x);
     Tape<A> tp;
-    parallel_forward_local<A, false, true>(a, ln, tab, v, xch, tp, &live);
+    if constexpr (kStack) {
+      for (int j = 0; j < a.reps; ++j) parallel_forward_local<A, false, true>(a, ln, blocks.rep(j), v, xch, tp, &live);
+    } else {
+      parallel_forward_local<A, false, true>(a, ln, tab, v, xch, tp, &live);
+    }
     finish_forward_row<S, true>(a, ln, row, valid, v);
   }
 }

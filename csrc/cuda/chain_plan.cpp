@@ -163,17 +163,28 @@ bool table_variant(const Knobs& k, int reps) {
 }
 
 // Whether a parallel forward launch runs the prefetching forward (docs/CUDA.md, "The prefetching forward"):
-// under QGOFT_CUDA_FORWARD=prefetch (the default), the single layout (reps == 1) with the block table (table > 0) and 16-byte
-// rows (vec: every row the launch reads or writes). The one rule of the forward and of the backward's top pass.
+// under QGOFT_CUDA_FORWARD=prefetch (the default), the single layout (reps == 1) or a stack of it (reps > 1: its
+// kStack instantiation, whole rows) with the block table (table > 0) and 16-byte rows (vec: every row the launch
+// reads or writes). The one rule of the forward and of the backward's top pass.
 bool prefetch_forward(const Knobs& k, int reps, int table, bool vec) {
-  return reps == 1 && table > 0 && vec &&
+  return reps >= 1 && table > 0 && vec &&
          (k.forward == ForwardKernel::FromEnv ? forward_kernel_from_env() : k.forward) == ForwardKernel::Prefetch;
 }
 
+// Whether a stack's forward (reps > 1) takes every repetition's block table for the prefetching forward although
+// table_variant keeps base's forward for it (reg): under reg or table, QGOFT_CUDA_FORWARD=prefetch and 16-byte rows
+// (vec); the planner still requires whole rows and that the tables fit (docs/CUDA.md, "Stacks of the parallel
+// layout (fused XOR path)").
+bool stack_prefetch_table(const Knobs& k, int reps, bool vec) {
+  const Variant v = resolved_variant(k);
+  return reps > 1 && (v == Variant::Reg || v == Variant::Table) && prefetch_forward(k, reps, 1, vec);
+}
+
 // Resident blocks per SM of the prefetching forward with blocks of `threads`: at most occ (the shared memory's
-// estimate) and prefetch_forward_blocks per 512 threads (the registers it is compiled for).
-int64_t prefetch_occupancy(DType dtype, int threads, int64_t occ) {
-  return std::min<int64_t>(occ, detail::prefetch_forward_blocks(elem_size(dtype)) * 512 / threads);
+// estimate) and prefetch_forward_blocks per 512 threads (the registers it is compiled for; stack512: a stack's
+// instantiation for 512-thread segments).
+int64_t prefetch_occupancy(DType dtype, int threads, int64_t occ, bool stack512 = false) {
+  return std::min<int64_t>(occ, detail::prefetch_forward_blocks(elem_size(dtype), stack512) * 512 / threads);
 }
 
 // Whether the forward runs layouts.butterfly(d) on butterfly_forward_kernel (docs/CUDA.md, "The butterfly forward on
@@ -311,7 +322,8 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
   const int64_t es = acc_size(p.dtype);
   const int reps = parallel_reps(p, knobs);
   // table variant: segments of at most 4096 elements (a table of <= 64 KiB in float32)
-  bool table = reps > 0 && table_variant(knobs, reps);
+  const bool vec = rows16(p.d, p.x_ld, p.x) && aligned16(p.out);
+  bool table = reps > 0 && (table_variant(knobs, reps) || stack_prefetch_table(knobs, reps, vec));
   ParallelShape s = reps > 0 ? parallel_shape(p.d, table ? kParallelBackwardMaxThreads : kParallelForwardMaxThreads,
                                               knobs.segment)
                              : ParallelShape{};
@@ -323,7 +335,7 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
     plan.parallel = true;
     ParallelArgs& a = plan.pa;
     fill_parallel(a, p, s, reps, /*backward=*/false);
-    plan.vec = rows16(p.d, p.x_ld, p.x) && aligned16(p.out);
+    plan.vec = vec;
     plan.main.grid = dim3(static_cast<unsigned>(std::min(a.groups, kMaxGridX)), s.nseg);
     plan.main.threads = s.R * s.T;
     plan.main.smem = static_cast<size_t>(32 * es);
@@ -333,7 +345,7 @@ ForwardPlan plan_forward(const Problem& p, const Limits& lim, const Knobs& knobs
       int64_t occ = estimated_occupancy(plan.main.threads, plan.main.smem, lim);
       if (prefetch_forward(knobs, reps, a.table, plan.vec)) {  // its registers allow fewer blocks per SM
         a.prefetch = 1;
-        occ = prefetch_occupancy(p.dtype, plan.main.threads, occ);
+        occ = prefetch_occupancy(p.dtype, plan.main.threads, occ, reps > 1 && s.logT == detail::kRegLogT);
       }
       plan.main.grid.x = static_cast<unsigned>(persistent_blocks(a.groups, occ, s.nseg, lim));
     }

@@ -65,9 +65,11 @@ constexpr int kPairRows = 2;
 // Resident blocks of 512 threads per SM the prefetching forward (parallel_forward_prefetch_kernel) is compiled
 // for (its __launch_bounds__ minimum, which caps its registers) and the planner sizes its persistent grid by
 // (smaller blocks: as many more as fit the same threads): 16-bit rows 3 (40 registers, like the table forward),
-// float32 rows 2 (its 32 bytes of next row spilled at 40 registers), float64 1.
-QGOFT_HOST_DEVICE constexpr int prefetch_forward_blocks(int elem_bytes) {
-  return elem_bytes == 2 ? 3 : elem_bytes == 4 ? 2 : 1;
+// float32 rows 2 (its 32 bytes of next row spilled at 40 registers), float64 1. stack512: a stack's instantiation for
+// 512-thread segments (kStack, kLogT = kRegLogT): 1 (every repetition's table, >= 2 x 64 KiB, leaves room for one
+// block; at 40 registers the bf16 one spilled 32 + 16 bytes).
+QGOFT_HOST_DEVICE constexpr int prefetch_forward_blocks(int elem_bytes, bool stack512 = false) {
+  return stack512 ? 1 : elem_bytes == 2 ? 3 : elem_bytes == 4 ? 2 : 1;
 }
 
 // Shared memory of the parallel forward kernel, in accumulation-type elements: [32] exchange words |

@@ -249,6 +249,7 @@ int g_pair_one = 0;      // of them, on its instantiations without the scale's g
 int g_pair_no_l2 = 0;    // of those, on the one without the L2 prefetch (ParallelArgs::pair_prefetch == 0)
 int g_top_saved = 0;     // backward runs on the forward's saved segment tops (no top pass)
 int g_stack_reg = 0;     // backward runs on the reg stacked backward
+int g_stack_prefetch = 0;  // forward runs of a stack on the prefetching forward (its kStack instantiation)
 int g_butterfly = 0;     // forward runs on the butterfly kernel
 int g_butterfly_backward = 0;  // backward runs on the butterfly backward kernel
 int g_angle_sums = 0;          // of those, runs with goft's angle sums (BackwardPlan::angle_sums)
@@ -345,7 +346,9 @@ template <class S>
 void run_parallel_forward(const LaunchConfig& c, bool vec, const ParallelArgs& a) {
   run_kernel(c, [&] {
     if (a.prefetch > 0) {
-      if (detail::reg_fixed_width(a)) detail::parallel_forward_prefetch_kernel<S, detail::kRegLogT>(a);
+      if (a.reps > 1 && detail::reg_fixed_width(a)) detail::parallel_forward_prefetch_kernel<S, detail::kRegLogT, true>(a);
+      else if (a.reps > 1) detail::parallel_forward_prefetch_kernel<S, 0, true>(a);
+      else if (detail::reg_fixed_width(a)) detail::parallel_forward_prefetch_kernel<S, detail::kRegLogT>(a);
       else detail::parallel_forward_prefetch_kernel<S, 0>(a);
     } else if (a.table > 0) {
       if (vec) parallel_forward_instance<S, true, true>(a);
@@ -503,6 +506,7 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
     plan.ga.pairs = lay.pairs.data();
     plan.ga.offsets = lay.off.data();
     std::vector<A> top = poisoned<A>(plan.top_elems), ws = poisoned<A>(plan.workspace_elems);
+    if (plan.parallel && plan.pa.reps > 1 && plan.pa.prefetch > 0) ++g_stack_prefetch;
     if (plan.butterfly) {
       ++g_butterfly;
       run_butterfly_forward<S>(plan.main, plan.vec, plan.ga);
@@ -651,10 +655,11 @@ std::vector<double> run_case(const Layout& lay, const Options& o, std::mt19937_6
 }
 
 // Whether run_case_counted also runs a case's forward with QGOFT_CUDA_FORWARD=prefetch: the single parallel
-// layout under a table variant with the plain forward (the planner takes the prefetching forward where the
-// table fits and rows are 16-byte aligned; elsewhere both runs are the plain forward).
+// layout or a stack of it under a table variant with the plain forward (the planner takes the prefetching forward
+// where the table fits and rows are 16-byte aligned, a stack's kStack instantiation where its rows are whole;
+// elsewhere both runs are the plain forward; a stack's plain forward under reg is base's).
 bool prefetch_too(const Layout& lay, const Options& o) {
-  return lay.parallel && o.knobs.forward == ForwardKernel::Plain && o.knobs.path == ForcedPath::Auto &&
+  return (lay.parallel || lay.reps > 1) && o.knobs.forward == ForwardKernel::Plain && o.knobs.path == ForcedPath::Auto &&
          (o.knobs.variant == Variant::Table || o.knobs.variant == Variant::Reg);
 }
 
@@ -1570,7 +1575,12 @@ void check_stack_plans() {
                                          reg_bwd.main.smem == reg_smem && reg_smem <= lim.smem_optin &&
                                          reg_bwd.main.grid.x == 132 && reg_bwd.describe.find(" reg=1 ") != std::string::npos
                                    : reg_bwd.pa.table == 0 && reg_bwd.pa.reg == 0 && reg_bwd.main.smem == plan.main.smem;
-      if (!reg_ok || reg_fwd.pa.table != 0) {
+      // the forward under reg (QGOFT_CUDA_FORWARD=prefetch, the default): every repetition's table for the prefetching
+      // forward where rows are 16-byte and whole and the tables fit (not float64 at d = 4096: 256 KiB); else base's
+      const bool want_fwd_prefetch = d % 8 == 0 && d <= 4096 && !(dtype == DType::Float64 && d == 4096);
+      const bool fwd_ok = want_fwd_prefetch ? reg_fwd.pa.prefetch == 1 && reg_fwd.pa.table > 0
+                                            : reg_fwd.pa.prefetch == 0 && reg_fwd.pa.table == 0;
+      if (!reg_ok || !fwd_ok) {
         std::fprintf(stderr, "FAIL stack plan under reg dtype=%d d=%lld reps=%d: %s | %s (want %s)\n", int(dtype),
                      (long long)d, reps, reg_fwd.describe.c_str(), reg_bwd.describe.c_str(),
                      want_reg ? "the reg stacked backward" : "base's kernels");
@@ -1607,7 +1617,8 @@ void check_stack_plans() {
 // Where QGOFT_CUDA_FORWARD=prefetch applies on an H100 (sm_count 132, 227 KiB of shared memory per block): the
 // single parallel layout under the table and reg variants with 16-byte rows, with a persistent grid of
 // prefetch_forward_blocks per SM (bf16 3, fp32 2 at d = 4096: 396 / 264 blocks; d = 11008: 3 segment columns);
-// not under base, not for unaligned rows, not for stacks, and never without the knob.
+// stacks (whole rows) too, one block per SM at d = 4096 (their tables); not under base, not for unaligned rows,
+// and never without the knob.
 void check_prefetch_plans() {
   const Limits lim = h100_limits();
   struct Want {
@@ -1627,8 +1638,15 @@ void check_prefetch_plans() {
                         Want{DType::BFloat16, 4096, 1, Variant::Reg, ForwardKernel::Plain, 4096, 0, 396},
                         Want{DType::BFloat16, 4096, 1, Variant::Base, ForwardKernel::Prefetch, 4096, 0, 8192},
                         Want{DType::BFloat16, 4096, 1, Variant::Reg, ForwardKernel::Prefetch, 4100, 0, 396},
-                        // a stack under reg: base's kernels, one block per row group (8192 rows / R = 2)
-                        Want{DType::BFloat16, 1000, 2, Variant::Reg, ForwardKernel::Prefetch, 1000, 0, 4096}}) {
+                        // a stack under reg or table: its kStack instantiation (every repetition's table: 6 blocks of
+                        // 256 threads per SM at d = 1000, one block of 512 at d = 4096); with the plain knob, under base
+                        // or with unaligned rows base's kernels, one block per row group (8192 rows / R = 2 at d = 1000)
+                        Want{DType::BFloat16, 1000, 2, Variant::Reg, ForwardKernel::Prefetch, 1000, 1, 792},
+                        Want{DType::BFloat16, 4096, 2, Variant::Reg, ForwardKernel::Prefetch, 4096, 1, 132},
+                        Want{DType::Float32, 4096, 3, Variant::Table, ForwardKernel::Prefetch, 4096, 1, 132},
+                        Want{DType::BFloat16, 1000, 2, Variant::Reg, ForwardKernel::Plain, 1000, 0, 4096},
+                        Want{DType::BFloat16, 1000, 2, Variant::Base, ForwardKernel::Prefetch, 1000, 0, 4096},
+                        Want{DType::BFloat16, 1000, 2, Variant::Reg, ForwardKernel::Prefetch, 1004, 0, 4096}}) {
     Problem p = make_problem(w.dtype, w.reps > 1 ? stacked(parallel_layout(w.d), w.reps) : parallel_layout(w.d), 8192);
     p.x_ld = w.x_ld;
     Knobs knobs;
@@ -1911,6 +1929,10 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "FAIL no backward ran on the forward's saved segment tops\n");
     ++g_failures;
   }
+  if (mode != "reduce" && mode != "butterfly" && mode != "tiny" && g_stack_prefetch == 0) {  // the stacks' prefetch runs
+    std::fprintf(stderr, "FAIL no stack's forward ran on the prefetching forward\n");
+    ++g_failures;
+  }
   if (mode != "reduce" && mode != "butterfly" && g_stack_reg == 0) {  // stack_reg_cases (and tiny's stack) must reach the reg stacked backward
     std::fprintf(stderr, "FAIL no backward ran on the reg stacked backward\n");
     ++g_failures;
@@ -1919,10 +1941,10 @@ int main(int argc, char** argv) {
               "%d backward runs on the paired reg backward (%d without the scale's gradient, %d of them without the L2 "
               "prefetch), %d on the "
               "forward's saved segment tops, %d on the reg stacked backward, %d forward runs on the butterfly kernel, "
-              "%d backward runs on the butterfly backward kernel (%d with angle sums, %d of them with the scale's own "
+              "%d stack forward runs on the prefetching forward, %d backward runs on the butterfly backward kernel (%d with angle sums, %d of them with the scale's own "
               "reduction)\n",
               g_cases, g_failures, g_top_prefetch, g_pair, g_pair_one, g_pair_no_l2, g_top_saved, g_stack_reg, g_butterfly,
-              g_butterfly_backward, g_angle_sums, g_angle_sums_scale);
+              g_stack_prefetch, g_butterfly_backward, g_angle_sums, g_angle_sums_scale);
   std::printf("cuda_emulation: %d passed, %d failed\n", g_cases - g_failed_cases, g_failed_cases);
   return g_failures == 0 ? 0 : 1;
 }
