@@ -8,8 +8,9 @@ segmented parallel (forward top kernel, backward recomputation and top layers in
 512 threads, sub-blocks of 16 threads, scalar loads, every dtype, every mask; its stack's forward, the full backward
 only), each in every kernel variant
 (QGOFT_CUDA_VARIANT=base|table|reg; reg's 512-thread instantiation by "512 threads" and "segmented default";
-these with the plain forward, QGOFT_CUDA_FORWARD=plain; a stack under reg runs base's kernels but for the reg
-stacked backward, "stacked reg": stack(parallel(d), 2) with 16-byte rows of 2049-4096 elements, more rows than an
+these with the plain forward, QGOFT_CUDA_FORWARD=plain; a stack's forward with 16-byte rows under table and
+reg runs the prefetching forward's stack instantiation, else base's kernel; a stack under reg runs base's
+backward but for the reg stacked backward, "stacked reg": stack(parallel(d), 2) with 16-byte rows of 2049-4096 elements, more rows than an
 H100's persistent grid, rows with chunks past d); the prefetching
 forward (QGOFT_CUDA_FORWARD=prefetch, the default, under table, forward
 and the full backward only: the knob changes no other backward kernel than the segmented rows' recomputing top
