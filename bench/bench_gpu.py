@@ -325,8 +325,10 @@ def layout_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Li
     fused XOR path: the stack's kernels, the butterfly's forward and backward kernels) side by side (docs/CUDA.md, "XOR layouts"); a layout's general row is the baseline of its fused one where
     both are timed. Under reg the fused
     stack's backward is the reg stacked backward, under base the stacked kernel it replaced (docs/CUDA.md, "The
-    `reg` stacked backward"): variants base,reg put them side by side, each against its own single layout.
-    butterfly=False: the parallel layout and the stack only."""
+    `reg` stacked backward"): variants base,reg put them side by side, each against its own single layout. A
+    `V+prefetch` variant times the forward rows only, the stack's on the prefetching forward (docs/CUDA.md, "The stack's
+    prefetching forward") against the prefetching single forward. butterfly=False: the parallel layout and the stack
+    only."""
     x = torch.randn(rows, d, device=dev, dtype=dtype)
     g = torch.randn(rows, d, device=dev, dtype=dtype)
     ops = torch.ops.qgoft
@@ -344,7 +346,8 @@ def layout_rows(rows: int, d: int, dtype: torch.dtype, rounds: int, variants: Li
         for v in variants:
             if SAME_FORWARD.get(v) not in variants:  # else its forward kernels are timed under that variant
                 contenders[f"{kind} forward [{v}]"] = with_variant(v, fwd, xor)
-            contenders[f"{kind} backward [{v}]"] = with_variant(v, bwd, xor)
+            if not forward_only(v):  # V+prefetch: its backward kernels are V's
+                contenders[f"{kind} backward [{v}]"] = with_variant(v, bwd, xor)
     med = clock.timed(contenders, max(3, rounds // 3), 2)
     out = []
     for key, ms in med.items():

@@ -38,8 +38,9 @@
 #                 gradients; the LLaMA step) side by side (base is
 #                 timed by the baseline part, table was slower than reg everywhere), butterfly
 #                 and stack=2 (the stack on the general and the fused XOR kernels, QGOFT_CUDA_XOR; the fused
-#                 backward under base, the stacked kernel, beside reg, the reg stacked backward: --layout-variants
-#                 base,reg), qgoft.nn.Linear vs frozen / PEFT
+#                 backward under base, the stacked kernel, beside reg, the reg stacked backward, and the forwards
+#                 under reg+prefetch, the stack's prefetching forward: --layout-variants base,reg,reg+prefetch),
+#                 qgoft.nn.Linear vs frozen / PEFT
 #                 LoRA r=8 / PEFT OFT, a LLaMA-shaped stack's training step vs LoRA (targets 1-4, half of 5)
 #                                                                                     bench_gpu.md/.json
 #   tests    120  tests/test_cuda.py and tests/test_determinism.py, QGOFT_REQUIRE_CUDA=1 (target 7)
@@ -342,7 +343,7 @@ if [ "$DRY" = 1 ]; then
   part ptxas 120 ptxas.txt "$PYTHON" tools/cuda_resource_report.py --sources csrc/cuda/chain_launch.cu
   dry load "needs a GPU"
   dry variants "needs a GPU"
-  part chain 300 bench_gpu.log "$PYTHON" bench/bench_gpu.py --dry-run --layout-variants base,reg --out "$OUTDIR"
+  part chain 300 bench_gpu.log "$PYTHON" bench/bench_gpu.py --dry-run --layout-variants base,reg,reg+prefetch --out "$OUTDIR"
   dry tests "needs a GPU"
   dry op-tests "needs a GPU"
   part sanitize-list 30 sanitizer_list.log "$PYTHON" tools/gpu_sanitize_case.py --list
@@ -358,7 +359,7 @@ else
   part load 30 load.log load_check
   part variants 60 variants.log "$PYTHON" tools/gpu_variant_check.py --variants table,reg,table+prefetch,reg+single,reg+pair,reg+pair+nol2,reg+prefetch+recompute
   part chain 180 bench_gpu.log "$PYTHON" bench/bench_gpu.py --rounds 11 --variants reg,reg+prefetch,reg+serial,reg+prefetch+single,reg+prefetch+pair,reg+prefetch+pair+nol2,reg+prefetch+recompute \
-    --layout-variants base,reg --out "$OUTDIR"
+    --layout-variants base,reg,reg+prefetch --out "$OUTDIR"
   part tests 120 tests.log run_tests
   part sanitize 180 sanitize.log sanitize_all
   part layer 60 run_layer.log "$PYTHON" bench/run.py --quick --device cuda --only layer --out-dir "$OUTDIR/run" --no-readme
