@@ -163,11 +163,12 @@ bool table_variant(const Knobs& k, int reps) {
 }
 
 // Whether a parallel forward launch runs the prefetching forward (docs/CUDA.md, "The prefetching forward"):
-// under QGOFT_CUDA_FORWARD=prefetch (the default), the single layout (reps == 1) or a stack of it (reps > 1: its
-// kStack instantiation, whole rows) with the block table (table > 0) and 16-byte rows (vec: every row the launch
-// reads or writes). The one rule of the forward and of the backward's top pass.
+// under QGOFT_CUDA_FORWARD=prefetch (the default), the single layout (reps == 1) or, under QGOFT_CUDA_XOR=fused
+// until a GPU has timed and sanitized it, a stack of it (reps > 1: its kStack instantiation, whole rows) with the
+// block table (table > 0) and 16-byte rows (vec: every row the launch reads or writes). The one rule of the forward
+// and of the backward's top pass.
 bool prefetch_forward(const Knobs& k, int reps, int table, bool vec) {
-  return reps >= 1 && table > 0 && vec &&
+  return (reps == 1 || (reps > 1 && resolved_xor_path(k) == XorPath::Fused)) && table > 0 && vec &&
          (k.forward == ForwardKernel::FromEnv ? forward_kernel_from_env() : k.forward) == ForwardKernel::Prefetch;
 }
 

@@ -1661,6 +1661,21 @@ void check_prefetch_plans() {
       ++g_failures;
     }
   }
+  // a stack's kStack instantiation only under QGOFT_CUDA_XOR=fused (until a GPU has run it): under stack, the
+  // default, base's stacked forward (no table, one block per row group)
+  {
+    Knobs knobs;
+    knobs.variant = Variant::Reg;
+    knobs.xor_path = XorPath::Stack;
+    knobs.forward = ForwardKernel::Prefetch;
+    const ForwardPlan plan = plan_forward(make_problem(DType::BFloat16, stacked(parallel_layout(4096), 2), 8192), lim,
+                                          knobs);
+    if (!plan.parallel || plan.pa.reps != 2 || plan.pa.prefetch != 0 || plan.pa.table != 0) {
+      std::fprintf(stderr, "FAIL prefetch plan of a stack under QGOFT_CUDA_XOR=stack: %s (want base's stacked forward)\n",
+                   plan.describe.c_str());
+      ++g_failures;
+    }
+  }
   // the backward's top pass (segmented rows, with parameter gradients) under the same rule, on x's rows alone:
   // d = 11008 (3 segment columns of 4096) runs the prefetching forward with the knob, also where grad's rows
   // are not 16-byte (grad_ld 11012: the backward's vec=0), with its persistent grid (bf16: 3 blocks per SM per
