@@ -95,7 +95,13 @@ void fill_parallel(ParallelArgs& a, const Problem& p, const ParallelShape& s, in
   a.groups = ceil_div(p.rows, s.R);
 }
 
-XorPath resolved_xor_path(const Knobs& k) { return k.xor_path == XorPath::FromEnv ? xor_path_from_env() : k.xor_path; }
+// A knob's value: its own, or where it is FromEnv the environment switch's (read per call). One rule for every knob.
+template <class E>
+E resolved(E knob, E (*from_env)()) {
+  return knob == E::FromEnv ? from_env() : knob;
+}
+
+XorPath resolved_xor_path(const Knobs& k) { return resolved(k.xor_path, xor_path_from_env); }
 // Stacks of the parallel layout on the fused XOR path: under Stack and Fused.
 bool xor_fused(const Knobs& k) { return resolved_xor_path(k) != XorPath::General; }
 
@@ -151,7 +157,7 @@ std::string describe_parallel(int reps, const ParallelShape& s, bool vec, int ta
          " R=" + str(s.R) + " nseg=" + str(s.nseg) + " vec=" + str(vec) + " table=" + str(table);
 }
 
-Variant resolved_variant(const Knobs& k) { return k.variant == Variant::FromEnv ? variant_from_env() : k.variant; }
+Variant resolved_variant(const Knobs& k) { return resolved(k.variant, variant_from_env); }
 
 // Whether the kernels read the shared-memory block table: Table, and Reg for the single layout (Reg differs
 // from Table in the backward kernel only). A stack (reps > 1) under Reg runs Base's forward (on the H100 it took
@@ -169,7 +175,7 @@ bool table_variant(const Knobs& k, int reps) {
 // and of the backward's top pass.
 bool prefetch_forward(const Knobs& k, int reps, int table, bool vec) {
   return (reps == 1 || (reps > 1 && resolved_xor_path(k) == XorPath::Fused)) && table > 0 && vec &&
-         (k.forward == ForwardKernel::FromEnv ? forward_kernel_from_env() : k.forward) == ForwardKernel::Prefetch;
+         resolved(k.forward, forward_kernel_from_env) == ForwardKernel::Prefetch;
 }
 
 // Whether a stack's forward (reps > 1) takes every repetition's block table for the prefetching forward although
@@ -237,7 +243,7 @@ bool butterfly_backward_applies(const Problem& p, const Limits& lim, const Knobs
 // Slot lanes per item of the reduction (ReduceItems): Split, the fewest (a power of two, at most kReduceMaxLanes)
 // that leave each lane at most kReduceBatch slots, i.e. one batch of loads in flight; Serial, 1.
 int reduce_lanes(int64_t slots, const Knobs& k) {
-  if ((k.reduce == ReduceKind::FromEnv ? reduce_kind_from_env() : k.reduce) == ReduceKind::Serial) return 1;
+  if (resolved(k.reduce, reduce_kind_from_env) == ReduceKind::Serial) return 1;
   int lanes = 1;
   while (lanes < detail::kReduceMaxLanes && int64_t(lanes) * detail::kReduceBatch < slots) lanes *= 2;
   return lanes;
@@ -505,7 +511,7 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
                      (!grads || rows16(p.d, p.x_ld, p.x));
     plan.vec = vec;
     reg_lanes = reg && detail::reg_branch_free(s.logT, vec, grads, static_cast<int>(es));
-    const RegBackward reg_kernel = knobs.backward == RegBackward::FromEnv ? reg_backward_from_env() : knobs.backward;
+    const RegBackward reg_kernel = resolved(knobs.backward, reg_backward_from_env);
     const bool pair = reg_kernel == RegBackward::Pair || (reg_kernel == RegBackward::Auto && !want_scale);
     if (reg && pair && detail::reg_pair_applies(s.logT, vec, grads, elem_size(p.dtype))) {
       reg_rows = detail::kPairRows;
@@ -525,15 +531,12 @@ BackwardPlan plan_backward(const Problem& p, const Limits& lim, const Knobs& kno
       // yet timed on a GPU; docs/CUDA.md, "The paired reg backward without the scale's gradient")
       a.pair = reg && reg_rows > 1 ? (reg_kernel == RegBackward::Pair && !want_scale ? 2 : 1) : 0;
       // pair=2 of rows of one segment: with or without the L2 prefetch of the pair after the next (an A/B switch)
-      if (a.pair == 2 && s.nseg == 1 &&
-          (knobs.pair_prefetch == PairPrefetch::FromEnv ? pair_prefetch_from_env() : knobs.pair_prefetch) ==
-              PairPrefetch::Off) {
+      if (a.pair == 2 && s.nseg == 1 && resolved(knobs.pair_prefetch, pair_prefetch_from_env) == PairPrefetch::Off) {
         a.pair_prefetch = 0;
       }
     }
     if (grads && s.nseg > 1) plan.top_cols = s.nseg;
-    const bool saved_tops =
-        plan.top_cols > 0 && (knobs.tops == TopsKind::FromEnv ? tops_kind_from_env() : knobs.tops) == TopsKind::Saved;
+    const bool saved_tops = plan.top_cols > 0 && resolved(knobs.tops, tops_kind_from_env) == TopsKind::Saved;
     if (saved_tops && p.tops != nullptr && p.tops_cols == plan.top_cols) {
       plan.top_saved = true;  // the forward's segment tops: no top pass
       a.top = const_cast<void*>(p.tops);
